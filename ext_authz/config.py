@@ -1,0 +1,400 @@
+"""Typed, immutable configuration: YAML loading, `${VAR}` and `*_file` secrets, key-path errors."""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from .errors import ConfigError
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+DEFAULT_INTERNAL_RANGES: tuple[str, ...] = (
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "::1/128",
+    "fc00::/7",
+    "fe80::/10",
+)
+
+SERVER_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,62}[A-Za-z0-9_])?$")
+_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _parse_networks(value: Any) -> tuple[IPNetwork, ...]:
+    if not isinstance(value, list | tuple):
+        raise ValueError("expected a list of CIDRs")
+    networks = []
+    for item in value:
+        if not isinstance(item, str):
+            raise ValueError(f"{item!r} is not a CIDR string")
+        try:
+            # strict=False would silently turn 10.0.0.1/8 into 10.0.0.0/8; say so instead.
+            networks.append(ipaddress.ip_network(item.strip(), strict=True))
+        except ValueError as exc:
+            raise ValueError(f"{item!r} is not a valid CIDR ({exc})") from None
+    return tuple(networks)
+
+
+def _parse_listen(value: str) -> str:
+    if value.startswith("unix:"):
+        if len(value) <= len("unix:"):
+            raise ValueError("unix: needs a path")
+        return value
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not host:port or unix:/path")
+    return value
+
+
+class TLSSettings(_Frozen):
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path | None = None
+
+
+class GrpcSettings(_Frozen):
+    listen: str = "127.0.0.1:9191"
+    tls: TLSSettings | None = None
+
+    _check_listen = field_validator("listen")(_parse_listen)
+
+
+class AdminSettings(_Frozen):
+    listen: str = "127.0.0.1:9192"
+
+    _check_listen = field_validator("listen")(_parse_listen)
+
+
+class NetworkSettings(_Frozen):
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+
+    internal_ranges: tuple[IPNetwork, ...] = Field(
+        default_factory=lambda: _parse_networks(list(DEFAULT_INTERNAL_RANGES))
+    )
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    # Bounds on what one CheckRequest can make the sidecar read; beyond them it fails closed.
+    max_xff_entries: Annotated[int, Field(ge=1, le=1000)] = 32
+    max_xff_bytes: Annotated[int, Field(ge=64, le=1_048_576)] = 8192
+
+    _networks = field_validator("internal_ranges", "trusted_proxies", mode="before")(
+        _parse_networks
+    )
+
+
+class RoutingSettings(_Frozen):
+    context_extension_key: str = "mcp_server"
+    path_prefix: str | None = "/mcp/"
+    host_suffix: str | None = None
+
+    @field_validator("path_prefix")
+    @classmethod
+    def _slashes(cls, value: str | None) -> str | None:
+        if value is not None and not (value.startswith("/") and value.endswith("/")):
+            raise ValueError(f"{value!r} must start and end with '/'")
+        return value
+
+    @field_validator("host_suffix")
+    @classmethod
+    def _suffix(cls, value: str | None) -> str | None:
+        if value is not None and (not value or ":" in value):
+            raise ValueError(f"{value!r} must be a non-empty host suffix without a port")
+        return value.lower() if value else value
+
+
+class DefaultSettings(_Frozen):
+    available_on_public_internet: bool = True
+
+
+PositiveSeconds = Annotated[float, Field(gt=0)]
+
+
+class TokenSettings(_Frozen):
+    expiry_buffer_s: Annotated[float, Field(ge=0)] = 60
+    min_ttl_s: PositiveSeconds = 10
+    default_ttl_s: PositiveSeconds = 300
+    timeout_s: PositiveSeconds = 5
+    retry_initial_s: PositiveSeconds = 1
+    retry_max_s: PositiveSeconds = 60
+
+
+class OAuth2Settings(_Frozen):
+    token_url: str
+    client_id: str = Field(min_length=1)
+    client_secret: SecretStr | None = None
+    client_secret_file: Path | None = None
+    scopes: tuple[str, ...] = ()
+    audience: str | None = None
+    resource: str | None = None
+    auth_method: Literal["client_secret_basic", "client_secret_post"] = "client_secret_basic"
+
+    @field_validator("token_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        match = re.match(r"^https?://([^/?#\s]+)", value)
+        if not match:
+            raise ValueError(f"{value!r} is not an http(s) URL")
+        if "@" in match.group(1):
+            raise ValueError("must not carry credentials; use client_id and client_secret")
+        return value
+
+    @property
+    def display_url(self) -> str:
+        """The token URL without its query string, fit for logs and error messages."""
+        return self.token_url.split("?", 1)[0].split("#", 1)[0]
+
+    @field_validator("scopes")
+    @classmethod
+    def _scopes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for scope in value:
+            if not scope or any(c.isspace() for c in scope):
+                raise ValueError(f"scope {scope!r} must be non-empty and contain no spaces")
+        return value
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> OAuth2Settings:
+        if (self.client_secret is None) == (self.client_secret_file is None):
+            raise ValueError("set exactly one of client_secret and client_secret_file")
+        if self.client_secret is not None and not self.client_secret.get_secret_value():
+            raise ValueError("client_secret is empty")
+        return self
+
+    def secret(self) -> str:
+        """Return the client secret (a `client_secret_file` has been read at load time)."""
+        assert self.client_secret is not None, "load_config reads client_secret_file"
+        return self.client_secret.get_secret_value()
+
+    @cached_property
+    def cache_key(self) -> tuple[str, ...]:
+        """Identify a credential without holding its secret: a rotated secret is a new key."""
+        digest = hashlib.sha256(self.secret().encode()).hexdigest()
+        return (
+            self.token_url,
+            self.client_id,
+            digest,
+            self.auth_method,
+            " ".join(self.scopes),
+            self.audience or "",
+            self.resource or "",
+        )
+
+
+class ServerSettings(_Frozen):
+    available_on_public_internet: bool
+    oauth2: OAuth2Settings | None = None
+
+
+class Config(_Frozen):
+    grpc: GrpcSettings = GrpcSettings()
+    admin: AdminSettings | None = AdminSettings()
+    network: NetworkSettings = NetworkSettings()
+    routing: RoutingSettings = RoutingSettings()
+    defaults: DefaultSettings = DefaultSettings()
+    tokens: TokenSettings = TokenSettings()
+    servers: dict[str, ServerSettings] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_defaults(cls, data: Any) -> Any:
+        # Each server inherits `defaults.available_on_public_internet` unless it sets its own,
+        # so the resolved value is visible in one place (ServerSettings) after loading.
+        if not isinstance(data, dict) or not isinstance(data.get("servers"), dict):
+            return data
+        defaults = data.get("defaults")
+        public = True
+        if isinstance(defaults, dict) and isinstance(
+            defaults.get("available_on_public_internet"), bool
+        ):
+            public = defaults["available_on_public_internet"]
+        servers = {}
+        for name, server in data["servers"].items():
+            if server is None:
+                server = {}
+            if isinstance(server, dict):
+                server = {"available_on_public_internet": public, **server}
+            servers[name] = server
+        return {**data, "servers": servers}
+
+    @field_validator("servers")
+    @classmethod
+    def _names(cls, value: dict[str, ServerSettings]) -> dict[str, ServerSettings]:
+        for name in value:
+            if not SERVER_NAME.match(str(name)):
+                raise ValueError(
+                    f"server name {name!r} must be 1-64 letters, digits, '.', '_' or '-'"
+                    " and start and end with a letter or digit"
+                )
+        return value
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses duplicate mapping keys instead of keeping the last one."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    loader.flatten_mapping(node)
+    return dict(loader.construct_pairs(node))
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+    _construct_mapping,
+)
+
+
+def _expand(value: Any, path: str, env: Mapping[str, str], problems: list[str]) -> Any:
+    if isinstance(value, dict):
+        return {k: _expand(v, f"{path}.{k}" if path else str(k), env, problems)
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, f"{path}[{i}]", env, problems) for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name is None:
+            return "$"
+        if name not in env:
+            problems.append(f"{path}: environment variable ${{{name}}} is not set")
+            return ""
+        return env[name]
+
+    return _VAR.sub(substitute, value)
+
+
+def _key_path(loc: tuple[int | str, ...]) -> str:
+    parts: list[str] = []
+    for part in loc:
+        if isinstance(part, int):
+            parts.append(f"[{part}]")
+        elif part.startswith(("function-", "tagged-union")) or part in {"list[...]"}:
+            continue
+        else:
+            parts.append(("." if parts else "") + part)
+    return "".join(parts) or "(top level)"
+
+
+def _read_files(config: Config) -> tuple[Config, list[str]]:
+    """Read every `client_secret_file` into `client_secret` and check the TLS files exist."""
+    problems = []
+    servers = dict(config.servers)
+    for name, server in config.servers.items():
+        oauth2 = server.oauth2
+        if oauth2 is None or oauth2.client_secret_file is None:
+            continue
+        key = f"servers.{name}.oauth2.client_secret_file"
+        try:
+            secret = oauth2.client_secret_file.read_text().rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            problems.append(f"{key}: cannot read {str(oauth2.client_secret_file)!r} ({exc})")
+            continue
+        if not secret:
+            problems.append(f"{key}: {str(oauth2.client_secret_file)!r} is empty")
+            continue
+        resolved = oauth2.model_copy(update={"client_secret": SecretStr(secret)})
+        servers[name] = server.model_copy(update={"oauth2": resolved})
+    tls = config.grpc.tls
+    if tls is not None:
+        for key in ("cert_file", "key_file", "client_ca_file"):
+            path = getattr(tls, key)
+            if path is not None and not Path(path).is_file():
+                problems.append(f"grpc.tls.{key}: {str(path)!r} is not a readable file")
+    return config.model_copy(update={"servers": servers}), problems
+
+
+def parse_config(data: Any, env: Mapping[str, str] | None = None,
+                 source: str = "config") -> Config:
+    """Validate a parsed YAML document into a Config, or raise ConfigError listing every problem."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(["(top level): expected a mapping"], source)
+    problems: list[str] = []
+    expanded = _expand(data, "", os.environ if env is None else env, problems)
+    if problems:
+        raise ConfigError(problems, source)
+    try:
+        config = Config.model_validate(expanded)
+    except ValidationError as exc:
+        raise ConfigError(
+            [f"{_key_path(err['loc'])}: {err['msg']}" for err in exc.errors()], source
+        ) from None
+    config, problems = _read_files(config)
+    if problems:
+        raise ConfigError(problems, source)
+    return config
+
+
+def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a YAML config file."""
+    source = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError([f"(file): cannot read ({exc.strerror})"], source) from None
+    return parse_yaml(text, env, source)
+
+
+def parse_yaml(text: str, env: Mapping[str, str] | None = None, source: str = "config") -> Config:
+    """Validate YAML text into a Config."""
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"(yaml): {exc}".replace("\n", " ")], source) from None
+    return parse_config(data, env, source)
+
+
+EXAMPLE_CONFIG = """\
+# The built-in example served by `mcp-ext-authz serve` without --config.
+grpc:
+  listen: 127.0.0.1:9191
+admin:
+  listen: 127.0.0.1:9192
+network:
+  trusted_proxies: []
+routing:
+  path_prefix: /mcp/
+servers:
+  everything:
+    available_on_public_internet: true
+  billing-db:
+    available_on_public_internet: false
+"""
+
+
+def example_config() -> Config:
+    """Return the built-in example config (two servers, no credentials to fetch)."""
+    return parse_yaml(EXAMPLE_CONFIG, env={}, source="built-in example")

@@ -1,0 +1,172 @@
+"""Facts about one request -> the decision (pure, no I/O): DESIGN.md's decision table."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from .config import Config, OAuth2Settings, RoutingSettings
+from .network import ClientIP, NetworkName, NetworkSet, classify, resolve_client_ip
+from .routing import Route, route
+
+Reason = Literal[
+    "allowed",
+    "not_found",
+    "upstream_credentials_unavailable",
+    "bad_request",
+    "internal_error",
+]
+
+# gRPC status codes by number (grpc.StatusCode carries tuples, the wire wants ints).
+GRPC_OK, GRPC_INVALID_ARGUMENT, GRPC_PERMISSION_DENIED = 0, 3, 7
+GRPC_INTERNAL, GRPC_UNAVAILABLE = 13, 14
+
+# One table: each stable reason code -> (CheckResponse gRPC status, HTTP status to the client).
+# The reason codes double as metric labels, decision-log values and `check` output.
+OUTCOMES: dict[Reason, tuple[int, int]] = {
+    "allowed": (GRPC_OK, 200),
+    "not_found": (GRPC_PERMISSION_DENIED, 404),
+    "upstream_credentials_unavailable": (GRPC_UNAVAILABLE, 503),
+    "bad_request": (GRPC_INVALID_ARGUMENT, 400),
+    "internal_error": (GRPC_INTERNAL, 500),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFacts:
+    """What a CheckRequest says, as plain values (service.py extracts them)."""
+
+    peer: str
+    x_forwarded_for: str | None
+    path: str
+    authority: str
+    context_extensions: Mapping[str, str] = field(default_factory=dict)
+    has_http: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class ServerPolicy:
+    name: str
+    public: bool
+    oauth2: OAuth2Settings | None
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """A config compiled once for the hot path: network sets built, servers in a dict."""
+
+    internal_ranges: NetworkSet
+    trusted_proxies: NetworkSet
+    routing: RoutingSettings
+    servers: Mapping[str, ServerPolicy]
+    max_xff_entries: int
+    max_xff_bytes: int
+
+    @classmethod
+    def from_config(cls, config: Config) -> Policy:
+        return cls(
+            internal_ranges=NetworkSet(config.network.internal_ranges),
+            trusted_proxies=NetworkSet(config.network.trusted_proxies),
+            routing=config.routing,
+            servers={
+                name: ServerPolicy(name, server.available_on_public_internet, server.oauth2)
+                for name, server in config.servers.items()
+            },
+            max_xff_entries=config.network.max_xff_entries,
+            max_xff_bytes=config.network.max_xff_bytes,
+        )
+
+
+_NO_CLIENT = ClientIP(None, "no_peer")
+_NO_ROUTE = Route(None, "none")
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The answer to one check, with every fact that led to it."""
+
+    reason: Reason
+    client: ClientIP = _NO_CLIENT
+    network: NetworkName = "external"
+    route: Route = _NO_ROUTE
+    server: ServerPolicy | None = None
+    detail: str = ""
+
+    @property
+    def allowed(self) -> bool:
+        return self.reason == "allowed"
+
+    @property
+    def grpc_code(self) -> int:
+        return OUTCOMES[self.reason][0]
+
+    @property
+    def http_status(self) -> int:
+        return OUTCOMES[self.reason][1]
+
+    @property
+    def server_name(self) -> str | None:
+        return self.server.name if self.server is not None else None
+
+    @property
+    def oauth2(self) -> OAuth2Settings | None:
+        """The credential to inject, for an allowed request to a server that has one."""
+        if self.allowed and self.server is not None:
+            return self.server.oauth2
+        return None
+
+    def deny(self, reason: Reason, detail: str = "") -> Decision:
+        """Turn this decision into a denial, keeping the facts (e.g. a token fetch failed)."""
+        return replace(self, reason=reason, detail=detail)
+
+
+def decide(facts: RequestFacts, policy: Policy) -> Decision:
+    """Apply the decision table: client IP, network, server, visibility."""
+    if not facts.has_http:
+        return Decision("bad_request", detail="CheckRequest has no HTTP request attributes")
+    client = resolve_client_ip(
+        facts.peer,
+        facts.x_forwarded_for,
+        policy.trusted_proxies,
+        max_entries=policy.max_xff_entries,
+        max_bytes=policy.max_xff_bytes,
+    )
+    network = classify(client.address, policy.internal_ranges)
+    target = route(policy.routing, facts.context_extensions, facts.path, facts.authority)
+    server = policy.servers.get(target.name) if target.name is not None else None
+    if server is None:
+        return Decision("not_found", client, network, target)
+    if not server.public and network != "internal":
+        # Same reason, status and body as an unknown server: a hidden server does not leak.
+        return Decision("not_found", client, network, target, server)
+    return Decision("allowed", client, network, target, server)
+
+
+def explain(decision: Decision) -> list[str]:
+    """Describe each step of a decision in words, for `check` and for debugging."""
+    steps = [decision.client.explain()]
+    steps.append(f"network: {decision.network}")
+    target = decision.route
+    if decision.reason == "bad_request":
+        return [decision.detail]
+    if target.name is None:
+        steps.append("no server named by context extension, path or host")
+    else:
+        steps.append(f"server {target.name!r} named by {target.source.replace('_', ' ')}")
+    server = decision.server
+    if server is None:
+        if target.name is not None:
+            steps.append(f"server {target.name!r} is not configured")
+    elif server.public:
+        steps.append(f"server {server.name!r} is available on the public internet")
+    else:
+        steps.append(f"server {server.name!r} is internal-only; caller is {decision.network}")
+    if decision.oauth2 is not None:
+        steps.append(f"token for client_id {decision.oauth2.client_id!r} would be injected")
+    elif decision.allowed:
+        steps.append("server has no oauth2 settings: nothing injected")
+    if decision.detail:
+        steps.append(decision.detail)
+    steps.append(f"decision: {decision.reason} (HTTP {decision.http_status})")
+    return steps

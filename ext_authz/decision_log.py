@@ -1,0 +1,49 @@
+"""One JSON line per check: what was decided and why; never a token, header value or secret."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from typing import TextIO
+
+from .decision import Decision
+
+
+class DecisionLog:
+    """Write sampled decisions as JSON lines to a stream.
+
+    Denials are always written; allowed checks are written with probability
+    `sample_allowed`, so a busy gateway can keep the log to what needs a look.
+    """
+
+    def __init__(self, stream: TextIO | None = None, *, sample_allowed: float = 1.0) -> None:
+        self._stream = stream if stream is not None else sys.stdout
+        self._sample_allowed = sample_allowed
+
+    def wants(self, decision: Decision) -> bool:
+        if not decision.allowed or self._sample_allowed >= 1.0:
+            return True
+        return self._sample_allowed > 0 and random.random() < self._sample_allowed
+
+    def write(self, decision: Decision, decision_id: str, peer: str, latency_s: float) -> None:
+        client = decision.client.address
+        record = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z",
+            "decision_id": decision_id,
+            "server": decision.server_name,
+            "client_ip": str(client) if client is not None else None,
+            "client_ip_source": decision.client.source,
+            "network": decision.network,
+            # The peer comes from Envoy, but cap it: it is the one free-form field here.
+            "peer": peer[:64],
+            "reason": decision.reason,
+            "allowed": decision.allowed,
+            "http_status": decision.http_status,
+            "latency_ms": round(latency_s * 1000, 3),
+        }
+        if decision.detail:
+            record["detail"] = decision.detail
+        self._stream.write(json.dumps(record, separators=(",", ":")) + "\n")
+        self._stream.flush()

@@ -1,0 +1,176 @@
+"""Who is calling, from which network: client-IP resolution and classification (pure, no I/O).
+
+Trust model: Envoy puts the direct TCP peer of the downstream connection in
+`source.address`; a client controls every byte of the X-Forwarded-For header it sends.
+So XFF is read only when the peer is a configured trusted proxy, and only hop by hop
+from the right while each hop is itself trusted. Anything that does not parse stops the
+walk and the caller is treated as external: every doubt fails closed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from bisect import bisect_right
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+NetworkName = Literal["internal", "external"]
+
+# The longest valid entry is a bracketed IPv6 address with a port:
+# "[ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255]:65535" is 53 characters.
+_MAX_ENTRY_LENGTH = 64
+
+
+class NetworkSet:
+    """A fixed set of CIDRs, merged and sorted once, answering `ip in networks` by bisection."""
+
+    __slots__ = ("_ends", "_starts", "networks")
+
+    def __init__(self, networks: Iterable[IPNetwork]) -> None:
+        self.networks = tuple(networks)
+        self._starts: dict[int, list[int]] = {4: [], 6: []}
+        self._ends: dict[int, list[int]] = {4: [], 6: []}
+        for version in (4, 6):
+            spans = sorted(
+                (int(n.network_address), int(n.broadcast_address))
+                for n in self.networks
+                if n.version == version
+            )
+            starts, ends = self._starts[version], self._ends[version]
+            for start, end in spans:
+                if ends and start <= ends[-1] + 1:
+                    ends[-1] = max(ends[-1], end)
+                else:
+                    starts.append(start)
+                    ends.append(end)
+
+    def __contains__(self, address: IPAddress) -> bool:
+        value = int(address)
+        starts = self._starts[address.version]
+        index = bisect_right(starts, value) - 1
+        return index >= 0 and value <= self._ends[address.version][index]
+
+    def __bool__(self) -> bool:
+        return bool(self.networks)
+
+
+def parse_address(text: str) -> IPAddress | None:
+    """Parse one address as Envoy or a proxy writes it, or return None.
+
+    Accepts `1.2.3.4`, `1.2.3.4:80`, `::1`, `[::1]` and `[::1]:80`; unmaps IPv4-mapped IPv6
+    (`::ffff:10.0.0.1` is 10.0.0.1, as the kernel would route it). Rejects zone ids, names,
+    `unknown`, obfuscated identifiers (RFC 7239) and anything else.
+    """
+    text = text.strip()
+    if not text or len(text) > _MAX_ENTRY_LENGTH or "%" in text:
+        return None
+    if text[0] == "[":
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not (rest[0] == ":" and rest[1:].isdigit())):
+            return None
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+        if not port.isdigit():
+            return None
+    else:
+        host = text
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+ClientSource = Literal[
+    "peer",          # the peer is not a trusted proxy: it is the client
+    "xff",           # the first untrusted hop in X-Forwarded-For, walking from the right
+    "xff_leftmost",  # every hop was a trusted proxy: the leftmost is the client
+    "no_peer",       # no socket address (a pipe, an internal address, an empty field)
+    "bad_peer",      # the peer address does not parse
+    "bad_xff",       # an X-Forwarded-For entry does not parse: the walk stops
+    "xff_too_long",  # more trusted hops, or more bytes, than the configured limits
+]
+
+
+@dataclass(frozen=True, slots=True)
+class ClientIP:
+    """The address believed to be the client's, and how it was chosen (None: none trusted)."""
+
+    address: IPAddress | None
+    source: ClientSource
+    hops_read: int = 0
+
+    def explain(self) -> str:
+        """Say in one sentence why this address (or none) was chosen."""
+        match self.source:
+            case "peer":
+                return f"peer {self.address} is not a trusted proxy, so it is the client"
+            case "xff":
+                return (f"peer is a trusted proxy; {self.address} is the first untrusted hop"
+                        f" in X-Forwarded-For ({self.hops_read} read from the right)")
+            case "xff_leftmost":
+                return f"every hop is a trusted proxy; the leftmost, {self.address}, is the client"
+            case "no_peer":
+                return "no peer socket address: treated as external"
+            case "bad_peer":
+                return "peer address does not parse: treated as external"
+            case "bad_xff":
+                return (f"X-Forwarded-For entry {self.hops_read} from the right does not parse:"
+                        " treated as external")
+            case "xff_too_long":
+                return "X-Forwarded-For exceeds the configured limits: treated as external"
+
+
+def resolve_client_ip(
+    peer: str,
+    x_forwarded_for: str | None,
+    trusted_proxies: NetworkSet,
+    *,
+    max_entries: int = 32,
+    max_bytes: int = 8192,
+) -> ClientIP:
+    """Choose the client address from the TCP peer and the X-Forwarded-For chain.
+
+    Walks XFF from the right through trusted proxies only (rightmost untrusted wins), so a
+    client can never pick its own address by prepending entries. Reads at most
+    `max_entries` entries of at most `max_bytes` bytes; beyond that it fails closed.
+    """
+    if not peer:
+        return ClientIP(None, "no_peer")
+    peer_address = parse_address(peer)
+    if peer_address is None:
+        return ClientIP(None, "bad_peer")
+    if peer_address not in trusted_proxies:
+        return ClientIP(peer_address, "peer")
+    if x_forwarded_for is None or not x_forwarded_for.strip():
+        return ClientIP(peer_address, "xff_leftmost")
+    if len(x_forwarded_for) > max_bytes:
+        return ClientIP(None, "xff_too_long")
+    # rsplit with maxsplit stops scanning once it has the entries it may read.
+    entries = x_forwarded_for.rsplit(",", max_entries)
+    unread = len(entries) > max_entries
+    hops = 0
+    leftmost = peer_address
+    for entry in reversed(entries[1:] if unread else entries):
+        hops += 1
+        address = parse_address(entry)
+        if address is None:
+            return ClientIP(None, "bad_xff", hops)
+        if address not in trusted_proxies:
+            return ClientIP(address, "xff", hops)
+        leftmost = address
+    if unread:
+        return ClientIP(None, "xff_too_long", hops)
+    return ClientIP(leftmost, "xff_leftmost", hops)
+
+
+def classify(address: IPAddress | None, internal_ranges: NetworkSet) -> NetworkName:
+    """Say whether an address is internal; no address at all is external."""
+    if address is not None and address in internal_ranges:
+        return "internal"
+    return "external"

@@ -1,0 +1,249 @@
+"""The gRPC Authorization servicer: CheckRequest -> RequestFacts -> Decision -> CheckResponse.
+
+The only module that knows protobuf. It never lets an exception escape: whatever goes
+wrong becomes a CheckResponse that denies, so the sidecar stays fail-closed even behind
+an Envoy configured with `failure_mode_allow: true`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf import struct_pb2, wrappers_pb2
+from google.rpc import status_pb2
+
+from ._proto.envoy.config.core.v3 import base_pb2
+from ._proto.envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
+from ._proto.envoy.type.v3 import http_status_pb2
+from .config import Config
+from .decision import OUTCOMES, Decision, Policy, Reason, RequestFacts, decide
+from .decision_log import DecisionLog
+from .errors import TokenError
+from .metrics import Metrics
+from .tokens import TokenCache
+
+log = logging.getLogger(__name__)
+
+CHECK_METHOD = "/envoy.service.auth.v3.Authorization/Check"
+SERVICE_NAME = "envoy.service.auth.v3.Authorization"
+
+# Leave Envoy this much of its ext_authz timeout to receive our 503 before it gives up
+# and answers its own generic 403.
+DEADLINE_MARGIN_S = 0.02
+
+_XFF = "x-forwarded-for"
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_JSON = base_pb2.HeaderValueOption(
+    header=base_pb2.HeaderValue(key="content-type", value="application/json"),
+    append=wrappers_pb2.BoolValue(value=False),
+    append_action=_OVERWRITE,
+)
+
+
+def _denial(reason: Reason) -> tuple[status_pb2.Status, external_auth_pb2.DeniedHttpResponse]:
+    grpc_code, http_status = OUTCOMES[reason]
+    # The body is a constant per reason: a hidden server and an unknown one answer the same
+    # bytes, so a caller cannot tell them apart.
+    body = json.dumps({"error": reason})
+    return (
+        status_pb2.Status(code=grpc_code, message=reason),
+        external_auth_pb2.DeniedHttpResponse(
+            status=http_status_pb2.HttpStatus(code=http_status),  # type: ignore[arg-type]
+            headers=[_JSON],
+            body=body,
+        ),
+    )
+
+
+_DENIALS = {reason: _denial(reason) for reason in OUTCOMES}
+_OK_STATUS = status_pb2.Status(code=0)
+_EMPTY_OK = external_auth_pb2.OkHttpResponse()
+
+
+def extract_facts(request: external_auth_pb2.CheckRequest) -> RequestFacts:
+    """Read the facts the decision needs from a CheckRequest, tolerating missing parts."""
+    attributes = request.attributes
+    address = attributes.source.address
+    peer = (
+        address.socket_address.address
+        if address.WhichOneof("address") == "socket_address"
+        else ""
+    )
+    if not attributes.request.HasField("http"):
+        return RequestFacts(peer, None, "", "", has_http=False)
+    http = attributes.request.http
+    headers = http.headers
+    if headers:
+        # Envoy joins repeated headers with "," in this map.
+        xff = headers.get(_XFF)
+        path = http.path or headers.get(":path", "")
+        authority = http.host or headers.get(":authority", "")
+    else:
+        xff, path, authority = _from_header_map(http)
+    return RequestFacts(peer, xff, path, authority, attributes.context_extensions)
+
+
+def _from_header_map(
+    http: attribute_context_pb2.AttributeContext.HttpRequest,
+) -> tuple[str | None, str, str]:
+    # With `encode_raw_headers: true` Envoy sends header_map instead of headers.
+    xff: list[str] = []
+    path, authority = http.path, http.host
+    for header in http.header_map.headers:
+        value = header.raw_value.decode("utf-8", "replace") if header.raw_value else header.value
+        key = header.key.lower()
+        if key == _XFF:
+            xff.append(value)
+        elif key == ":path" and not path:
+            path = value
+        elif key == ":authority" and not authority:
+            authority = value
+    return (",".join(xff) if xff else None), path, authority
+
+
+def _metadata(decision: Decision, decision_id: str) -> struct_pb2.Struct:
+    client = decision.client.address
+    fields = {
+        "decision_id": decision_id,
+        "server": decision.server_name or "",
+        "network": decision.network,
+        "client_ip": str(client) if client is not None else "",
+        "reason": decision.reason,
+    }
+    metadata = struct_pb2.Struct()
+    metadata.update(fields)
+    return metadata
+
+
+def to_check_response(
+    decision: Decision, token: str | None, decision_id: str
+) -> external_auth_pb2.CheckResponse:
+    """Write a decision (and the bearer token to inject, if any) as a CheckResponse."""
+    metadata = _metadata(decision, decision_id)
+    if not decision.allowed:
+        status, denied = _DENIALS[decision.reason]
+        return external_auth_pb2.CheckResponse(
+            status=status, denied_response=denied, dynamic_metadata=metadata
+        )
+    if token is None:
+        ok = _EMPTY_OK
+    else:
+        # append=false for Envoys that read only the deprecated field, append_action for
+        # those that read only the new one: either way the caller's own Authorization
+        # header is replaced, never passed through beside ours.
+        ok = external_auth_pb2.OkHttpResponse(
+            headers=[
+                base_pb2.HeaderValueOption(
+                    header=base_pb2.HeaderValue(key="authorization", value=f"Bearer {token}"),
+                    append=wrappers_pb2.BoolValue(value=False),
+                    append_action=_OVERWRITE,
+                )
+            ]
+        )
+    return external_auth_pb2.CheckResponse(
+        status=_OK_STATUS, ok_response=ok, dynamic_metadata=metadata
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceState:
+    """One config generation, compiled; swapped whole on reload."""
+
+    config: Config
+    policy: Policy
+    generation: int
+
+    @classmethod
+    def build(cls, config: Config, generation: int) -> ServiceState:
+        return cls(config, Policy.from_config(config), generation)
+
+
+class AuthorizationService:
+    """The grpc.aio servicer for envoy.service.auth.v3.Authorization."""
+
+    def __init__(
+        self,
+        state: ServiceState,
+        tokens: TokenCache,
+        metrics: Metrics,
+        decision_log: DecisionLog | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.state = state
+        self.tokens = tokens
+        self.metrics = metrics
+        self.decision_log = decision_log
+        self._clock = clock
+        self._prefix = os.urandom(4).hex()
+        self._ids = itertools.count(1)
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        """The generic handler to register on a grpc.aio server."""
+        return grpc.method_handlers_generic_handler(
+            SERVICE_NAME,
+            {
+                "Check": grpc.unary_unary_rpc_method_handler(
+                    self.Check,
+                    request_deserializer=external_auth_pb2.CheckRequest.FromString,
+                    response_serializer=external_auth_pb2.CheckResponse.SerializeToString,
+                )
+            },
+        )
+
+    async def Check(  # the gRPC method's name
+        self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext[
+            external_auth_pb2.CheckRequest, external_auth_pb2.CheckResponse]
+    ) -> external_auth_pb2.CheckResponse:
+        started = self._clock()
+        state = self.state  # a check finishes on the config it started with
+        decision_id = f"{self._prefix}-{next(self._ids)}"
+        peer = ""
+        try:
+            facts = extract_facts(request)
+            peer = facts.peer
+            decision = decide(facts, state.policy)
+            token = None
+            oauth2 = decision.oauth2
+            if oauth2 is not None:
+                token = self.tokens.cached(oauth2)
+                if token is None:
+                    try:
+                        token = await self.tokens.token(
+                            oauth2, decision.server_name or "", self._fetch_budget(state, context)
+                        )
+                    except TokenError as exc:
+                        decision = decision.deny("upstream_credentials_unavailable", str(exc))
+            response = to_check_response(decision, token, decision_id)
+        except Exception:
+            log.exception("check %s failed; denying", decision_id)
+            decision = Decision("internal_error", detail="internal error (see the service log)")
+            response = to_check_response(decision, None, decision_id)
+        self._record(decision, decision_id, peer, self._clock() - started)
+        return response
+
+    def _fetch_budget(
+        self, state: ServiceState, context: grpc.aio.ServicerContext[
+            external_auth_pb2.CheckRequest, external_auth_pb2.CheckResponse]
+    ) -> float:
+        budget = state.config.tokens.timeout_s
+        remaining = context.time_remaining()
+        if remaining is not None:
+            budget = min(budget, remaining - DEADLINE_MARGIN_S)
+        return budget
+
+    def _record(self, decision: Decision, decision_id: str, peer: str, seconds: float) -> None:
+        try:
+            self.metrics.count_check(
+                decision.server_name or "", decision.network, decision.reason, seconds
+            )
+            if self.decision_log is not None and self.decision_log.wants(decision):
+                self.decision_log.write(decision, decision_id, peer, seconds)
+        except Exception:  # observability must never turn an answer into an RPC error
+            log.exception("recording check %s failed", decision_id)

@@ -1,0 +1,385 @@
+"""OAuth2 client-credentials tokens (RFC 6749 4.4): fetch once, cache, refresh ahead.
+
+The only module that speaks HTTP. One shared httpx.AsyncClient; one entry per credential
+(token URL, client id, secret hash, auth method, scopes, audience, resource); at most one
+fetch in flight per entry however many checks are waiting (single flight). Once a token is
+held, timers refresh it past 80% of its lifetime and retry failures with jittered
+exponential backoff, so a check on a warm entry never waits on the network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import math
+import random
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote_plus
+
+import httpx
+
+from .config import OAuth2Settings, TokenSettings
+from .errors import TokenDeadlineError, TokenEndpointError, TokenError, TokenResponseError
+
+log = logging.getLogger(__name__)
+
+MAX_RESPONSE_BYTES = 64 * 1024
+REFRESH_AT_FRACTION = 0.8
+# RFC 6750 b64token, loosened to any visible ASCII: what can travel in a header value
+# without letting a token endpoint smuggle a CR/LF or a second header upstream.
+_HEADER_SAFE_TOKEN = re.compile(r"^[\x21-\x7e]+$")
+_OAUTH_ERROR_CODE = re.compile(r"^[a-z_]{1,64}$")
+
+FetchObserver = Callable[[str, str, float], None]
+"""Called after each fetch with (server, outcome, seconds); outcome is `ok` or an error class."""
+
+
+@dataclass(slots=True)
+class _Entry:
+    """The cached state of one credential."""
+
+    settings: OAuth2Settings
+    server: str
+    token: str | None = None
+    fetched_at: float = 0.0
+    usable_until: float = 0.0
+    refresh_at: float = 0.0
+    failures: int = 0
+    last_error: TokenError | None = None
+    retry_at: float = 0.0
+    fetch: asyncio.Task[None] | None = None
+    timer: asyncio.TimerHandle | None = None
+    waiters: list[asyncio.Future[None]] = field(default_factory=list)
+
+
+def _form_encode(value: str) -> str:
+    # RFC 6749 2.3.1: id and secret are form-urlencoded before they are joined and base64ed.
+    return quote_plus(value, safe="")
+
+
+def build_token_request(settings: OAuth2Settings) -> tuple[dict[str, str], dict[str, str]]:
+    """Return (form fields, headers) of a client-credentials token request."""
+    form = {"grant_type": "client_credentials"}
+    if settings.scopes:
+        form["scope"] = " ".join(settings.scopes)
+    if settings.audience:
+        form["audience"] = settings.audience
+    if settings.resource:
+        form["resource"] = settings.resource
+    headers = {"accept": "application/json", "accept-encoding": "identity"}
+    if settings.auth_method == "client_secret_basic":
+        pair = f"{_form_encode(settings.client_id)}:{_form_encode(settings.secret())}"
+        headers["authorization"] = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
+    else:
+        form["client_id"] = settings.client_id
+        form["client_secret"] = settings.secret()
+    return form, headers
+
+
+def _expires_in(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError("expires_in is a boolean")
+    if isinstance(value, str):
+        value = value.strip()
+        if not re.fullmatch(r"\d{1,12}(\.\d+)?", value):
+            raise ValueError("expires_in is not a number")
+        value = float(value)
+    if not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError("expires_in is not a finite number")
+    if value <= 0:
+        raise ValueError("expires_in is not positive: the token is already expired")
+    return float(value)
+
+
+def parse_token_response(server: str, status: int, body: bytes) -> tuple[str, float | None]:
+    """Return (access_token, expires_in) from a 2xx token response body, or raise.
+
+    Error messages name the server and the HTTP status and describe the body's shape;
+    they never quote the body, which may hold a token.
+    """
+    where = f"token endpoint answered HTTP {status}"
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise TokenResponseError(server, f"{where} with a body that is not JSON") from None
+    if not isinstance(payload, dict):
+        raise TokenResponseError(server, f"{where} with JSON that is not an object")
+    token = payload.get("access_token")
+    if not isinstance(token, str) or not token:
+        raise TokenResponseError(server, f"{where} without an access_token")
+    if not _HEADER_SAFE_TOKEN.match(token):
+        raise TokenResponseError(server, f"{where} with an access_token unsafe in a header")
+    token_type = payload.get("token_type", "Bearer")
+    if not isinstance(token_type, str) or token_type.lower() != "bearer":
+        shown = token_type if isinstance(token_type, str) and len(token_type) < 32 else "?"
+        raise TokenResponseError(server, f"{where} with token_type {shown!r}, not Bearer")
+    try:
+        expires_in = _expires_in(payload.get("expires_in"))
+    except ValueError as exc:
+        raise TokenResponseError(server, f"{where}: {exc}") from None
+    return token, expires_in
+
+
+def _error_detail(body: bytes) -> str:
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return ""
+    code = payload.get("error") if isinstance(payload, dict) else None
+    if isinstance(code, str) and _OAUTH_ERROR_CODE.match(code):
+        return f" ({code})"
+    return ""
+
+
+class TokenCache:
+    """Client-credentials tokens per credential, fetched once and refreshed ahead of expiry."""
+
+    def __init__(
+        self,
+        settings: TokenSettings,
+        *,
+        client: httpx.AsyncClient | None = None,
+        on_fetch: FetchObserver | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self._client = client or httpx.AsyncClient(
+            limits=httpx.Limits(max_connections=32, max_keepalive_connections=8),
+            follow_redirects=False,
+        )
+        self._on_fetch = on_fetch
+        self._clock = clock
+        self._entries: dict[tuple[str, ...], _Entry] = {}
+        self._closed = False
+
+    # -- the hot path -------------------------------------------------------------------
+
+    def cached(self, settings: OAuth2Settings) -> str | None:
+        """Return a usable cached token without waiting, or None."""
+        entry = self._entries.get(settings.cache_key)
+        if entry is not None and entry.token is not None and self._clock() < entry.usable_until:
+            return entry.token
+        return None
+
+    async def token(self, settings: OAuth2Settings, server: str, budget_s: float) -> str:
+        """Return a usable token, waiting at most `budget_s` seconds for a fetch.
+
+        Raises TokenError: the endpoint's last failure while it backs off, the failure of
+        the fetch this call waited on, or TokenDeadlineError when `budget_s` ran out.
+        """
+        token = self.cached(settings)
+        if token is not None:
+            return token
+        entry = self._entry(settings, server)
+        task = self._start_fetch(entry)
+        if task is None:
+            assert entry.last_error is not None
+            raise entry.last_error
+        if budget_s <= 0:
+            raise TokenDeadlineError(server, "no time left in the check's deadline for a fetch")
+        try:
+            await asyncio.wait_for(asyncio.shield(task), budget_s)
+        except TimeoutError:
+            raise TokenDeadlineError(
+                server, f"token fetch did not finish within the check's {budget_s:.3f}s"
+            ) from None
+        token = self.cached(settings)
+        if token is None:  # fetched, but with a lifetime already over (clock jump)
+            raise TokenResponseError(server, "token endpoint issued an already expired token")
+        return token
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def retain(self, credentials: Mapping[str, OAuth2Settings]) -> None:
+        """Keep (and warm) exactly these server credentials; forget every other entry.
+
+        Entries whose credential is unchanged keep their token, so a reload does not refetch.
+        """
+        wanted: dict[tuple[str, ...], tuple[str, OAuth2Settings]] = {}
+        for server, settings in sorted(credentials.items()):
+            wanted.setdefault(settings.cache_key, (server, settings))
+        for key in list(self._entries):
+            if key not in wanted:
+                self._drop(self._entries.pop(key))
+        for server, settings in wanted.values():
+            entry = self._entry(settings, server)
+            if entry.token is None and entry.fetch is None and entry.timer is None:
+                self._start_fetch(entry)
+
+    def unready(self) -> dict[str, str]:
+        """Name each retained server without a usable token, with the reason."""
+        now = self._clock()
+        missing = {}
+        for entry in self._entries.values():
+            if entry.token is None or now >= entry.usable_until:
+                reason = str(entry.last_error) if entry.last_error else "token fetch in progress"
+                missing[entry.server] = reason
+        return missing
+
+    def ages(self) -> dict[str, float]:
+        """Seconds since each server's token was fetched (servers holding a token)."""
+        now = self._clock()
+        return {e.server: now - e.fetched_at for e in self._entries.values() if e.token}
+
+    async def wait_ready(self) -> None:
+        """Return once every retained entry holds a usable token."""
+        while self.unready():
+            waiter = asyncio.get_running_loop().create_future()
+            for entry in self._entries.values():
+                entry.waiters.append(waiter)
+            await waiter
+
+    async def fetch_now(self, settings: OAuth2Settings, server: str) -> tuple[str, float]:
+        """Fetch a token bypassing the cache (for `check --fetch-token`): (token, lifetime)."""
+        token, expires_in = await self._request(settings, server)
+        return token, self._lifetime(expires_in)
+
+    async def aclose(self) -> None:
+        """Cancel timers and fetches and close the HTTP client."""
+        self._closed = True
+        for entry in self._entries.values():
+            self._drop(entry, cancel_fetch=True)
+        self._entries.clear()
+        await self._client.aclose()
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _entry(self, settings: OAuth2Settings, server: str) -> _Entry:
+        entry = self._entries.get(settings.cache_key)
+        if entry is None:
+            entry = self._entries[settings.cache_key] = _Entry(settings, server)
+        return entry
+
+    def _drop(self, entry: _Entry, *, cancel_fetch: bool = False) -> None:
+        # A fetch in flight is left to finish for the checks waiting on it; it no longer
+        # schedules anything once its entry is gone.
+        if entry.timer is not None:
+            entry.timer.cancel()
+        if cancel_fetch and entry.fetch is not None:
+            entry.fetch.cancel()
+        for waiter in entry.waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _start_fetch(self, entry: _Entry) -> asyncio.Task[None] | None:
+        """Return the fetch in flight for this entry, or start one; None while backing off."""
+        if entry.fetch is not None:
+            return entry.fetch
+        if self._closed or (entry.last_error is not None and self._clock() < entry.retry_at):
+            return None
+        if entry.timer is not None:
+            entry.timer.cancel()
+            entry.timer = None
+        task = asyncio.get_running_loop().create_task(self._fetch(entry))
+        entry.fetch = task
+        # The outcome is recorded on the entry; waiters read it from there or re-raise it.
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return task
+
+    def _schedule(self, entry: _Entry, at: float) -> None:
+        if self._closed or self._entries.get(entry.settings.cache_key) is not entry:
+            return
+        if entry.timer is not None:
+            entry.timer.cancel()
+        delay = max(0.0, at - self._clock())
+        entry.timer = asyncio.get_running_loop().call_later(delay, self._on_timer, entry)
+
+    def _on_timer(self, entry: _Entry) -> None:
+        entry.timer = None
+        if self._entries.get(entry.settings.cache_key) is entry:
+            self._start_fetch(entry)
+
+    def _lifetime(self, expires_in: float | None) -> float:
+        if expires_in is None:
+            return self.settings.default_ttl_s
+        buffered = max(expires_in - self.settings.expiry_buffer_s, self.settings.min_ttl_s)
+        return min(buffered, expires_in)
+
+    def _backoff(self, failures: int) -> float:
+        initial, ceiling = self.settings.retry_initial_s, self.settings.retry_max_s
+        ceiling = min(ceiling, initial * 2 ** (failures - 1))
+        return random.uniform(ceiling / 2, ceiling)
+
+    async def _fetch(self, entry: _Entry) -> None:
+        started = self._clock()
+        try:
+            token, expires_in = await self._request(entry.settings, entry.server)
+        except Exception as exc:
+            if isinstance(exc, TokenError):
+                error = exc
+            else:
+                log.exception("unexpected error fetching a token for server %r", entry.server)
+                error = TokenEndpointError(entry.server, f"unexpected {type(exc).__name__}")
+            entry.failures += 1
+            entry.last_error = error
+            entry.retry_at = self._clock() + self._backoff(entry.failures)
+            log.warning("token fetch failed: %s; retrying in %.1fs",
+                        error, entry.retry_at - self._clock())
+            self._observe(entry.server, type(error).__name__, started)
+            self._schedule(entry, entry.retry_at)
+            raise error from None
+        finally:
+            entry.fetch = None
+        now = self._clock()
+        lifetime = self._lifetime(expires_in)
+        entry.token = token
+        entry.fetched_at = now
+        entry.usable_until = now + lifetime
+        entry.refresh_at = now + lifetime * REFRESH_AT_FRACTION
+        entry.failures = 0
+        entry.last_error = None
+        self._observe(entry.server, "ok", started)
+        self._schedule(entry, entry.refresh_at)
+        waiters, entry.waiters = entry.waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _observe(self, server: str, outcome: str, started: float) -> None:
+        if self._on_fetch is not None:
+            self._on_fetch(server, outcome, self._clock() - started)
+
+    async def _request(self, settings: OAuth2Settings, server: str) -> tuple[str, float | None]:
+        form, headers = build_token_request(settings)
+        url = settings.display_url
+        try:
+            async with asyncio.timeout(self.settings.timeout_s):
+                async with self._client.stream(
+                    "POST", settings.token_url, data=form, headers=headers
+                ) as response:
+                    body = bytearray()
+                    async for chunk in response.aiter_bytes():
+                        body += chunk
+                        if len(body) > MAX_RESPONSE_BYTES:
+                            raise TokenResponseError(
+                                server,
+                                f"token endpoint {url} answered HTTP {response.status_code}"
+                                f" with a body over {MAX_RESPONSE_BYTES} bytes",
+                            )
+                    status = response.status_code
+        except TimeoutError:
+            raise TokenEndpointError(
+                server, f"token endpoint {url} did not answer within {self.settings.timeout_s}s"
+            ) from None
+        except httpx.HTTPError as exc:
+            raise TokenEndpointError(
+                server, f"token endpoint {url} failed: {type(exc).__name__}"
+            ) from exc
+        if not 200 <= status < 300:
+            raise TokenEndpointError(
+                server, f"token endpoint {url} answered HTTP {status}{_error_detail(bytes(body))}"
+            )
+        return parse_token_response(server, status, bytes(body))
+
+
+def credentials(servers: Iterable[tuple[str, OAuth2Settings | None]]) -> dict[str, OAuth2Settings]:
+    """Pick out the servers that have client-credentials settings."""
+    return {name: oauth2 for name, oauth2 in servers if oauth2 is not None}
