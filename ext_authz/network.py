@@ -67,7 +67,8 @@ def parse_address(text: str) -> IPAddress | None:
     text = text.strip()
     if not text or len(text) > _MAX_ENTRY_LENGTH or "%" in text:
         return None
-    if text[0] == "[":
+    bracketed = text[0] == "["
+    if bracketed:
         host, sep, rest = text[1:].partition("]")
         if not sep or (rest and not (rest[0] == ":" and rest[1:].isdigit())):
             return None
@@ -81,9 +82,9 @@ def parse_address(text: str) -> IPAddress | None:
         address = ipaddress.ip_address(host)
     except ValueError:
         return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
+    if not isinstance(address, ipaddress.IPv6Address):
+        return None if bracketed else address
+    return address.ipv4_mapped or address
 
 
 ClientSource = Literal[

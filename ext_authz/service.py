@@ -16,12 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
-from google.protobuf import struct_pb2, wrappers_pb2
-from google.rpc import status_pb2
+from google.protobuf.message import DecodeError
 
 from ._proto.envoy.config.core.v3 import base_pb2
 from ._proto.envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
-from ._proto.envoy.type.v3 import http_status_pb2
 from .config import Config
 from .decision import OUTCOMES, Decision, Policy, Reason, RequestFacts, decide
 from .decision_log import DecisionLog
@@ -42,33 +40,43 @@ _XFF = "x-forwarded-for"
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _JSON = base_pb2.HeaderValueOption(
     header=base_pb2.HeaderValue(key="content-type", value="application/json"),
-    append=wrappers_pb2.BoolValue(value=False),
     append_action=_OVERWRITE,
 )
 
 
-def _denial(reason: Reason) -> tuple[status_pb2.Status, external_auth_pb2.DeniedHttpResponse]:
+def _template(reason: Reason) -> external_auth_pb2.CheckResponse:
     grpc_code, http_status = OUTCOMES[reason]
+    response = external_auth_pb2.CheckResponse()
+    response.status.code = grpc_code
+    if reason == "allowed":
+        response.ok_response.SetInParent()
+        return response
+    response.status.message = reason
+    denied = response.denied_response
+    denied.status.code = http_status  # type: ignore[assignment]
+    denied.headers.append(_JSON)
     # The body is a constant per reason: a hidden server and an unknown one answer the same
     # bytes, so a caller cannot tell them apart.
-    body = json.dumps({"error": reason})
-    return (
-        status_pb2.Status(code=grpc_code, message=reason),
-        external_auth_pb2.DeniedHttpResponse(
-            status=http_status_pb2.HttpStatus(code=http_status),  # type: ignore[arg-type]
-            headers=[_JSON],
-            body=body,
-        ),
-    )
+    denied.body = json.dumps({"error": reason})
+    return response
 
 
-_DENIALS = {reason: _denial(reason) for reason in OUTCOMES}
-_OK_STATUS = status_pb2.Status(code=0)
-_EMPTY_OK = external_auth_pb2.OkHttpResponse()
+# Built once; each check copies its template and adds the per-request parts.
+_TEMPLATES = {reason: _template(reason) for reason in OUTCOMES}
 
 
-def extract_facts(request: external_auth_pb2.CheckRequest) -> RequestFacts:
+def parse_check_request(data: bytes) -> external_auth_pb2.CheckRequest | None:
+    """Deserialize a CheckRequest; None when the bytes do not parse (answered as bad_request)."""
+    try:
+        return external_auth_pb2.CheckRequest.FromString(data)
+    except DecodeError:
+        return None
+
+
+def extract_facts(request: external_auth_pb2.CheckRequest | None) -> RequestFacts:
     """Read the facts the decision needs from a CheckRequest, tolerating missing parts."""
+    if request is None:
+        return RequestFacts("", None, "", "", has_http=False)
     attributes = request.attributes
     address = attributes.source.address
     peer = (
@@ -108,48 +116,32 @@ def _from_header_map(
     return (",".join(xff) if xff else None), path, authority
 
 
-def _metadata(decision: Decision, decision_id: str) -> struct_pb2.Struct:
-    client = decision.client.address
-    fields = {
-        "decision_id": decision_id,
-        "server": decision.server_name or "",
-        "network": decision.network,
-        "client_ip": str(client) if client is not None else "",
-        "reason": decision.reason,
-    }
-    metadata = struct_pb2.Struct()
-    metadata.update(fields)
-    return metadata
-
-
 def to_check_response(
     decision: Decision, token: str | None, decision_id: str
 ) -> external_auth_pb2.CheckResponse:
     """Write a decision (and the bearer token to inject, if any) as a CheckResponse."""
-    metadata = _metadata(decision, decision_id)
-    if not decision.allowed:
-        status, denied = _DENIALS[decision.reason]
-        return external_auth_pb2.CheckResponse(
-            status=status, denied_response=denied, dynamic_metadata=metadata
-        )
-    if token is None:
-        ok = _EMPTY_OK
-    else:
+    response = external_auth_pb2.CheckResponse()
+    response.CopyFrom(_TEMPLATES[decision.reason])
+    client = decision.client.address
+    response.dynamic_metadata.update(
+        {
+            "decision_id": decision_id,
+            "server": decision.server_name or "",
+            "network": decision.network,
+            "client_ip": str(client) if client is not None else "",
+            "reason": decision.reason,
+        }
+    )
+    if token is not None and decision.allowed:
         # append=false for Envoys that read only the deprecated field, append_action for
         # those that read only the new one: either way the caller's own Authorization
         # header is replaced, never passed through beside ours.
-        ok = external_auth_pb2.OkHttpResponse(
-            headers=[
-                base_pb2.HeaderValueOption(
-                    header=base_pb2.HeaderValue(key="authorization", value=f"Bearer {token}"),
-                    append=wrappers_pb2.BoolValue(value=False),
-                    append_action=_OVERWRITE,
-                )
-            ]
-        )
-    return external_auth_pb2.CheckResponse(
-        status=_OK_STATUS, ok_response=ok, dynamic_metadata=metadata
-    )
+        header = response.ok_response.headers.add()
+        header.header.key = "authorization"
+        header.header.value = f"Bearer {token}"
+        header.append.value = False
+        header.append_action = _OVERWRITE
+    return response
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,14 +183,15 @@ class AuthorizationService:
             {
                 "Check": grpc.unary_unary_rpc_method_handler(
                     self.Check,
-                    request_deserializer=external_auth_pb2.CheckRequest.FromString,
+                    # A request that does not parse is a bad_request denial, not an RPC error.
+                    request_deserializer=parse_check_request,
                     response_serializer=external_auth_pb2.CheckResponse.SerializeToString,
                 )
             },
         )
 
     async def Check(  # the gRPC method's name
-        self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext[
+        self, request: external_auth_pb2.CheckRequest | None, context: grpc.aio.ServicerContext[
             external_auth_pb2.CheckRequest, external_auth_pb2.CheckResponse]
     ) -> external_auth_pb2.CheckResponse:
         started = self._clock()

@@ -1,0 +1,169 @@
+"""A real OAuth2 token endpoint on loopback for the tests: counts requests, misbehaves on demand.
+
+Raw asyncio HTTP/1.1 so that it can also do what a framework would not: close the
+connection mid-request, drip a body byte by byte, or answer with a megabyte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs, unquote_plus
+
+MODES = (
+    "ok", "status", "garbage", "list", "no_token", "wrong_type", "huge", "close", "html",
+    "drip", "unsafe_token",
+)
+
+
+@dataclass
+class TokenRequest:
+    headers: dict[str, str]
+    form: dict[str, str]
+    client_id: str | None
+    client_secret: str | None
+
+
+@dataclass
+class TokenEndpoint:
+    mode: str = "ok"
+    status: int = 500
+    delay_s: float = 0.0
+    expires_in: Any = 3600
+    omit_expires_in: bool = False
+    requests: list[TokenRequest] = field(default_factory=list)
+    issued: list[str] = field(default_factory=list)
+    port: int = 0
+    host: str = "127.0.0.1"
+    _server: asyncio.base_events.Server | None = None
+    _writers: set[asyncio.StreamWriter] = field(default_factory=set)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/oauth2/token"
+
+    @property
+    def count(self) -> int:
+        return len(self.requests)
+
+    async def start(self) -> TokenEndpoint:
+        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for writer in list(self._writers):
+                writer.close()
+            await self._server.wait_closed()
+
+    def healthy(self) -> None:
+        self.mode, self.delay_s, self.expires_in, self.omit_expires_in = "ok", 0.0, 3600, False
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                lines = head.decode("latin-1").split("\r\n")
+                headers = {}
+                for line in lines[1:]:
+                    if ":" in line:
+                        key, _, value = line.partition(":")
+                        headers[key.strip().lower()] = value.strip()
+                body = await reader.readexactly(int(headers.get("content-length", "0")))
+                keep_open = await self._respond(headers, body, writer)
+                if not keep_open:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+
+    def _record(self, headers: dict[str, str], body: bytes) -> TokenRequest:
+        form = {k: v[0] for k, v in parse_qs(body.decode(), keep_blank_values=True).items()}
+        client_id, secret = form.get("client_id"), form.get("client_secret")
+        auth = headers.get("authorization", "")
+        if auth.startswith("Basic "):
+            raw_id, _, raw_secret = base64.b64decode(auth[6:]).decode().partition(":")
+            client_id, secret = unquote_plus(raw_id), unquote_plus(raw_secret)
+        request = TokenRequest(headers, form, client_id, secret)
+        self.requests.append(request)
+        return request
+
+    async def _respond(
+        self, headers: dict[str, str], body: bytes, writer: asyncio.StreamWriter
+    ) -> bool:
+        request = self._record(headers, body)
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        mode = self.mode
+        if mode == "close":
+            return False
+        status, content_type = 200, "application/json"
+        if mode == "ok" or mode == "wrong_type" or mode == "unsafe_token":
+            token = f"tok-{request.client_id}-{len(self.requests)}".replace(" ", "_")
+            if mode == "unsafe_token":
+                token = "tok\r\nx-injected: 1"
+            self.issued.append(token)
+            payload: dict[str, Any] = {
+                "access_token": token,
+                "token_type": "mac" if mode == "wrong_type" else "bearer",
+            }
+            if not self.omit_expires_in:
+                payload["expires_in"] = self.expires_in
+            data = json.dumps(payload).encode()
+        elif mode == "status":
+            status, data = self.status, b'{"error": "invalid_client"}'
+        elif mode == "garbage":
+            data = b"{not json"
+        elif mode == "list":
+            data = b'["access_token", "x"]'
+        elif mode == "no_token":
+            data = b'{"token_type": "Bearer", "expires_in": 60}'
+        elif mode == "huge":
+            data = json.dumps({"access_token": "x" * (1024 * 1024)}).encode()
+        elif mode == "html":
+            content_type, data = "text/html", b"<html><body>login</body></html>"
+        elif mode == "drip":
+            data = json.dumps({"access_token": "drip", "token_type": "Bearer"}).encode()
+        else:
+            raise AssertionError(mode)
+        head = (f"HTTP/1.1 {status} X\r\ncontent-type: {content_type}\r\n"
+                f"content-length: {len(data)}\r\n\r\n").encode()
+        writer.write(head)
+        if mode == "drip":
+            for byte in data:
+                writer.write(bytes([byte]))
+                await writer.drain()
+                await asyncio.sleep(0.5)
+        else:
+            writer.write(data)
+        await writer.drain()
+        return True
+
+
+class ThreadedTokenEndpoint:
+    """Run a TokenEndpoint on its own event loop in a thread (for subprocess sidecars)."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.endpoint = TokenEndpoint(host=host)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    def __enter__(self) -> TokenEndpoint:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self.endpoint.start(), self._loop).result(10)
+        return self.endpoint
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self.endpoint.stop(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
