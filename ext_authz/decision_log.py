@@ -8,7 +8,7 @@ import sys
 import time
 from typing import TextIO
 
-from .decision import Decision
+from .decision import Decision, RequestFacts
 
 
 class DecisionLog:
@@ -27,7 +27,9 @@ class DecisionLog:
             return True
         return self._sample_allowed > 0 and random.random() < self._sample_allowed
 
-    def write(self, decision: Decision, decision_id: str, peer: str, latency_s: float) -> None:
+    def write(
+        self, decision: Decision, decision_id: str, facts: RequestFacts, latency_s: float
+    ) -> None:
         client = decision.client.address
         record = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z",
@@ -36,8 +38,10 @@ class DecisionLog:
             "client_ip": str(client) if client is not None else None,
             "client_ip_source": decision.client.source,
             "network": decision.network,
-            # The peer comes from Envoy, but cap it: it is the one free-form field here.
-            "peer": peer[:64],
+            # Capped: these are the free-form fields (XFF is whatever the client sent).
+            "peer": facts.peer[:64],
+            "x_forwarded_for": facts.x_forwarded_for[:256] if facts.x_forwarded_for else None,
+            "path": facts.path.split("?", 1)[0][:256],
             "reason": decision.reason,
             "allowed": decision.allowed,
             "http_status": decision.http_status,

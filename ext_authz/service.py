@@ -63,6 +63,7 @@ def _template(reason: Reason) -> external_auth_pb2.CheckResponse:
 
 # Built once; each check copies its template and adds the per-request parts.
 _TEMPLATES = {reason: _template(reason) for reason in OUTCOMES}
+_NO_FACTS = RequestFacts("", None, "", "", has_http=False)
 
 
 def parse_check_request(data: bytes) -> external_auth_pb2.CheckRequest | None:
@@ -76,7 +77,7 @@ def parse_check_request(data: bytes) -> external_auth_pb2.CheckRequest | None:
 def extract_facts(request: external_auth_pb2.CheckRequest | None) -> RequestFacts:
     """Read the facts the decision needs from a CheckRequest, tolerating missing parts."""
     if request is None:
-        return RequestFacts("", None, "", "", has_http=False)
+        return _NO_FACTS
     attributes = request.attributes
     address = attributes.source.address
     peer = (
@@ -197,10 +198,9 @@ class AuthorizationService:
         started = self._clock()
         state = self.state  # a check finishes on the config it started with
         decision_id = f"{self._prefix}-{next(self._ids)}"
-        peer = ""
+        facts = _NO_FACTS
         try:
             facts = extract_facts(request)
-            peer = facts.peer
             decision = decide(facts, state.policy)
             token = None
             oauth2 = decision.oauth2
@@ -218,7 +218,7 @@ class AuthorizationService:
             log.exception("check %s failed; denying", decision_id)
             decision = Decision("internal_error", detail="internal error (see the service log)")
             response = to_check_response(decision, None, decision_id)
-        self._record(decision, decision_id, peer, self._clock() - started)
+        self._record(decision, decision_id, facts, self._clock() - started)
         return response
 
     def _fetch_budget(
@@ -231,12 +231,14 @@ class AuthorizationService:
             budget = min(budget, remaining - DEADLINE_MARGIN_S)
         return budget
 
-    def _record(self, decision: Decision, decision_id: str, peer: str, seconds: float) -> None:
+    def _record(
+        self, decision: Decision, decision_id: str, facts: RequestFacts, seconds: float
+    ) -> None:
         try:
             self.metrics.count_check(
                 decision.server_name or "", decision.network, decision.reason, seconds
             )
             if self.decision_log is not None and self.decision_log.wants(decision):
-                self.decision_log.write(decision, decision_id, peer, seconds)
+                self.decision_log.write(decision, decision_id, facts, seconds)
         except Exception:  # observability must never turn an answer into an RPC error
             log.exception("recording check %s failed", decision_id)

