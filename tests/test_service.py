@@ -18,10 +18,12 @@ from ext_authz._proto.envoy.config.core.v3 import base_pb2
 from ext_authz._proto.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from ext_authz.config import Config
 from ext_authz.server import Sidecar
+from ext_authz.service import SERVICE_NAME
 from tests.conftest import make_config
 from tests.token_endpoint import TokenEndpoint
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "envoy-1.40-check-request.bin"
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+FIXTURE = FIXTURES / "envoy-1.40-check-request.bin"
 
 
 def check_request(peer: str = "127.0.0.1", path: str = "/mcp/pub", xff: str | None = None,
@@ -225,7 +227,7 @@ class TestHealthAndReflection:
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{sidecar.grpc_port}") as channel:
                 health = health_pb2_grpc.HealthStub(channel)
-                request = health_pb2.HealthCheckRequest(service="envoy.service.auth.v3.Authorization")
+                request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
                 before = await health.Check(request)
                 assert not sidecar.readiness().ready
                 assert "HTTP 500" in sidecar.readiness().waiting_for["gh"]

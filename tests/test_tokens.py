@@ -123,7 +123,9 @@ class TestLifetime:
         with pytest.raises(TokenResponseError, match="expires_in"):
             await cache.token(oauth2(token_endpoint.url), "pub", 2)
 
-    async def test_refresh_ahead_never_blocks_a_warm_key(self, token_endpoint: TokenEndpoint) -> None:
+    async def test_refresh_ahead_never_blocks_a_warm_key(
+        self, token_endpoint: TokenEndpoint
+    ) -> None:
         """Past 80% of the lifetime a refresh runs in the background; checks answer at once."""
         cache = TokenCache(fast_settings(expiry_buffer_s=0, min_ttl_s=0.5))
         try:
@@ -218,7 +220,7 @@ class TestFaults:
         cache = TokenCache(fast_settings(timeout_s=0.3))
         try:
             token_endpoint.mode = "drip"
-            with pytest.raises(TokenEndpointError, match="did not answer within 0.3s"):
+            with pytest.raises(TokenEndpointError, match=r"did not answer within 0\.3s"):
                 await cache.token(oauth2(token_endpoint.url), "pub", 5)
         finally:
             await cache.aclose()

@@ -139,7 +139,8 @@ def _cluster(name: str, port: int, http2: bool = False) -> dict[str, Any]:
     if http2:
         cluster["typed_extension_protocol_options"] = {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3."
+                         "HttpProtocolOptions",
                 "explicit_http_config": {"http2_protocol_options": {}},
             }
         }

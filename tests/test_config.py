@@ -1,0 +1,165 @@
+"""Config loading: documented defaults, secrets, and errors that name their key path."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+
+from ext_authz.config import DEFAULT_INTERNAL_RANGES, example_config, load_config, parse_yaml
+from ext_authz.errors import ConfigError
+
+MINIMAL = """
+servers:
+  github:
+    oauth2:
+      token_url: https://idp.example.com/oauth2/token
+      client_id: mcp-gateway
+      client_secret: ${GITHUB_MCP_SECRET}
+      scopes: [repo.read]
+  billing-db:
+    available_on_public_internet: false
+"""
+
+
+def problems(text: str, env: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as raised:
+        parse_yaml(text, env=env or {})
+    return raised.value.problems
+
+
+class TestDefaults:
+    def test_documented_defaults(self) -> None:
+        """Listen addresses, internal ranges, routing and token timings match DESIGN.md."""
+        config = parse_yaml(MINIMAL, env={"GITHUB_MCP_SECRET": "s"})
+        assert config.grpc.listen == "127.0.0.1:9191"
+        assert config.admin is not None
+        assert config.admin.listen == "127.0.0.1:9192"
+        assert config.network.internal_ranges == tuple(
+            ipaddress.ip_network(c) for c in DEFAULT_INTERNAL_RANGES)
+        assert config.network.trusted_proxies == ()
+        assert config.routing.context_extension_key == "mcp_server"
+        assert config.routing.path_prefix == "/mcp/"
+        assert config.routing.host_suffix is None
+        tokens = config.tokens
+        assert (tokens.expiry_buffer_s, tokens.min_ttl_s, tokens.default_ttl_s,
+                tokens.timeout_s) == (60, 10, 300, 5)
+        github = config.servers["github"]
+        assert github.available_on_public_internet is True
+        assert github.oauth2 is not None
+        assert github.oauth2.auth_method == "client_secret_basic"
+        assert github.oauth2.secret() == "s"
+        assert config.servers["billing-db"].available_on_public_internet is False
+
+    def test_defaults_section_applies_to_servers(self) -> None:
+        """`defaults.available_on_public_internet` is inherited unless a server sets its own."""
+        config = parse_yaml("defaults: {available_on_public_internet: false}\n"
+                            "servers: {a: {}, b: null, c: {available_on_public_internet: true}}")
+        assert [s.available_on_public_internet for s in config.servers.values()] == [
+            False, False, True]
+
+    def test_admin_null_disables(self) -> None:
+        """`admin: null` turns the admin listener off."""
+        assert parse_yaml("admin: null").admin is None
+
+    def test_config_is_immutable(self) -> None:
+        """Config objects are frozen."""
+        config = example_config()
+        with pytest.raises(ValueError, match="frozen"):
+            config.grpc.listen = "0.0.0.0:1"  # type: ignore[misc]
+
+    def test_example_config(self) -> None:
+        """The built-in example has a public and an internal-only server."""
+        servers = example_config().servers
+        assert {n: s.available_on_public_internet for n, s in servers.items()} == {
+            "everything": True, "billing-db": False}
+
+
+class TestSecrets:
+    def test_secret_file(self, tmp_path: Path) -> None:
+        """client_secret_file is read once, trailing newline stripped."""
+        secret = tmp_path / "secret"
+        secret.write_text("from-file\n")
+        config = parse_yaml(f"""
+servers:
+  a:
+    oauth2: {{token_url: "http://idp/t", client_id: c, client_secret_file: "{secret}"}}
+""")
+        assert config.servers["a"].oauth2 is not None
+        assert config.servers["a"].oauth2.secret() == "from-file"
+
+    def test_secret_not_in_repr(self) -> None:
+        """A loaded secret does not show in the config's repr."""
+        config = parse_yaml(MINIMAL, env={"GITHUB_MCP_SECRET": "hunter2-secret"})
+        assert "hunter2-secret" not in repr(config)
+
+    def test_dollar_escape(self) -> None:
+        """`$$` is a literal dollar sign."""
+        config = parse_yaml("""
+servers:
+  a: {oauth2: {token_url: "http://idp/t", client_id: c, client_secret: "p$$ss"}}
+""")
+        assert config.servers["a"].oauth2 is not None
+        assert config.servers["a"].oauth2.secret() == "p$ss"
+
+
+class TestErrors:
+    @pytest.mark.parametrize(
+        ("text", "expected"),
+        [
+            (MINIMAL, "servers.github.oauth2.client_secret: environment variable"
+                      " ${GITHUB_MCP_SECRET} is not set"),
+            ("network: {internal_ranges: [10.0.0.1/8]}", "network.internal_ranges:"),
+            ("network: {trusted_proxies: [not-a-cidr]}", "network.trusted_proxies:"),
+            ("grpc: {listen: nowhere}", "grpc.listen:"),
+            ("servers: {a: {available_on_public_internet: maybe}}",
+             "servers.a.available_on_public_internet:"),
+            ("servers: {a: {oauth2: {token_url: 'ftp://x', client_id: c, client_secret: s}}}",
+             "servers.a.oauth2.token_url:"),
+            ("servers: {a: {oauth2: {token_url: 'https://u:p@x/t', client_id: c,"
+             " client_secret: s}}}", "servers.a.oauth2.token_url: Value error, must not carry"),
+            ("servers: {a: {oauth2: {token_url: 'https://x/t', client_id: c}}}",
+             "servers.a.oauth2: Value error, set exactly one of client_secret"),
+            ("servers: {a: {oauth2: {token_url: 'https://x/t', client_id: c, client_secret: s,"
+             " auth_method: private_key_jwt}}}", "servers.a.oauth2.auth_method:"),
+            ("servers: {a: {oauth2: {token_url: 'https://x/t', client_id: c, client_secret: s,"
+             " scopes: ['a b']}}}", "servers.a.oauth2.scopes:"),
+            ("servers: {a: {visible: true}}", "servers.a.visible: Extra inputs are not permitted"),
+            ("servers: {'bad/name': {}}", "servers: Value error, server name 'bad/name'"),
+            ("tokens: {timeout_s: 0}", "tokens.timeout_s:"),
+            ("routing: {path_prefix: mcp}", "routing.path_prefix:"),
+            ("grpc: {tls: {cert_file: /nonexistent.pem, key_file: /nonexistent.key}}",
+             "grpc.tls.cert_file: '/nonexistent.pem' is not a readable file"),
+            ("servers: {a: {}}\nservers: {b: {}}", "(yaml): duplicate key 'servers'"),
+            ("servers: [a, b", "(yaml):"),
+            ("- a\n- b", "(top level): expected a mapping"),
+        ],
+    )
+    def test_error_names_key_path(self, text: str, expected: str) -> None:
+        """Every error names the key path and what is wrong with it."""
+        found = problems(text)
+        assert any(p.startswith(expected) or expected in p for p in found), found
+
+    def test_duplicate_key_is_an_error(self) -> None:
+        """A key given twice is refused rather than silently keeping the last."""
+        assert any("duplicate key 'servers'" in p
+                   for p in problems("servers: {a: {}}\nservers: {b: {}}"))
+
+    def test_all_errors_reported_at_once(self) -> None:
+        """Several mistakes are all listed, not just the first."""
+        found = problems("grpc: {listen: x}\ntokens: {timeout_s: -1}\nbogus: 1")
+        assert len(found) == 3
+
+    def test_unreadable_secret_file(self, tmp_path: Path) -> None:
+        """A missing secret file names its key and path."""
+        found = problems(f"""
+servers:
+  a: {{oauth2: {{token_url: "http://i/t", client_id: c, client_secret_file: "{tmp_path}/nope"}}}}
+""")
+        assert found[0].startswith("servers.a.oauth2.client_secret_file: cannot read")
+
+    def test_missing_file(self, tmp_path: Path) -> None:
+        """A config path that does not exist is a ConfigError, not a traceback."""
+        with pytest.raises(ConfigError, match="cannot read"):
+            load_config(tmp_path / "absent.yaml")
