@@ -13,7 +13,6 @@ from typing import Any
 
 from .config import Config, example_config, load_config
 from .decision import Decision, Policy, RequestFacts, decide, explain
-from .decision_log import DecisionLog
 from .errors import ConfigError, TokenError
 from .tokens import TokenCache
 
@@ -47,15 +46,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logging.getLogger(__name__).warning(
             "no --config given: serving the built-in example config (see README)"
         )
-    decision_log = (
-        None if args.no_decision_log else DecisionLog(sample_allowed=args.decision_log_sample)
-    )
-    sidecar = Sidecar(
-        config,
-        Path(args.config) if args.config else None,
-        decision_log=decision_log,
-        grace_s=args.grace,
-    )
+    sidecar = Sidecar(config, Path(args.config) if args.config else None, grace_s=args.grace)
     _run_loop(sidecar.run())
     return EXIT_OK
 
@@ -138,11 +129,6 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="YAML config (default: the built-in example)")
     serve.add_argument("--grace", type=float, default=5.0,
                        help="seconds to drain in-flight checks on SIGTERM (default 5)")
-    serve.add_argument("--decision-log-sample", type=float, default=1.0,
-                       help="fraction of allowed checks written to the decision log;"
-                            " denials are always written (default 1.0)")
-    serve.add_argument("--no-decision-log", action="store_true",
-                       help="write no decision log")
     serve.set_defaults(func=cmd_serve)
 
     check = commands.add_parser("check", help="dry-run one decision and print it as JSON")

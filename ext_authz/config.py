@@ -208,9 +208,24 @@ class ServerSettings(_Frozen):
     oauth2: OAuth2Settings | None = None
 
 
+class DecisionLogSettings(_Frozen):
+    enabled: bool = True
+    path: Path | None = None  # None: stdout
+    # Denials are always written; allowed checks with this probability.
+    sample_allowed: Annotated[float, Field(ge=0, le=1)] = 1.0
+
+
+class ReloadSettings(_Frozen):
+    # Poll the config file (and the secret and TLS files it names) for changes.
+    watch: bool = True
+    poll_interval_s: PositiveSeconds = 2.0
+
+
 class Config(_Frozen):
     grpc: GrpcSettings = GrpcSettings()
     admin: AdminSettings | None = AdminSettings()
+    decision_log: DecisionLogSettings = DecisionLogSettings()
+    reload: ReloadSettings = ReloadSettings()
     network: NetworkSettings = NetworkSettings()
     routing: RoutingSettings = RoutingSettings()
     defaults: DefaultSettings = DefaultSettings()
@@ -238,6 +253,17 @@ class Config(_Frozen):
                 server = {"available_on_public_internet": public, **server}
             servers[name] = server
         return {**data, "servers": servers}
+
+    def watched_files(self) -> tuple[Path, ...]:
+        """Files besides the config itself whose change should trigger a reload."""
+        files: list[Path] = []
+        for server in self.servers.values():
+            if server.oauth2 is not None and server.oauth2.client_secret_file is not None:
+                files.append(server.oauth2.client_secret_file)
+        if self.grpc.tls is not None:
+            tls = self.grpc.tls
+            files += [f for f in (tls.cert_file, tls.key_file, tls.client_ca_file) if f]
+        return tuple(files)
 
     @field_validator("servers")
     @classmethod

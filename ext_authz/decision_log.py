@@ -8,6 +8,7 @@ import sys
 import time
 from typing import TextIO
 
+from .config import DecisionLogSettings
 from .decision import Decision, RequestFacts
 
 
@@ -20,7 +21,23 @@ class DecisionLog:
 
     def __init__(self, stream: TextIO | None = None, *, sample_allowed: float = 1.0) -> None:
         self._stream = stream if stream is not None else sys.stdout
+        self._owned = False
         self._sample_allowed = sample_allowed
+
+    @classmethod
+    def from_settings(cls, settings: DecisionLogSettings) -> DecisionLog | None:
+        """Open the configured log (None when disabled); a file is appended to."""
+        if not settings.enabled:
+            return None
+        if settings.path is None:
+            return cls(sample_allowed=settings.sample_allowed)
+        log = cls(settings.path.open("a", buffering=1), sample_allowed=settings.sample_allowed)
+        log._owned = True
+        return log
+
+    def close(self) -> None:
+        if self._owned:
+            self._stream.close()
 
     def wants(self, decision: Decision) -> bool:
         if not decision.allowed or self._sample_allowed >= 1.0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .admin import AdminServer, Readiness
-from .config import Config, load_config
+from .config import Config, TLSSettings, load_config
 from .decision_log import DecisionLog
 from .errors import ConfigError
 from .metrics import Metrics
@@ -31,46 +32,74 @@ HANDLED_SIGNALS = (
 )
 RELOAD_SIGNAL = signal.SIGHUP  # re-read the config file; keep the old one if the new is bad
 
+GRPC_OPTIONS = (
+    ("grpc.so_reuseport", 0),  # a second process on our port is a mistake, not a balancer
+    ("grpc.max_concurrent_streams", 1000),
+)
 
-def _server_credentials(config: Config) -> grpc.ServerCredentials | None:
-    tls = config.grpc.tls
-    if tls is None:
+FileStamp = tuple[int, int, int] | None
+
+
+def _stamp(path: Path) -> FileStamp:
+    try:
+        # stat follows symlinks, so a Kubernetes ConfigMap/Secret swap shows as a change.
+        st = os.stat(path)
+    except OSError:
         return None
-    ca = tls.client_ca_file.read_bytes() if tls.client_ca_file else None
-    return grpc.ssl_server_credentials(
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def _certificate_configuration(tls: TLSSettings) -> grpc.ServerCertificateConfiguration:
+    return grpc.ssl_server_certificate_configuration(
         [(tls.key_file.read_bytes(), tls.cert_file.read_bytes())],
-        root_certificates=ca,
-        require_client_auth=ca is not None,
+        root_certificates=tls.client_ca_file.read_bytes() if tls.client_ca_file else None,
     )
+
+
+class _ReloadableCertificates:
+    """Server certificates that a reload can replace for new connections (grpc core asks)."""
+
+    def __init__(self, tls: TLSSettings) -> None:
+        self._pending: grpc.ServerCertificateConfiguration | None = None
+        self.credentials = grpc.dynamic_ssl_server_credentials(
+            _certificate_configuration(tls),
+            self._fetch,  # type: ignore[arg-type]  # grpc documents None as "no change"
+            require_client_authentication=tls.client_ca_file is not None,
+        )
+
+    def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        # Called by grpc core before each handshake; None means "keep what you have".
+        pending, self._pending = self._pending, None
+        return pending
+
+    def replace(self, tls: TLSSettings) -> None:
+        self._pending = _certificate_configuration(tls)
 
 
 class Sidecar:
     """One serving process: built from a config, then start()ed and stop()ped."""
 
-    def __init__(
-        self,
-        config: Config,
-        config_path: Path | None = None,
-        *,
-        decision_log: DecisionLog | None = None,
-        grace_s: float = 5.0,
-    ) -> None:
+    def __init__(self, config: Config, config_path: Path | None = None, *,
+                 grace_s: float = 5.0) -> None:
         self.config_path = config_path
         self.grace_s = grace_s
         self.metrics = Metrics()
         self.tokens = TokenCache(config.tokens, on_fetch=self.metrics.count_token_fetch)
         self.metrics.watch_token_ages(self.tokens.ages)
         self.service = AuthorizationService(
-            ServiceState.build(config, 1), self.tokens, self.metrics, decision_log
+            ServiceState.build(config, 1), self.tokens, self.metrics,
+            DecisionLog.from_settings(config.decision_log),
         )
         self.health = health.aio.HealthServicer()
         self.grpc_port = 0
         self._grpc: grpc.aio.Server | None = None
         self._admin: AdminServer | None = None
+        self._certificates: _ReloadableCertificates | None = None
         self._ready = False
-        self._warmup: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         self._reload_lock = asyncio.Lock()
+        self._stamps: dict[Path, FileStamp] = {}
 
     @property
     def config(self) -> Config:
@@ -86,9 +115,7 @@ class Sidecar:
         """Bind the listeners and begin warming tokens; health turns SERVING once warm."""
         config = self.config
         self.metrics.config_generation.set(1)
-        server = grpc.aio.server(
-            options=[("grpc.so_reuseport", 0), ("grpc.max_concurrent_streams", 1000)]
-        )
+        server = grpc.aio.server(options=GRPC_OPTIONS)
         server.add_generic_rpc_handlers((self.service.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -96,18 +123,24 @@ class Sidecar:
         )
         for name in ("", SERVICE_NAME):
             await self.health.set(name, NOT_SERVING)
-        credentials_ = _server_credentials(config)
-        if credentials_ is None:
+        if config.grpc.tls is None:
             self.grpc_port = server.add_insecure_port(config.grpc.listen)
         else:
-            self.grpc_port = server.add_secure_port(config.grpc.listen, credentials_)
+            self._certificates = _ReloadableCertificates(config.grpc.tls)
+            self.grpc_port = server.add_secure_port(
+                config.grpc.listen, self._certificates.credentials
+            )
         await server.start()
         self._grpc = server
         if config.admin is not None:
             self._admin = AdminServer(config.admin.listen, self.metrics.registry, self.readiness)
             await self._admin.start()
         self.tokens.retain(credentials((n, s.oauth2) for n, s in config.servers.items()))
-        self._warmup = asyncio.get_running_loop().create_task(self._serve_when_warm())
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._serve_when_warm()))
+        if self.config_path is not None and config.reload.watch:
+            self._stamps = self._current_stamps()
+            self._tasks.append(loop.create_task(self._watch_files()))
         log.info("serving ext_authz on %s (port %d), %d servers",
                  config.grpc.listen, self.grpc_port, len(config.servers))
 
@@ -123,8 +156,28 @@ class Sidecar:
     def readiness(self) -> Readiness:
         return Readiness(self._ready, self.tokens.unready())
 
+    # -- reload -------------------------------------------------------------------------
+
+    def _current_stamps(self) -> dict[Path, FileStamp]:
+        assert self.config_path is not None
+        paths = (self.config_path, *self.config.watched_files())
+        return {path: _stamp(path) for path in paths}
+
+    async def _watch_files(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.reload.poll_interval_s)
+            stamps = self._current_stamps()
+            if stamps != self._stamps:
+                self._stamps = stamps
+                log.info("config or a file it names changed: reloading")
+                await self.reload()
+
     async def reload(self) -> bool:
-        """Re-read the config file; apply it if valid, else log and keep serving the old one."""
+        """Re-read the config file; apply it if valid, else log and keep serving the old one.
+
+        The new config is built off the hot path and swapped in with one assignment;
+        checks already running finish on the generation they started with.
+        """
         if self.config_path is None:
             log.warning("reload requested, but serving the built-in config: nothing to re-read")
             return False
@@ -132,16 +185,26 @@ class Sidecar:
             try:
                 config = await asyncio.to_thread(load_config, self.config_path)
                 self._check_reloadable(config)
-            except ConfigError as exc:
+                decision_log = self.service.decision_log
+                if config.decision_log != self.config.decision_log:
+                    decision_log = DecisionLog.from_settings(config.decision_log)
+                if config.grpc.tls is not None and self._certificates is not None:
+                    self._certificates.replace(config.grpc.tls)
+            except (ConfigError, OSError) as exc:
+                problems = exc.problems if isinstance(exc, ConfigError) else [str(exc)]
                 log.error("config reload rejected, still serving generation %d: %s",
-                          self.service.state.generation, "; ".join(exc.problems))
+                          self.service.state.generation, "; ".join(problems))
                 self.metrics.config_reloads.labels("rejected").inc()
                 self.metrics.config_last_reload_ok.set(0)
                 return False
             generation = self.service.state.generation + 1
+            if decision_log is not self.service.decision_log and self.service.decision_log:
+                self.service.decision_log.close()
+            self.service.decision_log = decision_log
             self.service.state = ServiceState.build(config, generation)
             self.tokens.settings = config.tokens
             self.tokens.retain(credentials((n, s.oauth2) for n, s in config.servers.items()))
+            self._stamps = self._current_stamps()
             self.metrics.config_generation.set(generation)
             self.metrics.config_reloads.labels("ok").inc()
             self.metrics.config_last_reload_ok.set(1)
@@ -150,28 +213,36 @@ class Sidecar:
 
     def _check_reloadable(self, config: Config) -> None:
         old = self.config
-        problems = [
-            f"{key}: changing it needs a restart"
+        changed = [
+            key
             for key, a, b in (
                 ("grpc.listen", old.grpc.listen, config.grpc.listen),
+                ("grpc.tls", old.grpc.tls is None, config.grpc.tls is None),
+                ("grpc.tls.client_ca_file", old.grpc.tls and old.grpc.tls.client_ca_file is None,
+                 config.grpc.tls and config.grpc.tls.client_ca_file is None),
                 ("admin.listen", old.admin and old.admin.listen,
                  config.admin and config.admin.listen),
             )
             if a != b
         ]
-        if problems:
-            raise ConfigError(problems, str(self.config_path))
+        if changed:
+            raise ConfigError([f"{key}: changing it needs a restart" for key in changed],
+                              str(self.config_path))
+
+    # -- shutdown -----------------------------------------------------------------------
 
     async def stop(self) -> None:
         """Turn health NOT_SERVING, drain in-flight checks for the grace period, close."""
         await self.health.enter_graceful_shutdown()
-        if self._warmup is not None:
-            self._warmup.cancel()
+        for task in self._tasks:
+            task.cancel()
         if self._grpc is not None:
             await self._grpc.stop(self.grace_s)
         if self._admin is not None:
             await self._admin.close()
         await self.tokens.aclose()
+        if self.service.decision_log is not None:
+            self.service.decision_log.close()
         log.info("stopped")
 
     async def run(self) -> None:
@@ -183,6 +254,7 @@ class Sidecar:
         await self.start()
         try:
             await self._stopping.wait()
+            log.info("signal received: draining for up to %.1fs", self.grace_s)
         finally:
             for sig in (*HANDLED_SIGNALS, RELOAD_SIGNAL):
                 with contextlib.suppress(Exception):
