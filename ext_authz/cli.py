@@ -6,8 +6,9 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -94,8 +95,25 @@ async def _fetch_token(config: Config, decision: Decision, report: dict[str, Any
         await cache.aclose()
 
 
+class _AnyVariable(Mapping[str, str]):
+    """The environment, with a placeholder for unset variables (a dry run needs no secret)."""
+
+    def __getitem__(self, name: str) -> str:
+        return os.environ.get(name, f"unset-{name}")
+
+    def __contains__(self, name: object) -> bool:
+        return True
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(os.environ)
+
+    def __len__(self) -> int:
+        return len(os.environ)
+
+
 def cmd_check(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    # Without --fetch-token no secret is used, so an unset ${VAR} need not stop a dry run.
+    config = load_config(args.config, env=None if args.fetch_token else _AnyVariable())
     facts = RequestFacts(
         peer=args.peer,
         x_forwarded_for=args.xff,
@@ -115,6 +133,55 @@ def cmd_validate(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     print(f"{args.config}: ok, {len(config.servers)} servers")
     return EXIT_OK
+
+
+def _default_sidecar_address(config: Config) -> str:
+    listen = config.grpc.listen
+    if listen.startswith("unix:"):
+        raise SystemExit("grpc.listen is a unix socket: give --sidecar host:port")
+    host, _, port = listen.rpartition(":")
+    # A wildcard listen address is not an address Envoy can dial.
+    return f"{'127.0.0.1' if host in ('0.0.0.0', '[::]', '::') else host}:{port}"
+
+
+def cmd_envoy_config(args: argparse.Namespace) -> int:
+    from .envoy_config import HostPort, build_bootstrap, render
+
+    config = load_config(args.config)
+    try:
+        upstreams = {}
+        for pair in args.upstream:
+            name, sep, address = pair.partition("=")
+            if not sep:
+                raise ValueError(f"--upstream {pair!r}: expected name=host:port")
+            upstreams[name] = HostPort.parse(address)
+        bootstrap = build_bootstrap(
+            config,
+            upstreams,
+            listen=HostPort.parse(args.listen),
+            admin=HostPort.parse(args.admin),
+            sidecar=HostPort.parse(args.sidecar or _default_sidecar_address(config)),
+            workers=args.workers,
+        )
+    except ValueError as exc:
+        print(f"envoy-config: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    text = render(bootstrap)
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    try:
+        from .demo import run_demo
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        print(f"demo needs the demo extra: pip install 'mcp-ext-authz[demo]' ({exc})",
+              file=sys.stderr)
+        return EXIT_FAILED
+    return run_demo(args.base_port)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,6 +214,28 @@ def build_parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", help="check a config file; exit 2 if invalid")
     validate.add_argument("--config", required=True)
     validate.set_defaults(func=cmd_validate)
+
+    envoy = commands.add_parser(
+        "envoy-config", help="print an Envoy bootstrap (YAML) for this config")
+    envoy.add_argument("--config", required=True)
+    envoy.add_argument("--upstream", action="append", default=[], metavar="NAME=HOST:PORT",
+                       help="where server NAME's MCP server listens (one per server)")
+    envoy.add_argument("--listen", default="0.0.0.0:10000",
+                       help="Envoy's HTTP listener (default 0.0.0.0:10000)")
+    envoy.add_argument("--admin", default="127.0.0.1:9901",
+                       help="Envoy's admin listener (default 127.0.0.1:9901)")
+    envoy.add_argument("--sidecar", default=None, metavar="HOST:PORT",
+                       help="where Envoy reaches the sidecar (default: grpc.listen)")
+    envoy.add_argument("--workers", type=int, default=1,
+                       help="sidecar worker processes on consecutive ports (default 1)")
+    envoy.add_argument("--output", default=None, help="write to this file, not stdout")
+    envoy.set_defaults(func=cmd_envoy_config)
+
+    demo = commands.add_parser(
+        "demo", help="run Envoy, the sidecar, two MCP servers and a token endpoint on loopback")
+    demo.add_argument("--base-port", type=int, default=10000,
+                      help="first of 7 consecutive ports (default 10000; 0 picks free ports)")
+    demo.set_defaults(func=cmd_demo)
     return parser
 
 

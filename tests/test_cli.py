@@ -117,3 +117,19 @@ class TestValidate:
         result = run("serve", "--config", str(path))
         assert result.returncode == 2
         assert "grpc.listen:" in result.stderr
+
+
+class TestCheckSecrets:
+    def test_dry_run_needs_no_secret(self, tmp_path: Path) -> None:
+        """`check` without --fetch-token works when a secret's ${VAR} is unset."""
+        path = tmp_path / "c.yaml"
+        path.write_text("servers: {gh: {oauth2: {token_url: 'http://i/t', client_id: c,"
+                        " client_secret: '${CHECK_TEST_UNSET_SECRET}'}}}\n")
+        result = run("check", "--config", str(path), "--peer", "10.0.0.1", "--path", "/mcp/gh")
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["inject_token"] is True
+        # validate, and check --fetch-token, still insist on the variable.
+        assert run("validate", "--config", str(path)).returncode == 2
+        fetch = run("check", "--config", str(path), "--peer", "10.0.0.1", "--fetch-token")
+        assert fetch.returncode == 2
+        assert "CHECK_TEST_UNSET_SECRET" in fetch.stderr

@@ -73,7 +73,8 @@ class Process:
 
 
 def start_upstream(name: str, port: int, workdir: Path) -> Process:
-    return Process(f"upstream-{name}", [sys.executable, "-m", "tests.e2e.upstream",
+    """The demo's MCP server (official `mcp` SDK), which also echoes request headers."""
+    return Process(f"upstream-{name}", [sys.executable, "-m", "ext_authz.demo", "mcp-server",
                                         "--name", name, "--port", str(port)], workdir)
 
 

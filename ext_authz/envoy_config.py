@@ -1,0 +1,305 @@
+"""Render an Envoy bootstrap for a sidecar config, from typed envoy-data-plane messages.
+
+Built as typed messages (so a misspelt field fails here, not in Envoy), then written as
+YAML. envoy-data-plane is imported only by this module: the serving hot path never
+touches its betterproto2 messages.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import yaml
+from envoy_data_plane.envoy.config.accesslog.v3 import AccessLog
+from envoy_data_plane.envoy.config.bootstrap.v3 import Admin, Bootstrap, BootstrapStaticResources
+from envoy_data_plane.envoy.config.cluster.v3 import Cluster, ClusterDiscoveryType
+from envoy_data_plane.envoy.config.core.v3 import (
+    Address,
+    ApiVersion,
+    CidrRange,
+    GrpcService,
+    GrpcServiceEnvoyGrpc,
+    HealthCheck,
+    HealthCheckGrpcHealthCheck,
+    Http1ProtocolOptions,
+    Http2ProtocolOptions,
+    JsonFormatOptions,
+    SocketAddress,
+    SubstitutionFormatString,
+    TypedExtensionConfig,
+)
+from envoy_data_plane.envoy.config.endpoint.v3 import (
+    ClusterLoadAssignment,
+    Endpoint,
+    LbEndpoint,
+    LocalityLbEndpoints,
+)
+from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
+from envoy_data_plane.envoy.config.route.v3 import (
+    DirectResponseAction,
+    Route,
+    RouteAction,
+    RouteConfiguration,
+    RouteMatch,
+    VirtualHost,
+)
+from envoy_data_plane.envoy.extensions.access_loggers.stream.v3 import StdoutAccessLog
+from envoy_data_plane.envoy.extensions.filters.http.ext_authz.v3 import (
+    CheckSettings,
+    ExtAuthz,
+    ExtAuthzPerRoute,
+)
+from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
+from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
+    HttpConnectionManager,
+    HttpConnectionManagerCodecType,
+    HttpConnectionManagerPathWithEscapedSlashesAction,
+    HttpFilter,
+)
+from envoy_data_plane.envoy.extensions.http.original_ip_detection.xff.v3 import (
+    XffConfig,
+    XffTrustedCidrs,
+)
+from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
+    HttpProtocolOptions,
+    HttpProtocolOptionsExplicitHttpConfig,
+)
+from envoy_data_plane.envoy.type.v3 import HttpStatus, StatusCode
+from envoy_data_plane.google.protobuf import Any as AnyMessage
+from envoy_data_plane.google.protobuf import Struct
+
+from .config import Config
+from .service import SERVICE_NAME
+
+AUTHZ_CLUSTER = "mcp_ext_authz"
+EXT_AUTHZ_FILTER = "envoy.filters.http.ext_authz"
+# Envoy must wait longer than one whole cold token fetch, or its generic 403 wins the race
+# against the sidecar's own 503.
+AUTHZ_TIMEOUT_MARGIN_S = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> HostPort:
+        host, sep, port = text.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{text!r} is not host:port")
+        return cls(host.strip("[]"), int(port))
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _cluster(name: str, endpoints: list[HostPort], *, http2: bool) -> Cluster:
+    static = all(_is_ip(e.host) for e in endpoints)
+    protocol = HttpProtocolOptions(
+        explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
+            http2_protocol_options=Http2ProtocolOptions() if http2 else None,
+            http_protocol_options=None if http2 else Http1ProtocolOptions(),
+        )
+    )
+    return Cluster(
+        name=name,
+        type=ClusterDiscoveryType.STATIC if static else ClusterDiscoveryType.STRICT_DNS,
+        connect_timeout=timedelta(seconds=1),
+        typed_extension_protocol_options={
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": AnyMessage.pack(protocol)
+        },
+        load_assignment=ClusterLoadAssignment(
+            cluster_name=name,
+            endpoints=[LocalityLbEndpoints(lb_endpoints=[
+                LbEndpoint(endpoint=Endpoint(address=Address(socket_address=SocketAddress(
+                    address=e.host, port_value=e.port))))
+                for e in endpoints
+            ])],
+        ),
+    )
+
+
+def _authz_cluster(sidecars: list[HostPort]) -> Cluster:
+    cluster = _cluster(AUTHZ_CLUSTER, sidecars, http2=True)
+    # Envoy sends no checks to a sidecar until its tokens are warm (health SERVING).
+    cluster.health_checks = [HealthCheck(
+        timeout=timedelta(seconds=1),
+        interval=timedelta(seconds=2),
+        unhealthy_threshold=2,
+        healthy_threshold=1,
+        grpc_health_check=HealthCheckGrpcHealthCheck(service_name=SERVICE_NAME),
+    )]
+    return cluster
+
+
+def _per_route(server: str) -> dict[str, AnyMessage]:
+    # The route names its server: the sidecar then never reads the client-chosen path.
+    settings = ExtAuthzPerRoute(check_settings=CheckSettings(
+        context_extensions={"mcp_server": server}))
+    return {EXT_AUTHZ_FILTER: AnyMessage.pack(settings)}
+
+
+def _routes(config: Config, upstreams: dict[str, HostPort]) -> list[VirtualHost]:
+    key = config.routing.context_extension_key
+    not_found = Route(
+        match=RouteMatch(prefix="/"),
+        direct_response=DirectResponseAction(status=404),
+    )
+    if config.routing.path_prefix is not None:
+        prefix = config.routing.path_prefix
+        routes = []
+        for name in sorted(config.servers):
+            action = RouteAction(cluster=f"mcp_{name}", timeout=timedelta(0))
+            for match in (RouteMatch(path=f"{prefix}{name}"),
+                          RouteMatch(prefix=f"{prefix}{name}/")):
+                route = Route(match=match, route=action, typed_per_filter_config=_per_route(name))
+                routes.append(route)
+        routes.append(not_found)
+        hosts = [VirtualHost(name="mcp", domains=["*"], routes=routes)]
+    else:
+        suffix = config.routing.host_suffix or ""
+        hosts = [
+            VirtualHost(
+                name=f"mcp_{name}", domains=[f"{name}{suffix}", f"{name}{suffix}:*"],
+                routes=[Route(match=RouteMatch(prefix="/"),
+                              route=RouteAction(cluster=f"mcp_{name}", timeout=timedelta(0)),
+                              typed_per_filter_config=_per_route(name))])
+            for name in sorted(config.servers)
+        ]
+        hosts.append(VirtualHost(name="unknown", domains=["*"], routes=[not_found]))
+    if key != "mcp_server":
+        for host in hosts:
+            for route in host.routes:
+                for packed in route.typed_per_filter_config.values():
+                    settings = packed.unpack()
+                    assert isinstance(settings, ExtAuthzPerRoute)
+                    assert settings.check_settings is not None
+                    extensions = settings.check_settings.context_extensions
+                    extensions[key] = extensions.pop("mcp_server")
+                    route.typed_per_filter_config[EXT_AUTHZ_FILTER] = AnyMessage.pack(settings)
+    return hosts
+
+
+def _access_log() -> AccessLog:
+    fields = {
+        "start_time": "%START_TIME%",
+        "method": "%REQ(:METHOD)%",
+        "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
+        "status": "%RESPONSE_CODE%",
+        "peer": "%DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT%",
+        "duration_ms": "%DURATION%",
+        "decision_id": f"%DYNAMIC_METADATA({EXT_AUTHZ_FILTER}:decision_id)%",
+        "server": f"%DYNAMIC_METADATA({EXT_AUTHZ_FILTER}:server)%",
+        "network": f"%DYNAMIC_METADATA({EXT_AUTHZ_FILTER}:network)%",
+        "client_ip": f"%DYNAMIC_METADATA({EXT_AUTHZ_FILTER}:client_ip)%",
+        "reason": f"%DYNAMIC_METADATA({EXT_AUTHZ_FILTER}:reason)%",
+    }
+    stdout = StdoutAccessLog(log_format=SubstitutionFormatString(
+        json_format=Struct.from_dict(fields),
+        json_format_options=JsonFormatOptions(sort_properties=False),
+    ))
+    return AccessLog(name="envoy.access_loggers.stdout", typed_config=AnyMessage.pack(stdout))
+
+
+def _connection_manager(config: Config, upstreams: dict[str, HostPort]) -> HttpConnectionManager:
+    authz = ExtAuthz(
+        grpc_service=GrpcService(
+            envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=AUTHZ_CLUSTER),
+            timeout=timedelta(seconds=config.tokens.timeout_s + AUTHZ_TIMEOUT_MARGIN_S),
+        ),
+        transport_api_version=ApiVersion.V3,
+        failure_mode_allow=False,  # never let a request through unchecked
+        status_on_error=HttpStatus(code=StatusCode.ServiceUnavailable),
+    )
+    manager = HttpConnectionManager(
+        stat_prefix="mcp_ingress",
+        codec_type=HttpConnectionManagerCodecType.AUTO,
+        # Envoy appends the TCP peer to X-Forwarded-For; the sidecar reads the peer from the
+        # connection and walks XFF only through the trusted proxies it is configured with.
+        use_remote_address=True,
+        xff_num_trusted_hops=0,
+        # The path the sidecar judges must be the path Envoy routes.
+        normalize_path=True,
+        merge_slashes=True,
+        path_with_escaped_slashes_action=(
+            HttpConnectionManagerPathWithEscapedSlashesAction.REJECT_REQUEST),
+        route_config=RouteConfiguration(name="mcp", virtual_hosts=_routes(config, upstreams)),
+        http_filters=[
+            HttpFilter(name=EXT_AUTHZ_FILTER, typed_config=AnyMessage.pack(authz)),
+            HttpFilter(name="envoy.filters.http.router", typed_config=AnyMessage.pack(Router())),
+        ],
+        access_log=[_access_log()],
+    )
+    if config.network.trusted_proxies:
+        # Give Envoy's own idea of the client (access logs, x-envoy-external-address) the
+        # same trusted-CIDR walk the sidecar does.
+        xff = XffConfig(xff_trusted_cidrs=XffTrustedCidrs(cidrs=[
+            CidrRange(address_prefix=str(n.network_address), prefix_len=n.prefixlen)
+            for n in config.network.trusted_proxies
+        ]))
+        manager.original_ip_detection_extensions = [TypedExtensionConfig(
+            name="envoy.http.original_ip_detection.xff", typed_config=AnyMessage.pack(xff))]
+        manager.use_remote_address = None
+    return manager
+
+
+def sidecar_endpoints(address: HostPort, workers: int) -> list[HostPort]:
+    """One endpoint per worker process, on consecutive ports (see `serve --workers`)."""
+    return [HostPort(address.host, address.port + i) for i in range(workers)]
+
+
+def build_bootstrap(
+    config: Config,
+    upstreams: dict[str, HostPort],
+    *,
+    listen: HostPort,
+    admin: HostPort,
+    sidecar: HostPort,
+    workers: int = 1,
+) -> Bootstrap:
+    """Build the bootstrap: one listener, the ext_authz filter, a route and cluster per server."""
+    missing = sorted(set(config.servers) - set(upstreams))
+    if missing:
+        raise ValueError("no --upstream given for server(s): " + ", ".join(missing))
+    unknown = sorted(set(upstreams) - set(config.servers))
+    if unknown:
+        raise ValueError("--upstream names unconfigured server(s): " + ", ".join(unknown))
+    listener = Listener(
+        name="mcp_ingress",
+        address=Address(socket_address=SocketAddress(address=listen.host,
+                                                     port_value=listen.port)),
+        filter_chains=[FilterChain(filters=[Filter(
+            name="envoy.filters.network.http_connection_manager",
+            typed_config=AnyMessage.pack(_connection_manager(config, upstreams)),
+        )])],
+    )
+    clusters = [_authz_cluster(sidecar_endpoints(sidecar, workers))]
+    clusters += [_cluster(f"mcp_{name}", [upstreams[name]], http2=False)
+                 for name in sorted(config.servers)]
+    return Bootstrap(
+        admin=Admin(address=Address(socket_address=SocketAddress(
+            address=admin.host, port_value=admin.port))),
+        static_resources=BootstrapStaticResources(listeners=[listener], clusters=clusters),
+    )
+
+
+def render(bootstrap: Bootstrap) -> str:
+    """Write a bootstrap as YAML with proto field names."""
+    data: dict[str, Any] = bootstrap.to_dict(casing=_snake_case())
+    header = "# Generated by `mcp-ext-authz envoy-config`; edit the sidecar config instead.\n"
+    return header + yaml.safe_dump(data, sort_keys=False, width=100)
+
+
+def _snake_case() -> Any:
+    import betterproto2
+
+    return betterproto2.Casing.SNAKE
