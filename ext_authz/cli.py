@@ -30,25 +30,36 @@ def _print_config_error(exc: ConfigError) -> None:
         print(f"  {problem}", file=sys.stderr)
 
 
-def _run_loop(coroutine: Any) -> Any:
-    try:
-        import uvloop  # optional: measurably cheaper event loop (see bench/)
-    except ImportError:
-        return asyncio.run(coroutine)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(coroutine)
+def run_loop(coroutine: Any, loop: str = "auto") -> Any:
+    """Run a coroutine on uvloop when installed (or asked for), else on asyncio's loop."""
+    if loop != "asyncio":
+        try:
+            import uvloop  # the `fast` extra: a cheaper event loop (see bench/)
+        except ImportError:
+            if loop == "uvloop":
+                raise SystemExit("--loop uvloop: uvloop is not installed") from None
+        else:
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                return runner.run(coroutine)
+    return asyncio.run(coroutine)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .server import Sidecar  # grpc server machinery only for the command that serves
-
     config = _load(args.config)
     if args.config is None:
         logging.getLogger(__name__).warning(
             "no --config given: serving the built-in example config (see README)"
         )
-    sidecar = Sidecar(config, Path(args.config) if args.config else None, grace_s=args.grace)
-    _run_loop(sidecar.run())
+    if args.workers > 1:
+        from .workers import run_workers
+
+        return run_workers(args.workers, args.config, args.grace, args.log_level, args.loop)
+
+    from .server import Sidecar  # grpc server machinery only for the command that serves
+
+    sidecar = Sidecar(config, Path(args.config) if args.config else None, grace_s=args.grace,
+                      worker=args.worker)
+    run_loop(sidecar.run(), args.loop)
     return EXIT_OK
 
 
@@ -196,6 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="YAML config (default: the built-in example)")
     serve.add_argument("--grace", type=float, default=5.0,
                        help="seconds to drain in-flight checks on SIGTERM (default 5)")
+    serve.add_argument("--workers", type=int, default=1,
+                       help="processes to run, worker i on grpc/admin port + i (default 1)")
+    serve.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
+    serve.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",
+                       help="event loop: uvloop if installed (auto, the default) or asyncio")
     serve.set_defaults(func=cmd_serve)
 
     check = commands.add_parser("check", help="dry-run one decision and print it as JSON")

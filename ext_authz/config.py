@@ -277,6 +277,24 @@ class Config(_Frozen):
         return value
 
 
+def _shift(listen: str, offset: int) -> str:
+    if listen.startswith("unix:"):
+        return f"{listen}.{offset}"
+    host, _, port = listen.rpartition(":")
+    return f"{host}:{int(port) + offset}" if int(port) else listen
+
+
+def with_port_offset(config: Config, offset: int) -> Config:
+    """The config of worker `offset`: gRPC and admin ports shifted by it (unix paths suffixed)."""
+    if offset == 0:
+        return config
+    grpc = config.grpc.model_copy(update={"listen": _shift(config.grpc.listen, offset)})
+    admin = config.admin
+    if admin is not None:
+        admin = admin.model_copy(update={"listen": _shift(admin.listen, offset)})
+    return config.model_copy(update={"grpc": grpc, "admin": admin})
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """A SafeLoader that refuses duplicate mapping keys instead of keeping the last one."""
 

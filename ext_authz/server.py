@@ -14,7 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .admin import AdminServer, Readiness
-from .config import Config, TLSSettings, load_config
+from .config import Config, TLSSettings, load_config, with_port_offset
 from .decision_log import DecisionLog
 from .errors import ConfigError
 from .metrics import Metrics
@@ -80,9 +80,11 @@ class Sidecar:
     """One serving process: built from a config, then start()ed and stop()ped."""
 
     def __init__(self, config: Config, config_path: Path | None = None, *,
-                 grace_s: float = 5.0) -> None:
+                 grace_s: float = 5.0, worker: int = 0) -> None:
         self.config_path = config_path
         self.grace_s = grace_s
+        self.worker = worker
+        config = with_port_offset(config, worker)
         self.metrics = Metrics()
         self.tokens = TokenCache(config.tokens, on_fetch=self.metrics.count_token_fetch)
         self.metrics.watch_token_ages(self.tokens.ages)
@@ -183,7 +185,8 @@ class Sidecar:
             return False
         async with self._reload_lock:
             try:
-                config = await asyncio.to_thread(load_config, self.config_path)
+                loaded = await asyncio.to_thread(load_config, self.config_path)
+                config = with_port_offset(loaded, self.worker)
                 self._check_reloadable(config)
                 decision_log = self.service.decision_log
                 if config.decision_log != self.config.decision_log:

