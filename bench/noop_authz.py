@@ -9,7 +9,6 @@ between the two is the sidecar's own work.
 from __future__ import annotations
 
 import argparse
-import asyncio
 from typing import Any
 
 import grpc
@@ -23,7 +22,7 @@ ALLOW.ok_response.SetInParent()
 
 
 class NoopAuthorization(external_auth_pb2_grpc.AuthorizationServicer):
-    async def Check(self, request: Any, context: Any) -> Any:  # noqa: N802
+    async def Check(self, request: Any, context: Any) -> Any:
         return ALLOW
 
 

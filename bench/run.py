@@ -356,6 +356,16 @@ def stack(workdir: Path, loop: str) -> Iterator[Ports]:
         procs.stop()
 
 
+def median(results: list[Result]) -> Result:
+    """The median of each figure over the rounds; errors are summed."""
+    return Result(
+        statistics.median(r.rps for r in results),
+        statistics.median(r.p50_ms for r in results),
+        statistics.median(r.p99_ms for r in results),
+        sum(r.errors for r in results),
+    )
+
+
 def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "-"
 
@@ -366,6 +376,8 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
     parser.add_argument("--loop", default="auto", choices=("auto", "uvloop", "asyncio"))
     parser.add_argument("--rate", type=int, default=1000, help="fixed-rate requests/s")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat every measurement, interleaved; report medians")
     args = parser.parse_args()
     ensure_tools()
     workdir = Path(tempfile.mkdtemp(prefix="mcp-ext-authz-bench-"))
@@ -373,20 +385,29 @@ def main() -> int:
     with stack(workdir, args.loop) as ports:
         setups = {"alone": ports.alone, "rbac": ports.rbac, "sidecar": ports.sidecar,
                   "sidecar2": ports.sidecar2, "noop": ports.noop}
-        through: dict[tuple[str, int], Result] = {}
-        for connections in (8, 64):
-            for name, port in setups.items():
-                through[(name, connections)] = wrk(f"http://127.0.0.1:{port}/mcp/tok",
-                                                   connections, d)
-        fixed = {name: h2load_fixed_rate(f"http://127.0.0.1:{setups[name]}/mcp/tok",
-                                         args.rate, d, workdir)
-                 for name in ("rbac", "sidecar", "noop")}
         body = grpc_body(workdir)
-        direct = {(name, c, m): h2load_grpc(port, c, m, d, body)
-                  for c, m in ((1, 64), (8, 8))
-                  for name, port in (("sidecar", ports.grpc), ("noop", ports.noop_grpc))}
+        rounds: list[tuple[dict[tuple[str, int], Result], dict[str, Result],
+                           dict[tuple[str, int, int], Result]]] = []
+        for _ in range(args.rounds):
+            # One round measures everything once, setups side by side, so that a noisy
+            # neighbour slows all of them rather than one.
+            through_round = {(name, connections): wrk(f"http://127.0.0.1:{port}/mcp/tok",
+                                                      connections, d)
+                             for connections in (8, 64) for name, port in setups.items()}
+            fixed_round = {name: h2load_fixed_rate(f"http://127.0.0.1:{setups[name]}/mcp/tok",
+                                                   args.rate, d, workdir)
+                           for name in ("rbac", "sidecar", "noop")}
+            direct_round = {
+                (name, c, m): h2load_grpc(port, c, m, d, body)
+                for c, m in ((1, 64), (8, 8))
+                for name, port in (("sidecar", ports.grpc), ("noop", ports.noop_grpc))}
+            rounds.append((through_round, fixed_round, direct_round))
+        through = {k: median([r[0][k] for r in rounds]) for k in rounds[0][0]}
+        fixed = {k: median([r[1][k] for r in rounds]) for k in rounds[0][1]}
+        direct = {k: median([r[2][k] for r in rounds]) for k in rounds[0][2]}
     print(f"machine: {os.cpu_count()} cores; envoy --concurrency 1; loop={args.loop};"
-          f" {d}s per measurement; logs in {workdir}")
+          f" {d}s per measurement, median of {args.rounds} interleaved rounds;"
+          f" logs in {workdir}")
     print()
     print("through Envoy (wrk)        req/s@8   p50@8    p99@8   req/s@64  p50@64   p99@64"
           "  errors")

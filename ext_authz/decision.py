@@ -52,6 +52,13 @@ class ServerPolicy:
     oauth2: OAuth2Settings | None
 
 
+# Decisions are remembered per (peer, X-Forwarded-For, route inputs): the same few callers
+# ask about the same few servers again and again, and a Policy never changes (a reload
+# builds a new one). Bounded: cleared when full; requests with long inputs are not kept.
+DECISION_CACHE_SIZE = 16384
+DECISION_CACHE_MAX_INPUT = 512
+
+
 @dataclass(frozen=True, slots=True)
 class Policy:
     """A config compiled once for the hot path: network sets built, servers in a dict."""
@@ -62,6 +69,8 @@ class Policy:
     servers: Mapping[str, ServerPolicy]
     max_xff_entries: int
     max_xff_bytes: int
+    decision_cache: dict[tuple[str, str | None, str | None, str, str], Decision] = field(
+        default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_config(cls, config: Config) -> Policy:
@@ -125,6 +134,20 @@ def decide(facts: RequestFacts, policy: Policy) -> Decision:
     """Apply the decision table: client IP, network, server, visibility."""
     if not facts.has_http:
         return Decision("bad_request", detail="CheckRequest has no HTTP request attributes")
+    named = facts.context_extensions.get(policy.routing.context_extension_key)
+    key = (facts.peer, facts.x_forwarded_for, named, facts.path, facts.authority)
+    decision = policy.decision_cache.get(key)
+    if decision is None:
+        decision = _decide(facts, policy)
+        size = len(facts.x_forwarded_for or "") + len(facts.path) + len(facts.authority)
+        if size <= DECISION_CACHE_MAX_INPUT:
+            if len(policy.decision_cache) >= DECISION_CACHE_SIZE:
+                policy.decision_cache.clear()
+            policy.decision_cache[key] = decision
+    return decision
+
+
+def _decide(facts: RequestFacts, policy: Policy) -> Decision:
     client = resolve_client_ip(
         facts.peer,
         facts.x_forwarded_for,

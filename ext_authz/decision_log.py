@@ -11,6 +11,13 @@ from typing import TextIO
 from .config import DecisionLogSettings
 from .decision import Decision, RequestFacts
 
+# Lines are buffered and flushed at most this long after they were written (the sidecar
+# also flushes on a timer and at shutdown): one write syscall per check would cost more
+# than the rest of the check.
+FLUSH_INTERVAL_S = 0.25
+_FRAGMENT_CACHE_SIZE = 4096
+_quote = json.encoder.encode_basestring_ascii
+
 
 class DecisionLog:
     """Write sampled decisions as JSON lines to a stream.
@@ -23,6 +30,10 @@ class DecisionLog:
         self._stream = stream if stream is not None else sys.stdout
         self._owned = False
         self._sample_allowed = sample_allowed
+        self._second = -1
+        self._stamp = ""
+        self._last_flush = time.monotonic()
+        self._fragments: dict[tuple[object, ...], str] = {}
 
     @classmethod
     def from_settings(cls, settings: DecisionLogSettings) -> DecisionLog | None:
@@ -31,40 +42,64 @@ class DecisionLog:
             return None
         if settings.path is None:
             return cls(sample_allowed=settings.sample_allowed)
-        log = cls(settings.path.open("a", buffering=1), sample_allowed=settings.sample_allowed)
+        log = cls(settings.path.open("a"), sample_allowed=settings.sample_allowed)
         log._owned = True
         return log
-
-    def close(self) -> None:
-        if self._owned:
-            self._stream.close()
 
     def wants(self, decision: Decision) -> bool:
         if not decision.allowed or self._sample_allowed >= 1.0:
             return True
         return self._sample_allowed > 0 and random.random() < self._sample_allowed
 
+    def _fragment(self, decision: Decision, peer: str) -> str:
+        # The fields that repeat from check to check, encoded once per combination.
+        key = (decision.server_name, decision.client, decision.network, peer, decision.reason)
+        fragment = self._fragments.get(key)
+        if fragment is None:
+            client = decision.client.address
+            fragment = json.dumps({
+                "server": decision.server_name,
+                "client_ip": str(client) if client is not None else None,
+                "client_ip_source": decision.client.source,
+                "network": decision.network,
+                "peer": peer[:64],
+                "reason": decision.reason,
+                "allowed": decision.allowed,
+                "http_status": decision.http_status,
+            }, separators=(",", ":"))[1:-1]
+            if len(self._fragments) >= _FRAGMENT_CACHE_SIZE:
+                self._fragments.clear()
+            self._fragments[key] = fragment
+        return fragment
+
     def write(
         self, decision: Decision, decision_id: str, facts: RequestFacts, latency_s: float
     ) -> None:
-        client = decision.client.address
-        record = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z",
-            "decision_id": decision_id,
-            "server": decision.server_name,
-            "client_ip": str(client) if client is not None else None,
-            "client_ip_source": decision.client.source,
-            "network": decision.network,
-            # Capped: these are the free-form fields (XFF is whatever the client sent).
-            "peer": facts.peer[:64],
-            "x_forwarded_for": facts.x_forwarded_for[:256] if facts.x_forwarded_for else None,
-            "path": facts.path.split("?", 1)[0][:256],
-            "reason": decision.reason,
-            "allowed": decision.allowed,
-            "http_status": decision.http_status,
-            "latency_ms": round(latency_s * 1000, 3),
-        }
+        now = time.time()
+        if int(now) != self._second:
+            self._second = int(now)
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
+        # Capped: X-Forwarded-For and the path are whatever the client sent; the query
+        # string is dropped because it may carry credentials.
+        xff = facts.x_forwarded_for
+        path = facts.path.split("?", 1)[0][:256]
+        line = (
+            f'{{"time":"{self._stamp}","decision_id":"{decision_id}",'
+            f"{self._fragment(decision, facts.peer)},"
+            f'"x_forwarded_for":{_quote(xff[:256]) if xff else "null"},'
+            f'"path":{_quote(path)},"latency_ms":{latency_s * 1000:.3f}'
+        )
         if decision.detail:
-            record["detail"] = decision.detail
-        self._stream.write(json.dumps(record, separators=(",", ":")) + "\n")
+            line += f',"detail":{_quote(decision.detail)}'
+        self._stream.write(line + "}\n")
+        if time.monotonic() - self._last_flush >= FLUSH_INTERVAL_S:
+            self.flush()
+
+    def flush(self) -> None:
+        self._last_flush = time.monotonic()
         self._stream.flush()
+
+    def close(self) -> None:
+        self.flush()
+        if self._owned:
+            self._stream.close()

@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection
 
 from .admin import AdminServer, Readiness
 from .config import Config, TLSSettings, load_config, with_port_offset
-from .decision_log import DecisionLog
+from .decision_log import FLUSH_INTERVAL_S, DecisionLog
 from .errors import ConfigError
 from .metrics import Metrics
 from .service import SERVICE_NAME, AuthorizationService, ServiceState
@@ -140,6 +140,7 @@ class Sidecar:
         self.tokens.retain(credentials((n, s.oauth2) for n, s in config.servers.items()))
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._serve_when_warm()))
+        self._tasks.append(loop.create_task(self._flush_decision_log()))
         if self.config_path is not None and config.reload.watch:
             self._stamps = self._current_stamps()
             self._tasks.append(loop.create_task(self._watch_files()))
@@ -154,6 +155,13 @@ class Sidecar:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, SERVING)
         log.info("all tokens warm: health SERVING")
+
+    async def _flush_decision_log(self) -> None:
+        # Lines are buffered on the hot path; this bounds how stale the file can get.
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL_S)
+            if self.service.decision_log is not None:
+                self.service.decision_log.flush()
 
     def readiness(self) -> Readiness:
         return Readiness(self._ready, self.tokens.unready())

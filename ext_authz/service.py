@@ -117,32 +117,97 @@ def _from_header_map(
     return (",".join(xff) if xff else None), path, authority
 
 
-def to_check_response(
-    decision: Decision, token: str | None, decision_id: str
-) -> external_auth_pb2.CheckResponse:
-    """Write a decision (and the bearer token to inject, if any) as a CheckResponse."""
-    response = external_auth_pb2.CheckResponse()
-    response.CopyFrom(_TEMPLATES[decision.reason])
+# -- writing CheckResponses --------------------------------------------------------------
+#
+# A CheckResponse is its reason's constant template plus two per-check parts: the bearer
+# header and the dynamic metadata. Protobuf wire format lets them be concatenated: fields
+# may come in any order, and a message field that appears twice (ok_response) is merged,
+# its repeated `headers` appended. So the template is serialized once and each check only
+# encodes its own few bytes (tests decode the result with the generated classes and with
+# envoy-data-plane's independent implementation).
+
+_TEMPLATE_BYTES = {reason: template.SerializeToString() for reason, template in _TEMPLATES.items()}
+_OK_RESPONSE_FIELD = 3
+_DYNAMIC_METADATA_FIELD = 4
+_CACHE_SIZE = 4096
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _length_delimited(field_number: int, payload: bytes) -> bytes:
+    return _varint(field_number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _struct_entry(key: str, value: str) -> bytes:
+    # google.protobuf.Struct: map<string, Value> fields = 1; Value.string_value = 3.
+    entry = _length_delimited(1, key.encode()) + _length_delimited(
+        2, _length_delimited(3, value.encode()))
+    return _length_delimited(1, entry)
+
+
+_metadata_cache: dict[tuple[str | None, str, object, str], bytes] = {}
+_bearer_cache: dict[str, bytes] = {}
+
+
+def _metadata_entries(decision: Decision) -> bytes:
     client = decision.client.address
-    response.dynamic_metadata.update(
-        {
-            "decision_id": decision_id,
-            "server": decision.server_name or "",
-            "network": decision.network,
-            "client_ip": str(client) if client is not None else "",
-            "reason": decision.reason,
-        }
-    )
-    if token is not None and decision.allowed:
+    key = (decision.server_name, decision.network, client, decision.reason)
+    entries = _metadata_cache.get(key)
+    if entries is None:
+        entries = b"".join((
+            _struct_entry("server", decision.server_name or ""),
+            _struct_entry("network", decision.network),
+            _struct_entry("client_ip", str(client) if client is not None else ""),
+            _struct_entry("reason", decision.reason),
+        ))
+        if len(_metadata_cache) >= _CACHE_SIZE:
+            _metadata_cache.clear()
+        _metadata_cache[key] = entries
+    return entries
+
+
+def _bearer(token: str) -> bytes:
+    encoded = _bearer_cache.get(token)
+    if encoded is None:
         # append=false for Envoys that read only the deprecated field, append_action for
         # those that read only the new one: either way the caller's own Authorization
         # header is replaced, never passed through beside ours.
-        header = response.ok_response.headers.add()
-        header.header.key = "authorization"
-        header.header.value = f"Bearer {token}"
+        header = base_pb2.HeaderValueOption(
+            header=base_pb2.HeaderValue(key="authorization", value=f"Bearer {token}"),
+            append_action=_OVERWRITE,
+        )
         header.append.value = False
-        header.append_action = _OVERWRITE
+        ok = external_auth_pb2.OkHttpResponse(headers=[header])
+        encoded = _length_delimited(_OK_RESPONSE_FIELD, ok.SerializeToString())
+        if len(_bearer_cache) >= 64:  # tokens change rarely; a handful are live at once
+            _bearer_cache.clear()
+        _bearer_cache[token] = encoded
+    return encoded
+
+
+def encode_check_response(decision: Decision, token: str | None, decision_id: str) -> bytes:
+    """Write a decision (and the bearer token to inject, if any) as CheckResponse bytes."""
+    metadata = _metadata_entries(decision) + _struct_entry("decision_id", decision_id)
+    response = _TEMPLATE_BYTES[decision.reason] + _length_delimited(
+        _DYNAMIC_METADATA_FIELD, metadata)
+    if token is not None and decision.allowed:
+        response += _bearer(token)
     return response
+
+
+def to_check_response(
+    decision: Decision, token: str | None, decision_id: str
+) -> external_auth_pb2.CheckResponse:
+    """The CheckResponse message a decision is written as (see encode_check_response)."""
+    return external_auth_pb2.CheckResponse.FromString(
+        encode_check_response(decision, token, decision_id))
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,7 +251,8 @@ class AuthorizationService:
                     self.Check,
                     # A request that does not parse is a bad_request denial, not an RPC error.
                     request_deserializer=parse_check_request,
-                    response_serializer=external_auth_pb2.CheckResponse.SerializeToString,
+                    # Check returns the encoded bytes itself (encode_check_response).
+                    response_serializer=None,
                 )
             },
         )
@@ -194,7 +260,7 @@ class AuthorizationService:
     async def Check(  # the gRPC method's name
         self, request: external_auth_pb2.CheckRequest | None, context: grpc.aio.ServicerContext[
             external_auth_pb2.CheckRequest, external_auth_pb2.CheckResponse]
-    ) -> external_auth_pb2.CheckResponse:
+    ) -> bytes:
         started = self._clock()
         state = self.state  # a check finishes on the config it started with
         decision_id = f"{self._prefix}-{next(self._ids)}"
@@ -213,11 +279,11 @@ class AuthorizationService:
                         )
                     except TokenError as exc:
                         decision = decision.deny("upstream_credentials_unavailable", str(exc))
-            response = to_check_response(decision, token, decision_id)
+            response = encode_check_response(decision, token, decision_id)
         except Exception:
             log.exception("check %s failed; denying", decision_id)
             decision = Decision("internal_error", detail="internal error (see the service log)")
-            response = to_check_response(decision, None, decision_id)
+            response = encode_check_response(decision, None, decision_id)
         self._record(decision, decision_id, facts, self._clock() - started)
         return response
 

@@ -68,3 +68,25 @@ def test_status_table() -> None:
         "upstream_credentials_unavailable": (14, 503), "bad_request": (3, 400),
         "internal_error": (13, 500),
     }
+
+
+class TestDecisionCache:
+    def test_cached_answers_equal_fresh_ones(self) -> None:
+        """A remembered decision is the one a fresh policy would make, for every table row."""
+        cases = [facts(p, path, x) for p in ("127.0.0.1", "127.0.0.2", "127.0.0.3", "")
+                 for path in ("/mcp/pub", "/mcp/priv", "/mcp/tok", "/x")
+                 for x in (None, "127.0.0.1", "127.0.0.2, 127.0.0.1", "garbage")]
+        warm = Policy.from_config(make_config())
+        for case in cases * 2:
+            assert decide(case, warm) == decide(case, Policy.from_config(make_config()))
+
+    def test_cache_is_bounded(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """The cache never grows past its size, and long inputs are not kept."""
+        monkeypatch.setattr("ext_authz.decision.DECISION_CACHE_SIZE", 10)
+        policy = Policy.from_config(make_config())
+        for i in range(25):
+            decide(facts("127.0.0.2", f"/mcp/pub/{i}"), policy)
+            assert len(policy.decision_cache) <= 10
+        policy.decision_cache.clear()
+        decide(facts("127.0.0.3", "/mcp/pub", xff="127.0.0.2," * 100), policy)
+        assert policy.decision_cache == {}

@@ -9,6 +9,7 @@ subprocess of the real CLI; two upstream MCP servers; a token endpoint. Callers 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,9 +52,15 @@ class Stack:
         with client(source) as http:
             return http.get(base + path, headers=headers or {})
 
-    def decisions(self) -> list[dict[str, Any]]:
-        lines = self.sidecar.stdout_path.read_text().splitlines()
-        return [json.loads(line) for line in lines if line.startswith("{")]
+    def decisions(self, at_least: int = 1) -> list[dict[str, Any]]:
+        """The decision log so far (it is flushed within a fraction of a second)."""
+        for _ in range(50):
+            lines = self.sidecar.stdout_path.read_text().splitlines()
+            records = [json.loads(line) for line in lines if line.startswith("{")]
+            if len(records) >= at_least:
+                return records
+            time.sleep(0.05)
+        raise AssertionError(f"fewer than {at_least} decision log lines")
 
 
 @pytest.fixture(scope="module")
@@ -217,8 +224,9 @@ class TestMCP:
 class TestLogs:
     def test_decision_log_lines(self, stack: Stack) -> None:
         """Each check wrote one JSON line with the documented fields."""
+        before = len(stack.decisions(0))
         stack.get(EXTERNAL, "/mcp/priv/echo", headers={"x-forwarded-for": "10.9.8.7"})
-        record = stack.decisions()[-1]
+        record = stack.decisions(before + 1)[-1]
         assert record["reason"] == "not_found"
         assert record["allowed"] is False
         assert record["network"] == "external"
