@@ -1,0 +1,189 @@
+"""Token-endpoint fault matrix through a real Envoy: what the client sees, what is counted
+and logged, and recovery within one backoff period once the endpoint is healthy.
+
+Each fault has its own server (own client id, own token endpoint), so all run on one
+stack: Envoy -> sidecar (subprocess) -> eight token endpoints in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.e2e.harness import (
+    Process,
+    envoy_bootstrap,
+    free_port,
+    start_envoy,
+    start_sidecar,
+    start_upstream,
+)
+from tests.token_endpoint import TokenEndpoint
+
+pytestmark = pytest.mark.e2e
+
+RETRY_MAX_S = 0.5
+TIMEOUT_S = 1.0
+
+
+@dataclass(frozen=True)
+class Fault:
+    name: str
+    setup: dict[str, Any]
+    outcome: str  # the token_fetches_total outcome label
+    detail: str  # in the decision log's detail
+
+
+FAULTS = [
+    Fault("down", {}, "TokenEndpointError", "ConnectError"),
+    # Hanging and dripping endpoints race the fetch timeout against the check's own
+    # budget (both 1 s here): either message names the time limit.
+    Fault("hang", {"delay_s": 3.0}, "TokenEndpointError", "within"),
+    Fault("e500", {"mode": "status", "status": 500}, "TokenEndpointError", "HTTP 500"),
+    Fault("e503", {"mode": "status", "status": 503}, "TokenEndpointError", "HTTP 503"),
+    Fault("e401", {"mode": "status", "status": 401}, "TokenEndpointError",
+          "HTTP 401 (invalid_client)"),
+    Fault("badjson", {"mode": "garbage"}, "TokenResponseError", "not JSON"),
+    Fault("html", {"mode": "html"}, "TokenResponseError", "not JSON"),
+    Fault("drip", {"mode": "drip"}, "TokenEndpointError", "within"),
+]
+
+
+class Endpoints:
+    """One TokenEndpoint per fault on a shared event loop in a thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.by_name: dict[str, TokenEndpoint] = {}
+
+    def run(self, coroutine: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(10)
+
+    def add(self, fault: Fault) -> TokenEndpoint:
+        endpoint = TokenEndpoint(port=free_port())
+        for key, value in fault.setup.items():
+            setattr(endpoint, key, value)
+        if fault.name != "down":  # "down": nothing listens until it heals
+            self.run(endpoint.start())
+        self.by_name[fault.name] = endpoint
+        return endpoint
+
+    def heal(self, name: str) -> None:
+        endpoint = self.by_name[name]
+
+        async def heal() -> None:
+            endpoint.healthy()
+            if endpoint._server is None:
+                await endpoint.start()
+
+        self.run(heal())
+
+    def close(self) -> None:
+        for endpoint in self.by_name.values():
+            self.run(endpoint.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+@dataclass
+class Stack:
+    base: str
+    admin: str
+    sidecar: Process
+    endpoints: Endpoints
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    workdir = tmp_path_factory.mktemp("faults")
+    ports = {n: free_port() for n in ("grpc", "admin", "envoy_admin", "plain", "remote", "up")}
+    endpoints = Endpoints()
+    processes: list[Process] = []
+    try:
+        servers = {f.name: {"oauth2": {"token_url": endpoints.add(f).url,
+                                       "client_id": f"client-{f.name}", "client_secret": "s"}}
+                   for f in FAULTS}
+        config = {
+            "grpc": {"listen": f"127.0.0.1:{ports['grpc']}"},
+            "admin": {"listen": f"127.0.0.1:{ports['admin']}"},
+            "tokens": {"timeout_s": TIMEOUT_S, "retry_initial_s": 0.2,
+                       "retry_max_s": RETRY_MAX_S},
+            "servers": servers,
+        }
+        path = workdir / "sidecar.yaml"
+        path.write_text(yaml.safe_dump(config))
+        processes.append(start_upstream("pub", ports["up"], workdir))
+        sidecar = start_sidecar(path, workdir)
+        processes.append(sidecar)
+        admin = f"http://127.0.0.1:{ports['admin']}"
+        sidecar.wait_http(f"{admin}/healthz")
+        processes[0].wait_http(f"http://127.0.0.1:{ports['up']}/mcp/x/echo")
+        processes.append(start_envoy(envoy_bootstrap(
+            admin_port=ports["envoy_admin"], plain_port=ports["plain"],
+            remote_port=ports["remote"], sidecar_port=ports["grpc"],
+            upstream_a=ports["up"], upstream_b=ports["up"]), workdir, ports["envoy_admin"]))
+        yield Stack(f"http://127.0.0.1:{ports['plain']}", admin, sidecar, endpoints)
+    finally:
+        for process in reversed(processes):
+            process.stop()
+        endpoints.close()
+
+
+def fetches(stack: Stack, server: str, outcome: str) -> float:
+    text = httpx.get(f"{stack.admin}/metrics").text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if (sample.name == "mcp_ext_authz_token_fetches_total"
+                    and sample.labels == {"server": server, "outcome": outcome}):
+                return float(sample.value)
+    return 0.0
+
+
+def last_decision(stack: Stack, server: str) -> dict[str, Any]:
+    for _ in range(50):
+        lines = [json.loads(line) for line in
+                 stack.sidecar.stdout_path.read_text().splitlines() if line.startswith("{")]
+        mine = [r for r in lines if r["server"] == server]
+        if mine:
+            return mine[-1]
+        time.sleep(0.05)
+    raise AssertionError(f"no decision logged for {server}")
+
+
+@pytest.mark.parametrize("fault", FAULTS, ids=[f.name for f in FAULTS])
+def test_fault_then_recovery(stack: Stack, fault: Fault) -> None:
+    """503 with the reason while the endpoint is broken; 200 with a token soon after it heals."""
+    url = f"{stack.base}/mcp/{fault.name}/echo"
+    response = httpx.get(url, timeout=10)
+    assert response.status_code == 503
+    assert response.json() == {"error": "upstream_credentials_unavailable"}
+    record = last_decision(stack, fault.name)
+    assert record["reason"] == "upstream_credentials_unavailable"
+    assert fault.detail in record["detail"]
+    assert fetches(stack, fault.name, fault.outcome) >= 1
+    stack.endpoints.heal(fault.name)
+    healed = time.monotonic()
+    deadline = healed + RETRY_MAX_S + TIMEOUT_S + 1.0  # one backoff period, one fetch, slack
+    while True:
+        response = httpx.get(url, timeout=10)
+        if response.status_code == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    waited = time.monotonic() - healed
+    assert response.status_code == 200, f"not recovered {waited:.2f}s after healing"
+    seen = response.json()["headers"]["authorization"]
+    assert seen == f"Bearer {stack.endpoints.by_name[fault.name].issued[-1]}"
+    assert fetches(stack, fault.name, "ok") == 1
