@@ -378,6 +378,8 @@ def main() -> int:
     parser.add_argument("--rate", type=int, default=1000, help="fixed-rate requests/s")
     parser.add_argument("--rounds", type=int, default=1,
                         help="repeat every measurement, interleaved; report medians")
+    parser.add_argument("--smoke", action="store_true",
+                        help="one second per setup, 8 connections only: proves it runs (CI)")
     args = parser.parse_args()
     ensure_tools()
     workdir = Path(tempfile.mkdtemp(prefix="mcp-ext-authz-bench-"))
@@ -388,7 +390,11 @@ def main() -> int:
         body = grpc_body(workdir)
         rounds: list[tuple[dict[tuple[str, int], Result], dict[str, Result],
                            dict[tuple[str, int, int], Result]]] = []
-        for _ in range(args.rounds):
+        if args.smoke:
+            smoke = {name: wrk(f"http://127.0.0.1:{port}/mcp/tok", 8, 1)
+                     for name, port in setups.items()}
+            smoke_direct = h2load_grpc(ports.grpc, 1, 8, 1, body)
+        for _ in range(0 if args.smoke else args.rounds):
             # One round measures everything once, setups side by side, so that a noisy
             # neighbour slows all of them rather than one.
             through_round = {(name, connections): wrk(f"http://127.0.0.1:{port}/mcp/tok",
@@ -402,6 +408,14 @@ def main() -> int:
                 for c, m in ((1, 64), (8, 8))
                 for name, port in (("sidecar", ports.grpc), ("noop", ports.noop_grpc))}
             rounds.append((through_round, fixed_round, direct_round))
+        if args.smoke:
+            for name, result in smoke.items():
+                print(f"smoke {name:<10} {result.rps:>8.0f} req/s  p99 {result.p99_ms:.2f}ms"
+                      f"  errors {result.errors}")
+            print(f"smoke direct gRPC {smoke_direct.rps:>8.0f} checks/s"
+                  f"  failed {smoke_direct.errors}")
+            failed = sum(r.errors for r in smoke.values()) + smoke_direct.errors
+            return 1 if failed else 0
         through = {k: median([r[0][k] for r in rounds]) for k in rounds[0][0]}
         fixed = {k: median([r[1][k] for r in rounds]) for k in rounds[0][1]}
         direct = {k: median([r[2][k] for r in rounds]) for k in rounds[0][2]}

@@ -310,3 +310,50 @@ class TestShutdown:
         assert all(r.status.code == 0 for r in responses)
         assert {r.ok_response.headers[0].header.value for r in responses} == {
             f"Bearer {token_endpoint.issued[0]}"}
+
+
+class TestWorkers:
+    async def test_two_workers_on_consecutive_ports(self, tmp_path: Path,
+                                                    token_endpoint: TokenEndpoint) -> None:
+        """`serve --workers 2`: each worker answers on its port, reloads on SIGHUP, drains
+        on SIGTERM; each fetched its own token before reporting ready."""
+        from tests.e2e.harness import free_port
+
+        grpc_port, admin_port = free_port(), free_port()
+        path = tmp_path / "c.yaml"
+        config = base_config(token_endpoint.url, grpc={"listen": f"127.0.0.1:{grpc_port}"},
+                             admin={"listen": f"127.0.0.1:{admin_port}"},
+                             reload={"watch": False})
+        write(path, config)
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "ext_authz", "serve", "--config", str(path), "--workers", "2",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        try:
+            async with httpx.AsyncClient() as http:
+                for port in (admin_port, admin_port + 1):
+                    for _ in range(200):
+                        try:
+                            if (await http.get(f"http://127.0.0.1:{port}/readyz")).is_success:
+                                break
+                        except httpx.HTTPError:
+                            pass
+                        await asyncio.sleep(0.1)
+                assert token_endpoint.count == 2  # one cold fetch per worker
+                for port in (grpc_port, grpc_port + 1):
+                    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                        stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+                        assert (await stub.Check(check_request(path="/mcp/gh"))).status.code == 0
+                write(path, {**config, "servers": {**config["servers"], "extra": {}}})
+                process.send_signal(signal.SIGHUP)
+                for port in (admin_port, admin_port + 1):
+                    for _ in range(100):
+                        text = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
+                        if "mcp_ext_authz_config_generation 2.0" in text:
+                            break
+                        await asyncio.sleep(0.05)
+                    assert "mcp_ext_authz_config_generation 2.0" in text
+            process.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(process.wait(), 15) == 0
+        finally:
+            if process.returncode is None:
+                process.kill()
