@@ -29,21 +29,19 @@ import struct
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from ext_authz._proto.envoy.service.auth.v3 import external_auth_pb2  # noqa: E402
-from ext_authz.demo import envoy_binary  # noqa: E402
+from ext_authz.demo import ProcessGroup, envoy_binary  # noqa: E402
 
 PY = sys.executable
 
@@ -74,42 +72,6 @@ def ensure_tools() -> None:
         print(f"installing {' '.join(missing)} from Debian's packages", file=sys.stderr)
         subprocess.run(["apt-get", "update", "-qq"], check=True)
         subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True)
-
-
-@dataclass
-class Procs:
-    workdir: Path
-    running: list[subprocess.Popen[bytes]] = field(default_factory=list)
-
-    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None
-              ) -> subprocess.Popen[bytes]:
-        log = (self.workdir / f"{name}.log").open("wb")
-        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                   env={**os.environ, **(env or {})})
-        self.running.append(process)
-        return process
-
-    def stop(self) -> None:
-        for process in reversed(self.running):
-            if process.poll() is None:
-                process.terminate()
-        for process in self.running:
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-
-
-def wait_http(url: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"not ready: {url}")
 
 
 def _hcm(name: str, port: int, filters: list[dict[str, Any]],
@@ -326,7 +288,7 @@ def h2load_grpc(port: int, connections: int, streams: int, duration: float,
 @contextmanager
 def stack(workdir: Path, loop: str) -> Iterator[Ports]:
     ports = Ports()
-    procs = Procs(workdir)
+    procs = ProcessGroup(workdir)
     secret = {"DEMO_SECRET_DEMO_PUBLIC": secrets.token_urlsafe(16)}
     try:
         procs.start("tokens", [PY, "-m", "ext_authz.demo", "token-endpoint", "--port",
@@ -339,18 +301,21 @@ def stack(workdir: Path, loop: str) -> Iterator[Ports]:
             path.write_text(yaml.safe_dump(sidecar_config(ports, grpc, admin, workdir)))
             procs.start(name, [PY, "-m", "ext_authz", "--log-level", "WARNING", "serve",
                                "--config", str(path), "--loop", loop, *extra], secret)
-        procs.start("noop", [PY, "bench/noop_authz.py", "--port", str(ports.noop_grpc),
+        procs.start("noop", [PY, str(ROOT / "bench/noop_authz.py"), "--port", str(ports.noop_grpc),
                              "--loop", loop])
         envoy_yaml = workdir / "envoy.yaml"
         envoy_yaml.write_text(yaml.safe_dump(envoy_bootstrap(ports)))
         procs.start("envoy", [str(envoy_binary()), "-c", str(envoy_yaml), "--concurrency", "1",
                               "--disable-hot-restart", "-l", "warning"])
-        wait_http(f"http://127.0.0.1:{ports.grpc_admin}/readyz")
-        wait_http(f"http://127.0.0.1:{ports.workers_admin}/readyz")
-        wait_http(f"http://127.0.0.1:{ports.workers_admin + 1}/readyz")
-        wait_http(f"http://127.0.0.1:{ports.admin}/ready")
-        for port in (ports.sidecar, ports.sidecar2, ports.noop):  # Envoy's health checks pass
-            wait_http(f"http://127.0.0.1:{port}/")
+        for name, url in (
+            ("sidecar", f"http://127.0.0.1:{ports.grpc_admin}/readyz"),
+            ("worker 0", f"http://127.0.0.1:{ports.workers_admin}/readyz"),
+            ("worker 1", f"http://127.0.0.1:{ports.workers_admin + 1}/readyz"),
+            ("envoy", f"http://127.0.0.1:{ports.admin}/ready"),
+            *((f"listener {port}", f"http://127.0.0.1:{port}/")
+              for port in (ports.sidecar, ports.sidecar2, ports.noop)),
+        ):
+            procs.wait_http(name, url)
         yield ports
     finally:
         procs.stop()

@@ -27,9 +27,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.run import Procs, ensure_tools, free_port, wait_http  # noqa: E402
+from bench.run import ensure_tools, free_port  # noqa: E402
 from ext_authz.config import parse_yaml  # noqa: E402
-from ext_authz.demo import envoy_binary  # noqa: E402
+from ext_authz.demo import ProcessGroup, envoy_binary  # noqa: E402
 from ext_authz.envoy_config import HostPort, build_bootstrap, render  # noqa: E402
 
 
@@ -135,14 +135,14 @@ servers:
         config, {"soak": HostPort("127.0.0.1", upstream_port)},
         listen=HostPort("127.0.0.1", envoy_port), admin=HostPort("127.0.0.1", envoy_admin),
         sidecar=HostPort("127.0.0.1", grpc))))
-    procs = Procs(workdir)
+    procs = ProcessGroup(workdir)
     try:
         sidecar = procs.start("sidecar", [sys.executable, "-m", "ext_authz", "serve",
                                           "--config", str(workdir / "sidecar.yaml")])
-        wait_http(f"http://127.0.0.1:{admin}/readyz")
+        procs.wait_http("sidecar", f"http://127.0.0.1:{admin}/readyz")
         procs.start("envoy", [str(envoy_binary()), "-c", str(workdir / "envoy.yaml"),
                               "--concurrency", "1", "--disable-hot-restart", "-l", "warning"])
-        wait_http(f"http://127.0.0.1:{envoy_admin}/ready")
+        procs.wait_http("envoy", f"http://127.0.0.1:{envoy_admin}/ready")
         deadline = time.monotonic() + 30
         while subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
                               f"http://127.0.0.1:{envoy_port}/mcp/soak"],

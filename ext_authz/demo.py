@@ -178,18 +178,23 @@ def envoy_config(sidecar_yaml: str, ports: DemoPorts) -> str:
     ))
 
 
-class _Stack:
+class ProcessGroup:
+    """Child processes logging to files in one folder, stopped together (demo and bench)."""
+
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.processes: list[tuple[str, subprocess.Popen[bytes]]] = []
 
-    def start(self, name: str, argv: Sequence[str], env: dict[str, str]) -> None:
+    def start(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None
+              ) -> subprocess.Popen[bytes]:
         log = (self.workdir / f"{name}.log").open("wb")
         process = subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT,
-                                   env={**os.environ, **env}, start_new_session=True)
+                                   env={**os.environ, **(env or {})}, start_new_session=True)
         self.processes.append((name, process))
+        return process
 
     def wait_http(self, name: str, url: str, timeout: float = 60) -> None:
+        """Wait for `url` to answer 200; fail at once if any process of the group exits."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for proc_name, process in self.processes:
@@ -201,7 +206,7 @@ class _Stack:
                     return
             except httpx.HTTPError:
                 pass
-            time.sleep(0.2)
+            time.sleep(0.1)
         raise RuntimeError(f"{name} did not become ready at {url}")
 
     def stop(self) -> None:
@@ -261,7 +266,7 @@ def run_demo(base_port: int) -> int:
     sidecar_yaml = sidecar_config(ports)
     (workdir / "sidecar.yaml").write_text(sidecar_yaml)
     (workdir / "envoy.yaml").write_text(envoy_config(sidecar_yaml, ports))
-    stack = _Stack(workdir)
+    stack = ProcessGroup(workdir)
     stopping = False
 
     def stop_signal(signum: int, frame: object) -> None:
