@@ -254,6 +254,10 @@ class Config(_Frozen):
             servers[name] = server
         return {**data, "servers": servers}
 
+    def credentials(self) -> dict[str, OAuth2Settings]:
+        """The client-credentials settings of every server that has them."""
+        return {n: s.oauth2 for n, s in self.servers.items() if s.oauth2 is not None}
+
     def watched_files(self) -> tuple[Path, ...]:
         """Files besides the config itself whose change should trigger a reload."""
         files: list[Path] = []

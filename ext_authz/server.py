@@ -19,7 +19,7 @@ from .decision_log import FLUSH_INTERVAL_S, DecisionLog
 from .errors import ConfigError
 from .metrics import Metrics
 from .service import SERVICE_NAME, AuthorizationService, ServiceState
-from .tokens import TokenCache, credentials
+from .tokens import TokenCache
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class Sidecar:
         if config.admin is not None:
             self._admin = AdminServer(config.admin.listen, self.metrics.registry, self.readiness)
             await self._admin.start()
-        self.tokens.retain(credentials((n, s.oauth2) for n, s in config.servers.items()))
+        self.tokens.retain(config.credentials())
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._serve_when_warm()))
         self._tasks.append(loop.create_task(self._flush_decision_log()))
@@ -214,7 +214,7 @@ class Sidecar:
             self.service.decision_log = decision_log
             self.service.state = ServiceState.build(config, generation)
             self.tokens.settings = config.tokens
-            self.tokens.retain(credentials((n, s.oauth2) for n, s in config.servers.items()))
+            self.tokens.retain(config.credentials())
             self._stamps = self._current_stamps()
             self.metrics.config_generation.set(generation)
             self.metrics.config_reloads.labels("ok").inc()

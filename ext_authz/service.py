@@ -29,7 +29,6 @@ from .tokens import TokenCache
 
 log = logging.getLogger(__name__)
 
-CHECK_METHOD = "/envoy.service.auth.v3.Authorization/Check"
 SERVICE_NAME = "envoy.service.auth.v3.Authorization"
 
 # Leave Envoy this much of its ext_authz timeout to receive our 503 before it gives up
@@ -200,14 +199,6 @@ def encode_check_response(decision: Decision, token: str | None, decision_id: st
     if token is not None and decision.allowed:
         response += _bearer(token)
     return response
-
-
-def to_check_response(
-    decision: Decision, token: str | None, decision_id: str
-) -> external_auth_pb2.CheckResponse:
-    """The CheckResponse message a decision is written as (see encode_check_response)."""
-    return external_auth_pb2.CheckResponse.FromString(
-        encode_check_response(decision, token, decision_id))
 
 
 @dataclass(frozen=True, slots=True)

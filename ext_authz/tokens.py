@@ -17,7 +17,7 @@ import math
 import random
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote_plus
@@ -378,8 +378,3 @@ class TokenCache:
                 server, f"token endpoint {url} answered HTTP {status}{_error_detail(bytes(body))}"
             )
         return parse_token_response(server, status, bytes(body))
-
-
-def credentials(servers: Iterable[tuple[str, OAuth2Settings | None]]) -> dict[str, OAuth2Settings]:
-    """Pick out the servers that have client-credentials settings."""
-    return {name: oauth2 for name, oauth2 in servers if oauth2 is not None}
