@@ -22,7 +22,7 @@ from ext_authz._proto.envoy.service.auth.v3 import external_auth_pb2, external_a
 from ext_authz.server import Sidecar
 from tests.conftest import make_config
 
-INTERNAL = ipaddress.ip_network("127.0.0.1/32")
+INTERNAL = (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128"))
 TRUSTED = ipaddress.ip_address("127.0.0.3")
 METHOD = "/envoy.service.auth.v3.Authorization/Check"
 
@@ -117,7 +117,7 @@ def check_oracle(request: external_auth_pb2.CheckRequest,
     if meta["server"] == "priv":
         assert meta["network"] == "internal"
         client = ipaddress.ip_address(meta["client_ip"])
-        assert client in INTERNAL
+        assert any(client in network for network in INTERNAL)
         http = request.attributes.request.http
         shown = request.attributes.source.address.socket_address.address
         xff = http.headers.get("x-forwarded-for", "")
