@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Generic, Literal, TypeVar
 
 from .config import Config, OAuth2Settings, RoutingSettings
 from .network import ClientIP, NetworkName, NetworkSet, classify, resolve_client_ip
@@ -101,6 +101,7 @@ class Decision:
     route: Route = _NO_ROUTE
     server: ServerPolicy | None = None
     detail: str = ""
+    peer: str = ""
 
     @property
     def allowed(self) -> bool:
@@ -130,10 +131,38 @@ class Decision:
         return replace(self, reason=reason, detail=detail)
 
 
+T = TypeVar("T")
+
+
+class PerDecision(Generic[T]):
+    """Values derived from a Decision (its encoded metadata, its log fields), remembered.
+
+    Keyed by identity: decide() hands out the same Decision object for the same inputs, so
+    the hot path looks a value up instead of hashing the decision's fields. The decision is
+    kept beside its value, so its id cannot be reused while the entry exists. Bounded.
+    """
+
+    def __init__(self, derive: Callable[[Decision], T], size: int = 4096) -> None:
+        self._derive = derive
+        self._size = size
+        self._entries: dict[int, tuple[Decision, T]] = {}
+
+    def __getitem__(self, decision: Decision) -> T:
+        entry = self._entries.get(id(decision))
+        if entry is not None and entry[0] is decision:
+            return entry[1]
+        value = self._derive(decision)
+        if len(self._entries) >= self._size:
+            self._entries.clear()
+        self._entries[id(decision)] = (decision, value)
+        return value
+
+
 def decide(facts: RequestFacts, policy: Policy) -> Decision:
     """Apply the decision table: client IP, network, server, visibility."""
     if not facts.has_http:
-        return Decision("bad_request", detail="CheckRequest has no HTTP request attributes")
+        return Decision("bad_request", detail="CheckRequest has no HTTP request attributes",
+                        peer=facts.peer)
     named = facts.context_extensions.get(policy.routing.context_extension_key)
     key = (facts.peer, facts.x_forwarded_for, named, facts.path, facts.authority)
     decision = policy.decision_cache.get(key)
@@ -158,12 +187,13 @@ def _decide(facts: RequestFacts, policy: Policy) -> Decision:
     network = classify(client.address, policy.internal_ranges)
     target = route(policy.routing, facts.context_extensions, facts.path, facts.authority)
     server = policy.servers.get(target.name) if target.name is not None else None
+    peer = facts.peer
     if server is None:
-        return Decision("not_found", client, network, target)
+        return Decision("not_found", client, network, target, peer=peer)
     if not server.public and network != "internal":
         # Same reason, status and body as an unknown server: a hidden server does not leak.
-        return Decision("not_found", client, network, target, server)
-    return Decision("allowed", client, network, target, server)
+        return Decision("not_found", client, network, target, server, peer=peer)
+    return Decision("allowed", client, network, target, server, peer=peer)
 
 
 def explain(decision: Decision) -> list[str]:

@@ -9,14 +9,28 @@ import time
 from typing import TextIO
 
 from .config import DecisionLogSettings
-from .decision import Decision, RequestFacts
+from .decision import Decision, PerDecision, RequestFacts
 
 # Lines are buffered and flushed at most this long after they were written (the sidecar
 # also flushes on a timer and at shutdown): one write syscall per check would cost more
 # than the rest of the check.
 FLUSH_INTERVAL_S = 0.25
-_FRAGMENT_CACHE_SIZE = 4096
 _quote = json.encoder.encode_basestring_ascii
+
+
+def _fragment(decision: Decision) -> str:
+    # The fields that repeat from check to check, encoded once per decision.
+    client = decision.client.address
+    return json.dumps({
+        "server": decision.server_name,
+        "client_ip": str(client) if client is not None else None,
+        "client_ip_source": decision.client.source,
+        "network": decision.network,
+        "peer": decision.peer[:64],
+        "reason": decision.reason,
+        "allowed": decision.allowed,
+        "http_status": decision.http_status,
+    }, separators=(",", ":"))[1:-1]
 
 
 class DecisionLog:
@@ -33,7 +47,7 @@ class DecisionLog:
         self._second = -1
         self._stamp = ""
         self._last_flush = time.monotonic()
-        self._fragments: dict[tuple[object, ...], str] = {}
+        self._fragments = PerDecision(_fragment)
 
     @classmethod
     def from_settings(cls, settings: DecisionLogSettings) -> DecisionLog | None:
@@ -51,27 +65,6 @@ class DecisionLog:
             return True
         return self._sample_allowed > 0 and random.random() < self._sample_allowed
 
-    def _fragment(self, decision: Decision, peer: str) -> str:
-        # The fields that repeat from check to check, encoded once per combination.
-        key = (decision.server_name, decision.client, decision.network, peer, decision.reason)
-        fragment = self._fragments.get(key)
-        if fragment is None:
-            client = decision.client.address
-            fragment = json.dumps({
-                "server": decision.server_name,
-                "client_ip": str(client) if client is not None else None,
-                "client_ip_source": decision.client.source,
-                "network": decision.network,
-                "peer": peer[:64],
-                "reason": decision.reason,
-                "allowed": decision.allowed,
-                "http_status": decision.http_status,
-            }, separators=(",", ":"))[1:-1]
-            if len(self._fragments) >= _FRAGMENT_CACHE_SIZE:
-                self._fragments.clear()
-            self._fragments[key] = fragment
-        return fragment
-
     def write(
         self, decision: Decision, decision_id: str, facts: RequestFacts, latency_s: float
     ) -> None:
@@ -85,7 +78,7 @@ class DecisionLog:
         path = facts.path.split("?", 1)[0][:256]
         line = (
             f'{{"time":"{self._stamp}","decision_id":"{decision_id}",'
-            f"{self._fragment(decision, facts.peer)},"
+            f"{self._fragments[decision]},"
             f'"x_forwarded_for":{_quote(xff[:256]) if xff else "null"},'
             f'"path":{_quote(path)},"latency_ms":{latency_s * 1000:.3f}'
         )

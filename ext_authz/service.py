@@ -21,7 +21,7 @@ from google.protobuf.message import DecodeError
 from ._proto.envoy.config.core.v3 import base_pb2
 from ._proto.envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 from .config import Config
-from .decision import OUTCOMES, Decision, Policy, Reason, RequestFacts, decide
+from .decision import OUTCOMES, Decision, PerDecision, Policy, Reason, RequestFacts, decide
 from .decision_log import DecisionLog
 from .errors import TokenError
 from .metrics import Metrics
@@ -84,9 +84,10 @@ def extract_facts(request: external_auth_pb2.CheckRequest | None) -> RequestFact
         if address.WhichOneof("address") == "socket_address"
         else ""
     )
-    if not attributes.request.HasField("http"):
+    attributes_request = attributes.request
+    if not attributes_request.HasField("http"):
         return RequestFacts(peer, None, "", "", has_http=False)
-    http = attributes.request.http
+    http = attributes_request.http
     headers = http.headers
     if headers:
         # Envoy joins repeated headers with "," in this map.
@@ -128,7 +129,6 @@ def _from_header_map(
 _TEMPLATE_BYTES = {reason: template.SerializeToString() for reason, template in _TEMPLATES.items()}
 _OK_RESPONSE_FIELD = 3
 _DYNAMIC_METADATA_FIELD = 4
-_CACHE_SIZE = 4096
 
 
 def _varint(value: int) -> bytes:
@@ -151,25 +151,18 @@ def _struct_entry(key: str, value: str) -> bytes:
     return _length_delimited(1, entry)
 
 
-_metadata_cache: dict[tuple[str | None, str, object, str], bytes] = {}
-_bearer_cache: dict[str, bytes] = {}
-
-
 def _metadata_entries(decision: Decision) -> bytes:
     client = decision.client.address
-    key = (decision.server_name, decision.network, client, decision.reason)
-    entries = _metadata_cache.get(key)
-    if entries is None:
-        entries = b"".join((
-            _struct_entry("server", decision.server_name or ""),
-            _struct_entry("network", decision.network),
-            _struct_entry("client_ip", str(client) if client is not None else ""),
-            _struct_entry("reason", decision.reason),
-        ))
-        if len(_metadata_cache) >= _CACHE_SIZE:
-            _metadata_cache.clear()
-        _metadata_cache[key] = entries
-    return entries
+    return b"".join((
+        _struct_entry("server", decision.server_name or ""),
+        _struct_entry("network", decision.network),
+        _struct_entry("client_ip", str(client) if client is not None else ""),
+        _struct_entry("reason", decision.reason),
+    ))
+
+
+_METADATA = PerDecision(_metadata_entries)
+_bearer_cache: dict[str, bytes] = {}
 
 
 def _bearer(token: str) -> bytes:
@@ -193,7 +186,7 @@ def _bearer(token: str) -> bytes:
 
 def encode_check_response(decision: Decision, token: str | None, decision_id: str) -> bytes:
     """Write a decision (and the bearer token to inject, if any) as CheckResponse bytes."""
-    metadata = _metadata_entries(decision) + _struct_entry("decision_id", decision_id)
+    metadata = _METADATA[decision] + _struct_entry("decision_id", decision_id)
     response = _TEMPLATE_BYTES[decision.reason] + _length_delimited(
         _DYNAMIC_METADATA_FIELD, metadata)
     if token is not None and decision.allowed:
@@ -273,7 +266,8 @@ class AuthorizationService:
             response = encode_check_response(decision, token, decision_id)
         except Exception:
             log.exception("check %s failed; denying", decision_id)
-            decision = Decision("internal_error", detail="internal error (see the service log)")
+            decision = Decision("internal_error", detail="internal error (see the service log)",
+                                peer=facts.peer)
             response = encode_check_response(decision, None, decision_id)
         self._record(decision, decision_id, facts, self._clock() - started)
         return response
