@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 # Label values are bounded: `server` is a configured server name or "" (unknown servers
@@ -29,23 +30,47 @@ class _TokenAges(Collector):
         yield family
 
 
+class _CheckStats(Collector):
+    """Checks by (server, network, reason) and their latency histogram.
+
+    Counted with plain ints rather than prometheus-client's locked values: every check and
+    every scrape runs on the one event loop thread, and this is the hot path.
+    """
+
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self.bounds = buckets
+        self.counts: dict[tuple[str, str, str], int] = {}
+        self.buckets = [0] * (len(buckets) + 1)
+        self.sum = 0.0
+
+    def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
+        checks = CounterMetricFamily(
+            "mcp_ext_authz_checks",
+            "Checks answered, by server, caller network and reason code.",
+            labels=["server", "network", "reason"],
+        )
+        for labels, count in sorted(self.counts.items()):
+            checks.add_metric(list(labels), count)
+        yield checks
+        cumulative, total = [], 0
+        for bound, count in zip((*self.bounds, float("inf")), self.buckets, strict=True):
+            total += count
+            cumulative.append(("+Inf" if bound == float("inf") else repr(bound), float(total)))
+        duration = HistogramMetricFamily(
+            "mcp_ext_authz_check_duration_seconds",
+            "Time from receiving a CheckRequest to answering it.",
+        )
+        duration.add_metric([], cumulative, self.sum)
+        yield duration
+
+
 class Metrics:
     """Every metric the sidecar exports, with cached label children for the hot path."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
-        self.checks = Counter(
-            "mcp_ext_authz_checks",
-            "Checks answered, by server, caller network and reason code.",
-            ["server", "network", "reason"],
-            registry=self.registry,
-        )
-        self.check_duration = Histogram(
-            "mcp_ext_authz_check_duration_seconds",
-            "Time from receiving a CheckRequest to answering it.",
-            buckets=_CHECK_BUCKETS,
-            registry=self.registry,
-        )
+        self._checks = _CheckStats(_CHECK_BUCKETS)
+        self.registry.register(self._checks)
         self.token_fetches = Counter(
             "mcp_ext_authz_token_fetches",
             "Token endpoint requests, by server and outcome (ok or the error class).",
@@ -74,15 +99,13 @@ class Metrics:
             "1 if the last reload attempt was applied, 0 if it was rejected.",
             registry=self.registry,
         )
-        self._check_children: dict[tuple[str, str, str], Counter] = {}
 
     def count_check(self, server: str, network: str, reason: str, seconds: float) -> None:
+        stats = self._checks
         key = (server, network, reason)
-        child = self._check_children.get(key)
-        if child is None:
-            child = self._check_children[key] = self.checks.labels(*key)
-        child.inc()
-        self.check_duration.observe(seconds)
+        stats.counts[key] = stats.counts.get(key, 0) + 1
+        stats.buckets[bisect_left(stats.bounds, seconds)] += 1
+        stats.sum += seconds
 
     def count_token_fetch(self, server: str, outcome: str, seconds: float) -> None:
         self.token_fetches.labels(server, outcome).inc()

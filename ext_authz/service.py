@@ -128,7 +128,6 @@ def _from_header_map(
 
 _TEMPLATE_BYTES = {reason: template.SerializeToString() for reason, template in _TEMPLATES.items()}
 _OK_RESPONSE_FIELD = 3
-_DYNAMIC_METADATA_FIELD = 4
 
 
 def _varint(value: int) -> bytes:
@@ -184,11 +183,24 @@ def _bearer(token: str) -> bytes:
     return encoded
 
 
+_DECISION_ID_KEY = b"\x0a\x0bdecision_id\x12"  # MapEntry.key = "decision_id", then .value
+
+
+def _decision_id_entry(decision_id: str) -> bytes:
+    # _struct_entry("decision_id", decision_id) unrolled for the one per-check field: ids are
+    # short ASCII (8 hex digits, "-", a counter), so every length fits in one varint byte.
+    value = decision_id.encode()
+    size = len(value)
+    assert size < 100, "decision ids are short"
+    return (b"\x0a" + bytes((size + 17,)) + _DECISION_ID_KEY + bytes((size + 2,)) + b"\x1a"
+            + bytes((size,)) + value)
+
+
 def encode_check_response(decision: Decision, token: str | None, decision_id: str) -> bytes:
     """Write a decision (and the bearer token to inject, if any) as CheckResponse bytes."""
-    metadata = _METADATA[decision] + _struct_entry("decision_id", decision_id)
-    response = _TEMPLATE_BYTES[decision.reason] + _length_delimited(
-        _DYNAMIC_METADATA_FIELD, metadata)
+    metadata = _METADATA[decision] + _decision_id_entry(decision_id)
+    response = (_TEMPLATE_BYTES[decision.reason] + b"\x22"  # dynamic_metadata = 4, LEN
+                + _varint(len(metadata)) + metadata)
     if token is not None and decision.allowed:
         response += _bearer(token)
     return response

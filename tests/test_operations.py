@@ -93,6 +93,8 @@ class TestMetrics:
         assert checks("", "external", "not_found") == 1
         assert checks("gh", "internal", "allowed") == 4
         assert metrics[("mcp_ext_authz_check_duration_seconds_count", ())] == 10
+        assert metrics[("mcp_ext_authz_check_duration_seconds_bucket", (("le", "+Inf"),))] == 10
+        assert 0 < metrics[("mcp_ext_authz_check_duration_seconds_sum", ())] < 10
         assert metrics[("mcp_ext_authz_token_fetches_total",
                         (("outcome", "ok"), ("server", "gh")))] == 1
         assert metrics[("mcp_ext_authz_token_age_seconds", (("server", "gh"),))] >= 0

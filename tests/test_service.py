@@ -295,3 +295,12 @@ class TestConformance:
         assert hidden.denied_response.headers[0].header.key == "content-type"
         assert proxied.status.code == 0
         assert proxied.dynamic_metadata.fields["client_ip"].string_value == "127.0.0.1"
+
+
+class TestEncoding:
+    @pytest.mark.parametrize("decision_id", ["a-1", "0123abcd-99999999999", "x" * 80])
+    def test_unrolled_decision_id_entry(self, decision_id: str) -> None:
+        """The unrolled per-check metadata entry is byte-for-byte the general encoding."""
+        from ext_authz.service import _decision_id_entry, _struct_entry
+
+        assert _decision_id_entry(decision_id) == _struct_entry("decision_id", decision_id)
