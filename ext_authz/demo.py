@@ -285,6 +285,9 @@ def run_demo(base_port: int) -> int:
         stack.start("sidecar", [python, "-m", "ext_authz", "serve", "--config",
                                 str(workdir / "sidecar.yaml")], secrets_env)
         stack.wait_http("sidecar", f"http://127.0.0.1:{ports.admin}/readyz")
+        for name in DEMO_CLIENTS:  # "ready" must mean the first request works end to end
+            port = getattr(ports, name)
+            stack.wait_http(f"mcp-{name}", f"http://127.0.0.1:{port}/mcp/{name}/echo")
         stack.start("envoy", [str(envoy_binary()), "-c", str(workdir / "envoy.yaml"),
                               "--concurrency", "2", "--disable-hot-restart", "-l", "warning"],
                     {})
