@@ -157,21 +157,31 @@ class TestDecisions:
         assert (await stub.Check(check_request())).status.code == 0
 
 
+async def check_with_token_server(
+    token_endpoint: TokenEndpoint, *, wait_warm: bool = False, deadline_s: float = 2
+) -> external_auth_pb2.CheckResponse:
+    """Start a sidecar whose server `gh` has oauth2 settings, check /mcp/gh once, stop."""
+    config = make_config(servers={"gh": {"oauth2": {
+        "token_url": token_endpoint.url, "client_id": "gw", "client_secret": "s"}}})
+    sidecar = await start(config)
+    try:
+        if wait_warm:
+            await asyncio.wait_for(sidecar.tokens.wait_ready(), 5)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{sidecar.grpc_port}") as channel:
+            stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+            response: external_auth_pb2.CheckResponse = await stub.Check(
+                check_request(path="/mcp/gh"), timeout=deadline_s)
+            return response
+    finally:
+        await sidecar.stop()
+
+
 class TestTokens:
     async def test_injects_bearer_overwriting_callers(
         self, token_endpoint: TokenEndpoint
     ) -> None:
         """An oauth2 server gets `authorization: Bearer <token>`, append=false, OVERWRITE."""
-        config = make_config(servers={"gh": {"oauth2": {
-            "token_url": token_endpoint.url, "client_id": "gw", "client_secret": "s"}}})
-        sidecar = await start(config)
-        try:
-            await asyncio.wait_for(sidecar.tokens.wait_ready(), 5)
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{sidecar.grpc_port}") as channel:
-                stub = external_auth_pb2_grpc.AuthorizationStub(channel)
-                response = await stub.Check(check_request(path="/mcp/gh"))
-        finally:
-            await sidecar.stop()
+        response = await check_with_token_server(token_endpoint, wait_warm=True)
         [header] = response.ok_response.headers
         assert header.header.key == "authorization"
         assert header.header.value == f"Bearer {token_endpoint.issued[0]}"
@@ -185,15 +195,7 @@ class TestTokens:
     ) -> None:
         """A fetch that cannot finish inside the gRPC deadline answers 503 itself."""
         token_endpoint.delay_s = 3
-        config = make_config(servers={"gh": {"oauth2": {
-            "token_url": token_endpoint.url, "client_id": "gw", "client_secret": "s"}}})
-        sidecar = await start(config)
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{sidecar.grpc_port}") as channel:
-                stub = external_auth_pb2_grpc.AuthorizationStub(channel)
-                response = await stub.Check(check_request(path="/mcp/gh"), timeout=0.3)
-        finally:
-            await sidecar.stop()
+        response = await check_with_token_server(token_endpoint, deadline_s=0.3)
         assert response.status.code == grpc.StatusCode.UNAVAILABLE.value[0]
         assert response.denied_response.status.code == 503
         assert json.loads(response.denied_response.body) == {
@@ -203,15 +205,7 @@ class TestTokens:
     async def test_failing_endpoint_is_503(self, token_endpoint: TokenEndpoint) -> None:
         """An endpoint answering 500 yields 503 with the reason in metadata, never an allow."""
         token_endpoint.mode = "status"
-        config = make_config(servers={"gh": {"oauth2": {
-            "token_url": token_endpoint.url, "client_id": "gw", "client_secret": "s"}}})
-        sidecar = await start(config)
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{sidecar.grpc_port}") as channel:
-                stub = external_auth_pb2_grpc.AuthorizationStub(channel)
-                response = await stub.Check(check_request(path="/mcp/gh"), timeout=2)
-        finally:
-            await sidecar.stop()
+        response = await check_with_token_server(token_endpoint)
         assert response.denied_response.status.code == 503
         assert metadata(response)["reason"] == "upstream_credentials_unavailable"
 
