@@ -1,4 +1,4 @@
-"""The `mcp-ext-authz` command: serve, check, validate."""
+"""The `mcp-ext-authz` command: serve, check, validate, envoy-config, demo."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any
 
 from .config import Config, example_config, load_config
 from .decision import Decision, Policy, RequestFacts, decide, explain
-from .errors import ConfigError, TokenError
+from .errors import ConfigError, ExtAuthzError, TokenError
 from .tokens import TokenCache
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_CONFIG = 0, 1, 2
@@ -267,6 +267,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         _print_config_error(exc)
         return EXIT_BAD_CONFIG
+    except ExtAuthzError as exc:
+        print(f"mcp-ext-authz: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     return code
 
 

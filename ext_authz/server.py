@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from .admin import AdminServer, Readiness
 from .config import Config, TLSSettings, load_config, with_port_offset
 from .decision_log import FLUSH_INTERVAL_S, DecisionLog
-from .errors import ConfigError
+from .errors import ConfigError, ExtAuthzError
 from .metrics import Metrics
 from .service import SERVICE_NAME, AuthorizationService, ServiceState
 from .tokens import TokenCache
@@ -125,18 +125,29 @@ class Sidecar:
         )
         for name in ("", SERVICE_NAME):
             await self.health.set(name, NOT_SERVING)
-        if config.grpc.tls is None:
-            self.grpc_port = server.add_insecure_port(config.grpc.listen)
-        else:
-            self._certificates = _ReloadableCertificates(config.grpc.tls)
-            self.grpc_port = server.add_secure_port(
-                config.grpc.listen, self._certificates.credentials
-            )
+        try:
+            if config.grpc.tls is None:
+                self.grpc_port = server.add_insecure_port(config.grpc.listen)
+            else:
+                self._certificates = _ReloadableCertificates(config.grpc.tls)
+                self.grpc_port = server.add_secure_port(
+                    config.grpc.listen, self._certificates.credentials
+                )
+        except RuntimeError as exc:  # grpc says only "Failed to bind"
+            raise ExtAuthzError(
+                f"grpc.listen: cannot listen on {config.grpc.listen} (in use or unavailable)"
+            ) from exc
         await server.start()
         self._grpc = server
         if config.admin is not None:
             self._admin = AdminServer(config.admin.listen, self.metrics.registry, self.readiness)
-            await self._admin.start()
+            try:
+                await self._admin.start()
+            except OSError as exc:
+                await server.stop(0)
+                raise ExtAuthzError(
+                    f"admin.listen: cannot listen on {config.admin.listen} ({exc.strerror})"
+                ) from exc
         self.tokens.retain(config.credentials())
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._serve_when_warm()))

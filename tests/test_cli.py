@@ -133,3 +133,20 @@ class TestCheckSecrets:
         fetch = run("check", "--config", str(path), "--peer", "10.0.0.1", "--fetch-token")
         assert fetch.returncode == 2
         assert "CHECK_TEST_UNSET_SECRET" in fetch.stderr
+
+
+class TestServeErrors:
+    def test_port_in_use_is_a_clear_error(self, tmp_path: Path) -> None:
+        """A listen address already taken ends `serve` with the key named, exit 1."""
+        import socket
+
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            path = tmp_path / "c.yaml"
+            path.write_text(f"grpc: {{listen: '127.0.0.1:{port}'}}\nadmin: null\n")
+            result = run("serve", "--config", str(path))
+        assert result.returncode == 1
+        assert f"grpc.listen: cannot listen on 127.0.0.1:{port}" in result.stderr
+        assert "Traceback" not in result.stderr
