@@ -114,7 +114,11 @@ class TestMetrics:
             base = f"http://127.0.0.1:{sidecar.admin_port}"
             async with httpx.AsyncClient() as http:
                 assert (await http.get(f"{base}/healthz")).status_code == 200
-                waiting = await http.get(f"{base}/readyz")
+                for _ in range(100):  # until the first fetch has failed
+                    waiting = await http.get(f"{base}/readyz")
+                    if "HTTP 500" in waiting.text:
+                        break
+                    await asyncio.sleep(0.02)
                 assert waiting.status_code == 503
                 assert "HTTP 500" in waiting.json()["waiting_for"]["gh"]
                 token_endpoint.healthy()

@@ -223,6 +223,10 @@ class TestHealthAndReflection:
                 health = health_pb2_grpc.HealthStub(channel)
                 request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
                 before = await health.Check(request)
+                for _ in range(100):  # until the first fetch has failed
+                    if "HTTP 500" in sidecar.readiness().waiting_for["gh"]:
+                        break
+                    await asyncio.sleep(0.02)
                 assert not sidecar.readiness().ready
                 assert "HTTP 500" in sidecar.readiness().waiting_for["gh"]
                 token_endpoint.healthy()
