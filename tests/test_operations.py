@@ -290,7 +290,7 @@ class TestShutdown:
         """Checks in flight at SIGTERM all get answers; the process exits 0."""
         from tests.e2e.harness import free_port
 
-        token_endpoint.delay_s = 1.5  # checks queue up behind the first (cold) fetch
+        token_endpoint.delay_s = 3  # checks queue up behind the first (cold) fetch
         port = free_port()
         path = tmp_path / "c.yaml"
         write(path, base_config(token_endpoint.url, grpc={"listen": f"127.0.0.1:{port}"},

@@ -17,6 +17,14 @@ from tests.token_endpoint import TokenEndpoint
 SECRET = "s3cr3t:with spaces&symbols+/"
 
 
+async def eventually(condition: Any, within_s: float = 5.0) -> None:
+    """Wait until condition() is true (timers and fetches run on their own schedule)."""
+    deadline = time.monotonic() + within_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
 def oauth2(url: str, **kw: Any) -> OAuth2Settings:
     fields: dict[str, Any] = {"token_url": url, "client_id": "gateway id", "client_secret": SECRET}
     fields.update(kw)
@@ -133,8 +141,8 @@ class TestLifetime:
             settings = oauth2(token_endpoint.url)
             first = await cache.token(settings, "pub", 2)
             token_endpoint.delay_s = 2.0
-            await asyncio.sleep(1.25)  # past 80% of 1.5 s: the refresh has started
-            assert token_endpoint.count == 2
+            # Past 80% of 1.5 s the refresh starts; the endpoint holds it for 2 s.
+            await eventually(lambda: token_endpoint.count == 2)
             started = time.monotonic()
             for _ in range(20):
                 assert await cache.token(settings, "pub", 5) == first
@@ -146,13 +154,15 @@ class TestLifetime:
         """Once a token's lifetime is over and refreshes fail, checks get an error."""
         cache = TokenCache(fast_settings(expiry_buffer_s=0, min_ttl_s=0.3, timeout_s=0.3))
         try:
-            token_endpoint.expires_in = 0.6
+            token_endpoint.expires_in = 3
             settings = oauth2(token_endpoint.url)
             first = await cache.token(settings, "pub", 2)
+            fetched = time.monotonic()
             token_endpoint.mode, token_endpoint.status = "status", 500
-            await asyncio.sleep(0.5)
+            await eventually(lambda: token_endpoint.count >= 2)  # the refresh at 2.4 s failed
+            assert time.monotonic() < fetched + 2.9
             assert await cache.token(settings, "pub", 1) == first  # still valid, refresh failed
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(fetched + 3.2 - time.monotonic())
             with pytest.raises(TokenEndpointError, match="HTTP 500"):
                 await cache.token(settings, "pub", 1)
         finally:
@@ -198,7 +208,8 @@ class TestFaults:
                 await cache.token(settings, "github", 2)
             assert token_endpoint.count == count
             token_endpoint.healthy()
-            await asyncio.sleep(0.5)  # one backoff period (0.2-0.4 s): the timer retries
+            # Within a backoff period (0.2-0.4 s) the timer retries; no check has to ask.
+            await eventually(lambda: cache.cached(settings) is not None, within_s=2)
             assert await cache.token(settings, "github", 0.01) == token_endpoint.issued[-1]
         finally:
             await cache.aclose()
@@ -211,7 +222,7 @@ class TestFaults:
         settings = oauth2(token_endpoint.url)
         with pytest.raises(TokenDeadlineError):
             await cache.token(settings, "pub", 0.1)
-        await asyncio.sleep(0.6)
+        await eventually(lambda: cache.cached(settings) is not None)
         assert cache.cached(settings) == token_endpoint.issued[0]
         assert token_endpoint.count == 1
 
@@ -254,8 +265,7 @@ class TestLifecycle:
         try:
             token_endpoint.mode, token_endpoint.status = "status", 503
             cache.retain({"github": oauth2(token_endpoint.url)})
-            await asyncio.sleep(0.1)
-            assert "HTTP 503" in cache.unready()["github"]
+            await eventually(lambda: "HTTP 503" in cache.unready()["github"])
             token_endpoint.healthy()
             await asyncio.wait_for(cache.wait_ready(), 5)
         finally:
