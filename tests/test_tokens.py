@@ -181,6 +181,8 @@ FAULTS = [
     ("close", {}, TokenEndpointError, "RemoteProtocolError"),
     ("html", {}, TokenResponseError, "not JSON"),
     ("unsafe_token", {}, TokenResponseError, "unsafe in a header"),
+    ("ok", {"expires_in": 0}, TokenResponseError, "expires_in is not positive"),
+    ("ok", {"expires_in": "soon"}, TokenResponseError, "expires_in is not a number"),
 ]
 
 
