@@ -156,7 +156,7 @@ def _default_sidecar_address(config: Config) -> str:
 
 
 def cmd_envoy_config(args: argparse.Namespace) -> int:
-    from .envoy_config import HostPort, build_bootstrap, render
+    from .envoy_config import HostPort, SidecarTLS, build_bootstrap, render
 
     config = load_config(args.config)
     try:
@@ -173,6 +173,8 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
             admin=HostPort.parse(args.admin),
             sidecar=HostPort.parse(args.sidecar or _default_sidecar_address(config)),
             workers=args.workers,
+            sidecar_tls=None if args.sidecar_ca is None else SidecarTLS(
+                args.sidecar_ca, args.sidecar_cert, args.sidecar_key, args.sidecar_sni),
         )
     except ValueError as exc:
         print(f"envoy-config: {exc}", file=sys.stderr)
@@ -244,6 +246,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="where Envoy reaches the sidecar (default: grpc.listen)")
     envoy.add_argument("--workers", type=int, default=1,
                        help="sidecar worker processes on consecutive ports (default 1)")
+    envoy.add_argument("--sidecar-ca", default=None, metavar="FILE",
+                       help="CA that signed the sidecar's certificate (when grpc.tls is set)")
+    envoy.add_argument("--sidecar-cert", default=None, metavar="FILE",
+                       help="Envoy's client certificate (when grpc.tls.client_ca_file is set)")
+    envoy.add_argument("--sidecar-key", default=None, metavar="FILE",
+                       help="the key of --sidecar-cert")
+    envoy.add_argument("--sidecar-sni", default="", metavar="NAME",
+                       help="SNI to send to the sidecar (a name its certificate carries)")
     envoy.add_argument("--output", default=None, help="write to this file, not stdout")
     envoy.set_defaults(func=cmd_envoy_config)
 

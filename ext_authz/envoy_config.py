@@ -20,6 +20,7 @@ from envoy_data_plane.envoy.config.core.v3 import (
     Address,
     ApiVersion,
     CidrRange,
+    DataSource,
     GrpcService,
     GrpcServiceEnvoyGrpc,
     HealthCheck,
@@ -29,6 +30,7 @@ from envoy_data_plane.envoy.config.core.v3 import (
     JsonFormatOptions,
     SocketAddress,
     SubstitutionFormatString,
+    TransportSocket,
     TypedExtensionConfig,
 )
 from envoy_data_plane.envoy.config.endpoint.v3 import (
@@ -63,6 +65,12 @@ from envoy_data_plane.envoy.extensions.http.original_ip_detection.xff.v3 import 
     XffConfig,
     XffTrustedCidrs,
 )
+from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
+    CertificateValidationContext,
+    CommonTlsContext,
+    TlsCertificate,
+    UpstreamTlsContext,
+)
 from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
     HttpProtocolOptions,
     HttpProtocolOptionsExplicitHttpConfig,
@@ -92,6 +100,50 @@ class HostPort:
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"{text!r} is not host:port")
         return cls(host.strip("[]"), int(port))
+
+
+@dataclass(frozen=True, slots=True)
+class SidecarTLS:
+    """How Envoy reaches a sidecar that serves TLS (`grpc.tls`): CA, and a client cert for mTLS."""
+
+    ca_file: str
+    cert_file: str | None = None
+    key_file: str | None = None
+    sni: str = ""
+
+
+def _check_tls(config: Config, tls: SidecarTLS | None) -> None:
+    served = config.grpc.tls
+    if served is None:
+        if tls is not None:
+            raise ValueError("--sidecar-ca given, but the sidecar serves plaintext (no grpc.tls)")
+        return
+    if tls is None:
+        raise ValueError("grpc.tls is set, so Envoy must speak TLS to the sidecar:"
+                         " give --sidecar-ca (and --sidecar-cert/--sidecar-key for mTLS)")
+    if (tls.cert_file is None) != (tls.key_file is None):
+        raise ValueError("give both --sidecar-cert and --sidecar-key, or neither")
+    if served.client_ca_file is not None and tls.cert_file is None:
+        raise ValueError("grpc.tls.client_ca_file requires a client certificate:"
+                         " give --sidecar-cert and --sidecar-key")
+
+
+def _transport_socket(tls: SidecarTLS) -> TransportSocket:
+    certificates = []
+    if tls.cert_file is not None and tls.key_file is not None:
+        certificates = [TlsCertificate(certificate_chain=DataSource(filename=tls.cert_file),
+                                       private_key=DataSource(filename=tls.key_file))]
+    context = UpstreamTlsContext(
+        common_tls_context=CommonTlsContext(
+            alpn_protocols=["h2"],
+            tls_certificates=certificates,
+            validation_context=CertificateValidationContext(
+                trusted_ca=DataSource(filename=tls.ca_file)),
+        ),
+        sni=tls.sni,
+    )
+    return TransportSocket(name="envoy.transport_sockets.tls",
+                           typed_config=AnyMessage.pack(context))
 
 
 def _is_ip(host: str) -> bool:
@@ -128,8 +180,10 @@ def _cluster(name: str, endpoints: list[HostPort], *, http2: bool) -> Cluster:
     )
 
 
-def _authz_cluster(sidecars: list[HostPort]) -> Cluster:
+def _authz_cluster(sidecars: list[HostPort], tls: SidecarTLS | None) -> Cluster:
     cluster = _cluster(AUTHZ_CLUSTER, sidecars, http2=True)
+    if tls is not None:
+        cluster.transport_socket = _transport_socket(tls)
     # Envoy sends no checks to a sidecar until its tokens are warm (health SERVING).
     cluster.health_checks = [HealthCheck(
         timeout=timedelta(seconds=1),
@@ -265,8 +319,10 @@ def build_bootstrap(
     admin: HostPort,
     sidecar: HostPort,
     workers: int = 1,
+    sidecar_tls: SidecarTLS | None = None,
 ) -> Bootstrap:
     """Build the bootstrap: one listener, the ext_authz filter, a route and cluster per server."""
+    _check_tls(config, sidecar_tls)
     missing = sorted(set(config.servers) - set(upstreams))
     if missing:
         raise ValueError("no --upstream given for server(s): " + ", ".join(missing))
@@ -282,7 +338,7 @@ def build_bootstrap(
             typed_config=AnyMessage.pack(_connection_manager(config, upstreams)),
         )])],
     )
-    clusters = [_authz_cluster(sidecar_endpoints(sidecar, workers))]
+    clusters = [_authz_cluster(sidecar_endpoints(sidecar, workers), sidecar_tls)]
     clusters += [_cluster(f"mcp_{name}", [upstreams[name]], http2=False)
                  for name in sorted(config.servers)]
     return Bootstrap(

@@ -258,3 +258,61 @@ class TestDockerfile:
         compose_config = "/etc/mcp-ext-authz/config.yaml"
         assert compose_config in text
         assert __version__ in (ROOT / "envoy/istio/deployment.yaml").read_text()
+
+
+class TestSidecarTLS:
+    def tls_config(self, tmp_path: Path) -> tuple[Path, Any]:
+        from tests.certs import make_certs
+
+        certs = make_certs(tmp_path)
+        config = tmp_path / "c.yaml"
+        config.write_text(yaml.safe_dump({
+            "grpc": {"listen": "127.0.0.1:9191", "tls": {
+                "cert_file": str(certs.server_cert), "key_file": str(certs.server_key),
+                "client_ca_file": str(certs.ca)}},
+            "servers": {"a": {}}}))
+        return config, certs
+
+    def test_mtls_cluster_validates(self, tmp_path: Path) -> None:
+        """With grpc.tls the sidecar cluster speaks TLS with Envoy's client certificate."""
+        config, certs = self.tls_config(tmp_path)
+        result = envoy_config("--config", str(config), "--upstream", "a=127.0.0.1:1",
+                              "--sidecar-ca", str(certs.ca), "--sidecar-cert",
+                              str(certs.client_cert), "--sidecar-key", str(certs.client_key),
+                              "--sidecar-sni", "localhost")
+        assert result.returncode == 0, result.stderr
+        out = tmp_path / "envoy.yaml"
+        out.write_text(result.stdout)
+        envoy_validate(out)
+        socket_ = clusters(yaml.safe_load(result.stdout))["mcp_ext_authz"]["transport_socket"]
+        context = socket_["typed_config"]
+        assert context["sni"] == "localhost"
+        common = context["common_tls_context"]
+        assert common["alpn_protocols"] == ["h2"]
+        assert common["validation_context"]["trusted_ca"] == {"filename": str(certs.ca)}
+        assert common["tls_certificates"][0]["certificate_chain"] == {
+            "filename": str(certs.client_cert)}
+
+    @pytest.mark.parametrize(
+        ("flags", "message"),
+        [([], "grpc.tls is set, so Envoy must speak TLS"),
+         (["--sidecar-ca", "{ca}"], "grpc.tls.client_ca_file requires a client certificate"),
+         (["--sidecar-ca", "{ca}", "--sidecar-cert", "{ca}"], "give both --sidecar-cert")],
+    )
+    def test_tls_mismatch_is_refused(self, tmp_path: Path, flags: list[str],
+                                     message: str) -> None:
+        """A TLS sidecar never gets a plaintext (or certificate-less) cluster silently."""
+        config, certs = self.tls_config(tmp_path)
+        argv = [f.format(ca=certs.ca) for f in flags]
+        result = envoy_config("--config", str(config), "--upstream", "a=127.0.0.1:1", *argv)
+        assert result.returncode == 2
+        assert message in result.stderr
+
+    def test_ca_for_plaintext_sidecar_is_refused(self, tmp_path: Path) -> None:
+        """TLS flags for a sidecar without grpc.tls are a mistake, said so."""
+        config = tmp_path / "c.yaml"
+        config.write_text("servers: {a: {}}\n")
+        result = envoy_config("--config", str(config), "--upstream", "a=127.0.0.1:1",
+                              "--sidecar-ca", "/x.pem")
+        assert result.returncode == 2
+        assert "serves plaintext" in result.stderr

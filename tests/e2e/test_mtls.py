@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -173,3 +174,31 @@ async def test_certificates_reload(tmp_path: Path) -> None:
         assert await call(second, stranger) == grpc.StatusCode.UNAVAILABLE.value[0]
     finally:
         await sidecar.stop()
+
+
+async def test_generated_config_speaks_mtls(tmp_path: Path,
+                                            mtls_sidecar: tuple[Sidecar, CertFiles]) -> None:
+    """`envoy-config` output for a TLS sidecar works against it: the sidecar's own 404 body
+    comes back through Envoy, so the mTLS hop carried the check."""
+    from ext_authz.envoy_config import HostPort, SidecarTLS, build_bootstrap, render
+
+    sidecar, certs = mtls_sidecar
+    admin, listener = free_port(), free_port()
+    bootstrap = build_bootstrap(
+        sidecar.config, {"pub": HostPort("127.0.0.1", 9), "priv": HostPort("127.0.0.1", 9)},
+        listen=HostPort("127.0.0.1", listener), admin=HostPort("127.0.0.1", admin),
+        sidecar=HostPort("127.0.0.1", sidecar.grpc_port),
+        sidecar_tls=SidecarTLS(str(certs.ca), str(certs.client_cert), str(certs.client_key),
+                               "localhost"))
+    envoy = start_envoy(yaml.safe_load(render(bootstrap)), tmp_path, admin)
+    try:
+        async with httpx.AsyncClient() as http:
+            for _ in range(100):  # until Envoy's first health check of the sidecar passed
+                response = await http.get(f"http://127.0.0.1:{listener}/mcp/nope")
+                if response.status_code != 503:
+                    break
+                await asyncio.sleep(0.1)
+    finally:
+        envoy.stop()
+    assert response.status_code == 404
+    assert response.json() == {"error": "not_found"}
