@@ -36,7 +36,7 @@ def run_workers(
             "--grace", str(grace_s), "--loop", loop]
     if config_path is not None:
         argv += ["--config", config_path]
-    workers = [subprocess.Popen([*argv, "--worker", str(i)]) for i in range(count)]
+    workers: list[subprocess.Popen[bytes]] = []
     stopping = False
 
     def forward(signum: int, frame: object) -> None:
@@ -47,8 +47,10 @@ def run_workers(
             if worker.poll() is None:
                 worker.send_signal(signum)
 
+    # Handlers first: a signal that arrives while workers start still reaches them.
     for sig in FORWARDED_SIGNALS:
         signal.signal(sig, forward)
+    workers.extend(subprocess.Popen([*argv, "--worker", str(i)]) for i in range(count))
     log.info("started %d workers: pids %s", count, [w.pid for w in workers])
     failed = False
     while any(w.poll() is None for w in workers):
