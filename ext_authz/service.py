@@ -60,8 +60,6 @@ def _template(reason: Reason) -> external_auth_pb2.CheckResponse:
     return response
 
 
-# Built once; each check copies its template and adds the per-request parts.
-_TEMPLATES = {reason: _template(reason) for reason in OUTCOMES}
 _NO_FACTS = RequestFacts("", None, "", "", has_http=False)
 
 
@@ -126,7 +124,7 @@ def _from_header_map(
 # encodes its own few bytes (tests decode the result with the generated classes and with
 # envoy-data-plane's independent implementation).
 
-_TEMPLATE_BYTES = {reason: template.SerializeToString() for reason, template in _TEMPLATES.items()}
+_TEMPLATE_BYTES = {reason: _template(reason).SerializeToString() for reason in OUTCOMES}
 _OK_RESPONSE_FIELD = 3
 
 
