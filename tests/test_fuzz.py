@@ -7,9 +7,7 @@ behind the trusted proxy), and only configured servers are ever allowed.
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,6 +19,7 @@ from hypothesis import strategies as st
 from ext_authz._proto.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from ext_authz.server import Sidecar
 from tests.conftest import make_config
+from tests.loop_thread import LoopThread
 
 INTERNAL = (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128"))
 TRUSTED = ipaddress.ip_address("127.0.0.3")
@@ -31,20 +30,16 @@ class ThreadedSidecar:
     """A sidecar on its own event loop in a thread, for synchronous (hypothesis) clients."""
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.sidecar = Sidecar(make_config(decision_log={"enabled": False}), grace_s=1)
 
     def __enter__(self) -> Sidecar:
-        self.thread.start()
-        asyncio.run_coroutine_threadsafe(self.sidecar.start(), self.loop).result(10)
+        self._thread = LoopThread()
+        self._thread.run(self.sidecar.start())
         return self.sidecar
 
     def __exit__(self, *exc: object) -> None:
-        asyncio.run_coroutine_threadsafe(self.sidecar.stop(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
+        self._thread.run(self.sidecar.stop())
+        self._thread.close()
 
 
 @pytest.fixture(scope="module")

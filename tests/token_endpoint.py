@@ -9,10 +9,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import threading
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, unquote_plus
+
+from tests.loop_thread import LoopThread
 
 MODES = (
     "ok", "status", "garbage", "list", "no_token", "wrong_type", "huge", "close", "html",
@@ -154,16 +155,12 @@ class ThreadedTokenEndpoint:
 
     def __init__(self, host: str = "127.0.0.1") -> None:
         self.endpoint = TokenEndpoint(host=host)
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
 
     def __enter__(self) -> TokenEndpoint:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self.endpoint.start(), self._loop).result(10)
+        self._thread = LoopThread()
+        self._thread.run(self.endpoint.start())
         return self.endpoint
 
     def __exit__(self, *exc: object) -> None:
-        asyncio.run_coroutine_threadsafe(self.endpoint.stop(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
+        self._thread.run(self.endpoint.stop())
+        self._thread.close()

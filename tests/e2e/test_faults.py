@@ -7,9 +7,7 @@ stack: Envoy -> sidecar (subprocess) -> eight token endpoints in a thread.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +26,7 @@ from tests.e2e.harness import (
     start_sidecar,
     start_upstream,
 )
+from tests.loop_thread import LoopThread
 from tests.token_endpoint import TokenEndpoint
 
 pytestmark = pytest.mark.e2e
@@ -63,13 +62,9 @@ class Endpoints:
     """One TokenEndpoint per fault on a shared event loop in a thread."""
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
+        self.thread = LoopThread()
+        self.run = self.thread.run
         self.by_name: dict[str, TokenEndpoint] = {}
-
-    def run(self, coroutine: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(10)
 
     def add(self, fault: Fault) -> TokenEndpoint:
         endpoint = TokenEndpoint(port=free_port())
@@ -93,9 +88,7 @@ class Endpoints:
     def close(self) -> None:
         for endpoint in self.by_name.values():
             self.run(endpoint.stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
+        self.thread.close()
 
 
 @dataclass
