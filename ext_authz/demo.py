@@ -96,16 +96,19 @@ def _clients_from_env() -> dict[str, str]:
 # -- MCP servers ------------------------------------------------------------------------
 
 def run_mcp_server(name: str, host: str, port: int) -> None:
-    """Serve the demo MCP server at /mcp/<name> (streamable HTTP, stateless, JSON)."""
+    """Serve the demo MCP server at /mcp/<name> (streamable HTTP, stateless, JSON).
+
+    Every request is printed to stdout as one JSON line (see `demo_mcp.log_requests`).
+    """
     import uvicorn
 
-    from .demo_mcp import build_mcp_server
+    from .demo_mcp import build_mcp_server, log_requests
 
     app = build_mcp_server(name).streamable_http_app(
         streamable_http_path=f"/mcp/{name}", stateless_http=True, json_response=True,
         host=host,
     )
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    uvicorn.run(log_requests(app, name), host=host, port=port, log_level="warning")
 
 
 # -- the stack --------------------------------------------------------------------------

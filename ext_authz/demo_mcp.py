@@ -5,9 +5,15 @@ Imported only by `python -m ext_authz.demo mcp-server`; needs the `demo` extra.
 
 from __future__ import annotations
 
+import json
+import sys
+
 from mcp.server.mcpserver import Context, MCPServer
 from starlette.requests import Request
 from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+_SHOWN_CREDENTIAL = 16  # characters of an Authorization credential the access log keeps
 
 
 def build_mcp_server(name: str) -> MCPServer:
@@ -32,3 +38,37 @@ def build_mcp_server(name: str) -> MCPServer:
                              "headers": dict(request.headers.items())})
 
     return server
+
+
+def _redact(authorization: str) -> str:
+    scheme, _, credential = authorization.partition(" ")
+    if len(credential) <= _SHOWN_CREDENTIAL:
+        return authorization
+    return f"{scheme} {credential[:_SHOWN_CREDENTIAL]}..."
+
+
+def log_requests(app: ASGIApp, name: str) -> ASGIApp:
+    """Wrap an ASGI app to print one JSON line per request: exactly what this upstream got.
+
+    The raw request target and every header, so that what the gateway forwarded can be
+    checked from outside (the topology tests read it; `docker compose logs` shows it). An
+    Authorization credential is cut to its first characters: enough to tell the gateway's
+    demo token from one a caller sent, not enough to reuse it.
+    """
+
+    async def logged(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers: dict[str, list[str]] = {}
+            for raw_key, raw_value in scope["headers"]:
+                key, value = raw_key.decode("latin-1"), raw_value.decode("latin-1")
+                if key == "authorization":
+                    value = _redact(value)
+                headers.setdefault(key, []).append(value)
+            record = {"upstream": name, "method": scope["method"],
+                      "raw_path": scope.get("raw_path", b"").decode("latin-1"),
+                      "query": scope.get("query_string", b"").decode("latin-1"),
+                      "peer": (scope.get("client") or ("", 0))[0], "headers": headers}
+            print(json.dumps(record), file=sys.stdout, flush=True)
+        await app(scope, receive, send)
+
+    return logged

@@ -15,7 +15,11 @@ from typing import Any
 import yaml
 from envoy_data_plane.envoy.config.accesslog.v3 import AccessLog
 from envoy_data_plane.envoy.config.bootstrap.v3 import Admin, Bootstrap, BootstrapStaticResources
-from envoy_data_plane.envoy.config.cluster.v3 import Cluster, ClusterDiscoveryType
+from envoy_data_plane.envoy.config.cluster.v3 import (
+    Cluster,
+    ClusterDiscoveryType,
+    ClusterDnsLookupFamily,
+)
 from envoy_data_plane.envoy.config.core.v3 import (
     Address,
     ApiVersion,
@@ -165,6 +169,11 @@ def _cluster(name: str, endpoints: list[HostPort], *, http2: bool) -> Cluster:
     return Cluster(
         name=name,
         type=ClusterDiscoveryType.STATIC if static else ClusterDiscoveryType.STRICT_DNS,
+        # Envoy's default (AUTO) takes the AAAA record whenever a name has one, as Docker's
+        # DNS gives on an IPv6-enabled network, and a service listening on 0.0.0.0 is then
+        # unreachable (every check a 503). Prefer IPv4; IPv6 still serves v6-only names.
+        dns_lookup_family=(
+            ClusterDnsLookupFamily.AUTO if static else ClusterDnsLookupFamily.V4_PREFERRED),
         connect_timeout=timedelta(seconds=1),
         typed_extension_protocol_options={
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": AnyMessage.pack(protocol)
@@ -331,8 +340,10 @@ def build_bootstrap(
         raise ValueError("--upstream names unconfigured server(s): " + ", ".join(unknown))
     listener = Listener(
         name="mcp_ingress",
+        # `--listen [::]:PORT` serves IPv4 callers too (as IPv4 peers, not v4-mapped ones).
         address=Address(socket_address=SocketAddress(address=listen.host,
-                                                     port_value=listen.port)),
+                                                     port_value=listen.port,
+                                                     ipv4_compat=listen.host == "::")),
         filter_chains=[FilterChain(filters=[Filter(
             name="envoy.filters.network.http_connection_manager",
             typed_config=AnyMessage.pack(_connection_manager(config, upstreams)),

@@ -26,7 +26,7 @@ def rendered() -> dict[Path, str]:
     compose_envoy = render(build_bootstrap(
         compose,
         {"public": HostPort("mcp-public", 8000), "internal": HostPort("mcp-internal", 8000)},
-        listen=HostPort("0.0.0.0", 10000),
+        listen=HostPort("::", 10000),  # the compose networks are dual-stack
         admin=HostPort("0.0.0.0", 9901),
         sidecar=HostPort("sidecar", 9191),
     ))
