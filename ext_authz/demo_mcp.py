@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-_SHOWN_CREDENTIAL = 16  # characters of an Authorization credential the access log keeps
+_SHOWN_CREDENTIAL = 20  # characters of an Authorization credential the access log keeps
 
 
 def build_mcp_server(name: str) -> MCPServer:

@@ -42,6 +42,19 @@ class RawResponse:
         return json.loads(self.body)
 
 
+def http_request(method: str, target: str, host: str | None,
+                 headers: list[tuple[str, str]] | None = None, body: bytes = b"") -> bytes:
+    """An HTTP/1.1 request as bytes, exactly as given (None: no Host header at all)."""
+    lines = [f"{method} {target} HTTP/1.1"]
+    if host is not None:
+        lines.append(f"Host: {host}")
+    lines += [f"{k}: {v}" for k, v in headers or []]
+    if body:
+        lines.append(f"Content-Length: {len(body)}")
+    lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
 def parse_response(raw: bytes) -> RawResponse:
     head, _, body = raw.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
@@ -182,10 +195,24 @@ class Stack:
         """Send raw HTTP/1.1 bytes from a service's namespace."""
         return self.in_namespace(service, lambda: raw_exchange(host, port, request))
 
+    def host_request(self, host: str, port: int, request: bytes) -> RawResponse:
+        """Send raw HTTP/1.1 bytes from the hub namespace, as the Docker host would."""
+        return run_in(self.lab.hub, lambda: raw_exchange(host, port, request))
+
     def json_lines(self, process: str) -> list[dict[str, Any]]:
         """The JSON lines a process has printed so far (decision logs, access logs)."""
         lines = self.processes[process].stdout_path.read_text(errors="replace").splitlines()
         return [json.loads(line) for line in lines if line.startswith("{")]
+
+    def new_lines(self, process: str, since: int, count: int = 1,
+                  timeout: float = 5) -> list[dict[str, Any]]:
+        """The JSON lines printed after the first `since`, once there are `count` of them."""
+        deadline = time.monotonic() + timeout
+        while True:
+            lines = self.json_lines(process)[since:]
+            if len(lines) >= count or time.monotonic() > deadline:
+                return lines
+            time.sleep(0.05)
 
     def down(self) -> None:
         for process in reversed(list(self.processes.values())):

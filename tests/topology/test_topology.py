@@ -1,0 +1,216 @@
+"""docker-compose.yaml, really running: clients on their own networks, the MCP SDK client,
+the load balancer of the `lb` profile, IPv4 and IPv6.
+
+Addresses come from the compose file (tests/topology/compose.py reads it); the ones these
+tests name are looked up there too, so a renumbered compose file is still tested as written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+from typing import Any
+
+import pytest
+from mcp.client.client import Client
+from mcp.shared.exceptions import MCPError
+
+from tests.topology.stack import Stack, http_request
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
+
+WHOAMI = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                     "params": {"name": "whoami", "arguments": {}}}).encode()
+MCP_HEADERS = [("Content-Type", "application/json"),
+               ("Accept", "application/json, text/event-stream")]
+
+
+def url(host: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int, path: str) -> str:
+    return f"http://{f'[{host}]' if host.version == 6 else host}:{port}{path}"
+
+
+async def _use_server(address: str) -> tuple[set[str], dict[str, Any]]:
+    async with Client(address) as mcp:
+        tools = await mcp.list_tools()
+        result = await mcp.call_tool("whoami", {})
+    assert result.structured_content is not None
+    return {tool.name for tool in tools.tools}, result.structured_content
+
+
+def use_server(stack: Stack, client: str, address: str) -> tuple[set[str], dict[str, Any]]:
+    """List the tools and call `whoami` with the MCP SDK client, from inside `client`."""
+    return stack.in_namespace(client, lambda: asyncio.run(_use_server(address)))  # type: ignore[no-any-return]
+
+
+def mcp_error(stack: Stack, client: str, address: str) -> MCPError:
+    """The MCPError the SDK client ends with when it cannot use the server at `address`."""
+    try:
+        use_server(stack, client, address)
+    except BaseException as exc:  # the SDK raises it inside (nested) exception groups
+        error: BaseException = exc
+        while isinstance(error, BaseExceptionGroup):
+            error = error.exceptions[0]
+        assert isinstance(error, MCPError), repr(exc)
+        return error
+    raise AssertionError(f"{client} could use {address}")
+
+
+def envoy_port(stack: Stack) -> int:
+    return 10000  # docker-compose.yaml publishes it; test_deploy checks the two agree
+
+
+class Addresses:
+    """The compose file's addresses, by service and network."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.services = stack.topology.services
+
+    def of(self, service: str, network: str, version: int = 4) -> Any:
+        return self.services[service].address(network, version)
+
+
+@pytest.fixture(scope="module")
+def at(compose: Stack) -> Addresses:
+    return Addresses(compose)
+
+
+def decisions_since(stack: Stack, count: int, expected: int = 1) -> list[dict[str, Any]]:
+    return stack.new_lines("sidecar", count, expected)
+
+
+class TestDirectClients:
+    """Clients reach Envoy on their own network: Envoy sees their real addresses."""
+
+    @pytest.mark.parametrize("version", [4, 6])
+    def test_internal_client_uses_both_servers(self, compose: Stack, at: Addresses,
+                                               version: int) -> None:
+        """From the internal network (IPv4 and IPv6) both servers answer, each with its token."""
+        envoy = at.of("envoy", "internal", version)
+        since = len(compose.json_lines("sidecar"))
+        for server in ("public", "internal"):
+            tools, whoami = use_server(compose, "client-internal",
+                                       url(envoy, envoy_port(compose), f"/mcp/{server}"))
+            assert tools == {"whoami", "add"}
+            assert whoami["server"] == server
+            assert whoami["authorization"].startswith(f"Bearer demo-demo-{server}-")
+        records = decisions_since(compose, since, 6)
+        client = str(at.of("client-internal", "internal", version))
+        assert {(r["client_ip"], r["client_ip_source"], r["network"], r["reason"])
+                for r in records} == {(client, "peer", "internal", "allowed")}
+
+    @pytest.mark.parametrize("version", [4, 6])
+    def test_external_client_sees_public_only(self, compose: Stack, at: Addresses,
+                                              version: int) -> None:
+        """From the external network the internal server fails exactly as a missing one."""
+        envoy = at.of("envoy", "external", version)
+        port = envoy_port(compose)
+        tools, whoami = use_server(compose, "client-external", url(envoy, port, "/mcp/public"))
+        assert tools == {"whoami", "add"}
+        assert whoami["authorization"].startswith("Bearer demo-demo-public-")
+        hidden = mcp_error(compose, "client-external", url(envoy, port, "/mcp/internal"))
+        missing = mcp_error(compose, "client-external", url(envoy, port, "/mcp/missing"))
+        assert (hidden.code, str(hidden)) == (missing.code, str(missing))
+        internal_log = compose.json_lines("mcp-internal")
+        client = str(at.of("client-external", "external", version))
+        assert not any(client in json.dumps(r) for r in internal_log)
+
+    def test_upstream_received_the_injected_token(self, compose: Stack, at: Addresses) -> None:
+        """The internal upstream logged the gateway's bearer and the caller's address."""
+        envoy = at.of("envoy", "internal")
+        since = len(compose.json_lines("mcp-internal"))
+        use_server(compose, "client-internal", url(envoy, envoy_port(compose), "/mcp/internal"))
+        records = compose.new_lines("mcp-internal", since, 3)
+        assert records
+        for record in records:
+            assert record["headers"]["authorization"][0].startswith("Bearer demo-demo-internal")
+            assert record["headers"]["x-forwarded-for"] == [str(at.of("client-internal",
+                                                                      "internal"))]
+
+    @pytest.mark.parametrize("forged", ["{internal}", "{internal}, {lb}", "{lb}"])
+    def test_forged_xff_from_external_client(self, compose: Stack, at: Addresses,
+                                             forged: str) -> None:
+        """A client that is not the trusted LB cannot pick its address with X-Forwarded-For."""
+        xff = forged.format(internal=at.of("client-internal", "internal"),
+                            lb=at.of("lb", "edge"))
+        envoy = str(at.of("envoy", "external"))
+        since = len(compose.json_lines("sidecar"))
+        response = compose.request("client-external", envoy, envoy_port(compose), http_request(
+            "POST", "/mcp/internal", envoy, [*MCP_HEADERS, ("X-Forwarded-For", xff)], WHOAMI))
+        assert (response.status, response.json()) == (404, {"error": "not_found"})
+        [record] = decisions_since(compose, since)
+        assert record["client_ip"] == str(at.of("client-external", "external"))
+        assert record["client_ip_source"] == "peer"
+
+    def test_published_port_arrives_from_the_gateway(self, compose: Stack,
+                                                     at: Addresses) -> None:
+        """The host's published port reaches Envoy from the bridge gateway: external."""
+        network = compose.topology.networks["internal"]
+        gateway = network.gateways()[0].ip
+        envoy = str(at.of("envoy", "internal"))
+        since = len(compose.json_lines("sidecar"))
+        response = compose.host_request(envoy, envoy_port(compose), http_request(
+            "POST", "/mcp/internal", envoy, MCP_HEADERS, WHOAMI))
+        assert response.status == 404
+        [record] = decisions_since(compose, since)
+        assert (record["client_ip"], record["network"]) == (str(gateway), "external")
+
+
+class TestLoadBalancer:
+    """The `lb` profile: clients reach the LB, the LB reaches Envoy over `edge`."""
+
+    @pytest.mark.parametrize("version", [4, 6])
+    def test_internal_client_behind_lb_is_internal(self, compose: Stack, at: Addresses,
+                                                   version: int) -> None:
+        """The sidecar reads the client from the LB's X-Forwarded-For entry."""
+        lb = at.of("lb", "internal", version)
+        since = len(compose.json_lines("sidecar"))
+        tools, whoami = use_server(compose, "client-internal", url(lb, 8080, "/mcp/internal"))
+        assert tools == {"whoami", "add"}
+        assert whoami["authorization"].startswith("Bearer demo-demo-internal-")
+        records = decisions_since(compose, since, 3)
+        client = str(at.of("client-internal", "internal", version))
+        trusted = str(at.of("lb", "edge"))  # lb.yaml reaches Envoy over IPv4
+        assert {(r["peer"], r["client_ip"], r["client_ip_source"], r["network"])
+                for r in records} == {(trusted, client, "xff", "internal")}
+
+    @pytest.mark.parametrize(
+        "forged",
+        [None, "{internal}", "{internal}, {lb}", "{internal},{internal}", ["{internal}", "{lb}"]],
+        ids=["none", "internal", "internal-and-lb", "twice", "two-headers"])
+    def test_external_client_behind_lb_is_external(self, compose: Stack, at: Addresses,
+                                                   forged: str | list[str] | None) -> None:
+        """Whatever XFF an external client sends the LB, the LB's own entry names it."""
+        values = [] if forged is None else [forged] if isinstance(forged, str) else forged
+        headers = [("X-Forwarded-For", v.format(internal=at.of("client-internal", "internal"),
+                                                lb=at.of("lb", "edge"))) for v in values]
+        lb = str(at.of("lb", "external"))
+        since = len(compose.json_lines("sidecar"))
+        response = compose.request("client-external", lb, 8080, http_request(
+            "POST", "/mcp/internal", lb, [*MCP_HEADERS, *headers], WHOAMI))
+        assert (response.status, response.json()) == (404, {"error": "not_found"})
+        [record] = decisions_since(compose, since)
+        assert record["client_ip"] == str(at.of("client-external", "external"))
+        assert (record["client_ip_source"], record["network"]) == ("xff", "external")
+        assert record["peer"] == str(at.of("lb", "edge"))
+
+    def test_external_client_behind_lb_uses_public(self, compose: Stack, at: Addresses) -> None:
+        """Through the LB an external client still uses the public server."""
+        lb = at.of("lb", "external")
+        tools, whoami = use_server(compose, "client-external", url(lb, 8080, "/mcp/public"))
+        assert whoami["authorization"].startswith("Bearer demo-demo-public-")
+
+    @pytest.mark.parametrize("forged", ["{internal}", "{internal}, {lb}"])
+    def test_bypassing_the_lb_with_forged_xff_is_external(self, compose: Stack, at: Addresses,
+                                                          forged: str) -> None:
+        """Straight to Envoy, a forged XFF (even one ending in the LB) is not believed."""
+        xff = forged.format(internal=at.of("client-internal", "internal"),
+                            lb=at.of("lb", "edge"))
+        envoy = str(at.of("envoy", "external"))
+        since = len(compose.json_lines("sidecar"))
+        response = compose.request("client-external", envoy, envoy_port(compose), http_request(
+            "POST", "/mcp/internal", envoy, [*MCP_HEADERS, ("X-Forwarded-For", xff)], WHOAMI))
+        assert response.status == 404
+        [record] = decisions_since(compose, since)
+        assert (record["client_ip"], record["client_ip_source"]) == (
+            str(at.of("client-external", "external")), "peer")
