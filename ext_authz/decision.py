@@ -8,7 +8,7 @@ from typing import Generic, Literal, TypeVar
 
 from .config import Config, OAuth2Settings, RoutingSettings
 from .network import ClientIP, NetworkName, NetworkSet, classify, resolve_client_ip
-from .routing import Route, route
+from .routing import NO_SERVER, Route, route
 
 Reason = Literal[
     "allowed",
@@ -205,11 +205,13 @@ def explain(decision: Decision) -> list[str]:
         return [decision.detail]
     if target.name is None:
         steps.append("no server named by context extension, path or host")
+    elif target.name == NO_SERVER:
+        steps.append("the route names no server (Envoy's catch-all route)")
     else:
         steps.append(f"server {target.name!r} named by {target.source.replace('_', ' ')}")
     server = decision.server
     if server is None:
-        if target.name is not None:
+        if target.name:
             steps.append(f"server {target.name!r} is not configured")
     elif server.public:
         steps.append(f"server {server.name!r} is available on the public internet")

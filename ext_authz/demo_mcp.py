@@ -40,7 +40,8 @@ def build_mcp_server(name: str) -> MCPServer:
     return server
 
 
-def _redact(authorization: str) -> str:
+def redact_authorization(authorization: str) -> str:
+    """Cut an Authorization credential to its first characters, for the access log."""
     scheme, _, credential = authorization.partition(" ")
     if len(credential) <= _SHOWN_CREDENTIAL:
         return authorization
@@ -62,7 +63,7 @@ def log_requests(app: ASGIApp, name: str) -> ASGIApp:
             for raw_key, raw_value in scope["headers"]:
                 key, value = raw_key.decode("latin-1"), raw_value.decode("latin-1")
                 if key == "authorization":
-                    value = _redact(value)
+                    value = redact_authorization(value)
                 headers.setdefault(key, []).append(value)
             record = {"upstream": name, "method": scope["method"],
                       "raw_path": scope.get("raw_path", b"").decode("latin-1"),

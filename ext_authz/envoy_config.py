@@ -27,6 +27,9 @@ from envoy_data_plane.envoy.config.core.v3 import (
     DataSource,
     GrpcService,
     GrpcServiceEnvoyGrpc,
+    HeaderValue,
+    HeaderValueOption,
+    HeaderValueOptionHeaderAppendAction,
     HealthCheck,
     HealthCheckGrpcHealthCheck,
     Http1ProtocolOptions,
@@ -62,6 +65,7 @@ from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
 from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
     HttpConnectionManager,
     HttpConnectionManagerCodecType,
+    HttpConnectionManagerInternalAddressConfig,
     HttpConnectionManagerPathWithEscapedSlashesAction,
     HttpFilter,
 )
@@ -83,7 +87,8 @@ from envoy_data_plane.envoy.type.v3 import HttpStatus, StatusCode
 from envoy_data_plane.google.protobuf import Any as AnyMessage
 from envoy_data_plane.google.protobuf import Struct
 
-from .config import Config
+from .config import Config, IPNetwork
+from .routing import NO_SERVER
 from .service import SERVICE_NAME
 
 AUTHZ_CLUSTER = "mcp_ext_authz"
@@ -204,18 +209,21 @@ def _authz_cluster(sidecars: list[HostPort], tls: SidecarTLS | None) -> Cluster:
     return cluster
 
 
-def _per_route(server: str) -> dict[str, AnyMessage]:
+def _per_route(key: str, server: str) -> dict[str, AnyMessage]:
     # The route names its server: the sidecar then never reads the client-chosen path.
-    settings = ExtAuthzPerRoute(check_settings=CheckSettings(
-        context_extensions={"mcp_server": server}))
+    settings = ExtAuthzPerRoute(check_settings=CheckSettings(context_extensions={key: server}))
     return {EXT_AUTHZ_FILTER: AnyMessage.pack(settings)}
 
 
-def _routes(config: Config, upstreams: dict[str, HostPort]) -> list[VirtualHost]:
+def _routes(config: Config) -> list[VirtualHost]:
     key = config.routing.context_extension_key
+    # What no server route matches still goes through the sidecar, naming no server: its
+    # 404 is then byte for byte the one a hidden server gets. (Left to the sidecar's own
+    # path routing, `/mcp/public;x` would be "allowed" only to meet this route's 404.)
     not_found = Route(
         match=RouteMatch(prefix="/"),
         direct_response=DirectResponseAction(status=404),
+        typed_per_filter_config=_per_route(key, NO_SERVER),
     )
     if config.routing.path_prefix is not None:
         prefix = config.routing.path_prefix
@@ -224,31 +232,20 @@ def _routes(config: Config, upstreams: dict[str, HostPort]) -> list[VirtualHost]
             action = RouteAction(cluster=f"mcp_{name}", timeout=timedelta(0))
             for match in (RouteMatch(path=f"{prefix}{name}"),
                           RouteMatch(prefix=f"{prefix}{name}/")):
-                route = Route(match=match, route=action, typed_per_filter_config=_per_route(name))
-                routes.append(route)
+                routes.append(Route(match=match, route=action,
+                                    typed_per_filter_config=_per_route(key, name)))
         routes.append(not_found)
-        hosts = [VirtualHost(name="mcp", domains=["*"], routes=routes)]
-    else:
-        suffix = config.routing.host_suffix or ""
-        hosts = [
-            VirtualHost(
-                name=f"mcp_{name}", domains=[f"{name}{suffix}", f"{name}{suffix}:*"],
-                routes=[Route(match=RouteMatch(prefix="/"),
-                              route=RouteAction(cluster=f"mcp_{name}", timeout=timedelta(0)),
-                              typed_per_filter_config=_per_route(name))])
-            for name in sorted(config.servers)
-        ]
-        hosts.append(VirtualHost(name="unknown", domains=["*"], routes=[not_found]))
-    if key != "mcp_server":
-        for host in hosts:
-            for route in host.routes:
-                for packed in route.typed_per_filter_config.values():
-                    settings = packed.unpack()
-                    assert isinstance(settings, ExtAuthzPerRoute)
-                    assert settings.check_settings is not None
-                    extensions = settings.check_settings.context_extensions
-                    extensions[key] = extensions.pop("mcp_server")
-                    route.typed_per_filter_config[EXT_AUTHZ_FILTER] = AnyMessage.pack(settings)
+        return [VirtualHost(name="mcp", domains=["*"], routes=routes)]
+    suffix = config.routing.host_suffix or ""
+    hosts = [
+        VirtualHost(
+            name=f"mcp_{name}", domains=[f"{name}{suffix}", f"{name}{suffix}:*"],
+            routes=[Route(match=RouteMatch(prefix="/"),
+                          route=RouteAction(cluster=f"mcp_{name}", timeout=timedelta(0)),
+                          typed_per_filter_config=_per_route(key, name))])
+        for name in sorted(config.servers)
+    ]
+    hosts.append(VirtualHost(name="unknown", domains=["*"], routes=[not_found]))
     return hosts
 
 
@@ -273,7 +270,12 @@ def _access_log() -> AccessLog:
     return AccessLog(name="envoy.access_loggers.stdout", typed_config=AnyMessage.pack(stdout))
 
 
-def _connection_manager(config: Config, upstreams: dict[str, HostPort]) -> HttpConnectionManager:
+def _cidrs(networks: tuple[IPNetwork, ...]) -> list[CidrRange]:
+    return [CidrRange(address_prefix=str(n.network_address), prefix_len=n.prefixlen)
+            for n in networks]
+
+
+def _connection_manager(config: Config) -> HttpConnectionManager:
     authz = ExtAuthz(
         grpc_service=GrpcService(
             envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=AUTHZ_CLUSTER),
@@ -295,7 +297,23 @@ def _connection_manager(config: Config, upstreams: dict[str, HostPort]) -> HttpC
         merge_slashes=True,
         path_with_escaped_slashes_action=(
             HttpConnectionManagerPathWithEscapedSlashesAction.REJECT_REQUEST),
-        route_config=RouteConfiguration(name="mcp", virtual_hosts=_routes(config, upstreams)),
+        # Envoy trusts the x-envoy-* headers of callers it deems internal (by default every
+        # RFC 1918 address); make that the sidecar's internal network, so an external caller
+        # cannot hand the upstream its own x-envoy-external-address and the like.
+        internal_address_config=HttpConnectionManagerInternalAddressConfig(
+            cidr_ranges=_cidrs(config.network.internal_ranges)),
+        route_config=RouteConfiguration(
+            name="mcp", virtual_hosts=_routes(config),
+            # Envoy sets this header only on requests it deems edge requests, and passes a
+            # caller's own value on every other one (all of them, once trusted_proxies turns
+            # use_remote_address off). The upstream gets Envoy's view of the client instead:
+            # the same trusted-hop walk the sidecar does.
+            request_headers_to_add=[HeaderValueOption(
+                header=HeaderValue(key="x-envoy-external-address",
+                                   value="%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"),
+                append_action=HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
+            )],
+        ),
         http_filters=[
             HttpFilter(name=EXT_AUTHZ_FILTER, typed_config=AnyMessage.pack(authz)),
             HttpFilter(name="envoy.filters.http.router", typed_config=AnyMessage.pack(Router())),
@@ -305,10 +323,8 @@ def _connection_manager(config: Config, upstreams: dict[str, HostPort]) -> HttpC
     if config.network.trusted_proxies:
         # Give Envoy's own idea of the client (access logs, x-envoy-external-address) the
         # same trusted-CIDR walk the sidecar does.
-        xff = XffConfig(xff_trusted_cidrs=XffTrustedCidrs(cidrs=[
-            CidrRange(address_prefix=str(n.network_address), prefix_len=n.prefixlen)
-            for n in config.network.trusted_proxies
-        ]))
+        xff = XffConfig(xff_trusted_cidrs=XffTrustedCidrs(
+            cidrs=_cidrs(config.network.trusted_proxies)))
         manager.original_ip_detection_extensions = [TypedExtensionConfig(
             name="envoy.http.original_ip_detection.xff", typed_config=AnyMessage.pack(xff))]
         manager.use_remote_address = None
@@ -346,7 +362,7 @@ def build_bootstrap(
                                                      ipv4_compat=listen.host == "::")),
         filter_chains=[FilterChain(filters=[Filter(
             name="envoy.filters.network.http_connection_manager",
-            typed_config=AnyMessage.pack(_connection_manager(config, upstreams)),
+            typed_config=AnyMessage.pack(_connection_manager(config)),
         )])],
     )
     clusters = [_authz_cluster(sidecar_endpoints(sidecar, workers), sidecar_tls)]

@@ -10,6 +10,10 @@ from .config import RoutingSettings
 
 RouteSource = Literal["context_extension", "path", "host", "none"]
 
+# A context extension with this value names no server: `envoy-config` puts it on the
+# catch-all route, so whatever Envoy itself would not route is answered not_found.
+NO_SERVER = ""
+
 
 @dataclass(frozen=True, slots=True)
 class Route:

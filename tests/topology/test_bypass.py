@@ -1,0 +1,330 @@
+"""A bypass battery through the generated Envoy config, in both routing modes.
+
+Path mode is the compose stack itself (envoy/compose/envoy.yaml is `envoy-config` output).
+Host mode is the same sidecar config switched to `routing.host_suffix`, plus a server with
+no oauth2 settings, rendered by the real `mcp-ext-authz envoy-config` command and served by
+a second sidecar and Envoy in the same namespaces.
+
+Every request is sent as raw bytes (no client library normalizing it) and carries an
+`x-case` header, so the upstream's own access log (ext_authz.demo_mcp.log_requests) shows
+what, if anything, it received for that case. Each case must answer what DESIGN.md's
+decision table says: allowed (the upstream's answer, with the server's injected token),
+`404 {"error": "not_found"}` from the sidecar, or a rejection by Envoy before any check.
+Set MCP_EXT_AUTHZ_BATTERY_REPORT=FILE to write the observed table as Markdown.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from ext_authz.demo_mcp import redact_authorization
+
+from tests.topology.compose import ROOT, Service
+from tests.topology.stack import RawResponse, Stack, http_request
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
+
+WHOAMI = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                     "params": {"name": "whoami", "arguments": {}}}).encode()
+MCP = (("Content-Type", "application/json"), ("Accept", "application/json, text/event-stream"))
+NOT_FOUND = b'{"error": "not_found"}'
+HOST_SUFFIX = ".mcp.example"
+ATTACKER_TOKEN = "Bearer attacker-chosen-credential"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One request and the answer the decision table demands for it."""
+
+    id: str
+    target: str
+    expect: str  # "public", "internal", "open" (allowed, reaching it), "not_found", or "envoy"
+    host: str | None = "{envoy}"
+    headers: tuple[tuple[str, str], ...] = ()
+    client: str = "client-external"
+    method: str = "POST"
+    envoy_status: int | None = None  # for expect="envoy"
+
+    def request(self, envoy: str) -> bytes:
+        host = None if self.host is None else self.host.format(envoy=envoy)
+        headers = [*MCP, ("x-case", self.id), *self.headers]
+        return http_request(self.method, self.target.format(envoy=envoy), host, headers, WHOAMI)
+
+
+FORGED_ORIGIN = (
+    ("Forwarded", "for=172.30.1.20;proto=https"),
+    ("X-Real-IP", "172.30.1.20"),
+    ("X-Envoy-External-Address", "172.30.1.20"),
+    ("X-Envoy-Internal", "true"),
+    ("True-Client-IP", "172.30.1.20"),
+)
+
+COMMON_CASES = [
+    # X-Forwarded-For and the other headers that claim an origin: the peer decides.
+    Case("xff-internal", "{path}internal", "not_found",
+         headers=(("X-Forwarded-For", "172.30.1.20"),)),
+    Case("xff-two-headers", "{path}internal", "not_found",
+         headers=(("X-Forwarded-For", "172.30.1.20"), ("X-Forwarded-For", "172.30.1.20"))),
+    Case("xff-naming-lb", "{path}internal", "not_found",
+         headers=(("X-Forwarded-For", "172.30.1.20, 172.30.4.10"),)),
+    Case("origin-headers-hidden", "{path}internal", "not_found", headers=FORGED_ORIGIN),
+    Case("origin-headers-public", "{path}public", "public", headers=FORGED_ORIGIN),
+    # A caller's own credential never reaches an oauth2 server beside (or instead of) ours.
+    Case("authorization-oauth2-server", "{path}public", "public",
+         headers=(("Authorization", ATTACKER_TOKEN),)),
+    Case("authorization-twice", "{path}public", "public",
+         headers=(("Authorization", ATTACKER_TOKEN), ("authorization", "Basic YTpi"))),
+    Case("authorization-internal-caller", "{path}internal", "internal",
+         client="client-internal", headers=(("Authorization", ATTACKER_TOKEN),)),
+    Case("authorization-hidden", "{path}internal", "not_found",
+         headers=(("Authorization", ATTACKER_TOKEN),)),
+]
+
+PATH_CASES = [
+    Case("public", "/mcp/public", "public"),
+    Case("hidden", "/mcp/internal", "not_found"),
+    Case("unknown", "/mcp/missing", "not_found"),
+    Case("internal-caller", "/mcp/internal", "internal", client="client-internal"),
+    Case("dotdot", "/mcp/public/../internal", "not_found"),
+    Case("dotdot-encoded", "/mcp/public/%2e%2e/internal", "not_found"),
+    Case("dotdot-mixed", "/mcp/public/.%2E/internal", "not_found"),
+    Case("backslash", "/mcp/public\\..\\internal", "not_found"),
+    Case("encoded-slash", "/mcp/public%2F..%2Finternal", "envoy", envoy_status=400),
+    Case("encoded-slash-lower", "/mcp/public%2f..%2finternal", "envoy", envoy_status=400),
+    Case("double-slash", "//mcp//internal", "not_found"),
+    Case("semicolon", "/mcp/internal;x=1", "not_found"),
+    Case("semicolon-dotdot", "/mcp/public;/../internal", "not_found"),
+    Case("upper-case", "/MCP/INTERNAL", "not_found"),
+    Case("mixed-case", "/mcp/Internal", "not_found"),
+    Case("trailing-dot", "/mcp/internal.", "not_found"),
+    Case("trailing-slash", "/mcp/internal/", "not_found"),
+    Case("encoded-letter", "/mcp/%69nternal", "not_found"),
+    Case("nul", "/mcp/internal%00", "envoy", envoy_status=400),
+    Case("semicolon-public", "/mcp/public;x=1", "not_found"),
+    Case("query", "/mcp/internal?x=/mcp/public", "not_found"),
+    Case("query-dotdot", "/mcp/public?/../internal", "public"),
+    Case("fragment", "/mcp/public#/../internal", "envoy", envoy_status=400),
+    Case("absolute-form", "http://{envoy}/mcp/internal", "not_found", host="public.example"),
+    Case("absolute-form-public", "http://evil.example/mcp/public", "public"),
+    Case("long-path-hidden", "/mcp/internal/" + "a" * 8000, "not_found"),
+    Case("long-path-public", "/mcp/public/" + "a" * 8000, "public"),
+    Case("too-long-path", "/mcp/public/" + "a" * 70000, "envoy", envoy_status=431),
+    Case("host-names-internal", "/mcp/public", "public", host="internal.mcp.example"),
+    Case("no-host", "/mcp/internal", "envoy", host=None, envoy_status=400),
+    Case("two-hosts", "/mcp/internal", "not_found", headers=(("Host", "x.example"),)),
+    Case("not-mcp", "/", "not_found"),
+    *[Case(c.id, c.target.format(path="/mcp/"), c.expect, c.host, c.headers, c.client)
+      for c in COMMON_CASES],
+]
+
+HOST_CASES = [
+    Case("public", "/mcp/public", "public", host="public.mcp.example"),
+    Case("hidden", "/mcp/public", "not_found", host="internal.mcp.example"),
+    Case("unknown", "/mcp/public", "not_found", host="missing.mcp.example"),
+    Case("internal-caller", "/mcp/internal", "internal", host="internal.mcp.example",
+         client="client-internal"),
+    Case("host-with-port", "/mcp/internal", "not_found", host="internal.mcp.example:10001"),
+    Case("host-upper-case", "/mcp/internal", "not_found", host="INTERNAL.MCP.EXAMPLE"),
+    Case("host-trailing-dot", "/mcp/internal", "not_found", host="internal.mcp.example."),
+    Case("host-prefix", "/mcp/internal", "not_found", host="xinternal.mcp.example"),
+    Case("host-userinfo", "/mcp/internal", "not_found",
+         host="public.mcp.example@internal.mcp.example"),
+    Case("host-suffix-only", "/mcp/internal", "not_found", host=".mcp.example"),
+    Case("host-other-domain", "/mcp/internal", "not_found", host="internal.mcp.example.evil"),
+    Case("absolute-form", "http://internal.mcp.example/mcp/internal", "not_found",
+         host="public.mcp.example"),
+    Case("absolute-form-public", "http://public.mcp.example/mcp/public", "public",
+         host="internal.mcp.example"),
+    Case("x-forwarded-host", "/mcp/public", "public", host="public.mcp.example",
+         headers=(("X-Forwarded-Host", "internal.mcp.example"),)),
+    Case("two-hosts", "/mcp/public", "not_found", host="public.mcp.example",
+         headers=(("Host", "internal.mcp.example"),)),
+    Case("path-names-internal", "/mcp/internal", "public", host="public.mcp.example"),
+    Case("no-host", "/mcp/internal", "envoy", host=None, envoy_status=400),
+    # A server without oauth2 settings: the caller's own Authorization passes, unchanged.
+    Case("authorization-no-oauth2", "/mcp/public", "open", host="open.mcp.example",
+         headers=(("Authorization", ATTACKER_TOKEN),)),
+    *[Case(c.id, c.target.format(path="/mcp/"), c.expect,
+           f"{c.target.format(path='').split('/')[0]}{HOST_SUFFIX}", c.headers, c.client)
+      for c in COMMON_CASES],
+]
+
+
+@dataclass
+class Gateway:
+    """One Envoy of the battery: where clients reach it, and the processes to read logs of."""
+
+    name: str
+    port: int
+    sidecar: str
+    envoy: str
+    upstreams: dict[str, str] = field(default_factory=lambda: {
+        "public": "mcp-public", "internal": "mcp-internal", "open": "mcp-public"})
+    tokens: dict[str, bool] = field(default_factory=lambda: {
+        "public": True, "internal": True, "open": False})
+
+
+def envoy_address(stack: Stack, client: str) -> str:
+    network = next(iter(stack.topology.services[client].addresses))
+    return str(stack.topology.services["envoy"].address(network))
+
+
+def render_envoy_config(stack: Stack, config: Path, listen: str, admin: str,
+                        sidecar: str) -> Path:
+    """`mcp-ext-authz envoy-config` for a sidecar config, written to the stack's workdir."""
+    service = stack.topology.services["sidecar"]
+    servers = yaml.safe_load(config.read_text())["servers"]
+    upstreams = {"public": "mcp-public:8000", "internal": "mcp-internal:8000",
+                 "open": "mcp-public:8000"}
+    argv = [sys.executable, "-m", "ext_authz", "envoy-config", "--config", str(config),
+            "--listen", listen, "--admin", admin, "--sidecar", sidecar]
+    argv += [arg for name in servers for arg in ("--upstream", f"{name}={upstreams[name]}")]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False,
+                            env={**os.environ, **service.environment})
+    assert result.returncode == 0, result.stderr
+    path = stack.workdir / f"envoy-{config.stem}.yaml"
+    path.write_text(result.stdout)
+    return path
+
+
+def start_gateway(stack: Stack, name: str, sidecar_config: Path | None,
+                  envoy_config: Path) -> None:
+    """Start (a sidecar and) an Envoy beside the compose ones, in the same namespaces."""
+    sidecar = stack.topology.services["sidecar"]
+    envoy = stack.topology.services["envoy"]
+    if sidecar_config is not None:
+        stack.start(f"sidecar-{name}", [sys.executable, "-m", "ext_authz", "serve",
+                                        "--config", str(sidecar_config)],
+                    "sidecar", sidecar.environment)
+        admin = yaml.safe_load(sidecar_config.read_text())["admin"]["listen"]
+        check = ("import urllib.request; urllib.request.urlopen("
+                 f"'http://127.0.0.1:{admin.rpartition(':')[2]}/readyz', timeout=2)")
+        stack.wait_ready(Service(sidecar.name, "app", (), {}, sidecar.addresses, (),
+                                 (sys.executable, "-c", check)), f"sidecar-{name}")
+    stack.start(f"envoy-{name}", [*envoy.argv[:1], "-c", str(envoy_config),
+                                  "--disable-hot-restart", "-l", "warning"], "envoy")
+    stack.wait_ready(Service(envoy.name, "envoy", (envoy.argv[0], "-c", str(envoy_config)),
+                             {}, envoy.addresses, (), None), f"envoy-{name}")
+
+
+@pytest.fixture(scope="module")
+def host_mode(compose: Stack) -> Gateway:
+    """The compose sidecar config in host mode with an `open` server, and its Envoy."""
+    data = yaml.safe_load((ROOT / "envoy/compose/sidecar.yaml").read_text())
+    data["grpc"]["listen"] = "0.0.0.0:9291"
+    data["admin"]["listen"] = "0.0.0.0:9292"
+    data["routing"] = {"path_prefix": None, "host_suffix": HOST_SUFFIX}
+    data["servers"]["open"] = {"available_on_public_internet": True}
+    config = compose.workdir / "sidecar-host.yaml"
+    config.write_text(yaml.safe_dump(data))
+    envoy = render_envoy_config(compose, config, "[::]:10001", "127.0.0.1:9902", "sidecar:9291")
+    start_gateway(compose, "host", config, envoy)
+    return Gateway("host", 10001, "sidecar-host", "envoy-host")
+
+
+@pytest.fixture(scope="module")
+def path_mode(compose: Stack) -> Gateway:
+    return Gateway("path", 10000, "sidecar", "envoy")
+
+
+@dataclass
+class Observed:
+    case: Case
+    response: RawResponse
+    upstream: list[dict[str, Any]]
+
+
+REPORT: list[tuple[str, Observed]] = []
+
+
+def upstream_record(stack: Stack, case: Case, upstream: str) -> list[dict[str, Any]]:
+    return [r for r in stack.json_lines(upstream) if r["headers"].get("x-case") == [case.id]]
+
+
+def check(stack: Stack, gateway: Gateway, case: Case) -> None:
+    before = {u: len(upstream_record(stack, case, u)) for u in ("mcp-public", "mcp-internal")}
+    decisions = len(stack.json_lines(gateway.sidecar))
+    envoy = envoy_address(stack, case.client)
+    response = stack.request(case.client, envoy, gateway.port,
+                             case.request(f"{envoy}:{gateway.port}"))
+    reached_sidecar = case.expect != "envoy"
+    records = stack.new_lines(gateway.sidecar, decisions, 1 if reached_sidecar else 0)
+    received = []
+    for upstream in ("mcp-public", "mcp-internal"):
+        received += upstream_record(stack, case, upstream)[before[upstream]:]
+    REPORT.append((gateway.name, Observed(case, response, received)))
+    if case.expect == "envoy":
+        assert response.status == case.envoy_status, response.raw[:300]
+        assert received == []
+        return
+    [decision] = records
+    if case.expect == "not_found":
+        assert (response.status, response.body) == (404, NOT_FOUND), response.raw[:300]
+        assert response.header("content-type") == "application/json"
+        assert decision["reason"] == "not_found"
+        assert received == []
+        return
+    assert decision["reason"] == "allowed", decision
+    assert decision["server"] == case.expect
+    upstream = gateway.upstreams[case.expect]
+    [record] = received
+    assert record["upstream"] == upstream.removeprefix("mcp-")
+    # Whatever origin the caller claimed, this header holds the address the sidecar judged.
+    assert record["headers"]["x-envoy-external-address"] == [decision["client_ip"]]
+    authorization = record["headers"].get("authorization", [])
+    if gateway.tokens[case.expect]:
+        assert len(authorization) == 1
+        assert authorization[0].startswith(f"Bearer demo-demo-{upstream.removeprefix('mcp-')}")
+    else:
+        own = [redact_authorization(v) for k, v in case.headers if k.lower() == "authorization"]
+        assert authorization == own
+
+
+class TestPathMode:
+    """envoy/compose/envoy.yaml: routes by path, each naming its server."""
+
+    @pytest.mark.parametrize("case", PATH_CASES, ids=[c.id for c in PATH_CASES])
+    def test_case(self, compose: Stack, path_mode: Gateway, case: Case) -> None:
+        """The answer is the decision table's; the upstream got only what was allowed."""
+        check(compose, path_mode, case)
+
+
+class TestHostMode:
+    """The same sidecar config with `routing.host_suffix`, rendered by `envoy-config`."""
+
+    @pytest.mark.parametrize("case", HOST_CASES, ids=[c.id for c in HOST_CASES])
+    def test_case(self, compose: Stack, host_mode: Gateway, case: Case) -> None:
+        """The answer is the decision table's; the upstream got only what was allowed."""
+        check(compose, host_mode, case)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report() -> Iterator[None]:
+    yield
+    path = os.environ.get("MCP_EXT_AUTHZ_BATTERY_REPORT")
+    if not path:
+        return
+    lines = ["| mode | case | client | request | answer | upstream received |",
+             "|---|---|---|---|---|---|"]
+    for mode, seen in REPORT:
+        request = seen.case.request("ENVOY").split(b"\r\n", 1)[0].decode("latin-1")
+        if len(request) > 70:
+            request = request[:60] + "..." + request[-8:]
+        answer = f"{seen.response.status} {seen.response.body[:40].decode('latin-1')}"
+        got = "; ".join(
+            f"{r['upstream']} {r['raw_path'][:40]}{'?' + r['query'] if r['query'] else ''}"
+            f" auth={r['headers'].get('authorization')}"
+            for r in seen.upstream) or "nothing"
+        lines.append(f"| {mode} | {seen.case.id} | {seen.case.client.removeprefix('client-')}"
+                     f" | `{request}` | {answer.replace('|', '/')} | {got} |")
+    Path(path).write_text("\n".join(lines) + "\n")
