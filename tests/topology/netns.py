@@ -9,6 +9,7 @@ first removes what a killed earlier run left behind.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ipaddress
 import os
@@ -86,10 +87,8 @@ def _kill_pids(namespace: str) -> None:
     result = subprocess.run(["ip", "netns", "pids", namespace], capture_output=True,
                             text=True, timeout=30, check=False)
     for pid in result.stdout.split():
-        try:
+        with contextlib.suppress(ProcessLookupError, ValueError):
             os.kill(int(pid), 9)
-        except (ProcessLookupError, ValueError):
-            pass
 
 
 def _delete_namespace(namespace: str) -> None:

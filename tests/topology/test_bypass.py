@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
+import re
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,6 @@ import pytest
 import yaml
 
 from ext_authz.demo_mcp import redact_authorization
-
 from tests.topology.compose import ROOT, Service
 from tests.topology.stack import RawResponse, Stack, http_request
 
@@ -328,3 +329,154 @@ def report() -> Iterator[None]:
         lines.append(f"| {mode} | {seen.case.id} | {seen.case.client.removeprefix('client-')}"
                      f" | `{request}` | {answer.replace('|', '/')} | {got} |")
     Path(path).write_text("\n".join(lines) + "\n")
+
+
+def masked(response: RawResponse) -> bytes:
+    """The response bytes with the Date header's value blanked (it names the second)."""
+    return re.sub(rb"(?im)^(date:)[^\r\n]*", rb"\1 *", response.raw)
+
+
+class TestIdenticalAnswers:
+    """A hidden server and an unknown one answer the same bytes, headers included."""
+
+    @pytest.mark.parametrize(
+        ("mode", "requests"),
+        [("path", [("/mcp/internal", "{envoy}"), ("/mcp/missing", "{envoy}"),
+                   ("/elsewhere", "{envoy}"), ("/mcp/internal;x", "{envoy}")]),
+         ("host", [("/mcp/public", "internal.mcp.example"), ("/mcp/public", "missing.mcp.example"),
+                   ("/mcp/public", "elsewhere.example"), ("/", "internal.mcp.example.")])],
+    )
+    def test_byte_identical(self, compose: Stack, path_mode: Gateway, host_mode: Gateway,
+                            mode: str, requests: list[tuple[str, str]]) -> None:
+        """Every not_found answer from an external caller is the same bytes."""
+        gateway = path_mode if mode == "path" else host_mode
+        envoy = envoy_address(compose, "client-external")
+        answers = set()
+        for target, host in requests:
+            case = Case("identical", target, "not_found", host=host)
+            response = compose.request("client-external", envoy, gateway.port,
+                                       case.request(f"{envoy}:{gateway.port}"))
+            assert response.status == 404
+            answers.add(masked(response))
+        assert len(answers) == 1, answers
+
+
+# -- what the generated config must say, shown by what goes wrong without it -------------
+
+ENVOY_CONFIG = ROOT / "envoy/compose/envoy.yaml"
+
+
+def connection_manager(bootstrap: dict[str, Any]) -> dict[str, Any]:
+    listener = bootstrap["static_resources"]["listeners"][0]
+    return dict(listener["filter_chains"][0]["filters"][0]["typed_config"])
+
+
+def start_variant(stack: Stack, name: str, port: int, change: Callable[[dict[str, Any]], None]
+                  ) -> Gateway:
+    """envoy/compose/envoy.yaml with one safety setting changed, as another Envoy."""
+    bootstrap = yaml.safe_load(ENVOY_CONFIG.read_text())
+    listener = bootstrap["static_resources"]["listeners"][0]
+    listener["address"]["socket_address"]["port_value"] = port
+    bootstrap["admin"]["address"]["socket_address"]["port_value"] = port - 1000
+    change(bootstrap)
+    path = stack.workdir / f"envoy-{name}.yaml"
+    path.write_text(yaml.safe_dump(bootstrap, sort_keys=False))
+    start_gateway(stack, name, None, path)
+    return Gateway(name, port, "sidecar", f"envoy-{name}")
+
+
+def dead_sidecar(bootstrap: dict[str, Any]) -> None:
+    [authz] = [c for c in bootstrap["static_resources"]["clusters"]
+               if c["name"] == "mcp_ext_authz"]
+    endpoint = authz["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    endpoint["address"]["socket_address"]["port_value"] = 9  # nothing listens there
+
+
+def send(stack: Stack, gateway: Gateway, case: Case) -> RawResponse:
+    envoy = envoy_address(stack, case.client)
+    return stack.request(case.client, envoy, gateway.port,
+                         case.request(f"{envoy}:{gateway.port}"))
+
+
+class TestUnsafeVariants:
+    """Each Envoy setting the generator emits for safety, removed: the attack then works."""
+
+    def test_without_path_normalization(self, compose: Stack, path_mode: Gateway) -> None:
+        """Unnormalized, `/mcp/public/../internal` is authorized as public and handed on."""
+        def unsafe(bootstrap: dict[str, Any]) -> None:
+            manager = connection_manager(bootstrap)
+            for key in ("normalize_path", "merge_slashes", "path_with_escaped_slashes_action"):
+                manager.pop(key)
+            bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+                "typed_config"] = manager
+
+        case = Case("unsafe-dotdot", "/mcp/public/../internal", "not_found")
+        assert send(compose, path_mode, case).body == NOT_FOUND
+        gateway = start_variant(compose, "unnormalized", 10011, unsafe)
+        since = len(compose.json_lines("mcp-public"))
+        send(compose, gateway, case)
+        [record] = compose.new_lines("mcp-public", since)
+        # The public server's token, on a path that resolves to the hidden server: an
+        # upstream that removes dot segments (many do) serves /mcp/internal to the internet.
+        assert record["raw_path"] == "/mcp/public/../internal"
+        assert posixpath.normpath(record["raw_path"]) == "/mcp/internal"
+        assert record["headers"]["authorization"][0].startswith("Bearer demo-demo-public")
+
+    def test_without_failing_closed(self, compose: Stack) -> None:
+        """With the sidecar unreachable, failure_mode_allow lets an outsider in; ours is 503."""
+        def closed(bootstrap: dict[str, Any]) -> None:
+            dead_sidecar(bootstrap)
+
+        def open_(bootstrap: dict[str, Any]) -> None:
+            dead_sidecar(bootstrap)
+            authz = connection_manager(bootstrap)["http_filters"][0]["typed_config"]
+            authz["failure_mode_allow"] = True
+
+        case = Case("unsafe-fail-open", "/mcp/internal", "not_found")
+        safe = start_variant(compose, "dead-sidecar", 10012, closed)
+        assert send(compose, safe, case).status == 503
+        unsafe = start_variant(compose, "fail-open", 10013, open_)
+        since = len(compose.json_lines("mcp-internal"))
+        response = send(compose, unsafe, case)
+        assert response.status == 200
+        [record] = compose.new_lines("mcp-internal", since)
+        assert record["headers"]["x-forwarded-for"] == [
+            str(compose.topology.services["client-external"].address("external"))]
+        assert "authorization" not in record["headers"]
+
+    def test_without_catch_all_naming_no_server(self, compose: Stack) -> None:
+        """An unnamed catch-all lets path routing 'allow' a request Envoy then 404s itself."""
+        def unsafe(bootstrap: dict[str, Any]) -> None:
+            routes = connection_manager(bootstrap)["route_config"]["virtual_hosts"][0]["routes"]
+            routes[-1].pop("typed_per_filter_config")
+
+        gateway = start_variant(compose, "unnamed-catch-all", 10014, unsafe)
+        since = len(compose.json_lines("sidecar"))
+        response = send(compose, gateway, Case("unsafe-catch-all", "/mcp/public;x", "public"))
+        [decision] = compose.new_lines("sidecar", since)
+        assert (decision["reason"], decision["server"]) == ("allowed", "public")
+        assert response.status == 404
+        assert response.body != NOT_FOUND  # Envoy's own 404, told apart from not_found
+
+    def test_without_overwriting_external_address(self, compose: Stack) -> None:
+        """Left to Envoy, a caller's own x-envoy-external-address reaches the upstream."""
+        def unsafe(bootstrap: dict[str, Any]) -> None:
+            connection_manager(bootstrap)["route_config"].pop("request_headers_to_add")
+
+        gateway = start_variant(compose, "forwarded-address", 10015, unsafe)
+        since = len(compose.json_lines("mcp-public"))
+        send(compose, gateway, Case("unsafe-address", "/mcp/public", "public",
+                                    headers=(("X-Envoy-External-Address", "172.30.1.20"),)))
+        [record] = compose.new_lines("mcp-public", since)
+        assert record["headers"]["x-envoy-external-address"] == ["172.30.1.20"]
+
+    def test_without_ipv4_preferred_dns(self, compose: Stack) -> None:
+        """Envoy's default DNS family picks the AAAA record: the IPv4-only upstream is lost."""
+        def unsafe(bootstrap: dict[str, Any]) -> None:
+            for cluster in bootstrap["static_resources"]["clusters"]:
+                cluster.pop("dns_lookup_family", None)
+
+        gateway = start_variant(compose, "dns-auto", 10016, unsafe)
+        response = send(compose, gateway, Case("unsafe-dns", "/mcp/public", "public"))
+        assert response.status == 503
+        assert b"upstream connect error" in response.body
