@@ -38,6 +38,9 @@ DEFAULT_INTERNAL_RANGES: tuple[str, ...] = (
 )
 
 SERVER_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,62}[A-Za-z0-9_])?$")
+NETWORK_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,62}$")
+TOOL_NAME = re.compile(r"^[A-Za-z0-9_./-]{1,128}$")  # MCP's tool-name alphabet
+INTERNAL_NETWORK, EXTERNAL_NETWORK = "internal", "external"  # built-in network names
 _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -103,6 +106,8 @@ class NetworkSettings(_Frozen):
         default_factory=lambda: _parse_networks(list(DEFAULT_INTERNAL_RANGES))
     )
     trusted_proxies: tuple[IPNetwork, ...] = ()
+    # Named networks beyond `internal` (which is internal_ranges), for servers' visible_to.
+    networks: dict[str, tuple[IPNetwork, ...]] = Field(default_factory=dict)
     # Bounds on what one CheckRequest can make the sidecar read; beyond them it fails closed.
     max_xff_entries: Annotated[int, Field(ge=1, le=1000)] = 32
     max_xff_bytes: Annotated[int, Field(ge=64, le=1_048_576)] = 8192
@@ -110,6 +115,29 @@ class NetworkSettings(_Frozen):
     _networks = field_validator("internal_ranges", "trusted_proxies", mode="before")(
         _parse_networks
     )
+
+    @field_validator("networks", mode="before")
+    @classmethod
+    def _named(cls, value: Any) -> dict[str, tuple[IPNetwork, ...]]:
+        if not isinstance(value, dict):
+            raise ValueError("expected a mapping of network name to a list of CIDRs")
+        named = {}
+        for name, cidrs in value.items():
+            if name in (INTERNAL_NETWORK, EXTERNAL_NETWORK):
+                raise ValueError(f"{name!r} is a built-in network name"
+                                 " (internal is network.internal_ranges)")
+            if not isinstance(name, str) or not NETWORK_NAME.match(name):
+                raise ValueError(f"network name {name!r} must be a letter then up to 62"
+                                 " letters, digits, '_' or '-'")
+            try:
+                named[name] = _parse_networks(cidrs)
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
+        return named
+
+    def named(self) -> list[tuple[str, tuple[IPNetwork, ...]]]:
+        """Every named network, `internal` first, then in config order."""
+        return [(INTERNAL_NETWORK, self.internal_ranges), *self.networks.items()]
 
 
 class RoutingSettings(_Frozen):
@@ -209,9 +237,38 @@ class OAuth2Settings(_Frozen):
         )
 
 
+class ToolSettings(_Frozen):
+    # Defaults to its server's value (filled in by Config). A tool only narrows its server.
+    available_on_public_internet: bool
+    visible_to: tuple[str, ...] = ()
+
+
 class ServerSettings(_Frozen):
     available_on_public_internet: bool
+    # Networks (names from network.networks) that see an internal-only server too.
+    visible_to: tuple[str, ...] = ()
     oauth2: OAuth2Settings | None = None
+    tools: dict[str, ToolSettings] = Field(default_factory=dict)
+    # What this server answers for a tools/call of a tool it does not have; a hidden tool
+    # gets the same: `tool_error` (a result with isError, as the official Python SDK
+    # does) or `jsonrpc_error` (error -32602, as the MCP specification's example does).
+    unknown_tool_reply: Literal["tool_error", "jsonrpc_error"] = "tool_error"
+
+    @field_validator("tools")
+    @classmethod
+    def _tool_names(cls, value: dict[str, ToolSettings]) -> dict[str, ToolSettings]:
+        for name in value:
+            if not TOOL_NAME.match(str(name)):
+                raise ValueError(f"tool name {name!r} must be 1-128 letters, digits,"
+                                 " '_', '-', '.' or '/'")
+        return value
+
+
+class McpSettings(_Frozen):
+    # Bounds on the JSON-RPC bodies read for tool rules (servers with `tools`). Envoy
+    # refuses a bigger body itself (413); a batch of more messages is a 400.
+    max_body_bytes: Annotated[int, Field(ge=1024, le=16 * 1024 * 1024)] = 1024 * 1024
+    max_batch_messages: Annotated[int, Field(ge=1, le=1000)] = 32
 
 
 class DecisionLogSettings(_Frozen):
@@ -236,6 +293,7 @@ class Config(_Frozen):
     routing: RoutingSettings = RoutingSettings()
     defaults: DefaultSettings = DefaultSettings()
     tokens: TokenSettings = TokenSettings()
+    mcp: McpSettings = McpSettings()
     servers: dict[str, ServerSettings] = Field(default_factory=dict)
 
     @model_validator(mode="before")
@@ -257,6 +315,13 @@ class Config(_Frozen):
                 server = {}
             if isinstance(server, dict):
                 server = {"available_on_public_internet": public, **server}
+                server_public = server["available_on_public_internet"]
+                if isinstance(server.get("tools"), dict):
+                    # ... and each tool its server's value.
+                    server["tools"] = {
+                        tool: {"available_on_public_internet": server_public, **(rule or {})}
+                        if isinstance(rule, dict | None) else rule
+                        for tool, rule in server["tools"].items()}
             servers[name] = server
         return {**data, "servers": servers}
 
@@ -361,6 +426,44 @@ def _key_path(loc: tuple[int | str, ...]) -> str:
     return "".join(parts) or "(top level)"
 
 
+def _visibility_problems(config: Config) -> list[str]:
+    """Check every visible_to against the named networks, and that tools only narrow."""
+    known = [name for name, _ in config.network.named()]
+    problems = []
+
+    def unknown(key: str, names: tuple[str, ...]) -> None:
+        for index, name in enumerate(names):
+            if name not in known:
+                problems.append(f"{key}[{index}]: unknown network {name!r}"
+                                f" (known: {', '.join(known)})")
+
+    for server_name, server in config.servers.items():
+        key = f"servers.{server_name}"
+        if server.visible_to and server.available_on_public_internet:
+            problems.append(f"{key}.visible_to: only a server with"
+                            " available_on_public_internet: false takes visible_to"
+                            " (a public server is visible to every network)")
+        unknown(f"{key}.visible_to", server.visible_to)
+        for tool_name, tool in server.tools.items():
+            tool_key = f"{key}.tools.{tool_name}"
+            if tool.available_on_public_internet and not server.available_on_public_internet:
+                problems.append(f"{tool_key}.available_on_public_internet: a tool of an"
+                                " internal-only server cannot be public (a tool only narrows"
+                                " what its server allows)")
+            if tool.visible_to and tool.available_on_public_internet:
+                problems.append(f"{tool_key}.visible_to: only a tool with"
+                                " available_on_public_internet: false takes visible_to")
+            unknown(f"{tool_key}.visible_to", tool.visible_to)
+            if not server.available_on_public_internet:
+                for index, name in enumerate(tool.visible_to):
+                    if name in known and name not in (INTERNAL_NETWORK, *server.visible_to):
+                        problems.append(
+                            f"{tool_key}.visible_to[{index}]: network {name!r} cannot see"
+                            f" server {server_name!r} (add it to {key}.visible_to first:"
+                            " a tool only narrows what its server allows)")
+    return problems
+
+
 def _read_files(config: Config) -> tuple[Config, list[str]]:
     """Read every `client_secret_file` into `client_secret` and check the TLS files exist."""
     problems = []
@@ -406,7 +509,9 @@ def parse_config(data: Any, env: Mapping[str, str] | None = None,
         raise ConfigError(
             [f"{_key_path(err['loc'])}: {err['msg']}" for err in exc.errors()], source
         ) from None
-    config, problems = _read_files(config)
+    problems = _visibility_problems(config)
+    config, file_problems = _read_files(config)
+    problems += file_problems
     if problems:
         raise ConfigError(problems, source)
     return config

@@ -6,13 +6,27 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Generic, Literal, TypeVar
 
-from .config import Config, OAuth2Settings, RoutingSettings
-from .network import ClientIP, NetworkName, NetworkSet, classify, resolve_client_ip
+from .config import Config, McpSettings, OAuth2Settings, RoutingSettings
+from .jsonrpc import (
+    INVALID_REQUEST,
+    NO_BODY,
+    Body,
+    ToolCall,
+    UnknownToolReply,
+    error_reply,
+    read_tool_calls,
+    refusal_reply,
+    unknown_tool_reply,
+)
+from .network import EXTERNAL, ClientIP, NetworkMap, NetworkSet, Placement, resolve_client_ip
 from .routing import NO_SERVER, Route, route
 
 Reason = Literal[
     "allowed",
     "not_found",
+    "tool_not_found",
+    "batch_refused",
+    "bad_mcp_request",
     "upstream_credentials_unavailable",
     "bad_request",
     "internal_error",
@@ -27,6 +41,11 @@ GRPC_INTERNAL, GRPC_UNAVAILABLE = 13, 14
 OUTCOMES: dict[Reason, tuple[int, int]] = {
     "allowed": (GRPC_OK, 200),
     "not_found": (GRPC_PERMISSION_DENIED, 404),
+    # A hidden tool gets what the server says of a tool it lacks: a JSON-RPC answer, 200
+    # (202 with no body for a notification, as the MCP Python SDK answers one).
+    "tool_not_found": (GRPC_PERMISSION_DENIED, 200),
+    "batch_refused": (GRPC_PERMISSION_DENIED, 400),
+    "bad_mcp_request": (GRPC_INVALID_ARGUMENT, 400),
     "upstream_credentials_unavailable": (GRPC_UNAVAILABLE, 503),
     "bad_request": (GRPC_INVALID_ARGUMENT, 400),
     "internal_error": (GRPC_INTERNAL, 500),
@@ -43,13 +62,51 @@ class RequestFacts:
     authority: str
     context_extensions: Mapping[str, str] = field(default_factory=dict)
     has_http: bool = True
+    body: Body = NO_BODY
+
+
+@dataclass(frozen=True, slots=True)
+class Visibility:
+    """Who sees a server or a tool, and the config key that says so."""
+
+    public: bool
+    visible_to: frozenset[str]
+    key: str  # e.g. "servers.github" or "servers.github.tools.delete_repo"
+
+    def judge(self, placement: Placement) -> tuple[bool, str]:
+        """Whether a caller so placed sees it, and the config key that decided."""
+        if self.public:
+            return True, f"{self.key}.available_on_public_internet"
+        if placement.internal:
+            return True, "network.internal_ranges"
+        if not self.visible_to.isdisjoint(placement.members):
+            return True, f"{self.key}.visible_to"
+        setting = "visible_to" if self.visible_to else "available_on_public_internet"
+        return False, f"{self.key}.{setting}"
 
 
 @dataclass(frozen=True, slots=True)
 class ServerPolicy:
     name: str
-    public: bool
+    visibility: Visibility
     oauth2: OAuth2Settings | None
+    tools: Mapping[str, Visibility] = field(default_factory=dict)
+    unknown_tool_reply: UnknownToolReply = "tool_error"
+
+    @property
+    def public(self) -> bool:
+        return self.visibility.public
+
+    @classmethod
+    def from_config(cls, name: str, config: Config) -> ServerPolicy:
+        server = config.servers[name]
+        key = f"servers.{name}"
+        tools = {tool: Visibility(rule.available_on_public_internet,
+                                  frozenset(rule.visible_to), f"{key}.tools.{tool}")
+                 for tool, rule in server.tools.items()}
+        return cls(name, Visibility(server.available_on_public_internet,
+                                    frozenset(server.visible_to), key),
+                   server.oauth2, tools, server.unknown_tool_reply)
 
 
 # Decisions are remembered per (peer, X-Forwarded-For, route inputs): the same few callers
@@ -63,32 +120,36 @@ DECISION_CACHE_MAX_INPUT = 512
 class Policy:
     """A config compiled once for the hot path: network sets built, servers in a dict."""
 
-    internal_ranges: NetworkSet
+    networks: NetworkMap
     trusted_proxies: NetworkSet
     routing: RoutingSettings
     servers: Mapping[str, ServerPolicy]
     max_xff_entries: int
     max_xff_bytes: int
+    mcp: McpSettings = field(default_factory=McpSettings)
     decision_cache: dict[tuple[str, str | None, str | None, str, str], Decision] = field(
+        default_factory=dict, compare=False, repr=False)
+    # (server decision, configured tool) -> the same decision naming the tool, remembered
+    # so that an allowed tools/call keeps the identity PerDecision looks values up by.
+    tool_cache: dict[tuple[int, str], tuple[Decision, Decision]] = field(
         default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_config(cls, config: Config) -> Policy:
         return cls(
-            internal_ranges=NetworkSet(config.network.internal_ranges),
+            networks=NetworkMap(config.network.named()),
             trusted_proxies=NetworkSet(config.network.trusted_proxies),
             routing=config.routing,
-            servers={
-                name: ServerPolicy(name, server.available_on_public_internet, server.oauth2)
-                for name, server in config.servers.items()
-            },
+            servers={name: ServerPolicy.from_config(name, config) for name in config.servers},
             max_xff_entries=config.network.max_xff_entries,
             max_xff_bytes=config.network.max_xff_bytes,
+            mcp=config.mcp,
         )
 
 
 _NO_CLIENT = ClientIP(None, "no_peer")
 _NO_ROUTE = Route(None, "none")
+_NOWHERE = Placement(EXTERNAL, frozenset())
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,11 +158,19 @@ class Decision:
 
     reason: Reason
     client: ClientIP = _NO_CLIENT
-    network: NetworkName = "external"
+    placement: Placement = _NOWHERE
     route: Route = _NO_ROUTE
     server: ServerPolicy | None = None
     detail: str = ""
     peer: str = ""
+    rule: str = ""  # the config key that decided visibility
+    tool: str = ""  # the configured tool the request calls (never a name a client made up)
+    reply: bytes = b""  # the body of a per-request answer (JSON-RPC), when not the reason's
+
+    @property
+    def network(self) -> str:
+        """The name of the caller's network (the most specific one holding it)."""
+        return self.placement.name
 
     @property
     def allowed(self) -> bool:
@@ -113,6 +182,8 @@ class Decision:
 
     @property
     def http_status(self) -> int:
+        if self.reason == "tool_not_found" and not self.reply:
+            return 202  # a notification: MCP servers accept it with no body
         return OUTCOMES[self.reason][1]
 
     @property
@@ -159,7 +230,7 @@ class PerDecision(Generic[T]):
 
 
 def decide(facts: RequestFacts, policy: Policy) -> Decision:
-    """Apply the decision table: client IP, network, server, visibility."""
+    """Apply the decision table: client IP, network, server, visibility, then tool rules."""
     if not facts.has_http:
         return Decision("bad_request", detail="CheckRequest has no HTTP request attributes",
                         peer=facts.peer)
@@ -173,6 +244,8 @@ def decide(facts: RequestFacts, policy: Policy) -> Decision:
             if len(policy.decision_cache) >= DECISION_CACHE_SIZE:
                 policy.decision_cache.clear()
             policy.decision_cache[key] = decision
+    if decision.allowed and decision.server is not None and decision.server.tools:
+        return _decide_tools(decision, decision.server, facts.body, policy)
     return decision
 
 
@@ -184,25 +257,95 @@ def _decide(facts: RequestFacts, policy: Policy) -> Decision:
         max_entries=policy.max_xff_entries,
         max_bytes=policy.max_xff_bytes,
     )
-    network = classify(client.address, policy.internal_ranges)
+    placement = policy.networks.place(client.address)
     target = route(policy.routing, facts.context_extensions, facts.path, facts.authority)
     server = policy.servers.get(target.name) if target.name is not None else None
     peer = facts.peer
     if server is None:
-        return Decision("not_found", client, network, target, peer=peer)
-    if not server.public and network != "internal":
+        return Decision("not_found", client, placement, target, peer=peer)
+    visible, rule = server.visibility.judge(placement)
+    if not visible:
         # Same reason, status and body as an unknown server: a hidden server does not leak.
-        return Decision("not_found", client, network, target, server, peer=peer)
-    return Decision("allowed", client, network, target, server, peer=peer)
+        return Decision("not_found", client, placement, target, server, peer=peer, rule=rule)
+    return Decision("allowed", client, placement, target, server, peer=peer, rule=rule)
+
+
+def _decide_tools(decision: Decision, server: ServerPolicy, body: Body,
+                  policy: Policy) -> Decision:
+    """Narrow an allowed request by the rules of the tools it calls."""
+    read = read_tool_calls(body, policy.mcp.max_body_bytes, policy.mcp.max_batch_messages)
+    if read.problem:
+        return replace(decision, reason="bad_mcp_request", detail=read.problem,
+                       reply=refusal_reply(read))
+    allowed_tool = ""
+    for call in read.calls:
+        visibility = server.tools.get(call.name)
+        if visibility is None:
+            continue  # not a configured tool: its server's rule holds
+        visible, rule = visibility.judge(decision.placement)
+        if not visible:
+            return _hidden_tool(decision, server, call, rule, read.batch)
+        allowed_tool = allowed_tool or call.name
+    if not allowed_tool:
+        return decision
+    return _naming_tool(decision, allowed_tool, policy)
+
+
+def _hidden_tool(decision: Decision, server: ServerPolicy, call: ToolCall, rule: str,
+                 batch: bool) -> Decision:
+    detail = f"tool {call.name!r} is hidden from the {decision.network} network"
+    if batch:
+        # ext_authz answers a whole HTTP request: a batch cannot be answered message by
+        # message, so it is refused whole, with words that do not name the tool.
+        return replace(decision, reason="batch_refused", rule=rule, tool=call.name,
+                       detail=detail, reply=error_reply(INVALID_REQUEST, "Batch refused"))
+    return replace(decision, reason="tool_not_found", rule=rule, tool=call.name, detail=detail,
+                   reply=unknown_tool_reply(server.unknown_tool_reply, call))
+
+
+def _naming_tool(decision: Decision, tool: str, policy: Policy) -> Decision:
+    key = (id(decision), tool)
+    entry = policy.tool_cache.get(key)
+    if entry is not None and entry[0] is decision:
+        return entry[1]
+    server = decision.server
+    assert server is not None
+    _, rule = server.tools[tool].judge(decision.placement)
+    named = replace(decision, tool=tool, rule=rule)
+    if len(policy.tool_cache) >= DECISION_CACHE_SIZE:
+        policy.tool_cache.clear()
+    policy.tool_cache[key] = (decision, named)
+    return named
+
+
+def _placement(placement: Placement) -> str:
+    if not placement.members:
+        return "network: external (in no configured network)"
+    if len(placement.members) == 1:
+        return f"network: {placement.name}"
+    others = ", ".join(sorted(placement.members - {placement.name}))
+    return f"network: {placement.name} (the most specific; also in {others})"
+
+
+def _visibility(decision: Decision, visibility: Visibility, what: str) -> str:
+    if visibility.public:
+        return f"{what} is available on the public internet"
+    audience = ", ".join(sorted(visibility.visible_to))
+    limited = f"{what} is internal-only" + (f" (also visible to {audience})" if audience else "")
+    if decision.placement.internal:
+        return f"{limited}; the caller is internal"
+    seen_by = sorted(visibility.visible_to & decision.placement.members)
+    if seen_by:
+        return f"{limited}; the caller is in {', '.join(seen_by)}"
+    return f"{limited}; the caller is {decision.network}"
 
 
 def explain(decision: Decision) -> list[str]:
     """Describe each step of a decision in words, for `check` and for debugging."""
-    steps = [decision.client.explain()]
-    steps.append(f"network: {decision.network}")
-    target = decision.route
     if decision.reason == "bad_request":
         return [decision.detail]
+    steps = [decision.client.explain(), _placement(decision.placement)]
+    target = decision.route
     if target.name is None:
         steps.append("no server named by context extension, path or host")
     elif target.name == NO_SERVER:
@@ -213,15 +356,18 @@ def explain(decision: Decision) -> list[str]:
     if server is None:
         if target.name:
             steps.append(f"server {target.name!r} is not configured")
-    elif server.public:
-        steps.append(f"server {server.name!r} is available on the public internet")
     else:
-        steps.append(f"server {server.name!r} is internal-only; caller is {decision.network}")
+        steps.append(_visibility(decision, server.visibility, f"server {server.name!r}"))
+        if decision.tool:
+            tool = server.tools[decision.tool]
+            steps.append(_visibility(decision, tool, f"tool {decision.tool!r}"))
     if decision.oauth2 is not None:
         steps.append(f"token for client_id {decision.oauth2.client_id!r} would be injected")
     elif decision.allowed:
         steps.append("server has no oauth2 settings: nothing injected")
     if decision.detail:
         steps.append(decision.detail)
+    if decision.rule:
+        steps.append(f"decided by {decision.rule}")
     steps.append(f"decision: {decision.reason} (HTTP {decision.http_status})")
     return steps

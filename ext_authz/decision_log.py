@@ -30,6 +30,8 @@ def _fragment(decision: Decision) -> str:
         "reason": decision.reason,
         "allowed": decision.allowed,
         "http_status": decision.http_status,
+        "tool": decision.tool,  # a configured tool, or "": never a name a client made up
+        "rule": decision.rule,
     }, separators=(",", ":"))[1:-1]
 
 

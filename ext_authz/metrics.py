@@ -9,9 +9,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-# Label values are bounded: `server` is a configured server name or "" (unknown servers
-# are never echoed into a label, so a client cannot mint time series), `network` and
-# `reason` come from fixed sets.
+# Label values are bounded: `server` and `tool` are configured names or "" (names a client
+# sends are never echoed into a label, so a client cannot mint time series); `network` is a
+# configured network name or "external", and `reason` comes from a fixed set.
 _CHECK_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -31,7 +31,7 @@ class _TokenAges(Collector):
 
 
 class _CheckStats(Collector):
-    """Checks by (server, network, reason) and their latency histogram.
+    """Checks by (server, network, reason, tool) and their latency histogram.
 
     Counted with plain ints rather than prometheus-client's locked values: every check and
     every scrape runs on the one event loop thread, and this is the hot path.
@@ -39,15 +39,15 @@ class _CheckStats(Collector):
 
     def __init__(self, buckets: tuple[float, ...]) -> None:
         self.bounds = buckets
-        self.counts: dict[tuple[str, str, str], int] = {}
+        self.counts: dict[tuple[str, str, str, str], int] = {}
         self.buckets = [0] * (len(buckets) + 1)
         self.sum = 0.0
 
     def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
         checks = CounterMetricFamily(
             "mcp_ext_authz_checks",
-            "Checks answered, by server, caller network and reason code.",
-            labels=["server", "network", "reason"],
+            "Checks answered, by server, caller network, reason code and configured tool.",
+            labels=["server", "network", "reason", "tool"],
         )
         for labels, count in sorted(self.counts.items()):
             checks.add_metric(list(labels), count)
@@ -100,9 +100,10 @@ class Metrics:
             registry=self.registry,
         )
 
-    def count_check(self, server: str, network: str, reason: str, seconds: float) -> None:
+    def count_check(self, server: str, network: str, reason: str, tool: str,
+                    seconds: float) -> None:
         stats = self._checks
-        key = (server, network, reason)
+        key = (server, network, reason, tool)
         stats.counts[key] = stats.counts.get(key, 0) + 1
         stats.buckets[bisect_left(stats.bounds, seconds)] += 1
         stats.sum += seconds

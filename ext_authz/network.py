@@ -17,7 +17,9 @@ from typing import Literal
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-NetworkName = Literal["internal", "external"]
+
+INTERNAL = "internal"  # the built-in name of `network.internal_ranges`
+EXTERNAL = "external"  # the name of an address in no configured network (or of no address)
 
 # The longest valid entry is a bracketed IPv6 address with a port:
 # "[ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255]:65535" is 53 characters.
@@ -170,8 +172,47 @@ def resolve_client_ip(
     return ClientIP(leftmost, "xff_leftmost", hops)
 
 
-def classify(address: IPAddress | None, internal_ranges: NetworkSet) -> NetworkName:
-    """Say whether an address is internal; no address at all is external."""
-    if address is not None and address in internal_ranges:
-        return "internal"
-    return "external"
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where an address sits: every named network holding it, and the one it is named by."""
+
+    name: str  # the most specific network holding the address, or EXTERNAL
+    members: frozenset[str]  # every network holding it (empty: external)
+
+    @property
+    def internal(self) -> bool:
+        return INTERNAL in self.members
+
+
+_NOWHERE = Placement(EXTERNAL, frozenset())
+
+
+class NetworkMap:
+    """Named networks (`internal` first, then config order), placing an address among them.
+
+    An address is a member of every network that holds it; it is named by the most specific
+    one (the longest matching prefix), ties going to the network listed first.
+    """
+
+    __slots__ = ("_ranked", "_sets")
+
+    def __init__(self, named: Iterable[tuple[str, Iterable[IPNetwork]]]) -> None:
+        named = [(name, tuple(networks)) for name, networks in named]
+        self._sets = tuple((name, NetworkSet(networks)) for name, networks in named)
+        self._ranked = sorted(
+            ((network, name, order) for order, (name, networks) in enumerate(named)
+             for network in networks),
+            key=lambda entry: (-entry[0].prefixlen, entry[2]),
+        )
+
+    def place(self, address: IPAddress | None) -> Placement:
+        """Place an address; no address at all is external."""
+        if address is None:
+            return _NOWHERE
+        members = frozenset(name for name, networks in self._sets if address in networks)
+        if not members:
+            return _NOWHERE
+        for network, name, _ in self._ranked:
+            if address in network:
+                return Placement(name, members)
+        raise AssertionError("a member address lies in one of its networks")

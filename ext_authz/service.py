@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import grpc
@@ -24,6 +24,7 @@ from .config import Config
 from .decision import OUTCOMES, Decision, PerDecision, Policy, Reason, RequestFacts, decide
 from .decision_log import DecisionLog
 from .errors import TokenError
+from .jsonrpc import NO_BODY, Body
 from .metrics import Metrics
 from .tokens import TokenCache
 
@@ -86,33 +87,35 @@ def extract_facts(request: external_auth_pb2.CheckRequest | None) -> RequestFact
     if not attributes_request.HasField("http"):
         return RequestFacts(peer, None, "", "", has_http=False)
     http = attributes_request.http
-    headers = http.headers
-    if headers:
-        # Envoy joins repeated headers with "," in this map.
-        xff = headers.get(_XFF)
-        path = http.path or headers.get(":path", "")
-        authority = http.host or headers.get(":authority", "")
-    else:
-        xff, path, authority = _from_header_map(http)
-    return RequestFacts(peer, xff, path, authority, attributes.context_extensions)
+    # Envoy joins repeated headers with "," in this map; with `encode_raw_headers: true` it
+    # sends header_map instead.
+    headers: Mapping[str, str] = http.headers or _from_header_map(http)
+    path = http.path or headers.get(":path", "")
+    authority = http.host or headers.get(":authority", "")
+    data = http.raw_body or http.body.encode()
+    body = NO_BODY
+    if data or http.size:
+        body = Body(data, http.method, http.size, headers.get("content-encoding", ""),
+                    headers.get("x-envoy-auth-partial-body") == "true",
+                    headers.get("mcp-method"), headers.get("mcp-name"))
+    return RequestFacts(peer, headers.get(_XFF), path, authority,
+                        attributes.context_extensions, body=body)
 
 
-def _from_header_map(
-    http: attribute_context_pb2.AttributeContext.HttpRequest,
-) -> tuple[str | None, str, str]:
-    # With `encode_raw_headers: true` Envoy sends header_map instead of headers.
-    xff: list[str] = []
-    path, authority = http.path, http.host
+_WANTED = frozenset((_XFF, ":path", ":authority", "content-encoding",
+                     "x-envoy-auth-partial-body", "mcp-method", "mcp-name"))
+
+
+def _from_header_map(http: attribute_context_pb2.AttributeContext.HttpRequest
+                     ) -> dict[str, str]:
+    found: dict[str, list[str]] = {}
     for header in http.header_map.headers:
-        value = header.raw_value.decode("utf-8", "replace") if header.raw_value else header.value
         key = header.key.lower()
-        if key == _XFF:
-            xff.append(value)
-        elif key == ":path" and not path:
-            path = value
-        elif key == ":authority" and not authority:
-            authority = value
-    return (",".join(xff) if xff else None), path, authority
+        if key in _WANTED:
+            value = (header.raw_value.decode("utf-8", "replace") if header.raw_value
+                     else header.value)
+            found.setdefault(key, []).append(value)
+    return {key: ",".join(values) for key, values in found.items()}
 
 
 # -- writing CheckResponses --------------------------------------------------------------
@@ -150,12 +153,15 @@ def _struct_entry(key: str, value: str) -> bytes:
 
 def _metadata_entries(decision: Decision) -> bytes:
     client = decision.client.address
-    return b"".join((
+    entries = [
         _struct_entry("server", decision.server_name or ""),
         _struct_entry("network", decision.network),
         _struct_entry("client_ip", str(client) if client is not None else ""),
         _struct_entry("reason", decision.reason),
-    ))
+    ]
+    if decision.tool:
+        entries.append(_struct_entry("tool", decision.tool))
+    return b"".join(entries)
 
 
 _METADATA = PerDecision(_metadata_entries)
@@ -194,10 +200,25 @@ def _decision_id_entry(decision_id: str) -> bytes:
             + bytes((size,)) + value)
 
 
+_TEMPLATES = {reason: _template(reason) for reason in OUTCOMES}
+
+
+def _answer(decision: Decision) -> bytes:
+    if decision.reason != "tool_not_found" and not decision.reply:
+        return _TEMPLATE_BYTES[decision.reason]
+    # A per-request answer (a JSON-RPC reply naming the request's id): the slow path.
+    response = external_auth_pb2.CheckResponse()
+    response.CopyFrom(_TEMPLATES[decision.reason])
+    denied = response.denied_response
+    denied.status.code = decision.http_status  # type: ignore[assignment]
+    denied.body = decision.reply.decode()
+    return response.SerializeToString()
+
+
 def encode_check_response(decision: Decision, token: str | None, decision_id: str) -> bytes:
     """Write a decision (and the bearer token to inject, if any) as CheckResponse bytes."""
     metadata = _METADATA[decision] + _decision_id_entry(decision_id)
-    response = (_TEMPLATE_BYTES[decision.reason] + b"\x22"  # dynamic_metadata = 4, LEN
+    response = (_answer(decision) + b"\x22"  # dynamic_metadata = 4, LEN
                 + _varint(len(metadata)) + metadata)
     if token is not None and decision.allowed:
         response += _bearer(token)
@@ -297,8 +318,8 @@ class AuthorizationService:
     ) -> None:
         try:
             self.metrics.count_check(
-                decision.server_name or "", decision.network, decision.reason, seconds
-            )
+                decision.server_name or "", decision.network, decision.reason, decision.tool,
+                seconds)
             if self.decision_log is not None and self.decision_log.wants(decision):
                 self.decision_log.write(decision, decision_id, facts, seconds)
         except Exception:  # observability must never turn an answer into an RPC error

@@ -66,7 +66,8 @@ def test_status_table() -> None:
     assert OUTCOMES == {
         "allowed": (0, 200), "not_found": (7, 404),
         "upstream_credentials_unavailable": (14, 503), "bad_request": (3, 400),
-        "internal_error": (13, 500),
+        "internal_error": (13, 500), "tool_not_found": (7, 200), "batch_refused": (7, 400),
+        "bad_mcp_request": (3, 400),
     }
 
 

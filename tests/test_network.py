@@ -10,14 +10,27 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ext_authz.config import DEFAULT_INTERNAL_RANGES
-from ext_authz.network import NetworkSet, classify, parse_address, resolve_client_ip
+from ext_authz.network import (
+    IPAddress,
+    NetworkMap,
+    NetworkSet,
+    Placement,
+    parse_address,
+    resolve_client_ip,
+)
 
 
 def nets(*cidrs: str) -> NetworkSet:
     return NetworkSet(ipaddress.ip_network(c) for c in cidrs)
 
 
-INTERNAL = nets(*DEFAULT_INTERNAL_RANGES)
+INTERNAL_MAP = NetworkMap([("internal", [ipaddress.ip_network(c)
+                                         for c in DEFAULT_INTERNAL_RANGES])])
+
+
+def classify(address: IPAddress | None) -> str:
+    return INTERNAL_MAP.place(address).name
+
 PROXIES = nets("10.0.0.0/24", "2001:db8:1::/64")
 NONE_TRUSTED = nets()
 
@@ -100,7 +113,7 @@ class TestResolveClientIP:
     def test_untrusted_peer_never_reads_xff(self) -> None:
         """With no trusted proxies configured, XFF is ignored entirely."""
         result = resolve_client_ip("203.0.113.9", "127.0.0.1", NONE_TRUSTED)
-        assert classify(result.address, INTERNAL) == "external"
+        assert classify(result.address) == "external"
 
     def test_too_many_trusted_hops_fails_closed(self) -> None:
         """Beyond max_entries trusted hops the chain is not believed."""
@@ -147,11 +160,61 @@ class TestClassify:
     )
     def test_default_ranges(self, address: str, network: str) -> None:
         """The default internal ranges cover RFC 1918, loopback, link-local and ULA."""
-        assert classify(ipaddress.ip_address(address), INTERNAL) == network
+        assert classify(ipaddress.ip_address(address)) == network
 
     def test_no_address_is_external(self) -> None:
         """When no client address could be trusted, the caller is external."""
-        assert classify(None, INTERNAL) == "external"
+        assert classify(None) == "external"
+
+
+def named(*networks: tuple[str, list[str]]) -> NetworkMap:
+    return NetworkMap([(name, [ipaddress.ip_network(c) for c in cidrs])
+                       for name, cidrs in networks])
+
+
+class TestNetworkMap:
+    MAP = named(("internal", ["10.0.0.0/8", "fd00::/8"]), ("partners", ["10.1.0.0/16"]),
+                ("lab", ["10.1.2.0/24"]), ("dmz", ["10.1.2.0/24", "203.0.113.0/24"]))
+
+    @pytest.mark.parametrize(
+        ("address", "name", "members"),
+        [
+            ("10.9.9.9", "internal", {"internal"}),
+            ("10.1.9.9", "partners", {"internal", "partners"}),
+            # lab and dmz are equally specific: the one listed first names the address.
+            ("10.1.2.3", "lab", {"internal", "partners", "lab", "dmz"}),
+            ("203.0.113.5", "dmz", {"dmz"}),
+            ("fd00::1", "internal", {"internal"}),
+            ("8.8.8.8", "external", set()),
+            ("::ffff:0a01:0203", "external", set()),  # unmapping is parse_address's job
+        ],
+    )
+    def test_most_specific_names_the_address(self, address: str, name: str,
+                                             members: set[str]) -> None:
+        """Members are every holding network; the longest prefix names it, ties by order."""
+        placement = self.MAP.place(ipaddress.ip_address(address))
+        assert placement == Placement(name, frozenset(members))
+        assert placement.internal == ("internal" in members)
+
+    def test_no_address_is_external(self) -> None:
+        """No address at all is in no network."""
+        assert self.MAP.place(None) == Placement("external", frozenset())
+
+    @given(st.lists(st.tuples(st.sampled_from(["a", "b", "c"]),
+                              st.ip_addresses(v=4).map(
+                                  lambda a: ipaddress.ip_network(f"{a}/{int(a) % 33}",
+                                                                 strict=False))),
+                    max_size=8),
+           st.ip_addresses(v=4))
+    def test_matches_naive_placement(self, entries: list, address: object) -> None:
+        """Placement agrees with a scan: membership, longest prefix, first listed."""
+        order = list(dict.fromkeys(name for name, _ in entries))
+        grouped = [(name, [n for m, n in entries if m == name]) for name in order]
+        placement = NetworkMap(grouped).place(address)  # type: ignore[arg-type]
+        holding = [(n.prefixlen, -order.index(name), name)
+                   for name, n in entries if address in n]
+        assert placement.members == {name for _, _, name in holding}
+        assert placement.name == (max(holding)[2] if holding else "external")
 
 
 class TestNetworkSet:
@@ -191,7 +254,7 @@ class TestProperties:
         assert (result.address is None) == (
             result.source in {"no_peer", "bad_peer", "bad_xff", "xff_too_long"}
         )
-        assert classify(result.address, INTERNAL) in {"internal", "external"}
+        assert classify(result.address) in {"internal", "external"}
 
     @settings(max_examples=400)
     @given(peer=addresses, xff=st.one_of(st.none(), st.lists(entries, max_size=40).map(", ".join)))
@@ -203,7 +266,7 @@ class TestProperties:
         if address in PROXIES:
             return
         result = resolve_client_ip(peer, xff, PROXIES)
-        assert classify(result.address, INTERNAL) == classify(address, INTERNAL)
+        assert classify(result.address) == classify(address)
 
     @settings(max_examples=300)
     @given(forged=st.lists(entries, max_size=10), client=addresses,

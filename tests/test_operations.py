@@ -85,7 +85,7 @@ class TestMetrics:
             await sidecar.stop()
 
         def checks(server: str, network: str, reason: str) -> float:
-            labels = (("network", network), ("reason", reason), ("server", server))
+            labels = (("network", network), ("reason", reason), ("server", server), ("tool", ""))
             return metrics[("mcp_ext_authz_checks_total", labels)]
 
         assert checks("pub", "external", "allowed") == 3
