@@ -15,6 +15,7 @@ from typing import Any
 from .config import Config, example_config, load_config, split_listen
 from .decision import Decision, Policy, RequestFacts, decide, explain
 from .errors import ConfigError, ExtAuthzError, TokenError
+from .jsonrpc import NO_BODY, Body, read_tool_calls
 from .tokens import TokenCache
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_CONFIG = 0, 1, 2
@@ -73,17 +74,23 @@ def _context_extensions(pairs: Sequence[str]) -> dict[str, str]:
     return result
 
 
-def check_report(decision: Decision) -> dict[str, Any]:
+def check_report(decision: Decision, body: Body = NO_BODY) -> dict[str, Any]:
     """The JSON object `check` prints for a decision."""
     client = decision.client.address
+    called = read_tool_calls(body, len(body.data) + 1, 1_000_000).calls if body.data else ()
     return {
         "client_ip": str(client) if client is not None else None,
         "network": decision.network,
+        "networks": sorted(decision.placement.members),
         "server": decision.server_name,
+        "tools_called": [call.name for call in called],
+        "tool": decision.tool or None,  # the configured tool whose rule applied
+        "rule": decision.rule or None,  # the config key that decided visibility
         "allowed": decision.allowed,
         "http_status": decision.http_status,
         "reason": decision.reason,
         "inject_token": decision.oauth2 is not None,
+        "reply": decision.reply.decode() if decision.reply else None,
         "steps": explain(decision),
     }
 
@@ -125,15 +132,20 @@ class _AnyVariable(Mapping[str, str]):
 def cmd_check(args: argparse.Namespace) -> int:
     # Without --fetch-token no secret is used, so an unset ${VAR} need not stop a dry run.
     config = load_config(args.config, env=None if args.fetch_token else _AnyVariable())
+    data = args.body.encode() if args.body is not None else (
+        Path(args.body_file).read_bytes() if args.body_file is not None else b"")
+    method = args.method or ("POST" if data else "GET")
+    body = Body(data, method, len(data)) if data else NO_BODY
     facts = RequestFacts(
         peer=args.peer,
         x_forwarded_for=args.xff,
         path=args.path,
         authority=args.host,
         context_extensions=_context_extensions(args.context_extension),
+        body=body,
     )
     decision = decide(facts, Policy.from_config(config))
-    report = check_report(decision)
+    report = check_report(decision, body)
     if args.fetch_token:
         asyncio.run(_fetch_token(config, decision, report))
     print(json.dumps(report, indent=2))
@@ -224,6 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--host", default="", help=":authority of the request")
     check.add_argument("--context-extension", action="append", default=[], metavar="K=V",
                        help="an Envoy context extension (repeatable)")
+    body = check.add_mutually_exclusive_group()
+    body.add_argument("--body", default=None, metavar="JSON",
+                      help="the request body, e.g. a JSON-RPC tools/call (for tool rules)")
+    body.add_argument("--body-file", default=None, metavar="FILE",
+                      help="read the request body from a file")
+    check.add_argument("--method", default=None,
+                       help="HTTP method (default POST with a body, else GET)")
     check.add_argument("--fetch-token", action="store_true",
                        help="really fetch the token (its length and lifetime are printed,"
                             " never the token)")

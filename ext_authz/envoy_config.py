@@ -57,6 +57,7 @@ from envoy_data_plane.envoy.config.route.v3 import (
 )
 from envoy_data_plane.envoy.extensions.access_loggers.stream.v3 import StdoutAccessLog
 from envoy_data_plane.envoy.extensions.filters.http.ext_authz.v3 import (
+    BufferSettings,
     CheckSettings,
     ExtAuthz,
     ExtAuthzPerRoute,
@@ -209,21 +210,26 @@ def _authz_cluster(sidecars: list[HostPort], tls: SidecarTLS | None) -> Cluster:
     return cluster
 
 
-def _per_route(key: str, server: str) -> dict[str, AnyMessage]:
+def _per_route(config: Config, server: str) -> dict[str, AnyMessage]:
     # The route names its server: the sidecar then never reads the client-chosen path.
-    settings = ExtAuthzPerRoute(check_settings=CheckSettings(context_extensions={key: server}))
-    return {EXT_AUTHZ_FILTER: AnyMessage.pack(settings)}
+    settings = CheckSettings(context_extensions={config.routing.context_extension_key: server})
+    if server in config.servers and config.servers[server].tools:
+        # Tool rules are judged on the JSON-RPC body: all of it, as bytes, on this route
+        # only. A bigger body is refused by Envoy (413) rather than checked in part.
+        settings.with_request_body = BufferSettings(
+            max_request_bytes=config.mcp.max_body_bytes, allow_partial_message=False,
+            pack_as_bytes=True)
+    return {EXT_AUTHZ_FILTER: AnyMessage.pack(ExtAuthzPerRoute(check_settings=settings))}
 
 
 def _routes(config: Config) -> list[VirtualHost]:
-    key = config.routing.context_extension_key
     # What no server route matches still goes through the sidecar, naming no server: its
     # 404 is then byte for byte the one a hidden server gets. (Left to the sidecar's own
     # path routing, `/mcp/public;x` would be "allowed" only to meet this route's 404.)
     not_found = Route(
         match=RouteMatch(prefix="/"),
         direct_response=DirectResponseAction(status=404),
-        typed_per_filter_config=_per_route(key, NO_SERVER),
+        typed_per_filter_config=_per_route(config, NO_SERVER),
     )
     if config.routing.path_prefix is not None:
         prefix = config.routing.path_prefix
@@ -233,7 +239,7 @@ def _routes(config: Config) -> list[VirtualHost]:
             for match in (RouteMatch(path=f"{prefix}{name}"),
                           RouteMatch(prefix=f"{prefix}{name}/")):
                 routes.append(Route(match=match, route=action,
-                                    typed_per_filter_config=_per_route(key, name)))
+                                    typed_per_filter_config=_per_route(config, name)))
         routes.append(not_found)
         return [VirtualHost(name="mcp", domains=["*"], routes=routes)]
     suffix = config.routing.host_suffix or ""
@@ -242,7 +248,7 @@ def _routes(config: Config) -> list[VirtualHost]:
             name=f"mcp_{name}", domains=[f"{name}{suffix}", f"{name}{suffix}:*"],
             routes=[Route(match=RouteMatch(prefix="/"),
                           route=RouteAction(cluster=f"mcp_{name}", timeout=timedelta(0)),
-                          typed_per_filter_config=_per_route(key, name))])
+                          typed_per_filter_config=_per_route(config, name))])
         for name in sorted(config.servers)
     ]
     hosts.append(VirtualHost(name="unknown", domains=["*"], routes=[not_found]))
@@ -316,7 +322,10 @@ def _connection_manager(config: Config) -> HttpConnectionManager:
         ),
         http_filters=[
             HttpFilter(name=EXT_AUTHZ_FILTER, typed_config=AnyMessage.pack(authz)),
-            HttpFilter(name="envoy.filters.http.router", typed_config=AnyMessage.pack(Router())),
+            # No x-envoy-upstream-service-time on upstream answers: an answer the sidecar
+            # makes (a hidden tool's) must not be told apart from the upstream's by it.
+            HttpFilter(name="envoy.filters.http.router",
+                       typed_config=AnyMessage.pack(Router(suppress_envoy_headers=True))),
         ],
         access_log=[_access_log()],
     )
