@@ -243,6 +243,11 @@ class ToolSettings(_Frozen):
     visible_to: tuple[str, ...] = ()
 
 
+class ServerInfo(_Frozen):
+    name: str
+    version: str = ""
+
+
 class ServerSettings(_Frozen):
     available_on_public_internet: bool
     # Networks (names from network.networks) that see an internal-only server too.
@@ -253,6 +258,9 @@ class ServerSettings(_Frozen):
     # gets the same: `tool_error` (a result with isError, as the official Python SDK
     # does) or `jsonrpc_error` (error -32602, as the MCP specification's example does).
     unknown_tool_reply: Literal["tool_error", "jsonrpc_error"] = "tool_error"
+    # The name and version the MCP server reports (results of MCP 2026-07-28 carry them, so a
+    # hidden tool's answer must too). Unset: the configured name and an empty version.
+    server_info: ServerInfo | None = None
 
     @field_validator("tools")
     @classmethod

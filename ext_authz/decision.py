@@ -92,6 +92,7 @@ class ServerPolicy:
     oauth2: OAuth2Settings | None
     tools: Mapping[str, Visibility] = field(default_factory=dict)
     unknown_tool_reply: UnknownToolReply = "tool_error"
+    server_info: tuple[str, str] = ("", "")  # the name and version the MCP server reports
 
     @property
     def public(self) -> bool:
@@ -104,9 +105,11 @@ class ServerPolicy:
         tools = {tool: Visibility(rule.available_on_public_internet,
                                   frozenset(rule.visible_to), f"{key}.tools.{tool}")
                  for tool, rule in server.tools.items()}
+        info = server.server_info
         return cls(name, Visibility(server.available_on_public_internet,
                                     frozenset(server.visible_to), key),
-                   server.oauth2, tools, server.unknown_tool_reply)
+                   server.oauth2, tools, server.unknown_tool_reply,
+                   (info.name, info.version) if info is not None else (name, ""))
 
 
 # Decisions are remembered per (peer, X-Forwarded-For, route inputs): the same few callers
@@ -300,7 +303,7 @@ def _hidden_tool(decision: Decision, server: ServerPolicy, call: ToolCall, rule:
         return replace(decision, reason="batch_refused", rule=rule, tool=call.name,
                        detail=detail, reply=error_reply(INVALID_REQUEST, "Batch refused"))
     return replace(decision, reason="tool_not_found", rule=rule, tool=call.name, detail=detail,
-                   reply=unknown_tool_reply(server.unknown_tool_reply, call))
+                   reply=unknown_tool_reply(server.unknown_tool_reply, call, server.server_info))
 
 
 def _naming_tool(decision: Decision, tool: str, policy: Policy) -> Decision:

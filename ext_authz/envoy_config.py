@@ -210,15 +210,18 @@ def _authz_cluster(sidecars: list[HostPort], tls: SidecarTLS | None) -> Cluster:
     return cluster
 
 
+def _reads_bodies(config: Config) -> bool:
+    return any(server.tools for server in config.servers.values())
+
+
 def _per_route(config: Config, server: str) -> dict[str, AnyMessage]:
     # The route names its server: the sidecar then never reads the client-chosen path.
     settings = CheckSettings(context_extensions={config.routing.context_extension_key: server})
-    if server in config.servers and config.servers[server].tools:
-        # Tool rules are judged on the JSON-RPC body: all of it, as bytes, on this route
-        # only. A bigger body is refused by Envoy (413) rather than checked in part.
-        settings.with_request_body = BufferSettings(
-            max_request_bytes=config.mcp.max_body_bytes, allow_partial_message=False,
-            pack_as_bytes=True)
+    if _reads_bodies(config) and not (server in config.servers and config.servers[server].tools):
+        # Only routes of servers with tool rules send the body to the sidecar. (It is set
+        # on the filter and turned off here, not the other way round: Envoy 1.40 ignores a
+        # per-route pack_as_bytes and sends a UTF-8-mangled string instead of the bytes.)
+        settings.disable_request_body_buffering = True
     return {EXT_AUTHZ_FILTER: AnyMessage.pack(ExtAuthzPerRoute(check_settings=settings))}
 
 
@@ -291,6 +294,12 @@ def _connection_manager(config: Config) -> HttpConnectionManager:
         failure_mode_allow=False,  # never let a request through unchecked
         status_on_error=HttpStatus(code=StatusCode.ServiceUnavailable),
     )
+    if _reads_bodies(config):
+        # Tool rules are judged on the JSON-RPC body: all of it, as bytes. A bigger body is
+        # refused by Envoy (413) rather than checked in part.
+        authz.with_request_body = BufferSettings(
+            max_request_bytes=config.mcp.max_body_bytes, allow_partial_message=False,
+            pack_as_bytes=True)
     manager = HttpConnectionManager(
         stat_prefix="mcp_ingress",
         codec_type=HttpConnectionManagerCodecType.AUTO,

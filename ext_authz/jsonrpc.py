@@ -19,6 +19,9 @@ from typing import Any, Literal
 
 TOOLS_CALL = "tools/call"
 PARSE_ERROR, INVALID_REQUEST, INVALID_PARAMS = -32700, -32600, -32602
+# From this protocol version on, results say `resultType` and carry the server's identity.
+STATELESS_PROTOCOL = "2026-07-28"
+_PROTOCOL_KEY = "io.modelcontextprotocol/protocolVersion"
 
 UnknownToolReply = Literal["tool_error", "jsonrpc_error"]
 
@@ -34,6 +37,7 @@ class Body:
     partial: bool = False  # Envoy sent only the start of it (allow_partial_message)
     mcp_method: str | None = None  # MCP's Mcp-Method header
     mcp_name: str | None = None  # MCP's Mcp-Name header
+    protocol_version: str | None = None  # MCP's Mcp-Protocol-Version header
 
 
 NO_BODY = Body()
@@ -45,6 +49,7 @@ class ToolCall:
 
     name: str
     rpc_id: str | None
+    protocol_version: str = ""  # the MCP protocol version the call was made in, if said
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +92,12 @@ def _rpc_id(message: dict[str, Any]) -> str | None:
     if isinstance(rpc_id, bool) or not isinstance(rpc_id, int | str):
         return None
     return json.dumps(rpc_id, ensure_ascii=False)
+
+
+def _protocol(params: dict[str, Any], body: Body) -> str:
+    meta = params.get("_meta")
+    version = meta.get(_PROTOCOL_KEY) if isinstance(meta, dict) else None
+    return version if isinstance(version, str) else (body.protocol_version or "")
 
 
 def _could_call_a_tool(body: Body) -> bool:
@@ -144,7 +155,8 @@ def read_tool_calls(body: Body, max_bytes: int, max_batch: int) -> ToolCalls:
         name = params.get("name") if isinstance(params, dict) else None
         if not isinstance(name, str) or not name:
             return _refuse(INVALID_PARAMS, "a tools/call has no params.name")
-        calls.append(ToolCall(name, _rpc_id(message)))
+        assert isinstance(params, dict)
+        calls.append(ToolCall(name, _rpc_id(message), _protocol(params, body)))
     batch = isinstance(document, list)
     problem = _header_problem(body, messages[0], calls, batch)
     if problem:
@@ -167,11 +179,13 @@ def _header_problem(body: Body, first: dict[str, Any], calls: list[ToolCall],
     return ""
 
 
-def unknown_tool_reply(style: UnknownToolReply, call: ToolCall) -> bytes:
+def unknown_tool_reply(style: UnknownToolReply, call: ToolCall,
+                       server_info: tuple[str, str]) -> bytes:
     """What a server answers for a tool it does not have (empty for a notification).
 
-    `tool_error` is byte for byte the official MCP Python SDK's answer; `jsonrpc_error` is
-    the MCP specification's example of the same.
+    `tool_error` is byte for byte the official MCP Python SDK's answer, in the form of the
+    protocol version the call was made in (from 2026-07-28 on, with `resultType` and the
+    server's name and version); `jsonrpc_error` is the MCP specification's example.
     """
     if call.rpc_id is None:
         return b""
@@ -179,7 +193,12 @@ def unknown_tool_reply(style: UnknownToolReply, call: ToolCall) -> bytes:
     if style == "jsonrpc_error":
         answer = f'"error":{{"code":{INVALID_PARAMS},"message":{text}}}'
     else:
-        answer = f'"result":{{"content":[{{"text":{text},"type":"text"}}],"isError":true}}'
+        result = f'"content":[{{"text":{text},"type":"text"}}],"isError":true'
+        if call.protocol_version >= STATELESS_PROTOCOL:
+            name, version = (json.dumps(v, ensure_ascii=False) for v in server_info)
+            result += (f',"resultType":"complete","_meta":{{"io.modelcontextprotocol/'
+                       f'serverInfo":{{"name":{name},"version":{version}}}}}')
+        answer = f'"result":{{{result}}}'
     return f'{{"jsonrpc":"2.0","id":{call.rpc_id},{answer}}}'.encode()
 
 

@@ -97,13 +97,15 @@ def extract_facts(request: external_auth_pb2.CheckRequest | None) -> RequestFact
     if data or http.size:
         body = Body(data, http.method, http.size, headers.get("content-encoding", ""),
                     headers.get("x-envoy-auth-partial-body") == "true",
-                    headers.get("mcp-method"), headers.get("mcp-name"))
+                    headers.get("mcp-method"), headers.get("mcp-name"),
+                    headers.get("mcp-protocol-version"))
     return RequestFacts(peer, headers.get(_XFF), path, authority,
                         attributes.context_extensions, body=body)
 
 
 _WANTED = frozenset((_XFF, ":path", ":authority", "content-encoding",
-                     "x-envoy-auth-partial-body", "mcp-method", "mcp-name"))
+                     "x-envoy-auth-partial-body", "mcp-method", "mcp-name",
+                     "mcp-protocol-version"))
 
 
 def _from_header_map(http: attribute_context_pb2.AttributeContext.HttpRequest
