@@ -61,6 +61,25 @@ class TestCheck:
         assert (report["allowed"], report["http_status"], report["network"]) == (
             True, 200, "internal")
 
+    def test_body_names_the_tool_and_the_rule(self, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+        """--body (or --body-file) is read as Envoy would send it; tool and rule reported."""
+        path = tmp_path / "tools.yaml"
+        path.write_text(CONFIG + "  gh: {tools: {delete_repo: {available_on_public_internet:"
+                                 " false}}}\n")
+        body = '{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{"name":"delete_repo"}}'
+        report = check(capsys, "--config", str(path), "--peer", "8.8.8.8", "--path", "/mcp/gh",
+                       "--body", body)
+        assert (report["reason"], report["http_status"], report["tool"]) == (
+            "tool_not_found", 200, "delete_repo")
+        assert report["tools_called"] == ["delete_repo"]
+        assert report["rule"] == "servers.gh.tools.delete_repo.available_on_public_internet"
+        assert json.loads(report["reply"])["id"] == 9
+        (tmp_path / "body.json").write_text(body)
+        inside = check(capsys, "--config", str(path), "--peer", "10.1.1.1", "--path", "/mcp/gh",
+                       "--body-file", str(tmp_path / "body.json"))
+        assert (inside["allowed"], inside["rule"]) == (True, "network.internal_ranges")
+
     def test_untrusted_client_ip_is_null(self, config: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:
         """Garbage in XFF behind a trusted proxy: client_ip null, external."""
@@ -109,6 +128,15 @@ class TestValidate:
         assert result.returncode == 2
         assert "network.trusted_proxies:" in result.stderr
         assert "servers.gh.oauth2.token_url:" in result.stderr
+
+    def test_unknown_network_exits_2(self, tmp_path: Path) -> None:
+        """A visible_to naming no configured network is reported with its key path."""
+        path = tmp_path / "bad.yaml"
+        path.write_text("servers: {b: {available_on_public_internet: false,"
+                        " visible_to: [partners]}}\n")
+        result = run("validate", "--config", str(path))
+        assert result.returncode == 2
+        assert "servers.b.visible_to[0]: unknown network 'partners'" in result.stderr
 
     def test_serve_with_bad_config_exits_2(self, tmp_path: Path) -> None:
         """`serve` refuses a bad config at start-up, naming the key, exit 2."""

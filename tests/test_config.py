@@ -134,12 +134,47 @@ class TestErrors:
             ("servers: {a: {}}\nservers: {b: {}}", "(yaml): duplicate key 'servers'"),
             ("servers: [a, b", "(yaml):"),
             ("- a\n- b", "(top level): expected a mapping"),
+            ("network: {networks: {internal: [10.0.0.0/8]}}",
+             "network.networks: Value error, 'internal' is a built-in network name"),
+            ("network: {networks: {p: [10.0.0.1/8]}}", "network.networks: Value error, p:"),
+            ("network: {networks: {'9x': [10.0.0.0/8]}}", "network name '9x' must be"),
+            ("servers: {a: {visible_to: [p]}}\nnetwork: {networks: {p: [10.0.0.0/8]}}",
+             "servers.a.visible_to: only a server with available_on_public_internet: false"),
+            ("servers: {a: {available_on_public_internet: false, visible_to: [partner]}}",
+             "servers.a.visible_to[0]: unknown network 'partner' (known: internal)"),
+            ("servers: {a: {available_on_public_internet: false,"
+             " tools: {t: {available_on_public_internet: true}}}}",
+             "servers.a.tools.t.available_on_public_internet: a tool of an internal-only"),
+            ("servers: {a: {tools: {t: {visible_to: [internal]}}}}",
+             "servers.a.tools.t.visible_to: only a tool with available_on_public_internet"),
+            ("servers: {a: {tools: {t: {available_on_public_internet: false,"
+             " visible_to: [nope]}}}}", "servers.a.tools.t.visible_to[0]: unknown network"),
+            ("network: {networks: {p: [10.0.0.0/8]}}\nservers: {a: {available_on_public_"
+             "internet: false, tools: {t: {visible_to: [p]}}}}",
+             "servers.a.tools.t.visible_to[0]: network 'p' cannot see server 'a'"),
+            ("servers: {a: {tools: {'bad name': {}}}}", "servers.a.tools: Value error, tool name"),
+            ("servers: {a: {unknown_tool_reply: silence}}", "servers.a.unknown_tool_reply:"),
+            ("mcp: {max_batch_messages: 0}", "mcp.max_batch_messages:"),
         ],
     )
     def test_error_names_key_path(self, text: str, expected: str) -> None:
         """Every error names the key path and what is wrong with it."""
         found = problems(text)
         assert any(p.startswith(expected) or expected in p for p in found), found
+
+    def test_tools_inherit_their_server(self) -> None:
+        """A tool without available_on_public_internet takes its server's value."""
+        config = parse_yaml("""
+network: {networks: {p: [192.0.2.0/24]}}
+servers:
+  open: {tools: {t: null, u: {available_on_public_internet: false, visible_to: [p]}}}
+  closed: {available_on_public_internet: false, visible_to: [p], tools: {t: {}}}
+""", env={})
+        open_tools, closed_tools = config.servers["open"].tools, config.servers["closed"].tools
+        assert open_tools["t"].available_on_public_internet is True
+        assert open_tools["u"].visible_to == ("p",)
+        assert closed_tools["t"].available_on_public_internet is False
+        assert config.network.named()[0][0] == "internal"
 
     def test_duplicate_key_is_an_error(self) -> None:
         """A key given twice is refused rather than silently keeping the last."""

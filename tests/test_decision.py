@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ext_authz.decision import OUTCOMES, Policy, RequestFacts, decide, explain
+from ext_authz.jsonrpc import NO_BODY, Body
 from tests.conftest import make_config
 
 POLICY = Policy.from_config(make_config(servers={
@@ -91,3 +97,142 @@ class TestDecisionCache:
         policy.decision_cache.clear()
         decide(facts("127.0.0.3", "/mcp/pub", xff="127.0.0.2," * 100), policy)
         assert policy.decision_cache == {}
+
+
+# -- named networks and tool rules ------------------------------------------------------
+
+NAMED = Policy.from_config(make_config(
+    network={"internal_ranges": ["10.0.0.0/8"],
+             "networks": {"partners": ["192.0.2.0/24"], "lab": ["10.9.0.0/16"]}},
+    servers={
+        "github": {"tools": {
+            "delete_repo": {"available_on_public_internet": False},
+            "merge": {"available_on_public_internet": False, "visible_to": ["partners"]}}},
+        "billing": {"available_on_public_internet": False, "visible_to": ["partners"],
+                    "tools": {"refund": {}}},
+        "vault": {"available_on_public_internet": False},
+    },
+))
+
+
+def tool_facts(peer: str, server: str, *tools: str) -> RequestFacts:
+    messages = [{"jsonrpc": "2.0", "id": i, "method": "tools/call", "params": {"name": t}}
+                for i, t in enumerate(tools)]
+    data = json.dumps(messages if len(messages) > 1 else messages[0]).encode() if tools else b""
+    return RequestFacts(peer, None, f"/mcp/{server}", "gw",
+                        body=Body(data, "POST", len(data)) if data else NO_BODY)
+
+
+class TestNamedNetworks:
+    @pytest.mark.parametrize(
+        ("peer", "server", "reason", "network", "rule"),
+        [
+            ("192.0.2.7", "billing", "allowed", "partners", "servers.billing.visible_to"),
+            ("198.51.100.1", "billing", "not_found", "external", "servers.billing.visible_to"),
+            ("10.1.1.1", "billing", "allowed", "internal", "network.internal_ranges"),
+            # lab is more specific than internal: it names the caller, who is internal still.
+            ("10.9.1.1", "vault", "allowed", "lab", "network.internal_ranges"),
+            ("192.0.2.7", "vault", "not_found", "partners",
+             "servers.vault.available_on_public_internet"),
+            ("192.0.2.7", "github", "allowed", "partners",
+             "servers.github.available_on_public_internet"),
+        ],
+    )
+    def test_visible_to(self, peer: str, server: str, reason: str, network: str,
+                        rule: str) -> None:
+        """A server's visible_to networks see it; the most specific network names the caller."""
+        decision = decide(tool_facts(peer, server), NAMED)
+        assert (decision.reason, decision.network, decision.rule) == (reason, network, rule)
+
+
+class TestToolRules:
+    @pytest.mark.parametrize(
+        ("peer", "server", "tools", "reason", "tool"),
+        [
+            ("198.51.100.1", "github", ["delete_repo"], "tool_not_found", "delete_repo"),
+            ("10.1.1.1", "github", ["delete_repo"], "allowed", "delete_repo"),
+            ("192.0.2.7", "github", ["merge"], "allowed", "merge"),
+            ("198.51.100.1", "github", ["merge"], "tool_not_found", "merge"),
+            ("198.51.100.1", "github", ["search"], "allowed", ""),  # not configured
+            ("198.51.100.1", "github", ["search", "delete_repo"], "batch_refused",
+             "delete_repo"),
+            ("192.0.2.7", "billing", ["refund"], "tool_not_found", "refund"),
+            ("198.51.100.1", "billing", ["refund"], "not_found", ""),  # server hidden first
+            ("10.1.1.1", "billing", ["refund", "refund"], "allowed", "refund"),
+        ],
+    )
+    def test_rules(self, peer: str, server: str, tools: list[str], reason: str,
+                   tool: str) -> None:
+        """A tool's rule narrows its server's; unconfigured tools follow the server."""
+        decision = decide(tool_facts(peer, server, *tools), NAMED)
+        assert (decision.reason, decision.tool) == (reason, tool)
+
+    def test_hidden_tool_reply(self) -> None:
+        """The reply is the server's answer for a tool it lacks, with the request's id."""
+        decision = decide(tool_facts("198.51.100.1", "github", "delete_repo"), NAMED)
+        assert decision.http_status == 200
+        assert json.loads(decision.reply)["result"]["content"][0]["text"] == (
+            "Unknown tool: delete_repo")
+        steps = explain(decision)
+        assert "decided by servers.github.tools.delete_repo.available_on_public_internet" in steps
+
+    def test_allowed_tool_decisions_keep_their_identity(self) -> None:
+        """The same allowed call gives the same Decision object (encodings are cached by it)."""
+        first = decide(tool_facts("10.1.1.1", "github", "delete_repo"), NAMED)
+        assert decide(tool_facts("10.1.1.1", "github", "delete_repo"), NAMED) is first
+
+    def test_requests_that_call_no_tool_are_the_server_decision(self) -> None:
+        """No body, or a body without tools/call: the cached server decision itself."""
+        server_only = decide(tool_facts("198.51.100.1", "github"), NAMED)
+        listing = b'{"jsonrpc":"2.0","id":1,"method":"tools/list"}'
+        with_body = decide(RequestFacts("198.51.100.1", None, "/mcp/github", "gw",
+                                        body=Body(listing, "POST", len(listing))), NAMED)
+        assert with_body is server_only
+
+
+cidrs = st.sampled_from(["10.0.0.0/8", "10.1.0.0/16", "192.0.2.0/24", "192.0.2.128/25",
+                         "198.51.100.0/24"])
+network_names = ["a", "b", "c"]
+addresses = st.sampled_from(["10.1.2.3", "10.200.0.1", "192.0.2.1", "192.0.2.200",
+                             "198.51.100.9", "203.0.113.1"])
+
+
+@st.composite
+def tool_configs(draw: st.DrawFn) -> dict[str, Any]:
+    networks = {n: draw(st.lists(cidrs, min_size=1, max_size=2, unique=True))
+                for n in network_names}
+    public = draw(st.booleans())
+    server_visible_to = [] if public else draw(st.lists(st.sampled_from(network_names),
+                                                         unique=True))
+    audience = ["internal", *server_visible_to]
+    tools = {}
+    for name in ("t1", "t2"):
+        tool_public = public and draw(st.booleans())
+        choices = network_names if public else audience
+        visible_to = [] if tool_public else draw(st.lists(st.sampled_from(choices), unique=True))
+        tools[name] = {"available_on_public_internet": tool_public, "visible_to": visible_to}
+    return {"network": {"internal_ranges": [draw(cidrs)], "networks": networks},
+            "servers": {"s": {"available_on_public_internet": public,
+                              "visible_to": server_visible_to, "tools": tools}}}
+
+
+class TestToolProperties:
+    @settings(max_examples=300)
+    @given(config=tool_configs(), peer=addresses,
+           calls=st.lists(st.sampled_from(["t1", "t2", "other"]), min_size=1, max_size=3))
+    def test_a_tool_rule_never_widens_its_server(self, config: dict[str, Any], peer: str,
+                                                 calls: list[str]) -> None:
+        """Whoever cannot see a server cannot call its tools; tool rules only take away."""
+        with_tools = Policy.from_config(make_config(**config))
+        server = dict(config["servers"]["s"])
+        del server["tools"]
+        without_tools = Policy.from_config(make_config(network=config["network"],
+                                                       servers={"s": server}))
+        decided = decide(tool_facts(peer, "s", *calls), with_tools)
+        server_only = decide(tool_facts(peer, "s", *calls), without_tools)
+        if not server_only.allowed:
+            assert decided.reason == server_only.reason == "not_found"
+        if decided.allowed:
+            assert server_only.allowed
+        if "other" in calls and calls == ["other"]:
+            assert decided.reason == server_only.reason  # unconfigured: the server's rule

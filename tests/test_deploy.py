@@ -129,6 +129,35 @@ class TestGenerator:
         out.write_text(result.stdout)
         envoy_validate(out)
 
+    def test_bodies_go_to_the_sidecar_only_for_tool_rules(self, tmp_path: Path) -> None:
+        """Raw bodies for servers with tools; every other route turns the buffering off."""
+        config = tmp_path / "c.yaml"
+        config.write_text("mcp: {max_body_bytes: 65536}\n"
+                          "servers: {a: {tools: {t: {available_on_public_internet: false}}},"
+                          " b: {}}\n")
+        result = envoy_config("--config", str(config), "--upstream", "a=127.0.0.1:1",
+                              "--upstream", "b=127.0.0.1:2")
+        assert result.returncode == 0, result.stderr
+        manager = http_manager(yaml.safe_load(result.stdout))
+        authz = manager["http_filters"][0]["typed_config"]
+        assert authz["with_request_body"] == {"max_request_bytes": 65536,
+                                              "pack_as_bytes": True}
+        routes = manager["route_config"]["virtual_hosts"][0]["routes"]
+        settings = {(r["match"].get("path") or r["match"]["prefix"]): r[
+            "typed_per_filter_config"]["envoy.filters.http.ext_authz"]["check_settings"]
+            for r in routes}
+        assert [p for p, s in settings.items() if not s.get("disable_request_body_buffering")
+                ] == ["/mcp/a", "/mcp/a/"]
+        assert manager["http_filters"][1]["typed_config"]["suppress_envoy_headers"] is True
+        out = tmp_path / "envoy.yaml"
+        out.write_text(result.stdout)
+        envoy_validate(out)
+        plain = tmp_path / "plain.yaml"
+        plain.write_text("servers: {b: {}}\n")
+        without = http_manager(yaml.safe_load(envoy_config(
+            "--config", str(plain), "--upstream", "b=127.0.0.1:2").stdout))
+        assert "with_request_body" not in without["http_filters"][0]["typed_config"]
+
     def test_trusted_proxies_become_xff_cidrs(self, tmp_path: Path) -> None:
         """Envoy's own client detection trusts the same CIDRs as the sidecar."""
         config = tmp_path / "c.yaml"
