@@ -110,7 +110,7 @@ class TestReading:
         [(1, "1"), ("a", '"a"'), ("é", '"é"'), (None, None), (1.5, None), (True, None)],
     )
     def test_ids(self, rpc_id: Any, expected: str | None) -> None:
-        """String and integer ids are requests; anything else is a notification, as the SDK has it."""
+        """String and integer ids are requests; anything else is a notification (as the SDK)."""
         [found] = read(json.dumps(call("a", rpc_id))).calls
         assert found.rpc_id == expected
 
