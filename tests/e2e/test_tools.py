@@ -11,6 +11,7 @@ bodies, forged MCP headers).
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import re
 import subprocess
@@ -18,6 +19,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -45,6 +47,8 @@ class Stack:
     base: str
     sidecar: Process
     admin: str
+    envoy_config: dict[str, Any]
+    workdir: Path
 
     def post(self, source: str, server: str, body: bytes | str,
              headers: dict[str, str] | None = None) -> httpx.Response:
@@ -107,10 +111,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             for process, name in zip(processes, ("pub", "billing"), strict=False):
                 process.wait_http(f"http://127.0.0.1:{ports[name]}/mcp/{name}/echo")
             sidecar.wait_http(f"http://127.0.0.1:{ports['admin']}/readyz")
-            processes.append(start_envoy(yaml.safe_load(rendered.stdout), workdir,
-                                         ports["envoy_admin"]))
+            bootstrap = yaml.safe_load(rendered.stdout)
+            processes.append(start_envoy(bootstrap, workdir, ports["envoy_admin"]))
             yield Stack(f"http://127.0.0.1:{ports['envoy']}", sidecar,
-                        f"http://127.0.0.1:{ports['admin']}")
+                        f"http://127.0.0.1:{ports['admin']}", bootstrap, workdir)
         finally:
             for process in reversed(processes):
                 process.stop()
@@ -320,3 +324,33 @@ class TestRawRequests:
         assert re.search(r'mcp_ext_authz_checks_total\{[^}]*reason="tool_not_found"'
                          r'[^}]*tool="add"\} [1-9]', text)
         assert "made-up-by-a-client" not in text
+
+
+class TestMisconfiguredEnvoy:
+    def test_a_route_that_sends_no_body_fails_loudly(self, stack: Stack) -> None:
+        """Tool rules on a route whose body Envoy keeps back: every POST is a 400, not a pass.
+
+        As after a reload that adds `tools` to a server while Envoy's config still predates
+        them (`envoy-config` turned body buffering off on that server's routes).
+        """
+        bootstrap = copy.deepcopy(stack.envoy_config)
+        listener = bootstrap["static_resources"]["listeners"][0]
+        manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        for route in manager["route_config"]["virtual_hosts"][0]["routes"]:
+            settings = route["typed_per_filter_config"]["envoy.filters.http.ext_authz"]
+            settings["check_settings"]["disable_request_body_buffering"] = True
+        port, admin = free_port(), free_port()
+        listener["address"]["socket_address"]["port_value"] = port
+        bootstrap["admin"]["address"]["socket_address"]["port_value"] = admin
+        workdir = stack.workdir / "no-body"
+        workdir.mkdir()
+        envoy = start_envoy(bootstrap, workdir, admin)
+        try:
+            before = len(stack.decisions())
+            response = httpx.post(f"http://127.0.0.1:{port}/mcp/pub", timeout=10,
+                                  content=json.dumps(tools_call("add")), headers=MCP_HEADERS)
+            assert response.status_code == 400
+            assert "did not reach the sidecar" in response.json()["error"]["message"]
+            assert stack.last_decision(before)["reason"] == "bad_mcp_request"
+        finally:
+            envoy.stop()
