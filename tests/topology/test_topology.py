@@ -43,6 +43,17 @@ def use_server(stack: Stack, client: str, address: str) -> tuple[set[str], dict[
     return stack.in_namespace(client, lambda: asyncio.run(_use_server(address)))  # type: ignore[no-any-return]
 
 
+async def _call_tool(address: str, tool: str, arguments: dict[str, Any]) -> Any:
+    async with Client(address) as mcp:
+        return await mcp.call_tool(tool, arguments)
+
+
+def call_tool(stack: Stack, client: str, address: str, tool: str,
+              arguments: dict[str, Any]) -> Any:
+    """Call one tool with the MCP SDK client, from inside `client`."""
+    return stack.in_namespace(client, lambda: asyncio.run(_call_tool(address, tool, arguments)))
+
+
 def mcp_error(stack: Stack, client: str, address: str) -> MCPError:
     """The MCPError the SDK client ends with when it cannot use the server at `address`."""
     with pytest.raises(BaseExceptionGroup) as caught:  # the SDK nests it in task groups
@@ -111,6 +122,21 @@ class TestDirectClients:
         missing = mcp_error(compose, "client-external", url(envoy, port, "/mcp/missing"))
         assert (hidden.code, str(hidden)) == (missing.code, str(missing))
         assert compose.json_lines("mcp-internal")[since:] == []
+
+    @pytest.mark.parametrize(("client", "network"), [("client-internal", "internal"),
+                                                     ("client-external", "external")])
+    def test_tool_rule_on_the_public_server(self, compose: Stack, at: Addresses, client: str,
+                                            network: str) -> None:
+        """`add` of the public server is internal-only: outside it is an unknown tool."""
+        envoy = url(at.of("envoy", network), envoy_port(compose), "/mcp/public")
+        added = call_tool(compose, client, envoy, "add", {"a": 2, "b": 3})
+        if network == "internal":
+            assert (added.is_error, added.structured_content) == (False, {"result": 5})
+        else:
+            missing = call_tool(compose, client, envoy, "subtract", {})
+            assert added.is_error and missing.is_error
+            assert [c.text for c in added.content] == ["Unknown tool: add"]
+            assert [c.text for c in missing.content] == ["Unknown tool: subtract"]
 
     def test_upstream_received_the_injected_token(self, compose: Stack, at: Addresses) -> None:
         """The internal upstream logged the gateway's bearer and the caller's address."""
