@@ -85,6 +85,8 @@ class Visibility:
 
 @dataclass(frozen=True, slots=True)
 class ServerPolicy:
+    """One configured server, as the hot path needs it."""
+
     name: str
     visibility: Visibility
     oauth2: OAuth2Settings | None

@@ -148,7 +148,8 @@ def _from_header_map(http: attribute_context_pb2.AttributeContext.HttpRequest
 # encodes its own few bytes (tests decode the result with the generated classes and with
 # envoy-data-plane's independent implementation).
 
-_TEMPLATE_BYTES = {reason: _template(reason).SerializeToString() for reason in OUTCOMES}
+_TEMPLATES = {reason: _template(reason) for reason in OUTCOMES}
+_TEMPLATE_BYTES = {reason: template.SerializeToString() for reason, template in _TEMPLATES.items()}
 _OK_RESPONSE_FIELD = 3
 
 
@@ -219,9 +220,6 @@ def _decision_id_entry(decision_id: str) -> bytes:
     assert size < 100, "decision ids are short"
     return (b"\x0a" + bytes((size + 17,)) + _DECISION_ID_KEY + bytes((size + 2,)) + b"\x1a"
             + bytes((size,)) + value)
-
-
-_TEMPLATES = {reason: _template(reason) for reason in OUTCOMES}
 
 
 def _answer(decision: Decision) -> bytes:

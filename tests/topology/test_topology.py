@@ -134,7 +134,8 @@ class TestDirectClients:
             assert (added.is_error, added.structured_content) == (False, {"result": 5})
         else:
             missing = call_tool(compose, client, envoy, "subtract", {})
-            assert added.is_error and missing.is_error
+            assert added.is_error
+            assert missing.is_error
             assert [c.text for c in added.content] == ["Unknown tool: add"]
             assert [c.text for c in missing.content] == ["Unknown tool: subtract"]
 
@@ -149,21 +150,6 @@ class TestDirectClients:
             assert record["headers"]["authorization"][0].startswith("Bearer demo-demo-internal")
             assert record["headers"]["x-forwarded-for"] == [str(at.of("client-internal",
                                                                       "internal"))]
-
-    @pytest.mark.parametrize("forged", ["{internal}", "{internal}, {lb}", "{lb}"])
-    def test_forged_xff_from_external_client(self, compose: Stack, at: Addresses,
-                                             forged: str) -> None:
-        """A client that is not the trusted LB cannot pick its address with X-Forwarded-For."""
-        xff = forged.format(internal=at.of("client-internal", "internal"),
-                            lb=at.of("lb", "edge"))
-        envoy = str(at.of("envoy", "external"))
-        since = len(compose.json_lines("sidecar"))
-        response = compose.request("client-external", envoy, envoy_port(compose), http_request(
-            "POST", "/mcp/internal", envoy, [*MCP_HEADERS, ("X-Forwarded-For", xff)], WHOAMI))
-        assert (response.status, response.json()) == (404, {"error": "not_found"})
-        [record] = decisions_since(compose, since)
-        assert record["client_ip"] == str(at.of("client-external", "external"))
-        assert record["client_ip_source"] == "peer"
 
     def test_published_port_arrives_from_the_gateway(self, compose: Stack,
                                                      at: Addresses) -> None:
@@ -223,10 +209,10 @@ class TestLoadBalancer:
         _, whoami = use_server(compose, "client-external", url(lb, 8080, "/mcp/public"))
         assert whoami["authorization"].startswith("Bearer demo-demo-public-")
 
-    @pytest.mark.parametrize("forged", ["{internal}", "{internal}, {lb}"])
+    @pytest.mark.parametrize("forged", ["{internal}", "{internal}, {lb}", "{lb}"])
     def test_bypassing_the_lb_with_forged_xff_is_external(self, compose: Stack, at: Addresses,
                                                           forged: str) -> None:
-        """Straight to Envoy, a forged XFF (even one ending in the LB) is not believed."""
+        """Straight to Envoy, a forged XFF (even one naming the LB) is not believed."""
         xff = forged.format(internal=at.of("client-internal", "internal"),
                             lb=at.of("lb", "edge"))
         envoy = str(at.of("envoy", "external"))
