@@ -486,7 +486,7 @@ def main() -> int:
          ratio(through[("tools-call", 8)].rps, through[("sidecar-post", 8)].rps)),
         ("tools/call bodies vs sidecar-post, Envoy, 64 conns",
          ratio(through[("tools-call", 64)].rps, through[("sidecar-post", 64)].rps)),
-        ("tools/list bodies (not parsed) vs sidecar-post, Envoy, 64 conns",
+        ("tools/list (not parsed) vs sidecar-post, Envoy, 64 conns",
          ratio(through[("tools-list", 64)].rps, through[("sidecar-post", 64)].rps)),
         ("tools/call vs sidecar checks/s, direct, c=1 m=64",
          ratio(direct[("tools-call", 1, 64)].rps, direct[("sidecar", 1, 64)].rps)),
