@@ -23,8 +23,7 @@ from pydantic import (
 )
 
 from .errors import ConfigError
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+from .network import EXTERNAL, INTERNAL, IPNetwork
 
 DEFAULT_INTERNAL_RANGES: tuple[str, ...] = (
     "10.0.0.0/8",
@@ -40,7 +39,6 @@ DEFAULT_INTERNAL_RANGES: tuple[str, ...] = (
 SERVER_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,62}[A-Za-z0-9_])?$")
 NETWORK_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,62}$")
 TOOL_NAME = re.compile(r"^[A-Za-z0-9_./-]{1,128}$")  # MCP's tool-name alphabet
-INTERNAL_NETWORK, EXTERNAL_NETWORK = "internal", "external"  # built-in network names
 _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -123,7 +121,7 @@ class NetworkSettings(_Frozen):
             raise ValueError("expected a mapping of network name to a list of CIDRs")
         named = {}
         for name, cidrs in value.items():
-            if name in (INTERNAL_NETWORK, EXTERNAL_NETWORK):
+            if name in (INTERNAL, EXTERNAL):
                 raise ValueError(f"{name!r} is a built-in network name"
                                  " (internal is network.internal_ranges)")
             if not isinstance(name, str) or not NETWORK_NAME.match(name):
@@ -137,7 +135,7 @@ class NetworkSettings(_Frozen):
 
     def named(self) -> list[tuple[str, tuple[IPNetwork, ...]]]:
         """Every named network, `internal` first, then in config order."""
-        return [(INTERNAL_NETWORK, self.internal_ranges), *self.networks.items()]
+        return [(INTERNAL, self.internal_ranges), *self.networks.items()]
 
 
 class RoutingSettings(_Frozen):
@@ -464,7 +462,7 @@ def _visibility_problems(config: Config) -> list[str]:
             unknown(f"{tool_key}.visible_to", tool.visible_to)
             if not server.available_on_public_internet:
                 for index, name in enumerate(tool.visible_to):
-                    if name in known and name not in (INTERNAL_NETWORK, *server.visible_to):
+                    if name in known and name not in (INTERNAL, *server.visible_to):
                         problems.append(
                             f"{tool_key}.visible_to[{index}]: network {name!r} cannot see"
                             f" server {server_name!r} (add it to {key}.visible_to first:"

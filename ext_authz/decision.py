@@ -17,7 +17,7 @@ from .jsonrpc import (
     refusal_reply,
     unknown_tool_reply,
 )
-from .network import EXTERNAL, ClientIP, NetworkMap, NetworkSet, Placement, resolve_client_ip
+from .network import NOWHERE, ClientIP, NetworkMap, NetworkSet, Placement, resolve_client_ip
 from .routing import NO_SERVER, Route, route
 
 Reason = Literal[
@@ -152,7 +152,6 @@ class Policy:
 
 _NO_CLIENT = ClientIP(None, "no_peer")
 _NO_ROUTE = Route(None, "none")
-_NOWHERE = Placement(EXTERNAL, frozenset())
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +160,7 @@ class Decision:
 
     reason: Reason
     client: ClientIP = _NO_CLIENT
-    placement: Placement = _NOWHERE
+    placement: Placement = NOWHERE
     route: Route = _NO_ROUTE
     server: ServerPolicy | None = None
     detail: str = ""

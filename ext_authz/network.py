@@ -184,7 +184,7 @@ class Placement:
         return INTERNAL in self.members
 
 
-_NOWHERE = Placement(EXTERNAL, frozenset())
+NOWHERE = Placement(EXTERNAL, frozenset())  # no address, or one in no configured network
 
 
 class NetworkMap:
@@ -208,10 +208,10 @@ class NetworkMap:
     def place(self, address: IPAddress | None) -> Placement:
         """Place an address; no address at all is external."""
         if address is None:
-            return _NOWHERE
+            return NOWHERE
         members = frozenset(name for name, networks in self._sets if address in networks)
         if not members:
-            return _NOWHERE
+            return NOWHERE
         for network, name, _ in self._ranked:
             if address in network:
                 return Placement(name, members)
