@@ -66,7 +66,6 @@ from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
 from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
     HttpConnectionManager,
     HttpConnectionManagerCodecType,
-    HttpConnectionManagerInternalAddressConfig,
     HttpConnectionManagerPathWithEscapedSlashesAction,
     HttpFilter,
 )
@@ -88,7 +87,7 @@ from envoy_data_plane.envoy.type.v3 import HttpStatus, StatusCode
 from envoy_data_plane.google.protobuf import Any as AnyMessage
 from envoy_data_plane.google.protobuf import Struct
 
-from .config import Config, IPNetwork
+from .config import Config
 from .routing import NO_SERVER
 from .service import SERVICE_NAME
 
@@ -279,11 +278,6 @@ def _access_log() -> AccessLog:
     return AccessLog(name="envoy.access_loggers.stdout", typed_config=AnyMessage.pack(stdout))
 
 
-def _cidrs(networks: tuple[IPNetwork, ...]) -> list[CidrRange]:
-    return [CidrRange(address_prefix=str(n.network_address), prefix_len=n.prefixlen)
-            for n in networks]
-
-
 def _connection_manager(config: Config) -> HttpConnectionManager:
     authz = ExtAuthz(
         grpc_service=GrpcService(
@@ -312,11 +306,6 @@ def _connection_manager(config: Config) -> HttpConnectionManager:
         merge_slashes=True,
         path_with_escaped_slashes_action=(
             HttpConnectionManagerPathWithEscapedSlashesAction.REJECT_REQUEST),
-        # Envoy trusts the x-envoy-* headers of callers it deems internal (by default every
-        # RFC 1918 address); make that the sidecar's internal network, so an external caller
-        # cannot hand the upstream its own x-envoy-external-address and the like.
-        internal_address_config=HttpConnectionManagerInternalAddressConfig(
-            cidr_ranges=_cidrs(config.network.internal_ranges)),
         route_config=RouteConfiguration(
             name="mcp", virtual_hosts=_routes(config),
             # Envoy sets this header only on requests it deems edge requests, and passes a
@@ -341,8 +330,10 @@ def _connection_manager(config: Config) -> HttpConnectionManager:
     if config.network.trusted_proxies:
         # Give Envoy's own idea of the client (access logs, x-envoy-external-address) the
         # same trusted-CIDR walk the sidecar does.
-        xff = XffConfig(xff_trusted_cidrs=XffTrustedCidrs(
-            cidrs=_cidrs(config.network.trusted_proxies)))
+        xff = XffConfig(xff_trusted_cidrs=XffTrustedCidrs(cidrs=[
+            CidrRange(address_prefix=str(n.network_address), prefix_len=n.prefixlen)
+            for n in config.network.trusted_proxies
+        ]))
         manager.original_ip_detection_extensions = [TypedExtensionConfig(
             name="envoy.http.original_ip_detection.xff", typed_config=AnyMessage.pack(xff))]
         manager.use_remote_address = None

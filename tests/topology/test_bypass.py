@@ -22,7 +22,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +89,9 @@ COMMON_CASES = [
          client="client-internal", headers=(("Authorization", ATTACKER_TOKEN),)),
     Case("authorization-hidden", "{path}internal", "not_found",
          headers=(("Authorization", ATTACKER_TOKEN),)),
+    # A caller's own x-envoy-internal never reaches the upstream (asserted for every case).
+    Case("envoy-internal-claimed", "{path}internal", "internal", client="client-internal",
+         headers=(("x-envoy-internal", "true"),)),
 ]
 
 PATH_CASES = [
@@ -124,8 +127,7 @@ PATH_CASES = [
     Case("no-host", "/mcp/internal", "envoy", host=None, envoy_status=400),
     Case("two-hosts", "/mcp/internal", "not_found", headers=(("Host", "x.example"),)),
     Case("not-mcp", "/", "not_found"),
-    *[Case(c.id, c.target.format(path="/mcp/"), c.expect, c.host, c.headers, c.client)
-      for c in COMMON_CASES],
+    *[replace(c, target=c.target.format(path="/mcp/")) for c in COMMON_CASES],
 ]
 
 HOST_CASES = [
@@ -155,8 +157,8 @@ HOST_CASES = [
     # A server without oauth2 settings: the caller's own Authorization passes, unchanged.
     Case("authorization-no-oauth2", "/mcp/public", "open", host="open.mcp.example",
          headers=(("Authorization", ATTACKER_TOKEN),)),
-    *[Case(c.id, c.target.format(path="/mcp/"), c.expect,
-           f"{c.target.format(path='').split('/')[0]}{HOST_SUFFIX}", c.headers, c.client)
+    *[replace(c, target=c.target.format(path="/mcp/"),
+              host=f"{c.target.format(path='').split('/')[0]}{HOST_SUFFIX}")
       for c in COMMON_CASES],
 ]
 
@@ -282,6 +284,7 @@ def check(stack: Stack, gateway: Gateway, case: Case) -> None:
     assert record["upstream"] == upstream.removeprefix("mcp-")
     # Whatever origin the caller claimed, this header holds the address the sidecar judged.
     assert record["headers"]["x-envoy-external-address"] == [decision["client_ip"]]
+    assert "x-envoy-internal" not in record["headers"]
     authorization = record["headers"].get("authorization", [])
     if gateway.tokens[case.expect]:
         assert len(authorization) == 1
