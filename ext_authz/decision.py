@@ -132,9 +132,9 @@ class Policy:
     mcp: McpSettings = field(default_factory=McpSettings)
     decision_cache: dict[tuple[str, str | None, str | None, str, str], Decision] = field(
         default_factory=dict, compare=False, repr=False)
-    # (server decision, configured tool) -> the same decision naming the tool, remembered
+    # Per configured tool: a server decision -> the same decision naming the tool, remembered
     # so that an allowed tools/call keeps the identity PerDecision looks values up by.
-    tool_cache: dict[tuple[int, str], tuple[Decision, Decision]] = field(
+    tool_decisions: Mapping[str, PerDecision[Decision]] = field(
         default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -147,6 +147,8 @@ class Policy:
             max_xff_entries=config.network.max_xff_entries,
             max_xff_bytes=config.network.max_xff_bytes,
             mcp=config.mcp,
+            tool_decisions={tool: PerDecision(_naming(tool), DECISION_CACHE_SIZE)
+                            for server in config.servers.values() for tool in server.tools},
         )
 
 
@@ -299,7 +301,7 @@ def decide_tools(decision: Decision, body: Body, policy: Policy) -> Decision:
         allowed_tool = allowed_tool or call.name
     if not allowed_tool:
         return decision
-    return _naming_tool(decision, allowed_tool, policy)
+    return policy.tool_decisions[allowed_tool][decision]
 
 
 def _hidden_tool(decision: Decision, server: ServerPolicy, call: ToolCall, rule: str,
@@ -314,19 +316,13 @@ def _hidden_tool(decision: Decision, server: ServerPolicy, call: ToolCall, rule:
                    reply=unknown_tool_reply(server.unknown_tool_reply, call, server.server_info))
 
 
-def _naming_tool(decision: Decision, tool: str, policy: Policy) -> Decision:
-    key = (id(decision), tool)
-    entry = policy.tool_cache.get(key)
-    if entry is not None and entry[0] is decision:
-        return entry[1]
-    server = decision.server
-    assert server is not None
-    _, rule = server.tools[tool].judge(decision.placement)
-    named = replace(decision, tool=tool, rule=rule)
-    if len(policy.tool_cache) >= DECISION_CACHE_SIZE:
-        policy.tool_cache.clear()
-    policy.tool_cache[key] = (decision, named)
-    return named
+def _naming(tool: str) -> Callable[[Decision], Decision]:
+    def derive(decision: Decision) -> Decision:
+        assert decision.server is not None
+        _, rule = decision.server.tools[tool].judge(decision.placement)
+        return replace(decision, tool=tool, rule=rule)
+
+    return derive
 
 
 def _placement(placement: Placement) -> str:

@@ -155,11 +155,10 @@ def read_tool_calls(body: Body, max_bytes: int, max_batch: int) -> ToolCalls:
         if message.get("method") != TOOLS_CALL:
             continue
         params = message.get("params")
-        name = params.get("name") if isinstance(params, dict) else None
-        if not isinstance(name, str) or not name:
+        if not isinstance(params, dict) or not params.get("name") or not isinstance(
+                params["name"], str):
             return _refuse(INVALID_PARAMS, "a tools/call has no params.name")
-        assert isinstance(params, dict)
-        calls.append(ToolCall(name, _rpc_id(message), _protocol(params, body)))
+        calls.append(ToolCall(params["name"], _rpc_id(message), _protocol(params, body)))
     batch = isinstance(document, list)
     problem = _header_problem(body, messages[0], calls, batch)
     if problem:
