@@ -22,7 +22,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -171,10 +171,11 @@ class Gateway:
     port: int
     sidecar: str
     envoy: str
-    upstreams: dict[str, str] = field(default_factory=lambda: {
-        "public": "mcp-public", "internal": "mcp-internal", "open": "mcp-public"})
-    tokens: dict[str, bool] = field(default_factory=lambda: {
-        "public": True, "internal": True, "open": False})
+
+
+# Each battery server, the compose service that serves it, and whether a token is injected.
+UPSTREAMS = {"public": "mcp-public", "internal": "mcp-internal", "open": "mcp-public"}
+INJECTS_TOKEN = {"public": True, "internal": True, "open": False}
 
 
 def envoy_address(stack: Stack, client: str) -> str:
@@ -187,11 +188,9 @@ def render_envoy_config(stack: Stack, config: Path, listen: str, admin: str,
     """`mcp-ext-authz envoy-config` for a sidecar config, written to the stack's workdir."""
     service = stack.topology.services["sidecar"]
     servers = yaml.safe_load(config.read_text())["servers"]
-    upstreams = {"public": "mcp-public:8000", "internal": "mcp-internal:8000",
-                 "open": "mcp-public:8000"}
     argv = [sys.executable, "-m", "ext_authz", "envoy-config", "--config", str(config),
             "--listen", listen, "--admin", admin, "--sidecar", sidecar]
-    argv += [arg for name in servers for arg in ("--upstream", f"{name}={upstreams[name]}")]
+    argv += [arg for name in servers for arg in ("--upstream", f"{name}={UPSTREAMS[name]}:8000")]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False,
                             env={**os.environ, **service.environment})
     assert result.returncode == 0, result.stderr
@@ -250,6 +249,12 @@ class Observed:
 REPORT: list[tuple[str, Observed]] = []
 
 
+def send(stack: Stack, gateway: Gateway, case: Case) -> RawResponse:
+    envoy = envoy_address(stack, case.client)
+    return stack.request(case.client, envoy, gateway.port,
+                         case.request(f"{envoy}:{gateway.port}"))
+
+
 def upstream_record(stack: Stack, case: Case, upstream: str) -> list[dict[str, Any]]:
     return [r for r in stack.json_lines(upstream) if r["headers"].get("x-case") == [case.id]]
 
@@ -257,9 +262,7 @@ def upstream_record(stack: Stack, case: Case, upstream: str) -> list[dict[str, A
 def check(stack: Stack, gateway: Gateway, case: Case) -> None:
     before = {u: len(upstream_record(stack, case, u)) for u in ("mcp-public", "mcp-internal")}
     decisions = len(stack.json_lines(gateway.sidecar))
-    envoy = envoy_address(stack, case.client)
-    response = stack.request(case.client, envoy, gateway.port,
-                             case.request(f"{envoy}:{gateway.port}"))
+    response = send(stack, gateway, case)
     reached_sidecar = case.expect != "envoy"
     records = stack.new_lines(gateway.sidecar, decisions, 1 if reached_sidecar else 0)
     received = []
@@ -279,14 +282,14 @@ def check(stack: Stack, gateway: Gateway, case: Case) -> None:
         return
     assert decision["reason"] == "allowed", decision
     assert decision["server"] == case.expect
-    upstream = gateway.upstreams[case.expect]
+    upstream = UPSTREAMS[case.expect]
     [record] = received
     assert record["upstream"] == upstream.removeprefix("mcp-")
     # Whatever origin the caller claimed, this header holds the address the sidecar judged.
     assert record["headers"]["x-envoy-external-address"] == [decision["client_ip"]]
     assert "x-envoy-internal" not in record["headers"]
     authorization = record["headers"].get("authorization", [])
-    if gateway.tokens[case.expect]:
+    if INJECTS_TOKEN[case.expect]:
         assert len(authorization) == 1
         assert authorization[0].startswith(f"Bearer demo-demo-{upstream.removeprefix('mcp-')}")
     else:
@@ -370,8 +373,10 @@ ENVOY_CONFIG = ROOT / "envoy/compose/envoy.yaml"
 
 
 def connection_manager(bootstrap: dict[str, Any]) -> dict[str, Any]:
+    """The bootstrap's HTTP connection manager, to be changed in place."""
     listener = bootstrap["static_resources"]["listeners"][0]
-    return dict(listener["filter_chains"][0]["filters"][0]["typed_config"])
+    manager: dict[str, Any] = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    return manager
 
 
 def start_variant(stack: Stack, name: str, port: int, change: Callable[[dict[str, Any]], None]
@@ -395,12 +400,6 @@ def dead_sidecar(bootstrap: dict[str, Any]) -> None:
     endpoint["address"]["socket_address"]["port_value"] = 9  # nothing listens there
 
 
-def send(stack: Stack, gateway: Gateway, case: Case) -> RawResponse:
-    envoy = envoy_address(stack, case.client)
-    return stack.request(case.client, envoy, gateway.port,
-                         case.request(f"{envoy}:{gateway.port}"))
-
-
 class TestUnsafeVariants:
     """Each Envoy setting the generator emits for safety, removed: the attack then works."""
 
@@ -410,8 +409,6 @@ class TestUnsafeVariants:
             manager = connection_manager(bootstrap)
             for key in ("normalize_path", "merge_slashes", "path_with_escaped_slashes_action"):
                 manager.pop(key)
-            bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
-                "typed_config"] = manager
 
         case = Case("unsafe-dotdot", "/mcp/public/../internal", "not_found")
         assert send(compose, path_mode, case).body == NOT_FOUND
