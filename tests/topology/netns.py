@@ -20,8 +20,9 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+from ext_authz.network import IPAddress
+
+IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
 PREFIX = "mcpx"  # every namespace a Lab makes is named "mcpx<pid>-<name>"
 NETNS_DIR = Path("/run/netns")
@@ -122,8 +123,7 @@ class Lab:
         self.write_hosts(full, {})
         return full
 
-    def bridge(self, name: str, gateways: Iterable[ipaddress.IPv4Interface
-                                                   | ipaddress.IPv6Interface]) -> str:
+    def bridge(self, name: str, gateways: Iterable[IPInterface]) -> str:
         """A bridge in the hub namespace, holding the network's gateway addresses."""
         self._bridges += 1
         bridge = f"br{self._bridges}-{name}"[:15]
@@ -134,7 +134,7 @@ class Lab:
         return bridge
 
     def link(self, namespace: str, ifname: str, bridge: str,
-             addresses: Iterable[ipaddress.IPv4Interface | ipaddress.IPv6Interface]) -> None:
+             addresses: Iterable[IPInterface]) -> None:
         """Plug `namespace` into `bridge` through a veth pair named `ifname` on its side."""
         self._links += 1
         port = f"p{self._links}"
@@ -160,7 +160,7 @@ class Lab:
 
 
 def _add_address(namespace: str, ifname: str,
-                 address: ipaddress.IPv4Interface | ipaddress.IPv6Interface) -> None:
+                 address: IPInterface) -> None:
     extra = ["nodad"] if address.version == 6 else []  # usable at once, no DAD wait
     ip("-n", namespace, "addr", "add", str(address), "dev", ifname, *extra)
 
