@@ -9,7 +9,7 @@ from pathlib import Path
 from ext_authz._proto.envoy.service.auth.v3 import external_auth_pb2
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURE = ROOT.parent / "shared" / "fixtures" / "envoy-1.40-check-request.bin"
+FIXTURE = ROOT / "tests" / "fixtures" / "envoy-1.40-check-request.bin"
 
 
 def test_committed_stubs_match_generation() -> None:

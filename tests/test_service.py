@@ -22,7 +22,7 @@ from ext_authz.service import SERVICE_NAME
 from tests.conftest import make_config
 from tests.token_endpoint import TokenEndpoint
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 FIXTURE = FIXTURES / "envoy-1.40-check-request.bin"
 
 
