@@ -15,7 +15,7 @@ from typing import Any
 from .config import Config, example_config, load_config, split_listen
 from .decision import Decision, Policy, RequestFacts, decide, decide_tools, explain
 from .errors import ConfigError, ExtAuthzError, TokenError
-from .jsonrpc import NO_BODY, Body, read_tool_calls
+from .jsonrpc import NO_BODY, Body, body_headers, read_tool_calls, request_body
 from .tokens import TokenCache
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_CONFIG = 0, 1, 2
@@ -129,21 +129,39 @@ class _AnyVariable(Mapping[str, str]):
         return len(os.environ)
 
 
+def _headers(lines: Sequence[str], body: bool) -> list[tuple[str, str]]:
+    headers = []
+    for line in lines:
+        name, sep, value = line.partition(":")
+        if not sep or not name.strip() or name != name.strip():
+            raise SystemExit(f"--header {line!r}: expected 'Name: value'")
+        headers.append((name.lower(), value.strip()))
+    if body and not any(name == "content-type" for name, _ in headers):
+        headers.append(("content-type", "application/json"))  # as every MCP client sends
+    return headers
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     # Without --fetch-token no secret is used, so an unset ${VAR} need not stop a dry run.
     config = load_config(args.config, env=None if args.fetch_token else _AnyVariable())
+    has_body = args.body is not None or args.body_file is not None
     data = args.body.encode() if args.body is not None else (
         Path(args.body_file).read_bytes() if args.body_file is not None else b"")
-    method = args.method or ("POST" if data else "GET")
-    body = Body(data, method, len(data), content_length=len(data)) if data else NO_BODY
+    method = args.method or ("POST" if has_body else "GET")
+    headers = _headers(args.header, has_body)
+    forwarded = [value for name, value in headers if name == "x-forwarded-for"]
+    body = request_body(data, method, body_headers(headers))
     facts = RequestFacts(
         peer=args.peer,
-        x_forwarded_for=args.xff,
+        x_forwarded_for=args.xff if args.xff is not None else (
+            ",".join(forwarded) if forwarded else None),
         path=args.path,
         authority=args.host,
         context_extensions=_context_extensions(args.context_extension),
     )
     policy = Policy.from_config(config)
+    # The live path's two steps: the server from the headers, then the tool rules from the
+    # body (in Envoy, ext_authz and then ext_proc; or one Check that carries the body).
     decision = decide_tools(decide(facts, policy), body, policy)
     report = check_report(decision, body)
     if args.fetch_token:
@@ -243,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="read the request body from a file")
     check.add_argument("--method", default=None,
                        help="HTTP method (default POST with a body, else GET)")
+    check.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'",
+                       help="a request header, as the client sends it (repeatable), e.g."
+                            " Content-Type, Mcp-Method, Mcp-Name, Content-Encoding;"
+                            " with a body, Content-Type defaults to application/json")
     check.add_argument("--fetch-token", action="store_true",
                        help="really fetch the token (its length and lifetime are printed,"
                             " never the token)")

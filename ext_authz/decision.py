@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import json
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Generic, Literal, TypeVar
 
@@ -17,7 +18,15 @@ from .jsonrpc import (
     refusal_reply,
     unknown_tool_reply,
 )
-from .network import NOWHERE, ClientIP, NetworkMap, NetworkSet, Placement, resolve_client_ip
+from .network import (
+    NOWHERE,
+    ClientIP,
+    NetworkMap,
+    NetworkSet,
+    Placement,
+    parse_address,
+    resolve_client_ip,
+)
 from .routing import NO_SERVER, Route, route
 
 Reason = Literal[
@@ -49,6 +58,12 @@ OUTCOMES: dict[Reason, tuple[int, int]] = {
     "bad_request": (GRPC_INVALID_ARGUMENT, 400),
     "internal_error": (GRPC_INTERNAL, 500),
 }
+
+
+def denial_body(reason: Reason) -> bytes:
+    """The body of a denial that has no per-request answer: a constant per reason, so that a
+    hidden server and an unknown one answer the same bytes."""
+    return json.dumps({"error": reason}).encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,6 +294,25 @@ def _decide(facts: RequestFacts, policy: Policy) -> Decision:
         # Same reason, status and body as an unknown server: a hidden server does not leak.
         return Decision("not_found", client, placement, target, server, peer=peer, rule=rule)
     return Decision("allowed", client, placement, target, server, peer=peer, rule=rule)
+
+
+def resume(policy: Policy, server_name: str, network: str, members: Iterable[str],
+           client_ip: str) -> Decision:
+    """Take up the server decision that ext_authz made for this request, for its tool rules.
+
+    From what ext_authz left in Envoy's dynamic metadata: the caller is placed where that
+    check placed it, never placed again. Visibility is judged again against this policy, so a
+    reload in between can only narrow (a server now hidden or gone is not_found).
+    """
+    placement = Placement(network, frozenset(members))
+    client = ClientIP(parse_address(client_ip), "ext_authz")
+    target = Route(server_name, "context_extension")
+    server = policy.servers.get(server_name)
+    if server is None:
+        return Decision("not_found", client, placement, target)
+    visible, rule = server.visibility.judge(placement)
+    return Decision("allowed" if visible else "not_found", client, placement, target, server,
+                    rule=rule)
 
 
 def decide_tools(decision: Decision, body: Body, policy: Policy) -> Decision:

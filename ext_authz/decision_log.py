@@ -68,7 +68,8 @@ class DecisionLog:
         return self._sample_allowed > 0 and random.random() < self._sample_allowed
 
     def write(
-        self, decision: Decision, decision_id: str, facts: RequestFacts, latency_s: float
+        self, decision: Decision, decision_id: str, facts: RequestFacts, latency_s: float,
+        phase: str = "check",
     ) -> None:
         now = time.time()
         if int(now) != self._second:
@@ -79,7 +80,7 @@ class DecisionLog:
         xff = facts.x_forwarded_for
         path = facts.path.split("?", 1)[0][:256]
         line = (
-            f'{{"time":"{self._stamp}","decision_id":"{decision_id}",'
+            f'{{"time":"{self._stamp}","decision_id":"{decision_id}","phase":"{phase}",'
             f"{self._fragments[decision]},"
             f'"x_forwarded_for":{_quote(xff[:256]) if xff else "null"},'
             f'"path":{_quote(path)},"latency_ms":{latency_s * 1000:.3f}'

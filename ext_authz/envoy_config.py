@@ -20,6 +20,12 @@ from envoy_data_plane.envoy.config.cluster.v3 import (
     ClusterDiscoveryType,
     ClusterDnsLookupFamily,
 )
+from envoy_data_plane.envoy.config.common.mutation_rules.v3 import (
+    HeaderMutation as MutationRule,
+)
+from envoy_data_plane.envoy.config.common.mutation_rules.v3 import (
+    HeaderMutationRemoveOnMatch,
+)
 from envoy_data_plane.envoy.config.core.v3 import (
     Address,
     ApiVersion,
@@ -57,10 +63,22 @@ from envoy_data_plane.envoy.config.route.v3 import (
 )
 from envoy_data_plane.envoy.extensions.access_loggers.stream.v3 import StdoutAccessLog
 from envoy_data_plane.envoy.extensions.filters.http.ext_authz.v3 import (
-    BufferSettings,
     CheckSettings,
     ExtAuthz,
     ExtAuthzPerRoute,
+)
+from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
+    ExternalProcessor,
+    ExtProcPerRoute,
+    MetadataOptions,
+    MetadataOptionsMetadataNamespaces,
+    ProcessingMode,
+    ProcessingModeBodySendMode,
+    ProcessingModeHeaderSendMode,
+)
+from envoy_data_plane.envoy.extensions.filters.http.header_mutation.v3 import (
+    HeaderMutation,
+    Mutations,
 )
 from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
 from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
@@ -83,16 +101,23 @@ from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
     HttpProtocolOptions,
     HttpProtocolOptionsExplicitHttpConfig,
 )
+from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
 from envoy_data_plane.envoy.type.v3 import HttpStatus, StatusCode
 from envoy_data_plane.google.protobuf import Any as AnyMessage
 from envoy_data_plane.google.protobuf import Struct
 
 from .config import Config
-from .routing import NO_SERVER
-from .service import SERVICE_NAME
+from .ext_proc import EXT_PROC_NAMESPACE
+from .routing import NO_SERVER, TOOL_RULES_BY_EXT_PROC, TOOL_RULES_EXTENSION
+from .service import EXT_AUTHZ_NAMESPACE, SERVICE_NAME
 
 AUTHZ_CLUSTER = "mcp_ext_authz"
-EXT_AUTHZ_FILTER = "envoy.filters.http.ext_authz"
+EXT_AUTHZ_FILTER = EXT_AUTHZ_NAMESPACE
+EXT_PROC_FILTER = EXT_PROC_NAMESPACE
+HEADER_MUTATION_FILTER = "envoy.filters.http.header_mutation"
+# Reading a body of mcp.max_body_bytes takes milliseconds; past this the sidecar is in trouble
+# and Envoy answers the request itself (504), never forwarding it unjudged.
+EXT_PROC_TIMEOUT = timedelta(seconds=2)
 # Envoy must wait longer than one whole cold token fetch, or its generic 403 wins the race
 # against the sidecar's own 503.
 AUTHZ_TIMEOUT_MARGIN_S = 0.5
@@ -213,15 +238,56 @@ def _reads_bodies(config: Config) -> bool:
     return any(server.tools for server in config.servers.values())
 
 
+def _has_tool_rules(config: Config, server: str) -> bool:
+    return server in config.servers and bool(config.servers[server].tools)
+
+
 def _per_route(config: Config, server: str) -> dict[str, AnyMessage]:
     # The route names its server: the sidecar then never reads the client-chosen path.
-    settings = CheckSettings(context_extensions={config.routing.context_extension_key: server})
-    if _reads_bodies(config) and not (server in config.servers and config.servers[server].tools):
-        # Only routes of servers with tool rules send the body to the sidecar. (It is set
-        # on the filter and turned off here, not the other way round: Envoy 1.40 ignores a
-        # per-route pack_as_bytes and sends a UTF-8-mangled string instead of the bytes.)
-        settings.disable_request_body_buffering = True
-    return {EXT_AUTHZ_FILTER: AnyMessage.pack(ExtAuthzPerRoute(check_settings=settings))}
+    extensions = {config.routing.context_extension_key: server}
+    per_filter = {}
+    if _has_tool_rules(config, server):
+        # ext_authz decides the server from the headers alone, before any body is buffered
+        # (a hidden server then answers exactly as an unknown one, whatever the body); the
+        # ext_proc filter after it reads the body for the tool rules.
+        extensions[TOOL_RULES_EXTENSION] = TOOL_RULES_BY_EXT_PROC
+    elif _reads_bodies(config):
+        per_filter[EXT_PROC_FILTER] = AnyMessage.pack(ExtProcPerRoute(disabled=True))
+    settings = CheckSettings(context_extensions=extensions)
+    per_filter[EXT_AUTHZ_FILTER] = AnyMessage.pack(ExtAuthzPerRoute(check_settings=settings))
+    return per_filter
+
+
+def _ext_proc(config: Config) -> ExternalProcessor:
+    # Only the request's headers and its whole body, buffered: never a response (an SSE
+    # stream must flow), never a part of a body.
+    return ExternalProcessor(
+        grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=AUTHZ_CLUSTER),
+                                 timeout=EXT_PROC_TIMEOUT),
+        failure_mode_allow=False,  # a body the sidecar did not judge never reaches a server
+        processing_mode=ProcessingMode(
+            request_header_mode=ProcessingModeHeaderSendMode.SEND,
+            response_header_mode=ProcessingModeHeaderSendMode.SKIP,
+            request_body_mode=ProcessingModeBodySendMode.BUFFERED,
+            response_body_mode=ProcessingModeBodySendMode.NONE,
+            request_trailer_mode=ProcessingModeHeaderSendMode.SKIP,
+            response_trailer_mode=ProcessingModeHeaderSendMode.SKIP,
+        ),
+        message_timeout=EXT_PROC_TIMEOUT,
+        # The caller's place comes from ext_authz's answer, not from a second look.
+        metadata_options=MetadataOptions(
+            forwarding_namespaces=MetadataOptionsMetadataNamespaces(untyped=[EXT_AUTHZ_FILTER]),
+            receiving_namespaces=MetadataOptionsMetadataNamespaces(untyped=[EXT_PROC_FILTER]),
+        ),
+    )
+
+
+def _server_route(config: Config, name: str, match: RouteMatch, action: RouteAction) -> Route:
+    route = Route(match=match, route=action, typed_per_filter_config=_per_route(config, name))
+    if _has_tool_rules(config, name):
+        # Envoy buffers the body for ext_proc up to this, and answers 413 beyond it.
+        route.request_body_buffer_limit = config.mcp.max_body_bytes
+    return route
 
 
 def _routes(config: Config) -> list[VirtualHost]:
@@ -240,17 +306,15 @@ def _routes(config: Config) -> list[VirtualHost]:
             action = RouteAction(cluster=f"mcp_{name}", timeout=timedelta(0))
             for match in (RouteMatch(path=f"{prefix}{name}"),
                           RouteMatch(prefix=f"{prefix}{name}/")):
-                routes.append(Route(match=match, route=action,
-                                    typed_per_filter_config=_per_route(config, name)))
+                routes.append(_server_route(config, name, match, action))
         routes.append(not_found)
         return [VirtualHost(name="mcp", domains=["*"], routes=routes)]
     suffix = config.routing.host_suffix or ""
     hosts = [
         VirtualHost(
             name=f"mcp_{name}", domains=[f"{name}{suffix}", f"{name}{suffix}:*"],
-            routes=[Route(match=RouteMatch(prefix="/"),
-                          route=RouteAction(cluster=f"mcp_{name}", timeout=timedelta(0)),
-                          typed_per_filter_config=_per_route(config, name))])
+            routes=[_server_route(config, name, RouteMatch(prefix="/"),
+                                  RouteAction(cluster=f"mcp_{name}", timeout=timedelta(0)))])
         for name in sorted(config.servers)
     ]
     hosts.append(VirtualHost(name="unknown", domains=["*"], routes=[not_found]))
@@ -270,6 +334,9 @@ def _access_log() -> AccessLog:
         "network": f"%DYNAMIC_METADATA({EXT_AUTHZ_FILTER}:network)%",
         "client_ip": f"%DYNAMIC_METADATA({EXT_AUTHZ_FILTER}:client_ip)%",
         "reason": f"%DYNAMIC_METADATA({EXT_AUTHZ_FILTER}:reason)%",
+        # Set on the routes of servers with tool rules, by the body's reading (ext_proc).
+        "tool": f"%DYNAMIC_METADATA({EXT_PROC_FILTER}:tool)%",
+        "tool_reason": f"%DYNAMIC_METADATA({EXT_PROC_FILTER}:reason)%",
     }
     stdout = StdoutAccessLog(log_format=SubstitutionFormatString(
         json_format=Struct.from_dict(fields),
@@ -288,12 +355,23 @@ def _connection_manager(config: Config) -> HttpConnectionManager:
         failure_mode_allow=False,  # never let a request through unchecked
         status_on_error=HttpStatus(code=StatusCode.ServiceUnavailable),
     )
+    filters = [
+        # A caller's own x-envoy-* headers would steer Envoy (timeouts, retries) and reach the
+        # upstream and the access log as if Envoy had set them: gone before anything reads
+        # them. Envoy's own, set later by the router, stay.
+        HttpFilter(name=HEADER_MUTATION_FILTER, typed_config=AnyMessage.pack(HeaderMutation(
+            mutations=Mutations(request_mutations=[MutationRule(
+                remove_on_match=HeaderMutationRemoveOnMatch(
+                    key_matcher=StringMatcher(prefix="x-envoy-")))])))),
+        HttpFilter(name=EXT_AUTHZ_FILTER, typed_config=AnyMessage.pack(authz)),
+    ]
     if _reads_bodies(config):
-        # Tool rules are judged on the JSON-RPC body: all of it, as bytes. A bigger body is
-        # refused by Envoy (413) rather than checked in part.
-        authz.with_request_body = BufferSettings(
-            max_request_bytes=config.mcp.max_body_bytes, allow_partial_message=False,
-            pack_as_bytes=True)
+        filters.append(HttpFilter(name=EXT_PROC_FILTER,
+                                  typed_config=AnyMessage.pack(_ext_proc(config))))
+    # No x-envoy-upstream-service-time on upstream answers: an answer the sidecar makes (a
+    # hidden tool's) must not be told apart from the upstream's by it.
+    filters.append(HttpFilter(name="envoy.filters.http.router",
+                              typed_config=AnyMessage.pack(Router(suppress_envoy_headers=True))))
     manager = HttpConnectionManager(
         stat_prefix="mcp_ingress",
         codec_type=HttpConnectionManagerCodecType.AUTO,
@@ -318,13 +396,7 @@ def _connection_manager(config: Config) -> HttpConnectionManager:
                 append_action=HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
             )],
         ),
-        http_filters=[
-            HttpFilter(name=EXT_AUTHZ_FILTER, typed_config=AnyMessage.pack(authz)),
-            # No x-envoy-upstream-service-time on upstream answers: an answer the sidecar
-            # makes (a hidden tool's) must not be told apart from the upstream's by it.
-            HttpFilter(name="envoy.filters.http.router",
-                       typed_config=AnyMessage.pack(Router(suppress_envoy_headers=True))),
-        ],
+        http_filters=filters,
         access_log=[_access_log()],
     )
     if config.network.trusted_proxies:

@@ -1,19 +1,32 @@
 """Which tools an MCP request calls, read from its JSON-RPC body; and the replies we send.
 
-Pure, no I/O. Bodies are read only for servers with tool rules, and parsed only when they
-could be a tools/call: a body holding neither `tools/call` nor a backslash (with which JSON
-could spell the method another way) cannot be one for any JSON parser, so it costs one byte
-scan. Where parsers may disagree, the body is refused rather than guessed at: duplicate
-keys, non-UTF-8 bytes, NaN, a compressed body, a partial body, or MCP's `Mcp-Method` and
-`Mcp-Name` headers saying something other than the body. Whatever is refused is a 400 that
-says why (in words of ours: nothing a client sent is echoed into answers or logs); nothing
-unread is let through.
+Pure, no I/O. Every body sent to a server with tool rules is parsed, and judged as the
+strictest and the most lenient MCP server behind us would read it. Where two of them could
+read it differently, it is refused with a 400 that says why (in words of ours: nothing a
+client sent is echoed into answers or logs); nothing unread is let through. The readers we
+defend against, and what each would otherwise have read differently:
+
+- Go's encoding/json (mark3labs/mcp-go; the official go-sdk before CVE-2026-27896) matches
+  keys to fields case-insensitively under Unicode simple case folding (the long s is `s`, the
+  Kelvin sign is `k`), and the last matching key wins. So in a message and in its params,
+  a key that is a routing key in another case or form is refused, and so are two keys that
+  fold to one name.
+- The TypeScript SDK behind `express.json()` (or its raw-body path) decodes the bytes in
+  whatever charset Content-Type names: utf-7, utf-16, utf-32. So only `application/json`,
+  UTF-8, no BOM, is read at all.
+- A server, or a router in front of it, may go by MCP's `Mcp-Method` and `Mcp-Name` headers
+  rather than the body: they must name what the body names, once.
+- Parsers differ on duplicate keys, lone surrogates, NaN, huge numbers and odd ids: refused.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
-from collections.abc import Sequence
+import re
+import unicodedata
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -24,24 +37,80 @@ STATELESS_PROTOCOL = "2026-07-28"
 _PROTOCOL_KEY = "io.modelcontextprotocol/protocolVersion"
 
 UnknownToolReply = Literal["tool_error", "jsonrpc_error"]
+Received = Literal[
+    "whole",    # the sidecar holds the whole body (or there is none)
+    "missing",  # the request has a body that did not reach the sidecar
+    "partial",  # Envoy sent only its start (allow_partial_message)
+    "text",     # Envoy sent it as text, bytes that are not UTF-8 replaced (no pack_as_bytes)
+]
+
+# The keys an MCP server reads from a message's envelope and from its params.
+ROUTING_KEYS = frozenset(("jsonrpc", "id", "method", "params", "name", "arguments", "_meta"))
+# The methods whose name MCP mirrors in the `Mcp-Name` header, and the param that holds it.
+NAME_BEARING_METHODS = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
+
+# The JSON media type, UTF-8 (said or not), and nothing else: any other charset is one a
+# server might decode the bytes in, into a message we never saw.
+_JSON_MEDIA_TYPE = re.compile(
+    r'[ \t]*application/json[ \t]*(?:;[ \t]*charset[ \t]*=[ \t]*(?:utf-8|"utf-8")[ \t]*)?',
+    re.IGNORECASE)
+_MAX_SAFE_INTEGER = 2**53 - 1  # the largest id every parser (JavaScript's doubles) keeps exact
+_INTEGER = re.compile(r"-?(?:0|[1-9][0-9]{0,15})")
+_ESCAPE = re.compile(r"\\(?:u([0-9a-fA-F]{4})|.)", re.DOTALL)
+_BASE64_HEADER = re.compile(r"=\?base64\?(.*)\?=", re.DOTALL)
 
 
 @dataclass(frozen=True, slots=True)
 class Body:
-    """A request's body as ext_authz sent it, and what says how to read it."""
+    """A request's body as the sidecar received it, and the headers that say how to read it."""
 
     data: bytes = b""
     method: str = ""  # the HTTP method
-    size: int = 0  # the size Envoy reported: the Content-Length, or -1 when unknown
-    content_length: int | None = None  # the Content-Length header (None: absent or bad)
+    received: Received = "whole"
+    content_type: str | None = None
     content_encoding: str = ""
-    partial: bool = False  # Envoy sent only the start of it (allow_partial_message)
-    mcp_method: str | None = None  # MCP's Mcp-Method header
-    mcp_name: str | None = None  # MCP's Mcp-Name header
+    # Every value of MCP's routing headers as received. Envoy joins a repeated header with
+    # "," in ext_authz's header map, so a comma counts as a repeat too.
+    mcp_method: tuple[str, ...] = ()
+    mcp_name: tuple[str, ...] = ()
     protocol_version: str | None = None  # MCP's Mcp-Protocol-Version header
 
 
 NO_BODY = Body()
+
+_BODY_HEADERS = frozenset(("content-type", "content-encoding", "content-length",
+                           "x-envoy-auth-partial-body", "mcp-method", "mcp-name",
+                           "mcp-protocol-version"))
+
+
+def body_headers(headers: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
+    """Collect the headers that say how to read a body, by lower-case name, every value kept."""
+    found: dict[str, list[str]] = {}
+    for name, value in headers:
+        key = name.lower()
+        if key in _BODY_HEADERS:
+            found.setdefault(key, []).append(value)
+    return found
+
+
+def request_body(data: bytes, method: str, headers: dict[str, list[str]],
+                 received: Received = "whole") -> Body:
+    """Describe a request body from its bytes and its headers (as `body_headers` collects them)."""
+
+    def one(name: str) -> str | None:
+        values = headers.get(name)
+        return ",".join(values) if values else None
+
+    if one("x-envoy-auth-partial-body") == "true":
+        received = "partial"
+    return Body(
+        data, method, received,
+        content_type=one("content-type"),
+        content_encoding=one("content-encoding") or "",
+        mcp_method=tuple(headers.get("mcp-method", ())),
+        mcp_name=tuple(headers.get("mcp-name", ())),
+        protocol_version=one("mcp-protocol-version"),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +143,15 @@ class _DuplicateKey(ValueError):
     pass
 
 
+class _Number:
+    """A JSON number kept as its text: no number is too big to read, and ids echo exactly."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
 def _unique_keys(pairs: Sequence[tuple[str, Any]]) -> dict[str, Any]:
     # Parsers disagree on which of two equal keys wins: refuse rather than pick one.
     result = dict(pairs)
@@ -86,13 +164,90 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def _rpc_id(message: dict[str, Any]) -> str | None:
-    # As the MCP Python SDK does: a string or integer id is a request; null, a fraction or
-    # no id at all makes a notification, answered 202 with no body.
-    rpc_id = message.get("id")
-    if isinstance(rpc_id, bool) or not isinstance(rpc_id, int | str):
+# Characters that some parser folds onto an ASCII letter beyond plain case: Go's simple case
+# folding takes the long s to s and the Kelvin sign to k; Turkic-aware ones take the dotless
+# and the dotted i to i.
+_TO_ASCII = str.maketrans({"\u017f": "s", "\u212a": "k", "\u0131": "i", "\u0130": "i"})
+
+
+def fold_key(key: str) -> str:
+    """Spell a key as the most lenient parser could match it: case- and compatibility-folded.
+
+    Wider than Go's folding (anything Go takes for one name folds to one string here too),
+    so refusing what folds alike refuses everything Go could confuse.
+    """
+    if key.isascii():
+        return key.lower()
+    return unicodedata.normalize("NFKC", key.translate(_TO_ASCII)).casefold()
+
+
+_ROUTING_BY_FOLD = {fold_key(key): key for key in ROUTING_KEYS}
+
+
+def _key_problem(keys: dict[str, Any], where: str) -> str:
+    if ROUTING_KEYS.issuperset(keys):
+        return ""  # the common case: exact routing keys, which fold apart
+    seen: set[str] = set()
+    for key in keys:
+        folded = fold_key(key)
+        if folded in seen:
+            return f"two keys of {where} are one name in different case"
+        seen.add(folded)
+        routing = _ROUTING_BY_FOLD.get(folded)
+        if routing is not None and key != routing:
+            return (f"a key of {where} spells {routing!r} in another case or form (some"
+                    f" servers read it as {routing!r}, others ignore it)")
+    return ""
+
+
+def _lone_surrogate(text: str) -> bool:
+    # Go reads a lone surrogate escape as U+FFFD, JavaScript keeps it, Python's SDK refuses
+    # it. Only escapes can spell one: strict UTF-8 decoding already refused encoded ones.
+    high_ends_at = -1
+    for match in _ESCAPE.finditer(text):
+        code = int(match.group(1), 16) if match.group(1) else -1
+        if high_ends_at >= 0:
+            if match.start() != high_ends_at or not 0xDC00 <= code <= 0xDFFF:
+                return True
+            high_ends_at = -1
+        elif 0xD800 <= code <= 0xDBFF:
+            high_ends_at = match.end()
+        elif 0xDC00 <= code <= 0xDFFF:
+            return True
+    return high_ends_at >= 0
+
+
+def _rpc_id(message: dict[str, Any]) -> tuple[str | None, bool]:
+    """The id of a tools/call as JSON text (None: a notification), and whether it is usable."""
+    if "id" not in message:
+        return None, True
+    value = message["id"]
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False), True
+    # Python's SDK takes only integers, JavaScript only what a double holds: between them,
+    # an integer of at most 2**53 - 1. null, fractions and the rest are read as a request by
+    # some servers and as a notification or an error by others.
+    if isinstance(value, _Number) and _INTEGER.fullmatch(value.text):
+        number = int(value.text)
+        if abs(number) <= _MAX_SAFE_INTEGER:
+            return str(number), True
+    return None, False
+
+
+def decode_header_value(value: str) -> str | None:
+    """Read an MCP header value: verbatim, or the `=?base64?...?=` form the SDKs send for
+    names that are not printable ASCII. None when that form is malformed."""
+    match = _BASE64_HEADER.fullmatch(value)
+    if match is None:
+        return value
+    payload = match.group(1)
+    try:
+        decoded = base64.b64decode(payload, validate=True)
+        if base64.b64encode(decoded).decode("ascii") != payload:
+            return None  # not canonical: no SDK writes it, and decoders disagree on it
+        return decoded.decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
         return None
-    return json.dumps(rpc_id, ensure_ascii=False)
 
 
 def _protocol(params: dict[str, Any], body: Body) -> str:
@@ -101,42 +256,59 @@ def _protocol(params: dict[str, Any], body: Body) -> str:
     return version if isinstance(version, str) else (body.protocol_version or "")
 
 
-def _could_call_a_tool(body: Body) -> bool:
-    data = body.data
-    return (body.mcp_method is not None or body.mcp_name is not None
-            or b"tools/call" in data or b"\\" in data or b"\x00" in data)
+_NOT_RECEIVED = {
+    "missing": "the request body did not reach the sidecar; tool rules need it on this route"
+               " (with_request_body, or envoy-config's ext_proc filter)",
+    "partial": "only part of the body reached the sidecar; tool rules need all of it"
+               " (allow_partial_message: false)",
+    "text": "the body reached the sidecar as text, not bytes; tool rules need the exact bytes"
+            " (pack_as_bytes: true)",
+}
+
+
+def _envelope_problem(body: Body) -> tuple[int, str]:
+    """Why the bytes cannot be read as one UTF-8 JSON text by every server, if they cannot."""
+    problem = _NOT_RECEIVED.get(body.received)
+    if problem:
+        return INVALID_REQUEST, problem
+    if body.content_encoding and body.content_encoding.lower() != "identity":
+        return INVALID_REQUEST, "a compressed body (Content-Encoding) cannot be checked"
+    if body.content_type is None or not _JSON_MEDIA_TYPE.fullmatch(body.content_type):
+        return INVALID_REQUEST, ("the Content-Type must be application/json, in UTF-8 (no"
+                                 " other charset, no other parameter)")
+    if body.data.startswith(b"\xef\xbb\xbf"):
+        return PARSE_ERROR, "the body starts with a byte order mark"
+    return 0, ""
 
 
 def read_tool_calls(body: Body, max_bytes: int, max_batch: int) -> ToolCalls:
     """Read the tools/call messages of a request to a server with tool rules."""
-    if body.partial:
-        return _refuse(INVALID_REQUEST, "only part of the body reached the sidecar; tool rules"
-                                        " need all of it (allow_partial_message: false)")
     data = body.data
-    if not data:
-        # Envoy reports size 0 when a route turns body buffering off, so the headers decide:
-        # a POST is taken as empty only when its Content-Length says so.
-        if body.size > 0 or (body.method == "POST" and body.content_length != 0):
-            return _refuse(INVALID_REQUEST, "the request body did not reach the sidecar; tool"
-                                            " rules need with_request_body on this route")
-        return NO_CALLS
-    if body.content_encoding and body.content_encoding.lower() != "identity":
-        return _refuse(INVALID_REQUEST, f"a body with Content-Encoding {body.content_encoding}"
-                                        " cannot be checked; send it uncompressed")
+    if not data and body.received == "whole" and body.method != "POST":
+        return NO_CALLS  # a GET (the SSE stream) or a DELETE (ending a session)
     if len(data) > max_bytes:
         return _refuse(INVALID_REQUEST, f"the body is {len(data)} bytes, over the"
                                         f" {max_bytes} of mcp.max_body_bytes")
-    if not _could_call_a_tool(body):
-        return NO_CALLS
+    code, problem = _envelope_problem(body)
+    if problem:
+        return _refuse(code, problem)
     try:
-        document = json.loads(data.decode("utf-8"), object_pairs_hook=_unique_keys,
-                              parse_constant=_no_constant)
-    except _DuplicateKey:
-        return _refuse(INVALID_REQUEST, "an object in the body has a key twice")
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
         return _refuse(PARSE_ERROR, "the body is not UTF-8")
-    except (ValueError, RecursionError):
+    if not text.strip():
+        return _refuse(PARSE_ERROR, "the body is empty; an MCP POST carries a JSON-RPC message")
+    try:
+        document = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant,
+                              parse_int=_Number, parse_float=_Number)
+    except _DuplicateKey:
+        return _refuse(INVALID_REQUEST, "an object in the body has a key twice")
+    except RecursionError:
+        return _refuse(PARSE_ERROR, "the body is nested too deeply")
+    except ValueError:
         return _refuse(PARSE_ERROR, "the body is not JSON")
+    if "\\u" in text and _lone_surrogate(text):
+        return _refuse(PARSE_ERROR, "the body escapes a lone UTF-16 surrogate")
     if isinstance(document, list):
         if not document:
             return _refuse(INVALID_REQUEST, "the body is an empty batch")
@@ -152,32 +324,53 @@ def read_tool_calls(body: Body, max_bytes: int, max_batch: int) -> ToolCalls:
     for message in messages:
         if not isinstance(message, dict):
             return _refuse(INVALID_REQUEST, "a batch holds something other than messages")
+        params = message.get("params")
+        problem = _key_problem(message, "the message") or (
+            _key_problem(params, "params") if isinstance(params, dict) else "")
+        if problem:
+            return _refuse(INVALID_REQUEST, problem)
         if message.get("method") != TOOLS_CALL:
             continue
-        params = message.get("params")
-        if not isinstance(params, dict) or not params.get("name") or not isinstance(
-                params["name"], str):
+        if not isinstance(params, dict) or not isinstance(params.get("name"), str) or not (
+                params["name"]):
             return _refuse(INVALID_PARAMS, "a tools/call has no params.name")
-        calls.append(ToolCall(params["name"], _rpc_id(message), _protocol(params, body)))
+        rpc_id, usable = _rpc_id(message)
+        if not usable:
+            return _refuse(INVALID_REQUEST, "the id of a tools/call must be a string or an"
+                                            f" integer of at most {_MAX_SAFE_INTEGER}")
+        calls.append(ToolCall(params["name"], rpc_id, _protocol(params, body)))
     batch = isinstance(document, list)
-    problem = _header_problem(body, messages[0], calls, batch)
+    problem = _header_problem(body, messages, batch)
     if problem:
         return _refuse(INVALID_REQUEST, problem)
     return ToolCalls(tuple(calls), batch) if calls else NO_CALLS
 
 
-def _header_problem(body: Body, first: dict[str, Any], calls: list[ToolCall],
-                    batch: bool) -> str:
-    # A server may route by MCP's headers rather than the body: they must say the same.
-    if body.mcp_method is None and body.mcp_name is None:
+def _header_problem(body: Body, messages: list[dict[str, Any]], batch: bool) -> str:
+    # A server, or a router before it, may go by MCP's headers rather than the body: they must
+    # say what the body says, once.
+    if not body.mcp_method and not body.mcp_name:
         return ""
     if batch:
         return "Mcp-Method and Mcp-Name headers describe one message, not a batch"
-    method = first.get("method")
-    if body.mcp_method is not None and body.mcp_method != method:
+    for header, values in (("Mcp-Method", body.mcp_method), ("Mcp-Name", body.mcp_name)):
+        if len(values) > 1 or any("," in value for value in values):
+            return f"the {header} header is sent more than once"
+    message = messages[0]
+    method = message.get("method")
+    if body.mcp_method and body.mcp_method[0] != method:
         return "the Mcp-Method header names another method than the body"
-    if method == TOOLS_CALL and body.mcp_name is not None and body.mcp_name != calls[0].name:
-        return "the Mcp-Name header names another tool than the body"
+    if not body.mcp_name:
+        return ""
+    key = NAME_BEARING_METHODS.get(method) if isinstance(method, str) else None
+    if key is None:
+        return "an Mcp-Name header on a message whose method names nothing"
+    name = decode_header_value(body.mcp_name[0])
+    if name is None:
+        return "the Mcp-Name header's =?base64?...?= form is malformed"
+    params = message.get("params")
+    if not isinstance(params, dict) or params.get(key) != name:
+        return f"the Mcp-Name header names another {key} than the body's params.{key}"
     return ""
 
 

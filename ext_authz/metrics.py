@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
+from typing import Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -30,14 +31,20 @@ class _TokenAges(Collector):
         yield family
 
 
+# Where a decision was made: an ext_authz Check, or ext_proc's reading of a request body.
+Phase = Literal["check", "body"]
+
+
 class _CheckStats(Collector):
-    """Checks by (server, network, reason, tool) and their latency histogram.
+    """Decisions by (server, network, reason, tool) and their latency histogram.
 
     Counted with plain ints rather than prometheus-client's locked values: every check and
     every scrape runs on the one event loop thread, and this is the hot path.
     """
 
-    def __init__(self, buckets: tuple[float, ...]) -> None:
+    def __init__(self, buckets: tuple[float, ...], name: str, what: str) -> None:
+        self.name = name
+        self.what = what
         self.bounds = buckets
         self.counts: dict[tuple[str, str, str, str], int] = {}
         self.buckets = [0] * (len(buckets) + 1)
@@ -45,8 +52,8 @@ class _CheckStats(Collector):
 
     def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
         checks = CounterMetricFamily(
-            "mcp_ext_authz_checks",
-            "Checks answered, by server, caller network, reason code and configured tool.",
+            f"mcp_ext_authz_{self.name}s",
+            f"{self.what} answered, by server, caller network, reason code and configured tool.",
             labels=["server", "network", "reason", "tool"],
         )
         for labels, count in sorted(self.counts.items()):
@@ -57,8 +64,8 @@ class _CheckStats(Collector):
             total += count
             cumulative.append(("+Inf" if bound == float("inf") else repr(bound), float(total)))
         duration = HistogramMetricFamily(
-            "mcp_ext_authz_check_duration_seconds",
-            "Time from receiving a CheckRequest to answering it.",
+            f"mcp_ext_authz_{self.name}_duration_seconds",
+            f"Time from receiving {self.what.lower()} to answering it.",
         )
         duration.add_metric([], cumulative, self.sum)
         yield duration
@@ -69,8 +76,13 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
-        self._checks = _CheckStats(_CHECK_BUCKETS)
-        self.registry.register(self._checks)
+        self._stats = {
+            "check": _CheckStats(_CHECK_BUCKETS, "check", "CheckRequests"),
+            # ext_proc's tool-rule decisions on request bodies (envoy-config's tool routes).
+            "body": _CheckStats(_CHECK_BUCKETS, "body_check", "Request bodies"),
+        }
+        for stats in self._stats.values():
+            self.registry.register(stats)
         self.token_fetches = Counter(
             "mcp_ext_authz_token_fetches",
             "Token endpoint requests, by server and outcome (ok or the error class).",
@@ -101,8 +113,8 @@ class Metrics:
         )
 
     def count_check(self, server: str, network: str, reason: str, tool: str,
-                    seconds: float) -> None:
-        stats = self._checks
+                    seconds: float, phase: Phase = "check") -> None:
+        stats = self._stats[phase]
         key = (server, network, reason, tool)
         stats.counts[key] = stats.counts.get(key, 0) + 1
         stats.buckets[bisect_left(stats.bounds, seconds)] += 1

@@ -97,6 +97,7 @@ ClientSource = Literal[
     "bad_peer",      # the peer address does not parse
     "bad_xff",       # an X-Forwarded-For entry does not parse: the walk stops
     "xff_too_long",  # more trusted hops, or more bytes, than the configured limits
+    "ext_authz",     # chosen by the ext_authz check of the same request (seen by ext_proc)
 ]
 
 
@@ -127,6 +128,8 @@ class ClientIP:
                         " treated as external")
             case "xff_too_long":
                 return "X-Forwarded-For exceeds the configured limits: treated as external"
+            case "ext_authz":
+                return f"client {self.address} as the ext_authz check of this request chose it"
 
 
 def resolve_client_ip(

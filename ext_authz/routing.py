@@ -14,6 +14,12 @@ RouteSource = Literal["context_extension", "path", "host", "none"]
 # catch-all route, so whatever Envoy itself would not route is answered not_found.
 NO_SERVER = ""
 
+# `envoy-config` marks the routes whose tool rules its ext_proc filter judges: ext_authz then
+# decides the server alone, before Envoy buffers any body, so a hidden server answers exactly
+# as an unknown one whatever the body. Without the mark, ext_authz needs the body itself.
+TOOL_RULES_EXTENSION = "mcp_tool_rules"
+TOOL_RULES_BY_EXT_PROC = "ext_proc"
+
 
 @dataclass(frozen=True, slots=True)
 class Route:

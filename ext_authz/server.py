@@ -17,6 +17,8 @@ from .admin import AdminServer, Readiness
 from .config import Config, TLSSettings, load_config, with_port_offset
 from .decision_log import FLUSH_INTERVAL_S, DecisionLog
 from .errors import ConfigError, ExtAuthzError
+from .ext_proc import SERVICE_NAME as EXT_PROC_SERVICE_NAME
+from .ext_proc import ExternalProcessingService
 from .metrics import Metrics
 from .service import SERVICE_NAME, AuthorizationService, ServiceState
 from .tokens import TokenCache
@@ -36,6 +38,15 @@ GRPC_OPTIONS = (
     ("grpc.so_reuseport", 0),  # a second process on our port is a mistake, not a balancer
     ("grpc.max_concurrent_streams", 1000),
 )
+# Envoy sends request bodies of up to mcp.max_body_bytes (and did not bound HTTP/2 bodies by
+# its own buffer limits): room for one, its headers and metadata, and no more.
+MESSAGE_HEADROOM = 1024 * 1024
+MIN_RECEIVE_LIMIT = 4 * 1024 * 1024  # grpc's default
+
+
+def receive_limit(config: Config) -> int:
+    """The largest gRPC message the sidecar takes (set at start; raising it needs a restart)."""
+    return max(MIN_RECEIVE_LIMIT, config.mcp.max_body_bytes + MESSAGE_HEADROOM)
 
 FileStamp = tuple[int, int, int] | None
 
@@ -92,7 +103,9 @@ class Sidecar:
             ServiceState.build(config, 1), self.tokens, self.metrics,
             DecisionLog.from_settings(config.decision_log),
         )
+        self.ext_proc = ExternalProcessingService(self.service)
         self.health = health.aio.HealthServicer()
+        self._receive_limit = receive_limit(config)
         self.grpc_port = 0
         self._grpc: grpc.aio.Server | None = None
         self._admin: AdminServer | None = None
@@ -117,11 +130,14 @@ class Sidecar:
         """Bind the listeners and begin warming tokens; health turns SERVING once warm."""
         config = self.config
         self.metrics.config_generation.set(1)
-        server = grpc.aio.server(options=GRPC_OPTIONS)
-        server.add_generic_rpc_handlers((self.service.handler(),))
+        self._receive_limit = receive_limit(config)
+        server = grpc.aio.server(options=(
+            *GRPC_OPTIONS, ("grpc.max_receive_message_length", self._receive_limit)))
+        server.add_generic_rpc_handlers((self.service.handler(), self.ext_proc.handler()))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            (SERVICE_NAME, EXT_PROC_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            server,
         )
         for name in ("", SERVICE_NAME):
             await self.health.set(name, NOT_SERVING)
@@ -247,9 +263,12 @@ class Sidecar:
             )
             if a != b
         ]
-        if changed:
-            raise ConfigError([f"{key}: changing it needs a restart" for key in changed],
-                              str(self.config_path))
+        problems = [f"{key}: changing it needs a restart" for key in changed]
+        if receive_limit(config) > self._receive_limit:
+            problems.append("mcp.max_body_bytes: raising it past what the gRPC listener was"
+                            " started with needs a restart")
+        if problems:
+            raise ConfigError(problems, str(self.config_path))
 
     # -- shutdown -----------------------------------------------------------------------
 

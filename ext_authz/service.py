@@ -8,11 +8,10 @@ an Envoy configured with `failure_mode_allow: true`.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import grpc
@@ -30,16 +29,20 @@ from .decision import (
     RequestFacts,
     decide,
     decide_tools,
+    denial_body,
 )
 from .decision_log import DecisionLog
 from .errors import TokenError
-from .jsonrpc import NO_BODY, Body
-from .metrics import Metrics
+from .jsonrpc import NO_BODY, Body, Received, body_headers, request_body
+from .metrics import Metrics, Phase
+from .routing import TOOL_RULES_BY_EXT_PROC, TOOL_RULES_EXTENSION
 from .tokens import TokenCache
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "envoy.service.auth.v3.Authorization"
+# The namespace of the dynamic metadata Envoy keeps from our answers (the filter's name).
+EXT_AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
 
 # Leave Envoy this much of its ext_authz timeout to receive our 503 before it gives up
 # and answers its own generic 403.
@@ -64,9 +67,7 @@ def _template(reason: Reason) -> external_auth_pb2.CheckResponse:
     denied = response.denied_response
     denied.status.code = http_status  # type: ignore[assignment]
     denied.headers.append(_JSON)
-    # The body is a constant per reason: a hidden server and an unknown one answer the same
-    # bytes, so a caller cannot tell them apart.
-    denied.body = json.dumps({"error": reason})
+    denied.body = denial_body(reason).decode()
     return response
 
 
@@ -109,33 +110,37 @@ def extract_body(request: external_auth_pb2.CheckRequest | None) -> Body:
     if request is None:
         return NO_BODY
     http = request.attributes.request.http
-    headers: Mapping[str, str] = http.headers or _from_header_map(http)
-    length = headers.get("content-length", "")
-    return Body(
-        http.raw_body or http.body.encode(), http.method, http.size,
-        content_length=int(length) if length.isdigit() else None,
-        content_encoding=headers.get("content-encoding", ""),
-        partial=headers.get("x-envoy-auth-partial-body") == "true",
-        mcp_method=headers.get("mcp-method"),
-        mcp_name=headers.get("mcp-name"),
-        protocol_version=headers.get("mcp-protocol-version"),
-    )
+    headers = body_headers(http.headers.items() if http.headers else _header_pairs(http))
+    data = http.raw_body
+    received: Received = "whole"
+    if not data and http.body:
+        data, received = http.body.encode(), "text"
+    elif not data:
+        # Envoy reports size 0 when a route turns body buffering off, so the headers decide:
+        # a POST is taken as empty only when its Content-Length says so.
+        length = headers.get("content-length", [""])[0]
+        if http.size > 0 or (http.method == "POST" and length != "0"):
+            received = "missing"
+    return request_body(data, http.method, headers, received)
 
 
-_WANTED = frozenset((_XFF, ":path", ":authority", "content-length", "content-encoding",
-                     "x-envoy-auth-partial-body", "mcp-method", "mcp-name",
-                     "mcp-protocol-version"))
+def _header_pairs(http: attribute_context_pb2.AttributeContext.HttpRequest
+                  ) -> Iterator[tuple[str, str]]:
+    # With `encode_raw_headers: true` Envoy sends header_map, each value once, as bytes.
+    for header in http.header_map.headers:
+        yield header.key, (header.raw_value.decode("utf-8", "replace") if header.raw_value
+                           else header.value)
+
+
+_WANTED = frozenset((_XFF, ":path", ":authority"))
 
 
 def _from_header_map(http: attribute_context_pb2.AttributeContext.HttpRequest
                      ) -> dict[str, str]:
     found: dict[str, list[str]] = {}
-    for header in http.header_map.headers:
-        key = header.key.lower()
-        if key in _WANTED:
-            value = (header.raw_value.decode("utf-8", "replace") if header.raw_value
-                     else header.value)
-            found.setdefault(key, []).append(value)
+    for key, value in _header_pairs(http):
+        if key.lower() in _WANTED:
+            found.setdefault(key.lower(), []).append(value)
     return {key: ",".join(values) for key, values in found.items()}
 
 
@@ -183,6 +188,9 @@ def _metadata_entries(decision: Decision) -> bytes:
     ]
     if decision.tool:
         entries.append(_struct_entry("tool", decision.tool))
+    if decision.reads_body:
+        # For ext_proc, which judges the tool rules where this check placed the caller.
+        entries.append(_struct_entry("networks", ",".join(sorted(decision.placement.members))))
     return b"".join(entries)
 
 
@@ -297,16 +305,20 @@ class AuthorizationService:
     ) -> bytes:
         started = self._clock()
         state = self.state  # a check finishes on the config it started with
-        decision_id = f"{self._prefix}-{next(self._ids)}"
+        decision_id = self.next_decision_id()
         facts = _NO_FACTS
         try:
             facts = extract_facts(request)
             decision = decide(facts, state.policy)
-            if decision.reads_body:
-                decision = decide_tools(decision, extract_body(request), state.policy)
+            narrowed = None
+            if decision.reads_body and facts.context_extensions.get(
+                    TOOL_RULES_EXTENSION) != TOOL_RULES_BY_EXT_PROC:
+                narrowed = decide_tools(decision, extract_body(request), state.policy)
             token = None
             oauth2 = decision.oauth2
             if oauth2 is not None:
+                # Fetched before the tool rules have their say: while the token endpoint is
+                # down, a hidden tool must get the 503 that a missing tool gets.
                 token = self.tokens.cached(oauth2)
                 if token is None:
                     try:
@@ -315,13 +327,16 @@ class AuthorizationService:
                         )
                     except TokenError as exc:
                         decision = decision.deny("upstream_credentials_unavailable", str(exc))
+                        narrowed = None
+            if narrowed is not None:
+                decision = narrowed
             response = encode_check_response(decision, token, decision_id)
         except Exception:
             log.exception("check %s failed; denying", decision_id)
             decision = Decision("internal_error", detail="internal error (see the service log)",
                                 peer=facts.peer)
             response = encode_check_response(decision, None, decision_id)
-        self._record(decision, decision_id, facts, self._clock() - started)
+        self.record(decision, decision_id, facts, self._clock() - started)
         return response
 
     def _fetch_budget(
@@ -334,14 +349,20 @@ class AuthorizationService:
             budget = min(budget, remaining - DEADLINE_MARGIN_S)
         return budget
 
-    def _record(
-        self, decision: Decision, decision_id: str, facts: RequestFacts, seconds: float
+    def next_decision_id(self) -> str:
+        """A decision id unique to this process: its random prefix and a counter."""
+        return f"{self._prefix}-{next(self._ids)}"
+
+    def record(
+        self, decision: Decision, decision_id: str, facts: RequestFacts, seconds: float,
+        phase: Phase = "check",
     ) -> None:
+        """Count a decision in the metrics and write it to the decision log (if sampled)."""
         try:
             self.metrics.count_check(
                 decision.server_name or "", decision.network, decision.reason, decision.tool,
-                seconds)
+                seconds, phase)
             if self.decision_log is not None and self.decision_log.wants(decision):
-                self.decision_log.write(decision, decision_id, facts, seconds)
+                self.decision_log.write(decision, decision_id, facts, seconds, phase)
         except Exception:  # observability must never turn an answer into an RPC error
             log.exception("recording check %s failed", decision_id)

@@ -18,7 +18,7 @@ from ext_authz.decision import (
     decide_tools,
     explain,
 )
-from ext_authz.jsonrpc import Body
+from ext_authz.jsonrpc import Body, request_body
 from tests.conftest import make_config
 
 POLICY = Policy.from_config(make_config(servers={
@@ -123,14 +123,22 @@ NAMED = Policy.from_config(make_config(
 ))
 
 
+def json_body(data: bytes) -> Body:
+    """A POST body as an MCP client sends it."""
+    return request_body(data, "POST", {"content-type": ["application/json"]})
+
+
+LISTING = b'{"jsonrpc":"2.0","id":1,"method":"tools/list"}'
+
+
 def decide_call(peer: str, server: str, *tools: str, policy: Policy = NAMED) -> Decision:
-    """Decide a POST to a server whose body calls these tools (none: an empty body)."""
+    """Decide a POST to a server whose body calls these tools (none: a tools/list)."""
     messages = [{"jsonrpc": "2.0", "id": i, "method": "tools/call", "params": {"name": t}}
                 for i, t in enumerate(tools)]
-    data = json.dumps(messages if len(messages) > 1 else messages[0]).encode() if tools else b""
-    body = Body(data, "POST", len(data), content_length=len(data))
+    data = json.dumps(messages if len(messages) > 1 else messages[0]).encode() if tools else (
+        LISTING)
     return decide_tools(decide(RequestFacts(peer, None, f"/mcp/{server}", "gw"), policy),
-                        body, policy)
+                        json_body(data), policy)
 
 
 class TestNamedNetworks:
@@ -192,12 +200,11 @@ class TestToolRules:
         assert decide_call("10.1.1.1", "github", "delete_repo") is first
 
     def test_requests_that_call_no_tool_are_the_server_decision(self) -> None:
-        """No body, or a body without tools/call: the cached server decision itself."""
+        """A GET, or a body without tools/call: the cached server decision itself."""
         server_only = decide(RequestFacts("198.51.100.1", None, "/mcp/github", "gw"), NAMED)
         assert server_only.reads_body
-        listing = b'{"jsonrpc":"2.0","id":1,"method":"tools/list"}'
-        assert decide_tools(server_only, Body(listing, "POST", len(listing)), NAMED) is (
-            server_only)
+        assert decide_tools(server_only, json_body(LISTING), NAMED) is server_only
+        assert decide_tools(server_only, Body(method="GET"), NAMED) is server_only
         assert decide_call("198.51.100.1", "github") is server_only
 
 
