@@ -35,6 +35,7 @@ Reason = Literal[
     "tool_not_found",
     "batch_refused",
     "bad_mcp_request",
+    "body_too_large",
     "upstream_credentials_unavailable",
     "bad_request",
     "internal_error",
@@ -54,6 +55,7 @@ OUTCOMES: dict[Reason, tuple[int, int]] = {
     "tool_not_found": (GRPC_PERMISSION_DENIED, 200),
     "batch_refused": (GRPC_PERMISSION_DENIED, 400),
     "bad_mcp_request": (GRPC_INVALID_ARGUMENT, 400),
+    "body_too_large": (GRPC_INVALID_ARGUMENT, 413),
     "upstream_credentials_unavailable": (GRPC_UNAVAILABLE, 503),
     "bad_request": (GRPC_INVALID_ARGUMENT, 400),
     "internal_error": (GRPC_INTERNAL, 500),
@@ -322,8 +324,8 @@ def decide_tools(decision: Decision, body: Body, policy: Policy) -> Decision:
         return decision
     read = read_tool_calls(body, policy.mcp.max_body_bytes, policy.mcp.max_batch_messages)
     if read.problem:
-        return replace(decision, reason="bad_mcp_request", detail=read.problem,
-                       reply=refusal_reply(read))
+        return replace(decision, reason="body_too_large" if read.too_large else
+                       "bad_mcp_request", detail=read.problem, reply=refusal_reply(read))
     allowed_tool = ""
     for call in read.calls:
         visibility = server.tools.get(call.name)

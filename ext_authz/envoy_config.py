@@ -259,20 +259,23 @@ def _per_route(config: Config, server: str) -> dict[str, AnyMessage]:
 
 
 def _ext_proc(config: Config) -> ExternalProcessor:
-    # Only the request's headers and its whole body, buffered: never a response (an SSE
-    # stream must flow), never a part of a body.
+    # The request only, never a response (an SSE stream must flow). Its body in full-duplex
+    # mode: Envoy passes each piece on and holds the headers; the sidecar sends both back
+    # once it has judged the whole body, or refuses (413 past mcp.max_body_bytes). In
+    # BUFFERED mode, Envoy 1.40 stalls a request whose body passes its buffer limit.
     return ExternalProcessor(
-        grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=AUTHZ_CLUSTER),
-                                 timeout=EXT_PROC_TIMEOUT),
+        grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=AUTHZ_CLUSTER)),
         failure_mode_allow=False,  # a body the sidecar did not judge never reaches a server
         processing_mode=ProcessingMode(
             request_header_mode=ProcessingModeHeaderSendMode.SEND,
             response_header_mode=ProcessingModeHeaderSendMode.SKIP,
-            request_body_mode=ProcessingModeBodySendMode.BUFFERED,
+            request_body_mode=ProcessingModeBodySendMode.FULL_DUPLEX_STREAMED,
             response_body_mode=ProcessingModeBodySendMode.NONE,
-            request_trailer_mode=ProcessingModeHeaderSendMode.SKIP,
+            request_trailer_mode=ProcessingModeHeaderSendMode.SEND,
             response_trailer_mode=ProcessingModeHeaderSendMode.SKIP,
         ),
+        # The sidecar sends the body back unchanged, so its length stands.
+        allow_content_length_header=True,
         message_timeout=EXT_PROC_TIMEOUT,
         # The caller's place comes from ext_authz's answer, not from a second look.
         metadata_options=MetadataOptions(
@@ -283,11 +286,7 @@ def _ext_proc(config: Config) -> ExternalProcessor:
 
 
 def _server_route(config: Config, name: str, match: RouteMatch, action: RouteAction) -> Route:
-    route = Route(match=match, route=action, typed_per_filter_config=_per_route(config, name))
-    if _has_tool_rules(config, name):
-        # Envoy buffers the body for ext_proc up to this, and answers 413 beyond it.
-        route.request_body_buffer_limit = config.mcp.max_body_bytes
-    return route
+    return Route(match=match, route=action, typed_per_filter_config=_per_route(config, name))
 
 
 def _routes(config: Config) -> list[VirtualHost]:

@@ -130,6 +130,7 @@ class ToolCalls:
     batch: bool = False
     problem: str = ""
     error_code: int = 0  # the JSON-RPC error code that goes with `problem`
+    too_large: bool = False  # the problem is the body's size (an HTTP 413, not a 400)
 
 
 NO_CALLS = ToolCalls()
@@ -137,6 +138,12 @@ NO_CALLS = ToolCalls()
 
 def _refuse(code: int, problem: str) -> ToolCalls:
     return ToolCalls(problem=problem, error_code=code)
+
+
+def too_large(max_bytes: int) -> ToolCalls:
+    """The refusal of a body over the limit (said without reading any more of it)."""
+    return ToolCalls(problem=f"the body is over the {max_bytes} bytes of mcp.max_body_bytes",
+                     error_code=INVALID_REQUEST, too_large=True)
 
 
 class _DuplicateKey(ValueError):
@@ -287,8 +294,7 @@ def read_tool_calls(body: Body, max_bytes: int, max_batch: int) -> ToolCalls:
     if not data and body.received == "whole" and body.method != "POST":
         return NO_CALLS  # a GET (the SSE stream) or a DELETE (ending a session)
     if len(data) > max_bytes:
-        return _refuse(INVALID_REQUEST, f"the body is {len(data)} bytes, over the"
-                                        f" {max_bytes} of mcp.max_body_bytes")
+        return too_large(max_bytes)
     code, problem = _envelope_problem(body)
     if problem:
         return _refuse(code, problem)

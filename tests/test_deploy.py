@@ -53,6 +53,11 @@ def http_manager(bootstrap: dict[str, Any]) -> dict[str, Any]:
     return dict(listener["filter_chains"][0]["filters"][0]["typed_config"])
 
 
+def http_filter(manager: dict[str, Any], name: str) -> dict[str, Any]:
+    [found] = [f["typed_config"] for f in manager["http_filters"] if f["name"] == name]
+    return dict(found)
+
+
 class TestGenerator:
     @pytest.mark.parametrize(
         ("extra", "argv"),
@@ -83,7 +88,7 @@ class TestGenerator:
                               "--workers", "2", "--sidecar", "127.0.0.1:7000")
         bootstrap = yaml.safe_load(result.stdout)
         manager = http_manager(bootstrap)
-        authz = manager["http_filters"][0]["typed_config"]
+        authz = http_filter(manager, "envoy.filters.http.ext_authz")
         assert authz.get("failure_mode_allow", False) is False
         assert authz["status_on_error"] == {"code": "ServiceUnavailable"}
         assert authz["grpc_service"]["timeout"] == "3.500s"
@@ -129,8 +134,8 @@ class TestGenerator:
         out.write_text(result.stdout)
         envoy_validate(out)
 
-    def test_bodies_go_to_the_sidecar_only_for_tool_rules(self, tmp_path: Path) -> None:
-        """Raw bodies for servers with tools; every other route turns the buffering off."""
+    def test_bodies_go_to_ext_proc_only_for_tool_rules(self, tmp_path: Path) -> None:
+        """ext_authz never waits for a body; ext_proc reads it on tool-rule routes only."""
         config = tmp_path / "c.yaml"
         config.write_text("mcp: {max_body_bytes: 65536}\n"
                           "servers: {a: {tools: {t: {available_on_public_internet: false}}},"
@@ -139,16 +144,32 @@ class TestGenerator:
                               "--upstream", "b=127.0.0.1:2")
         assert result.returncode == 0, result.stderr
         manager = http_manager(yaml.safe_load(result.stdout))
-        authz = manager["http_filters"][0]["typed_config"]
-        assert authz["with_request_body"] == {"max_request_bytes": 65536,
-                                              "pack_as_bytes": True}
-        routes = manager["route_config"]["virtual_hosts"][0]["routes"]
-        settings = {(r["match"].get("path") or r["match"]["prefix"]): r[
-            "typed_per_filter_config"]["envoy.filters.http.ext_authz"]["check_settings"]
-            for r in routes}
-        assert [p for p, s in settings.items() if not s.get("disable_request_body_buffering")
-                ] == ["/mcp/a", "/mcp/a/"]
-        assert manager["http_filters"][1]["typed_config"]["suppress_envoy_headers"] is True
+        assert [f["name"] for f in manager["http_filters"]] == [
+            "envoy.filters.http.header_mutation", "envoy.filters.http.ext_authz",
+            "envoy.filters.http.ext_proc", "envoy.filters.http.router"]
+        assert "with_request_body" not in http_filter(manager, "envoy.filters.http.ext_authz")
+        ext_proc = http_filter(manager, "envoy.filters.http.ext_proc")
+        assert ext_proc.get("failure_mode_allow", False) is False
+        assert ext_proc["processing_mode"] == {  # response_body_mode NONE is the default
+            "request_header_mode": "SEND", "response_header_mode": "SKIP",
+            "request_body_mode": "FULL_DUPLEX_STREAMED",
+            "request_trailer_mode": "SEND", "response_trailer_mode": "SKIP"}
+        assert ext_proc["allow_content_length_header"] is True
+        assert ext_proc["metadata_options"]["forwarding_namespaces"] == {
+            "untyped": ["envoy.filters.http.ext_authz"]}
+        routes = {(r["match"].get("path") or r["match"]["prefix"]): r
+                  for r in manager["route_config"]["virtual_hosts"][0]["routes"]}
+        for path, route in routes.items():
+            per_filter = route["typed_per_filter_config"]
+            extensions = per_filter["envoy.filters.http.ext_authz"]["check_settings"][
+                "context_extensions"]
+            if path.startswith("/mcp/a"):
+                assert extensions["mcp_tool_rules"] == "ext_proc"
+                assert "envoy.filters.http.ext_proc" not in per_filter
+            else:
+                assert "mcp_tool_rules" not in extensions
+                assert per_filter["envoy.filters.http.ext_proc"]["disabled"] is True
+        assert http_filter(manager, "envoy.filters.http.router")["suppress_envoy_headers"]
         out = tmp_path / "envoy.yaml"
         out.write_text(result.stdout)
         envoy_validate(out)
@@ -156,7 +177,23 @@ class TestGenerator:
         plain.write_text("servers: {b: {}}\n")
         without = http_manager(yaml.safe_load(envoy_config(
             "--config", str(plain), "--upstream", "b=127.0.0.1:2").stdout))
-        assert "with_request_body" not in without["http_filters"][0]["typed_config"]
+        assert [f["name"] for f in without["http_filters"]] == [
+            "envoy.filters.http.header_mutation", "envoy.filters.http.ext_authz",
+            "envoy.filters.http.router"]
+
+    def test_caller_x_envoy_headers_are_stripped_first(self, tmp_path: Path) -> None:
+        """The first filter removes every x-envoy-* request header a caller sent."""
+        config = tmp_path / "c.yaml"
+        config.write_text("servers: {a: {}}\n")
+        manager = http_manager(yaml.safe_load(envoy_config(
+            "--config", str(config), "--upstream", "a=127.0.0.1:1").stdout))
+        assert manager["http_filters"][0] == {
+            "name": "envoy.filters.http.header_mutation",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3."
+                         "HeaderMutation",
+                "mutations": {"request_mutations": [
+                    {"remove_on_match": {"key_matcher": {"prefix": "x-envoy-"}}}]}}}
 
     def test_trusted_proxies_become_xff_cidrs(self, tmp_path: Path) -> None:
         """Envoy's own client detection trusts the same CIDRs as the sidecar."""

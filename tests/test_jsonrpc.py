@@ -122,8 +122,8 @@ class TestReading:
             '"params":{"name":"delete_repo"}}',
             '{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"list_repos",'
             '"Name":"delete_repo"}}',
+            '{"jsonrpc":"2.0","id":1,"method":"tools/call","param\\u017f":{"name":"delete_repo"}}',
             '{"jsonrpc":"2.0","id":1,"method":"tools/call","param\u017f":{"name":"delete_repo"}}',
-            '{"jsonrpc":"2.0","id":1,"method":"tools/call","paramſ":{"name":"delete_repo"}}',
             '{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a",'
             '"argument\u017f":{}}}',
             '{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a",'

@@ -255,8 +255,9 @@ class TestRawRequests:
              "tool_not_found"),
             (json.dumps([tools_call("whoami", 1), tools_call("add", 2)]), "batch_refused"),
             (json.dumps([tools_call("whoami", 1), tools_call("whoami", 2)]), "allowed"),
+            # Every body is parsed now, tools/call in it or not: the batch limit holds.
             (json.dumps([rpc("tools/list", rpc_id=i) for i in range(MAX_BATCH + 1)]),
-             "allowed"),  # no tools/call in it: not parsed, so no batch limit either
+             "bad_mcp_request"),
         ],
         ids=["escaped", "batch-with-hidden-tool", "batch-of-visible-tools", "batch-no-calls"],
     )
@@ -321,24 +322,28 @@ class TestRawRequests:
         stack.post(EXTERNAL, "pub", json.dumps(tools_call("add")))
         stack.post(EXTERNAL, "pub", json.dumps(tools_call("made-up-by-a-client")))
         text = httpx.get(f"{stack.admin}/metrics", timeout=5).text
-        assert re.search(r'mcp_ext_authz_checks_total\{[^}]*reason="tool_not_found"'
+        assert re.search(r'mcp_ext_authz_body_checks_total\{[^}]*reason="tool_not_found"'
                          r'[^}]*tool="add"\} [1-9]', text)
         assert "made-up-by-a-client" not in text
 
 
 class TestMisconfiguredEnvoy:
     def test_a_route_that_sends_no_body_fails_loudly(self, stack: Stack) -> None:
-        """Tool rules on a route whose body Envoy keeps back: every POST is a 400, not a pass.
+        """Tool rules on a route whose body reaches no one: every POST is a 400, not a pass.
 
         As after a reload that adds `tools` to a server while Envoy's config still predates
-        them (`envoy-config` turned body buffering off on that server's routes).
+        them: that server's routes neither run ext_proc nor send ext_authz the body.
         """
         bootstrap = copy.deepcopy(stack.envoy_config)
         listener = bootstrap["static_resources"]["listeners"][0]
         manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
         for route in manager["route_config"]["virtual_hosts"][0]["routes"]:
-            settings = route["typed_per_filter_config"]["envoy.filters.http.ext_authz"]
-            settings["check_settings"]["disable_request_body_buffering"] = True
+            per_filter = route["typed_per_filter_config"]
+            per_filter["envoy.filters.http.ext_authz"]["check_settings"][
+                "context_extensions"].pop("mcp_tool_rules", None)
+            per_filter["envoy.filters.http.ext_proc"] = {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3."
+                         "ExtProcPerRoute", "disabled": True}
         port, admin = free_port(), free_port()
         listener["address"]["socket_address"]["port_value"] = port
         bootstrap["admin"]["address"]["socket_address"]["port_value"] = admin
