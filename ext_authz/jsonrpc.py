@@ -79,8 +79,7 @@ class Body:
 NO_BODY = Body()
 
 _BODY_HEADERS = frozenset(("content-type", "content-encoding", "content-length",
-                           "x-envoy-auth-partial-body", "mcp-method", "mcp-name",
-                           "mcp-protocol-version"))
+                           "mcp-method", "mcp-name", "mcp-protocol-version"))
 
 
 def body_headers(headers: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
@@ -101,8 +100,6 @@ def request_body(data: bytes, method: str, headers: dict[str, list[str]],
         values = headers.get(name)
         return ",".join(values) if values else None
 
-    if one("x-envoy-auth-partial-body") == "true":
-        received = "partial"
     return Body(
         data, method, received,
         content_type=one("content-type"),

@@ -49,6 +49,7 @@ EXT_AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
 DEADLINE_MARGIN_S = 0.02
 
 _XFF = "x-forwarded-for"
+_PARTIAL_BODY = "x-envoy-auth-partial-body"
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _JSON = base_pb2.HeaderValueOption(
     header=base_pb2.HeaderValue(key="content-type", value="application/json"),
@@ -110,10 +111,13 @@ def extract_body(request: external_auth_pb2.CheckRequest | None) -> Body:
     if request is None:
         return NO_BODY
     http = request.attributes.request.http
-    headers = body_headers(http.headers.items() if http.headers else _header_pairs(http))
+    pairs = list(http.headers.items() if http.headers else _header_pairs(http))
+    headers = body_headers(pairs)
     data = http.raw_body
     received: Received = "whole"
-    if not data and http.body:
+    if any(key == _PARTIAL_BODY and value == "true" for key, value in pairs):
+        received = "partial"  # Envoy's own mark, in the CheckRequest only
+    elif not data and http.body:
         data, received = http.body.encode(), "text"
     elif not data:
         # Envoy reports size 0 when a route turns body buffering off, so the headers decide:

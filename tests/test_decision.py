@@ -76,12 +76,12 @@ def test_token_failure_keeps_facts() -> None:
 
 
 def test_status_table() -> None:
-    """The reason codes and their statuses are DESIGN.md's table."""
+    """The reason codes and their statuses are the decision table (docs/design.md)."""
     assert OUTCOMES == {
         "allowed": (0, 200), "not_found": (7, 404),
         "upstream_credentials_unavailable": (14, 503), "bad_request": (3, 400),
         "internal_error": (13, 500), "tool_not_found": (7, 200), "batch_refused": (7, 400),
-        "bad_mcp_request": (3, 400),
+        "bad_mcp_request": (3, 400), "body_too_large": (3, 413),
     }
 
 

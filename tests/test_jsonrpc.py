@@ -98,7 +98,6 @@ class TestReading:
             ("[]", {}, INVALID_REQUEST, "empty batch"),
             (json.dumps([call("a")] * (MAX_BATCH + 1)), {}, INVALID_REQUEST, "max_batch"),
             (ADD, {"content-encoding": ["gzip"]}, INVALID_REQUEST, "Content-Encoding"),
-            (ADD, {"x-envoy-auth-partial-body": ["true"]}, INVALID_REQUEST, "part of the body"),
             (ADD, {"mcp-name": ["b"]}, INVALID_REQUEST, "Mcp-Name"),
             (ADD, {"mcp-method": ["tools/list"]}, INVALID_REQUEST, "Mcp-Method"),
             (json.dumps([call("a")]), {"mcp-name": ["a"]}, INVALID_REQUEST, "not a batch"),

@@ -70,6 +70,29 @@ FORGED_ORIGIN = (
     ("True-Client-IP", "172.30.1.20"),
 )
 
+# Headers Envoy itself reads or writes: a caller's copies would steer Envoy, or reach the
+# upstream and the access log as if Envoy had set them.
+FORGED_ENVOY = tuple((name, value) for name, value in (
+    ("x-envoy-attempt-count", "9"),
+    ("x-envoy-original-dst-host", "172.30.3.10:8000"),
+    ("x-envoy-peer-metadata", "Cg0KA2FwcBIGEgRmYWtl"),
+    ("x-envoy-peer-metadata-id", "sidecar~10.0.0.1~forged"),
+    ("x-envoy-auth-partial-body", "true"),
+    ("x-envoy-auth-failure-mode-allowed", "true"),
+    ("x-envoy-original-path", "/forged/path"),
+    ("x-envoy-decorator-operation", "forged-operation"),
+    ("x-envoy-downstream-service-cluster", "forged-cluster"),
+    ("x-envoy-downstream-service-node", "forged-node"),
+    ("x-envoy-upstream-rq-timeout-ms", "1"),
+    ("x-envoy-expected-rq-timeout-ms", "1"),
+    ("x-envoy-retry-on", "5xx"),
+    ("x-envoy-max-retries", "7"),
+    ("x-envoy-force-trace", "true"),
+    ("x-envoy-ip-tags", "internal"),
+    ("x-envoy-hedge-on-per-try-timeout", "true"),
+    ("X-Envoy-Upstream-Alt-Stat-Name", "forged"),
+))
+
 COMMON_CASES = [
     # X-Forwarded-For and the other headers that claim an origin: the peer decides.
     Case("xff-internal", "{path}internal", "not_found",
@@ -89,9 +112,12 @@ COMMON_CASES = [
          client="client-internal", headers=(("Authorization", ATTACKER_TOKEN),)),
     Case("authorization-hidden", "{path}internal", "not_found",
          headers=(("Authorization", ATTACKER_TOKEN),)),
-    # A caller's own x-envoy-internal never reaches the upstream (asserted for every case).
+    # A caller's own x-envoy-* headers never reach the upstream (asserted for every case).
     Case("envoy-internal-claimed", "{path}internal", "internal", client="client-internal",
          headers=(("x-envoy-internal", "true"),)),
+    Case("envoy-headers-forged", "{path}public", "public", headers=FORGED_ENVOY),
+    Case("envoy-headers-forged-internal", "{path}internal", "internal",
+         client="client-internal", headers=FORGED_ENVOY),
 ]
 
 PATH_CASES = [
@@ -173,6 +199,11 @@ class Gateway:
     envoy: str
 
 
+# The compose servers whose tool rules ext_proc judges on the body.
+TOOL_SERVERS = frozenset(
+    name for name, server in yaml.safe_load(
+        (ROOT / "envoy/compose/sidecar.yaml").read_text())["servers"].items()
+    if (server or {}).get("tools"))
 # Each battery server, the compose service that serves it, and whether a token is injected.
 UPSTREAMS = {"public": "mcp-public", "internal": "mcp-internal", "open": "mcp-public"}
 INJECTS_TOKEN = {"public": True, "internal": True, "open": False}
@@ -213,8 +244,10 @@ def start_gateway(stack: Stack, name: str, sidecar_config: Path | None,
                  f"'http://127.0.0.1:{admin.rpartition(':')[2]}/readyz', timeout=2)")
         stack.wait_ready(Service(sidecar.name, "app", (), {}, sidecar.addresses, (),
                                  (sys.executable, "-c", check)), f"sidecar-{name}")
+    # Access log lines out within 0.1 s (Envoy's default is 10 s), for tests that read them.
     stack.start(f"envoy-{name}", [*envoy.argv[:1], "-c", str(envoy_config),
-                                  "--disable-hot-restart", "-l", "warning"], "envoy")
+                                  "--disable-hot-restart", "-l", "warning",
+                                  "--file-flush-interval-msec", "100"], "envoy")
     stack.wait_ready(Service(envoy.name, "envoy", (envoy.argv[0], "-c", str(envoy_config)),
                              {}, envoy.addresses, (), None), f"envoy-{name}")
 
@@ -263,8 +296,9 @@ def check(stack: Stack, gateway: Gateway, case: Case) -> None:
     before = {u: len(upstream_record(stack, case, u)) for u in ("mcp-public", "mcp-internal")}
     decisions = len(stack.json_lines(gateway.sidecar))
     response = send(stack, gateway, case)
-    reached_sidecar = case.expect != "envoy"
-    records = stack.new_lines(gateway.sidecar, decisions, 1 if reached_sidecar else 0)
+    # One line for the check; on a server with tool rules, one more for its body (ext_proc).
+    expected = 0 if case.expect == "envoy" else 1 + (case.expect in TOOL_SERVERS)
+    records = stack.new_lines(gateway.sidecar, decisions, expected)
     received = []
     for upstream in ("mcp-public", "mcp-internal"):
         received += upstream_record(stack, case, upstream)[before[upstream]:]
@@ -273,7 +307,7 @@ def check(stack: Stack, gateway: Gateway, case: Case) -> None:
         assert response.status == case.envoy_status, response.raw[:300]
         assert received == []
         return
-    [decision] = records
+    [decision] = [r for r in records if r["phase"] == "check"]
     if case.expect == "not_found":
         assert (response.status, response.body) == (404, NOT_FOUND), response.raw[:300]
         assert response.header("content-type") == "application/json"
@@ -282,12 +316,17 @@ def check(stack: Stack, gateway: Gateway, case: Case) -> None:
         return
     assert decision["reason"] == "allowed", decision
     assert decision["server"] == case.expect
+    if case.expect in TOOL_SERVERS:
+        [body] = [r for r in records if r["phase"] == "body"]
+        assert (body["reason"], body["network"]) == ("allowed", decision["network"])
     upstream = UPSTREAMS[case.expect]
     [record] = received
     assert record["upstream"] == upstream.removeprefix("mcp-")
     # Whatever origin the caller claimed, this header holds the address the sidecar judged.
     assert record["headers"]["x-envoy-external-address"] == [decision["client_ip"]]
-    assert "x-envoy-internal" not in record["headers"]
+    # No x-envoy-* header a caller sent reaches the upstream; only the one Envoy sets itself.
+    assert {k for k in record["headers"] if k.startswith("x-envoy-")} == {
+        "x-envoy-external-address"}
     authorization = record["headers"].get("authorization", [])
     if INJECTS_TOKEN[case.expect]:
         assert len(authorization) == 1
@@ -429,7 +468,8 @@ class TestUnsafeVariants:
 
         def open_(bootstrap: dict[str, Any]) -> None:
             dead_sidecar(bootstrap)
-            authz = connection_manager(bootstrap)["http_filters"][0]["typed_config"]
+            [authz] = [f["typed_config"] for f in connection_manager(bootstrap)["http_filters"]
+                       if f["name"] == "envoy.filters.http.ext_authz"]
             authz["failure_mode_allow"] = True
 
         case = Case("unsafe-fail-open", "/mcp/internal", "not_found")
@@ -453,15 +493,46 @@ class TestUnsafeVariants:
         gateway = start_variant(compose, "unnamed-catch-all", 10014, unsafe)
         since = len(compose.json_lines("sidecar"))
         response = send(compose, gateway, Case("unsafe-catch-all", "/mcp/public;x", "public"))
-        [decision] = compose.new_lines("sidecar", since)
-        assert (decision["reason"], decision["server"]) == ("allowed", "public")
-        assert response.status == 404
-        assert response.body != NOT_FOUND  # Envoy's own 404, told apart from not_found
+        [decision] = [r for r in compose.new_lines("sidecar", since) if r["phase"] == "check"]
+        # Path routing names `public`, which has tool rules: it wants the body this route
+        # does not send (400), where the generated catch-all answers not_found.
+        assert (decision["reason"], decision["server"]) == ("bad_mcp_request", "public")
+        assert response.status == 400
+        assert response.body != NOT_FOUND
+
+    def test_without_stripping_caller_envoy_headers(self, compose: Stack) -> None:
+        """Without the first filter, a caller's x-envoy-* headers reach the upstream, and a
+        forged x-envoy-original-path becomes the path of Envoy's access log."""
+        def unsafe(bootstrap: dict[str, Any]) -> None:
+            manager = connection_manager(bootstrap)
+            manager["http_filters"] = [f for f in manager["http_filters"]
+                                       if f["name"] != "envoy.filters.http.header_mutation"]
+
+        def sent(gateway: Gateway, case: Case) -> tuple[dict[str, list[str]], str]:
+            upstream, access = (len(compose.json_lines(p)) for p in ("mcp-public", gateway.envoy))
+            send(compose, gateway, case)
+            [record] = compose.new_lines("mcp-public", upstream)
+            [logged] = compose.new_lines(gateway.envoy, access)
+            return record["headers"], logged["path"]
+
+        case = Case("unsafe-envoy-headers", "/mcp/public", "public", headers=FORGED_ENVOY)
+        headers, path = sent(start_variant(compose, "as-generated", 10018, lambda _: None), case)
+        assert [k for k in headers if k.startswith("x-envoy-")] == ["x-envoy-external-address"]
+        assert path == "/mcp/public"
+        headers, path = sent(start_variant(compose, "unstripped", 10017, unsafe), case)
+        forged = {name.lower() for name, _ in FORGED_ENVOY}
+        assert {"x-envoy-attempt-count", "x-envoy-original-path", "x-envoy-peer-metadata",
+                "x-envoy-auth-failure-mode-allowed"} <= forged & set(headers)
+        assert path == "/forged/path"
 
     def test_without_overwriting_external_address(self, compose: Stack) -> None:
-        """Left to Envoy, a caller's own x-envoy-external-address reaches the upstream."""
+        """Left to Envoy (and unstripped), a caller's own x-envoy-external-address reaches the
+        upstream."""
         def unsafe(bootstrap: dict[str, Any]) -> None:
-            connection_manager(bootstrap)["route_config"].pop("request_headers_to_add")
+            manager = connection_manager(bootstrap)
+            manager["route_config"].pop("request_headers_to_add")
+            manager["http_filters"] = [f for f in manager["http_filters"]
+                                       if f["name"] != "envoy.filters.http.header_mutation"]
 
         gateway = start_variant(compose, "forwarded-address", 10015, unsafe)
         since = len(compose.json_lines("mcp-public"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import time
 from typing import Any
 
 import pytest
@@ -85,7 +86,16 @@ def at(compose: Stack) -> Addresses:
 
 
 def decisions_since(stack: Stack, count: int, expected: int = 1) -> list[dict[str, Any]]:
-    return stack.new_lines("sidecar", count, expected)
+    """The ext_authz checks logged after the first `count` lines, once `expected` are in.
+
+    (Requests to a server with tool rules log a second line, ext_proc's reading of the body.)
+    """
+    deadline = time.monotonic() + 5
+    while True:
+        checks = [r for r in stack.json_lines("sidecar")[count:] if r["phase"] == "check"]
+        if len(checks) >= expected or time.monotonic() > deadline:
+            return checks
+        time.sleep(0.05)
 
 
 class TestDirectClients:
