@@ -80,6 +80,44 @@ class TestCheck:
                        "--body-file", str(tmp_path / "body.json"))
         assert (inside["allowed"], inside["rule"]) == (True, "network.internal_ranges")
 
+    @pytest.mark.parametrize(
+        ("headers", "reason", "status", "words"),
+        [
+            ([], "tool_not_found", 200, None),
+            (["Content-Type: application/json; charset=utf-7"], "bad_mcp_request", 400,
+             "Content-Type"),
+            (["Content-Type: text/plain"], "bad_mcp_request", 400, "Content-Type"),
+            (["Mcp-Method: tools/call", "Mcp-Name: delete_repo", "Mcp-Name: whoami"],
+             "bad_mcp_request", 400, "more than once"),
+            (["Mcp-Name: =?base64?ZGVsZXRlX3JlcG8=?="], "tool_not_found", 200, None),
+            (["Mcp-Name: whoami"], "bad_mcp_request", 400, "another name"),
+            (["Content-Encoding: gzip"], "bad_mcp_request", 400, "Content-Encoding"),
+        ],
+    )
+    def test_headers_are_judged_as_live(self, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str],
+                                        headers: list[str], reason: str, status: int,
+                                        words: str | None) -> None:
+        """--header dry-runs the headers that say how to read a body (repeats included)."""
+        path = tmp_path / "tools.yaml"
+        path.write_text(CONFIG + "  gh: {tools: {delete_repo: {available_on_public_internet:"
+                                 " false}}}\n")
+        body = '{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{"name":"delete_repo"}}'
+        argv = [arg for header in headers for arg in ("--header", header)]
+        report = check(capsys, "--config", str(path), "--peer", "8.8.8.8", "--path", "/mcp/gh",
+                       "--body", body, *argv)
+        assert (report["reason"], report["http_status"]) == (reason, status)
+        if words is not None:
+            assert words in json.loads(report["reply"])["error"]["message"]
+
+    @pytest.mark.parametrize("header", ["no-colon", ": empty-name", " Space: before"])
+    def test_a_malformed_header_is_one_line(self, config: Path, header: str) -> None:
+        """A --header that is not 'Name: value' is named, with no traceback."""
+        result = run("check", "--config", str(config), "--peer", "1.2.3.4", "--header", header)
+        assert result.returncode != 0
+        assert "--header" in result.stderr
+        assert "Traceback" not in result.stderr
+
     def test_untrusted_client_ip_is_null(self, config: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:
         """Garbage in XFF behind a trusted proxy: client_ip null, external."""

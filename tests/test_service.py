@@ -210,6 +210,90 @@ class TestTokens:
         assert metadata(response)["reason"] == "upstream_credentials_unavailable"
 
 
+def tool_request(body: bytes | str | None, peer: str = "127.0.0.2",
+                 **headers: str) -> external_auth_pb2.CheckRequest:
+    """A Check for /mcp/gh carrying a body, as Envoy's with_request_body sends one."""
+    request = check_request(peer=peer, path="/mcp/gh")
+    http = request.attributes.request.http
+    http.headers.update({"content-type": "application/json", **headers})
+    if isinstance(body, bytes):
+        http.raw_body = body
+    elif isinstance(body, str):
+        http.body = body
+    http.size = len(body) if body is not None else 0
+    return request
+
+
+HIDDEN_CALL = b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"delete_repo"}}'
+
+
+class TestToolRules:
+    """The Check side of tool rules: with the body (Istio), or leaving it to ext_proc."""
+
+    @pytest.fixture
+    async def tools(self) -> AsyncIterator[Any]:
+        config = make_config(servers={"gh": {"tools": {"delete_repo": {
+            "available_on_public_internet": False}}}})
+        sidecar = await start(config)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{sidecar.grpc_port}") as channel:
+            yield external_auth_pb2_grpc.AuthorizationStub(channel)
+        await sidecar.stop()
+
+    async def test_a_body_in_the_check_is_judged(self, tools: Any) -> None:
+        """With the body in the CheckRequest, a hidden tool is answered there."""
+        response = await tools.Check(tool_request(HIDDEN_CALL))
+        assert response.denied_response.status.code == 200
+        assert "Unknown tool: delete_repo" in response.denied_response.body
+
+    @pytest.mark.parametrize(
+        ("request_of", "words"),
+        [
+            (lambda: tool_request(None), "did not reach the sidecar"),
+            (lambda: tool_request(HIDDEN_CALL.decode()), "as text"),
+            (lambda: tool_request(HIDDEN_CALL, **{"x-envoy-auth-partial-body": "true"}),
+             "part of the body"),
+        ],
+        ids=["missing", "text", "partial"],
+    )
+    async def test_a_body_not_sent_whole_as_bytes_is_refused(self, tools: Any,
+                                                             request_of: Any,
+                                                             words: str) -> None:
+        """No body, a body as text (no pack_as_bytes), or part of one: a 400 saying so."""
+        response = await tools.Check(request_of())
+        assert response.denied_response.status.code == 400
+        assert words in response.denied_response.body
+
+    async def test_a_route_left_to_ext_proc_needs_no_body(self, tools: Any) -> None:
+        """envoy-config's tool routes: the server alone, and where the caller was placed."""
+        request = tool_request(None, peer="127.0.0.1")
+        request.attributes.context_extensions["mcp_tool_rules"] = "ext_proc"
+        response = await tools.Check(request)
+        assert response.WhichOneof("http_response") == "ok_response"
+        meta = metadata(response)
+        assert (meta["server"], meta["network"], meta["networks"]) == ("gh", "internal",
+                                                                      "internal")
+
+    async def test_token_outage_comes_before_the_tool_rules(
+            self, token_endpoint: TokenEndpoint) -> None:
+        """While no token can be had, a hidden tool gets the 503 a missing tool gets."""
+        token_endpoint.mode = "status"
+        config = make_config(servers={"gh": {
+            "oauth2": {"token_url": token_endpoint.url, "client_id": "gw",
+                       "client_secret": "s"},
+            "tools": {"delete_repo": {"available_on_public_internet": False}}}})
+        sidecar = await start(config)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{sidecar.grpc_port}") as channel:
+                stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+                missing = b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x"}}'
+                answers = [await stub.Check(tool_request(body), timeout=2)
+                           for body in (HIDDEN_CALL, missing)]
+        finally:
+            await sidecar.stop()
+        assert [a.denied_response.status.code for a in answers] == [503, 503]
+        assert answers[0].denied_response.body == answers[1].denied_response.body
+
+
 class TestHealthAndReflection:
     async def test_health_waits_for_tokens(self, token_endpoint: TokenEndpoint) -> None:
         """Health is NOT_SERVING until every configured server's token is in hand."""
@@ -246,6 +330,7 @@ class TestHealthAndReflection:
                 names = {s.name for s in answer.list_services_response.service}
                 break
         assert "envoy.service.auth.v3.Authorization" in names
+        assert "envoy.service.ext_proc.v3.ExternalProcessor" in names
         assert "grpc.health.v1.Health" in names
 
 

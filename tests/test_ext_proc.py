@@ -1,0 +1,186 @@
+"""The ext_proc edge: a real grpc.aio sidecar on 127.0.0.1:0, streams as Envoy sends them.
+
+Envoy runs it after ext_authz, in FULL_DUPLEX_STREAMED request-body mode: request headers,
+then the body in pieces, answered only once the whole body is judged (tests/e2e proves the
+same through a real Envoy).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+import grpc
+import pytest
+
+from ext_authz import ext_proc as ext_proc_module
+from ext_authz._proto.envoy.service.ext_proc.v3 import (
+    external_processor_pb2 as pb,
+)
+from ext_authz._proto.envoy.service.ext_proc.v3 import (
+    external_processor_pb2_grpc as pb_grpc,
+)
+from ext_authz.server import Sidecar
+from tests.conftest import make_config
+
+CALLER = {"server": "tools", "network": "external", "networks": "", "client_ip": "127.0.0.2",
+          "reason": "allowed"}
+PARTNER = {**CALLER, "network": "partners", "networks": "partners", "client_ip": "127.0.0.9"}
+JSON = [("content-type", "application/json"), (":method", "POST"), (":path", "/mcp/tools")]
+
+
+def call(name: str) -> bytes:
+    return json.dumps({"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+                       "params": {"name": name, "arguments": {}}}).encode()
+
+
+def headers(metadata: dict[str, str] | None = CALLER,
+            pairs: Iterable[tuple[str, str]] = JSON,
+            end_of_stream: bool = False) -> pb.ProcessingRequest:
+    request = pb.ProcessingRequest()
+    for key, value in pairs:
+        request.request_headers.headers.headers.add(key=key, raw_value=value.encode())
+    request.request_headers.end_of_stream = end_of_stream
+    if metadata is not None:
+        request.metadata_context.filter_metadata["envoy.filters.http.ext_authz"].update(
+            metadata)
+    return request
+
+
+def body(data: bytes, end_of_stream: bool = True) -> pb.ProcessingRequest:
+    request = pb.ProcessingRequest()
+    request.request_body.body = data
+    request.request_body.end_of_stream = end_of_stream
+    return request
+
+
+@pytest.fixture
+async def sidecar() -> AsyncIterator[Sidecar]:
+    config = make_config(
+        network={"internal_ranges": ["127.0.0.1/32"], "networks": {"partners": ["127.0.0.9/32"]}},
+        mcp={"max_body_bytes": 4096},
+        servers={"tools": {"tools": {
+            "delete_repo": {"available_on_public_internet": False,
+                            "visible_to": ["partners"]}}},
+            "vault": {"available_on_public_internet": False}})
+    running = Sidecar(config, grace_s=1)
+    await running.start()
+    yield running
+    await running.stop()
+
+
+async def exchange(sidecar: Sidecar, messages: list[pb.ProcessingRequest]
+                   ) -> list[pb.ProcessingResponse]:
+    """Send a whole stream, as Envoy would, and collect every answer."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{sidecar.grpc_port}") as channel:
+        stub = pb_grpc.ExternalProcessorStub(channel)
+        return [answer async for answer in stub.Process(iter(messages))]
+
+
+def immediate(answer: pb.ProcessingResponse) -> tuple[int, Any]:
+    reply = answer.immediate_response
+    return reply.status.code, json.loads(reply.body) if reply.body else None
+
+
+class TestJudging:
+    async def test_an_allowed_body_goes_on_whole(self, sidecar: Sidecar) -> None:
+        """Nothing until the last piece; then the headers go on, and the body, unchanged."""
+        data = call("whoami")
+        answers = await exchange(sidecar, [headers(), body(data[:10], False),
+                                           body(data[10:30], False), body(data[30:])])
+        assert [a.WhichOneof("response") for a in answers] == ["request_headers",
+                                                               "request_body"]
+        streamed = answers[1].request_body.response.body_mutation.streamed_response
+        assert (streamed.body, streamed.end_of_stream) == (data, True)
+        namespace = answers[0].dynamic_metadata.fields["envoy.filters.http.ext_proc"]
+        assert namespace.struct_value.fields["reason"].string_value == "allowed"
+
+    async def test_a_hidden_tool_is_answered_in_envoys_place(self, sidecar: Sidecar) -> None:
+        """A hidden tool gets the unknown-tool answer; the request goes nowhere."""
+        [answer] = await exchange(sidecar, [headers(), body(call("delete_repo"))])
+        status, reply = immediate(answer)
+        assert status == 200
+        assert reply["id"] == 7
+        assert reply["result"]["content"][0]["text"] == "Unknown tool: delete_repo"
+
+    async def test_the_callers_place_comes_from_ext_authz(self, sidecar: Sidecar) -> None:
+        """A partner, as ext_authz placed it, may call the tool visible to partners."""
+        answers = await exchange(sidecar, [headers(PARTNER), body(call("delete_repo"))])
+        assert answers[0].WhichOneof("response") == "request_headers"
+
+    async def test_a_body_over_the_limit_is_refused_before_the_rest(self,
+                                                                    sidecar: Sidecar) -> None:
+        """413 on the piece that passes mcp.max_body_bytes; later pieces get no answer."""
+        answers = await exchange(sidecar, [headers(), body(b"[" * 3000, False),
+                                           body(b"[" * 3000, False), body(b"]")])
+        [answer] = answers
+        status, reply = immediate(answer)
+        assert status == 413
+        assert "mcp.max_body_bytes" in reply["error"]["message"]
+
+    async def test_a_get_goes_on_at_its_headers(self, sidecar: Sidecar) -> None:
+        """The SSE stream's GET has no body: its headers go on at once."""
+        pairs = [(":method", "GET"), (":path", "/mcp/tools"), ("accept", "text/event-stream")]
+        [answer] = await exchange(sidecar, [headers(pairs=pairs, end_of_stream=True)])
+        assert answer.WhichOneof("response") == "request_headers"
+
+    async def test_a_post_without_a_body_is_refused(self, sidecar: Sidecar) -> None:
+        """An MCP POST carries a message; an empty one is a 400 that says so."""
+        [answer] = await exchange(sidecar, [headers(end_of_stream=True)])
+        assert immediate(answer)[0] == 400
+
+    async def test_trailers_are_refused(self, sidecar: Sidecar) -> None:
+        """No MCP client sends request trailers."""
+        trailers = pb.ProcessingRequest()
+        trailers.request_trailers.SetInParent()
+        [answer] = await exchange(sidecar, [headers(), body(call("whoami"), False), trailers])
+        status, reply = immediate(answer)
+        assert status == 400
+        assert "trailers" in reply["error"]["message"]
+
+    async def test_a_server_hidden_since_ext_authz_is_not_found(self, sidecar: Sidecar) -> None:
+        """A reload between the two checks can only narrow: now hidden is not_found."""
+        [answer] = await exchange(sidecar, [headers({**CALLER, "server": "vault"}),
+                                            body(call("whoami"))])
+        assert immediate(answer) == (404, {"error": "not_found"})
+
+
+class TestFailingClosed:
+    async def test_no_ext_authz_decision_is_a_500(self, sidecar: Sidecar) -> None:
+        """Without ext_authz's verdict in the metadata the route is misconfigured: 500."""
+        for metadata in (None, {**CALLER, "reason": "not_found"}, {"reason": "allowed"}):
+            [answer] = await exchange(sidecar, [headers(metadata), body(call("whoami"))])
+            assert immediate(answer)[0] == 500
+
+    async def test_a_stream_that_ends_unjudged_is_an_error(self, sidecar: Sidecar) -> None:
+        """Ending cleanly would let Envoy forward the request: the stream fails instead."""
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await exchange(sidecar, [headers(), body(call("whoami")[:10], False)])
+        assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+    async def test_an_exception_is_a_500(self, sidecar: Sidecar,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+        """Whatever goes wrong inside is answered, never an unanswered stream."""
+        def broken(*args: Any) -> Any:
+            raise RuntimeError("boom")
+
+        monkeypatch.setattr(ext_proc_module, "decide_tools", broken)
+        [answer] = await exchange(sidecar, [headers(), body(call("whoami"))])
+        assert immediate(answer)[0] == 500
+
+    async def test_a_body_before_headers_is_a_500(self, sidecar: Sidecar) -> None:
+        """Out-of-order messages are answered, not crashed on."""
+        [answer] = await exchange(sidecar, [body(call("whoami"))])
+        assert immediate(answer)[0] == 500
+
+
+class TestRecords:
+    async def test_body_decisions_are_counted(self, sidecar: Sidecar) -> None:
+        """Each judged body counts in mcp_ext_authz_body_checks_total, not in checks_total."""
+        await exchange(sidecar, [headers(), body(call("delete_repo"))])
+        labels = {"server": "tools", "network": "external", "reason": "tool_not_found",
+                  "tool": "delete_repo"}
+        registry = sidecar.metrics.registry
+        assert registry.get_sample_value("mcp_ext_authz_body_checks_total", labels) == 1
+        assert registry.get_sample_value("mcp_ext_authz_checks_total", labels) is None
