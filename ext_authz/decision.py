@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Generic, Literal, TypeVar
 
@@ -148,6 +148,9 @@ class Policy:
     max_xff_bytes: int
     mcp: McpSettings = field(default_factory=McpSettings)
     decision_cache: dict[tuple[str, str | None, str | None, str, str], Decision] = field(
+        default_factory=dict, compare=False, repr=False)
+    # ext_authz's decisions as ext_proc takes them up, by what ext_authz said (see resume).
+    resumed: dict[tuple[str, str, str, str], Decision] = field(
         default_factory=dict, compare=False, repr=False)
     # Per configured tool: a server decision -> the same decision naming the tool, remembered
     # so that an allowed tools/call keeps the identity PerDecision looks values up by.
@@ -298,15 +301,28 @@ def _decide(facts: RequestFacts, policy: Policy) -> Decision:
     return Decision("allowed", client, placement, target, server, peer=peer, rule=rule)
 
 
-def resume(policy: Policy, server_name: str, network: str, members: Iterable[str],
+def resume(policy: Policy, server_name: str, network: str, members: str,
            client_ip: str) -> Decision:
     """Take up the server decision that ext_authz made for this request, for its tool rules.
 
-    From what ext_authz left in Envoy's dynamic metadata: the caller is placed where that
-    check placed it, never placed again. Visibility is judged again against this policy, so a
-    reload in between can only narrow (a server now hidden or gone is not_found).
+    From what ext_authz left in Envoy's dynamic metadata (`members`: its comma-joined
+    `networks`): the caller is placed where that check placed it, never placed again.
+    Visibility is judged again against this policy, so a reload in between can only narrow
+    (a server now hidden or gone is not_found). Remembered, like `decide`'s decisions.
     """
-    placement = Placement(network, frozenset(members))
+    key = (server_name, network, members, client_ip)
+    decision = policy.resumed.get(key)
+    if decision is None:
+        decision = _resume(policy, server_name, network, members, client_ip)
+        if len(policy.resumed) >= DECISION_CACHE_SIZE:
+            policy.resumed.clear()
+        policy.resumed[key] = decision
+    return decision
+
+
+def _resume(policy: Policy, server_name: str, network: str, members: str,
+            client_ip: str) -> Decision:
+    placement = Placement(network, frozenset(filter(None, members.split(","))))
     client = ClientIP(parse_address(client_ip), "ext_authz")
     target = Route(server_name, "context_extension")
     server = policy.servers.get(server_name)

@@ -146,11 +146,16 @@ class ExternalProcessingService:
         )
 
     async def Process(  # the gRPC method's name
-        self, requests: AsyncIterator[ext_proc_pb2.ProcessingRequest],
+        self, _requests: AsyncIterator[ext_proc_pb2.ProcessingRequest],
         context: grpc.aio.ServicerContext[ext_proc_pb2.ProcessingRequest, bytes],
-    ) -> AsyncIterator[bytes]:
+    ) -> None:
+        # context.read()/write() rather than iterating and yielding: measured 1.3x to 1.6x
+        # the messages per second of the async-generator style (bench: direct ext_proc).
         request = _Request(self.authz.state)  # a request is judged on one config generation
-        async for message in requests:
+        while True:
+            message = await context.read()
+            if not isinstance(message, ext_proc_pb2.ProcessingRequest):
+                break  # grpc.aio.EOF: Envoy is done sending
             if request.answered:
                 continue  # pieces Envoy sent before it took our answer: nothing to say
             try:
@@ -160,7 +165,7 @@ class ExternalProcessingService:
                 request.answered = True
                 answers = [_internal_error()]
             for answer in answers:
-                yield answer
+                await context.write(answer)
         if not request.answered:
             # Ending cleanly now would let Envoy forward the request unjudged.
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
@@ -208,8 +213,7 @@ class ExternalProcessingService:
             return [_internal_error()]
         request.decision = resume(
             request.state.policy, metadata["server"], metadata.get("network", ""),
-            filter(None, metadata.get("networks", "").split(",")),
-            metadata.get("client_ip", ""))
+            metadata.get("networks", ""), metadata.get("client_ip", ""))
         if message.request_headers.end_of_stream:
             return self._judge(request, None)
         return []  # the headers wait for the body
