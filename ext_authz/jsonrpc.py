@@ -95,7 +95,6 @@ def body_headers(headers: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
 def request_body(data: bytes, method: str, headers: dict[str, list[str]],
                  received: Received = "whole") -> Body:
     """Describe a request body from its bytes and its headers (as `body_headers` collects them)."""
-
     content_type, encoding, version, method_values, names = map(headers.get, (
         "content-type", "content-encoding", "mcp-protocol-version", "mcp-method", "mcp-name"))
     return Body(
@@ -135,7 +134,7 @@ def _refuse(code: int, problem: str) -> ToolCalls:
     return ToolCalls(problem=problem, error_code=code)
 
 
-def too_large(max_bytes: int) -> ToolCalls:
+def _too_large(max_bytes: int) -> ToolCalls:
     """The refusal of a body over the limit (said without reading any more of it)."""
     return ToolCalls(problem=f"the body is over the {max_bytes} bytes of mcp.max_body_bytes",
                      error_code=INVALID_REQUEST, too_large=True)
@@ -289,7 +288,7 @@ def read_tool_calls(body: Body, max_bytes: int, max_batch: int) -> ToolCalls:
     if not data and body.received == "whole" and body.method != "POST":
         return NO_CALLS  # a GET (the SSE stream) or a DELETE (ending a session)
     if len(data) > max_bytes:
-        return too_large(max_bytes)
+        return _too_large(max_bytes)
     code, problem = _envelope_problem(body)
     if problem:
         return _refuse(code, problem)
