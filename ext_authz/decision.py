@@ -1,4 +1,4 @@
-"""Facts about one request -> the decision (pure, no I/O): DESIGN.md's decision table."""
+"""Facts about one request -> the decision (pure, no I/O): the table of docs/design.md."""
 
 from __future__ import annotations
 

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +20,28 @@ settings.register_profile(
 )
 settings.load_profile("ci")
 os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost,::1")
+
+ROOT = Path(__file__).resolve().parents[1]
+_BESIDE = ROOT.parent
+
+
+def _inside_the_repository(event: str, args: tuple[object, ...]) -> None:
+    # A user's clone has nothing beside it: a test that opens a path next to the repository
+    # (a sibling checkout, a shared folder) passes here and fails there. Fail it here.
+    if event not in ("open", "os.listdir", "os.scandir") or not args:
+        return
+    path = args[0]
+    if not isinstance(path, str | bytes | os.PathLike) or isinstance(path, int):
+        return
+    try:
+        resolved = Path(os.fsdecode(path)).resolve()
+    except (OSError, ValueError):
+        return
+    if resolved.is_relative_to(_BESIDE) and not resolved.is_relative_to(ROOT):
+        raise PermissionError(f"tests may not read outside the repository: {resolved}")
+
+
+sys.addaudithook(_inside_the_repository)
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ def problems(text: str, env: dict[str, str] | None = None) -> list[str]:
 
 class TestDefaults:
     def test_documented_defaults(self) -> None:
-        """Listen addresses, internal ranges, routing and token timings match DESIGN.md."""
+        """Listen addresses, internal ranges, routing and token timings are the documented ones."""
         config = parse_yaml(MINIMAL, env={"GITHUB_MCP_SECRET": "s"})
         assert config.grpc.listen == "127.0.0.1:9191"
         assert config.admin is not None

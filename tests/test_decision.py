@@ -1,4 +1,4 @@
-"""The pure decision table of DESIGN.md."""
+"""The pure decision table (docs/design.md, "The decision")."""
 
 from __future__ import annotations
 

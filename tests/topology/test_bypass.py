@@ -7,7 +7,7 @@ a second sidecar and Envoy in the same namespaces.
 
 Every request is sent as raw bytes (no client library normalizing it) and carries an
 `x-case` header, so the upstream's own access log (ext_authz.demo_mcp.log_requests) shows
-what, if anything, it received for that case. Each case must answer what DESIGN.md's
+what, if anything, it received for that case. Each case must answer what the design's
 decision table says: allowed (the upstream's answer, with the server's injected token),
 `404 {"error": "not_found"}` from the sidecar, or a rejection by Envoy before any check.
 Set MCP_EXT_AUTHZ_BATTERY_REPORT=FILE to write the observed table as Markdown.
