@@ -6,7 +6,9 @@ import hashlib
 import ipaddress
 import os
 import re
+import ssl
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -14,9 +16,11 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
+    StrictBool,
     ValidationError,
     field_validator,
     model_validator,
@@ -39,26 +43,27 @@ DEFAULT_INTERNAL_RANGES: tuple[str, ...] = (
 SERVER_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,62}[A-Za-z0-9_])?$")
 NETWORK_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,62}$")
 TOOL_NAME = re.compile(r"^[A-Za-z0-9_./-]{1,128}$")  # MCP's tool-name alphabet
-_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# $$ is a dollar sign; ${VAR} and ${VAR:-default} come from the environment; any other $ is
+# refused (a shell would read "$S" as a variable, we would have kept it as text).
+_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$")
 
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-def _parse_networks(value: Any) -> tuple[IPNetwork, ...]:
-    if not isinstance(value, list | tuple):
-        raise ValueError("expected a list of CIDRs")
-    networks = []
-    for item in value:
-        if not isinstance(item, str):
-            raise ValueError(f"{item!r} is not a CIDR string")
-        try:
-            # strict=False would silently turn 10.0.0.1/8 into 10.0.0.0/8; say so instead.
-            networks.append(ipaddress.ip_network(item.strip(), strict=True))
-        except ValueError as exc:
-            raise ValueError(f"{item!r} is not a valid CIDR ({exc})") from None
-    return tuple(networks)
+def _parse_cidr(value: Any) -> IPNetwork:
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not a CIDR string")
+    try:
+        # strict=True: 10.0.0.1/8 would otherwise silently become 10.0.0.0/8; say so instead.
+        return ipaddress.ip_network(value.strip(), strict=True)
+    except ValueError as exc:
+        raise ValueError(f"{value!r} is not a valid CIDR ({exc})") from None
+
+
+# One CIDR of a list: an error names its index (`network.internal_ranges[1]`).
+CIDR = Annotated[IPNetwork, BeforeValidator(_parse_cidr)]
 
 
 def split_listen(listen: str) -> tuple[str, int]:
@@ -100,38 +105,28 @@ class AdminSettings(_Frozen):
 class NetworkSettings(_Frozen):
     model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
 
-    internal_ranges: tuple[IPNetwork, ...] = Field(
-        default_factory=lambda: _parse_networks(list(DEFAULT_INTERNAL_RANGES))
+    internal_ranges: tuple[CIDR, ...] = Field(
+        default_factory=lambda: tuple(_parse_cidr(c) for c in DEFAULT_INTERNAL_RANGES)
     )
-    trusted_proxies: tuple[IPNetwork, ...] = ()
+    trusted_proxies: tuple[CIDR, ...] = ()
     # Named networks beyond `internal` (which is internal_ranges), for servers' visible_to.
-    networks: dict[str, tuple[IPNetwork, ...]] = Field(default_factory=dict)
+    networks: dict[str, tuple[CIDR, ...]] = Field(default_factory=dict)
     # Bounds on what one CheckRequest can make the sidecar read; beyond them it fails closed.
     max_xff_entries: Annotated[int, Field(ge=1, le=1000)] = 32
     max_xff_bytes: Annotated[int, Field(ge=64, le=1_048_576)] = 8192
 
-    _networks = field_validator("internal_ranges", "trusted_proxies", mode="before")(
-        _parse_networks
-    )
-
-    @field_validator("networks", mode="before")
+    @field_validator("networks")
     @classmethod
-    def _named(cls, value: Any) -> dict[str, tuple[IPNetwork, ...]]:
-        if not isinstance(value, dict):
-            raise ValueError("expected a mapping of network name to a list of CIDRs")
-        named = {}
-        for name, cidrs in value.items():
+    def _named(cls, value: dict[str, tuple[IPNetwork, ...]]
+               ) -> dict[str, tuple[IPNetwork, ...]]:
+        for name in value:
             if name in (INTERNAL, EXTERNAL):
                 raise ValueError(f"{name!r} is a built-in network name"
                                  " (internal is network.internal_ranges)")
-            if not isinstance(name, str) or not NETWORK_NAME.match(name):
+            if not NETWORK_NAME.match(name):
                 raise ValueError(f"network name {name!r} must be a letter then up to 62"
                                  " letters, digits, '_' or '-'")
-            try:
-                named[name] = _parse_networks(cidrs)
-            except ValueError as exc:
-                raise ValueError(f"{name}: {exc}") from None
-        return named
+        return value
 
     def named(self) -> list[tuple[str, tuple[IPNetwork, ...]]]:
         """Every named network, `internal` first, then in config order."""
@@ -159,7 +154,7 @@ class RoutingSettings(_Frozen):
 
 
 class DefaultSettings(_Frozen):
-    available_on_public_internet: bool = True
+    available_on_public_internet: StrictBool = True
 
 
 PositiveSeconds = Annotated[float, Field(gt=0)]
@@ -237,7 +232,7 @@ class OAuth2Settings(_Frozen):
 
 class ToolSettings(_Frozen):
     # Defaults to its server's value (filled in by Config). A tool only narrows its server.
-    available_on_public_internet: bool
+    available_on_public_internet: StrictBool
     visible_to: tuple[str, ...] = ()
 
 
@@ -247,7 +242,8 @@ class ServerInfo(_Frozen):
 
 
 class ServerSettings(_Frozen):
-    available_on_public_internet: bool
+    # A security boolean: true or false, never "yes", 1 or "off" coerced.
+    available_on_public_internet: StrictBool
     # Networks (names from network.networks) that see an internal-only server too.
     visible_to: tuple[str, ...] = ()
     oauth2: OAuth2Settings | None = None
@@ -278,7 +274,7 @@ class McpSettings(_Frozen):
 
 
 class DecisionLogSettings(_Frozen):
-    enabled: bool = True
+    enabled: StrictBool = True
     path: Path | None = None  # None: stdout
     # Denials are always written; allowed checks with this probability.
     sample_allowed: Annotated[float, Field(ge=0, le=1)] = 1.0
@@ -286,7 +282,7 @@ class DecisionLogSettings(_Frozen):
 
 class ReloadSettings(_Frozen):
     # Poll the config file (and the secret and TLS files it names) for changes.
-    watch: bool = True
+    watch: StrictBool = True
     poll_interval_s: PositiveSeconds = 2.0
 
 
@@ -397,27 +393,57 @@ _UniqueKeyLoader.add_constructor(
     yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
     _construct_mapping,
 )
+# YAML 1.1 reads yes/no/on/off as booleans; for security booleans only true and false may
+# mean true and false (YAML 1.2's core schema): `off` stays a string, and is refused.
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+_UniqueKeyLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != _BOOL_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_UniqueKeyLoader.add_implicit_resolver(
+    _BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
-def _expand(value: Any, path: str, env: Mapping[str, str], problems: list[str]) -> Any:
-    if isinstance(value, dict):
-        return {k: _expand(v, f"{path}.{k}" if path else str(k), env, problems)
-                for k, v in value.items()}
-    if isinstance(value, list):
-        return [_expand(v, f"{path}[{i}]", env, problems) for i, v in enumerate(value)]
-    if not isinstance(value, str):
-        return value
+@dataclass
+class _Expansion:
+    """What substituting ${VAR}s found: problems, and the keys an unset variable left blank."""
 
-    def substitute(match: re.Match[str]) -> str:
-        name = match.group(1)
-        if name is None:
-            return "$"
-        if name not in env:
-            problems.append(f"{path}: environment variable ${{{name}}} is not set")
-            return ""
-        return env[name]
+    env: Mapping[str, str]
+    require: bool  # an unset variable is a problem (not so for dry runs and envoy-config)
+    problems: list[str] = field(default_factory=list)
+    unset: set[str] = field(default_factory=set)
 
-    return _VAR.sub(substitute, value)
+    def expand(self, value: Any, path: str = "") -> Any:
+        if isinstance(value, dict):
+            return {k: self.expand(v, f"{path}.{k}" if path else str(k))
+                    for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.expand(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        if not isinstance(value, str):
+            return value
+
+        def substitute(match: re.Match[str]) -> str:
+            text = match.group(0)
+            if text == "$$":
+                return "$"
+            name, default = match.group(1), match.group(2)
+            if name is None:
+                self.problems.append(f"{path}: a lone '$' (write $$ for a dollar sign, ${{VAR}}"
+                                     " or ${VAR:-default} for an environment variable)")
+                return text
+            value = self.env.get(name, "")
+            if value:
+                return value
+            if default is not None:
+                return default
+            if name not in self.env:
+                self.unset.add(path)
+                if self.require:
+                    self.problems.append(f"{path}: environment variable ${{{name}}} is not set")
+                return f"unset-{name}"
+            return value
+
+        return _VAR.sub(substitute, value)
 
 
 def _key_path(loc: tuple[int | str, ...]) -> str:
@@ -430,6 +456,54 @@ def _key_path(loc: tuple[int | str, ...]) -> str:
         else:
             parts.append(("." if parts else "") + part)
     return "".join(parts) or "(top level)"
+
+
+# pydantic's messages for the common mistakes, in our words.
+_MESSAGES = {
+    "missing": "is required",
+    "extra_forbidden": "is not a setting here (misspelt, or in the wrong section?)",
+    "bool_type": "must be true or false",
+    "bool_parsing": "must be true or false",
+    "int_type": "must be a whole number",
+    "int_parsing": "must be a whole number",
+    "int_from_float": "must be a whole number",
+    "float_type": "must be a number",
+    "float_parsing": "must be a number",
+    "string_type": "must be a string",
+    "string_too_short": "must not be empty",
+    "tuple_type": "must be a list",
+    "list_type": "must be a list",
+    "dict_type": "must be a mapping",
+    "model_type": "must be a mapping",
+    "model_attributes_type": "must be a mapping",
+    "finite_number": "must be a finite number",
+}
+# Where a setting's value may be shown back (never a secret's).
+_SHOWN_TYPES = frozenset(("bool_type", "bool_parsing", "int_type", "int_parsing",
+                          "int_from_float", "float_type", "float_parsing", "literal_error",
+                          "greater_than", "greater_than_equal", "less_than",
+                          "less_than_equal"))
+
+
+def _problem(error: Any) -> str:
+    """One pydantic error as `key.path: what is wrong`, in our words."""
+    path = _key_path(error["loc"])
+    kind, context = error["type"], error.get("ctx") or {}
+    if kind == "value_error":
+        message = str(context.get("error", error["msg"]))
+    elif kind == "literal_error":
+        message = f"must be one of {context.get('expected')}"
+    elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        bound = next(iter(context.values()), "")
+        words = {"greater_than": "more than", "greater_than_equal": "at least",
+                 "less_than": "less than", "less_than_equal": "at most"}[kind]
+        message = f"must be {words} {bound}"
+    else:
+        message = _MESSAGES.get(kind, error["msg"])
+    if kind in _SHOWN_TYPES and "secret" not in path and not isinstance(
+            error.get("input"), dict | list):
+        message += f" (got {error['input']!r})"
+    return f"{path}: {message}"
 
 
 def _visibility_problems(config: Config) -> list[str]:
@@ -471,7 +545,7 @@ def _visibility_problems(config: Config) -> list[str]:
 
 
 def _read_files(config: Config) -> tuple[Config, list[str]]:
-    """Read every `client_secret_file` into `client_secret` and check the TLS files exist."""
+    """Read every `client_secret_file` into `client_secret`; check the TLS files load."""
     problems = []
     servers = dict(config.servers)
     for name, server in config.servers.items():
@@ -489,57 +563,104 @@ def _read_files(config: Config) -> tuple[Config, list[str]]:
             continue
         resolved = oauth2.model_copy(update={"client_secret": SecretStr(secret)})
         servers[name] = server.model_copy(update={"oauth2": resolved})
-    tls = config.grpc.tls
-    if tls is not None:
-        for key in ("cert_file", "key_file", "client_ca_file"):
-            path = getattr(tls, key)
-            if path is not None and not Path(path).is_file():
-                problems.append(f"grpc.tls.{key}: {str(path)!r} is not a readable file")
+    if config.grpc.tls is not None:
+        problems += _tls_problems(config.grpc.tls)
     return config.model_copy(update={"servers": servers}), problems
 
 
+def _tls_problems(tls: TLSSettings) -> list[str]:
+    # Load them as the gRPC listener will, so that a key that does not match its certificate
+    # is said so here, not as "cannot listen" at start nor as a successful reload.
+    missing = [f"grpc.tls.{key}: {str(path)!r} is not a readable file"
+               for key in ("cert_file", "key_file", "client_ca_file")
+               if (path := getattr(tls, key)) is not None and not Path(path).is_file()]
+    if missing:
+        return missing
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(tls.cert_file, tls.key_file)
+    except ssl.SSLError as exc:
+        reason = "does not match grpc.tls.cert_file" if "KEY_VALUES_MISMATCH" in str(
+            exc) else f"cannot be loaded with grpc.tls.cert_file ({exc.reason or exc})"
+        return [f"grpc.tls.key_file: {str(tls.key_file)!r} {reason}"]
+    if tls.client_ca_file is not None:
+        try:
+            context.load_verify_locations(tls.client_ca_file)
+        except ssl.SSLError as exc:
+            return [f"grpc.tls.client_ca_file: {str(tls.client_ca_file)!r} holds no usable"
+                    f" CA certificate ({exc.reason or exc})"]
+    return []
+
+
+def config_warnings(config: Config) -> list[str]:
+    """What is valid but almost certainly a mistake: said on stderr and in the service log."""
+    warnings = []
+    for key, networks in (("network.trusted_proxies", config.network.trusted_proxies),
+                          ("network.internal_ranges", config.network.internal_ranges),
+                          *((f"network.networks.{name}", cidrs)
+                            for name, cidrs in config.network.networks.items())):
+        for index, network in enumerate(networks):
+            if network.prefixlen == 0:
+                meaning = ("every address may then forge X-Forwarded-For"
+                           if key == "network.trusted_proxies" else
+                           "every caller, the whole internet, is then in it")
+                warnings.append(f"{key}[{index}]: {network} holds every address: {meaning}")
+    return warnings
+
+
 def parse_config(data: Any, env: Mapping[str, str] | None = None,
-                 source: str = "config") -> Config:
-    """Validate a parsed YAML document into a Config, or raise ConfigError listing every problem."""
+                 source: str = "config", *, secrets: bool = True) -> Config:
+    """Validate a parsed YAML document into a Config, or raise ConfigError listing every problem.
+
+    With `secrets=False` (dry runs, `envoy-config`) no secret is needed: an unset ${VAR}
+    becomes a placeholder, and no `client_secret_file` nor TLS file is read.
+    """
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(["(top level): expected a mapping"], source)
-    problems: list[str] = []
-    expanded = _expand(data, "", os.environ if env is None else env, problems)
-    if problems:
-        raise ConfigError(problems, source)
+    expansion = _Expansion(os.environ if env is None else env, require=secrets)
+    expanded = expansion.expand(data)
+    problems = expansion.problems
     try:
         config = Config.model_validate(expanded)
     except ValidationError as exc:
-        raise ConfigError(
-            [f"{_key_path(err['loc'])}: {err['msg']}" for err in exc.errors()], source
-        ) from None
-    problems = _visibility_problems(config)
-    config, file_problems = _read_files(config)
-    problems += file_problems
+        # A setting an unset variable left blank is reported once, as unset.
+        problems += [problem for error in exc.errors()
+                     if _key_path(error["loc"]) not in expansion.unset
+                     for problem in (_problem(error),)]
+        raise ConfigError(problems, source) from None
+    problems += _visibility_problems(config)
+    if secrets:
+        config, file_problems = _read_files(config)
+        problems += file_problems
     if problems:
         raise ConfigError(problems, source)
     return config
 
 
-def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
+def load_config(path: str | Path, env: Mapping[str, str] | None = None, *,
+                secrets: bool = True) -> Config:
     """Read and validate a YAML config file."""
     source = str(path)
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"(file): not UTF-8 text (byte {exc.start} is"
+                           f" 0x{exc.object[exc.start]:02x})"], source) from None
     except OSError as exc:
         raise ConfigError([f"(file): cannot read ({exc.strerror})"], source) from None
-    return parse_yaml(text, env, source)
+    return parse_yaml(text, env, source, secrets=secrets)
 
 
-def parse_yaml(text: str, env: Mapping[str, str] | None = None, source: str = "config") -> Config:
+def parse_yaml(text: str, env: Mapping[str, str] | None = None, source: str = "config", *,
+               secrets: bool = True) -> Config:
     """Validate YAML text into a Config."""
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise ConfigError([f"(yaml): {exc}".replace("\n", " ")], source) from None
-    return parse_config(data, env, source)
+    return parse_config(data, env, source, secrets=secrets)
 
 
 EXAMPLE_CONFIG = """\

@@ -7,8 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from ext_authz.config import DEFAULT_INTERNAL_RANGES, example_config, load_config, parse_yaml
+from ext_authz.config import (
+    DEFAULT_INTERNAL_RANGES,
+    config_warnings,
+    example_config,
+    load_config,
+    parse_yaml,
+)
 from ext_authz.errors import ConfigError
+from tests.certs import make_certs
 
 MINIMAL = """
 servers:
@@ -110,23 +117,24 @@ class TestErrors:
         [
             (MINIMAL, "servers.github.oauth2.client_secret: environment variable"
                       " ${GITHUB_MCP_SECRET} is not set"),
-            ("network: {internal_ranges: [10.0.0.1/8]}", "network.internal_ranges:"),
-            ("network: {trusted_proxies: [not-a-cidr]}", "network.trusted_proxies:"),
+            ("network: {internal_ranges: [10.0.0.1/8]}",
+             "network.internal_ranges[0]: '10.0.0.1/8' is not a valid CIDR"),
+            ("network: {trusted_proxies: [not-a-cidr]}", "network.trusted_proxies[0]:"),
             ("grpc: {listen: nowhere}", "grpc.listen:"),
             ("servers: {a: {available_on_public_internet: maybe}}",
              "servers.a.available_on_public_internet:"),
             ("servers: {a: {oauth2: {token_url: 'ftp://x', client_id: c, client_secret: s}}}",
              "servers.a.oauth2.token_url:"),
             ("servers: {a: {oauth2: {token_url: 'https://u:p@x/t', client_id: c,"
-             " client_secret: s}}}", "servers.a.oauth2.token_url: Value error, must not carry"),
+             " client_secret: s}}}", "servers.a.oauth2.token_url: must not carry"),
             ("servers: {a: {oauth2: {token_url: 'https://x/t', client_id: c}}}",
-             "servers.a.oauth2: Value error, set exactly one of client_secret"),
+             "servers.a.oauth2: set exactly one of client_secret"),
             ("servers: {a: {oauth2: {token_url: 'https://x/t', client_id: c, client_secret: s,"
              " auth_method: private_key_jwt}}}", "servers.a.oauth2.auth_method:"),
             ("servers: {a: {oauth2: {token_url: 'https://x/t', client_id: c, client_secret: s,"
              " scopes: ['a b']}}}", "servers.a.oauth2.scopes:"),
-            ("servers: {a: {visible: true}}", "servers.a.visible: Extra inputs are not permitted"),
-            ("servers: {'bad/name': {}}", "servers: Value error, server name 'bad/name'"),
+            ("servers: {a: {visible: true}}", "servers.a.visible: is not a setting here"),
+            ("servers: {'bad/name': {}}", "servers: server name 'bad/name'"),
             ("tokens: {timeout_s: 0}", "tokens.timeout_s:"),
             ("routing: {path_prefix: mcp}", "routing.path_prefix:"),
             ("grpc: {tls: {cert_file: /nonexistent.pem, key_file: /nonexistent.key}}",
@@ -135,8 +143,9 @@ class TestErrors:
             ("servers: [a, b", "(yaml):"),
             ("- a\n- b", "(top level): expected a mapping"),
             ("network: {networks: {internal: [10.0.0.0/8]}}",
-             "network.networks: Value error, 'internal' is a built-in network name"),
-            ("network: {networks: {p: [10.0.0.1/8]}}", "network.networks: Value error, p:"),
+             "network.networks: 'internal' is a built-in network name"),
+            ("network: {networks: {p: [10.0.0.1/8]}}",
+             "network.networks.p[0]: '10.0.0.1/8' is not a valid CIDR"),
             ("network: {networks: {'9x': [10.0.0.0/8]}}", "network name '9x' must be"),
             ("servers: {a: {visible_to: [p]}}\nnetwork: {networks: {p: [10.0.0.0/8]}}",
              "servers.a.visible_to: only a server with available_on_public_internet: false"),
@@ -152,7 +161,7 @@ class TestErrors:
             ("network: {networks: {p: [10.0.0.0/8]}}\nservers: {a: {available_on_public_"
              "internet: false, tools: {t: {visible_to: [p]}}}}",
              "servers.a.tools.t.visible_to[0]: network 'p' cannot see server 'a'"),
-            ("servers: {a: {tools: {'bad name': {}}}}", "servers.a.tools: Value error, tool name"),
+            ("servers: {a: {tools: {'bad name': {}}}}", "servers.a.tools: tool name"),
             ("servers: {a: {unknown_tool_reply: silence}}", "servers.a.unknown_tool_reply:"),
             ("mcp: {max_batch_messages: 0}", "mcp.max_batch_messages:"),
         ],
@@ -161,6 +170,94 @@ class TestErrors:
         """Every error names the key path and what is wrong with it."""
         found = problems(text)
         assert any(p.startswith(expected) or expected in p for p in found), found
+
+    def test_every_bad_cidr_is_named_with_its_index(self) -> None:
+        """Each bad entry of a list is its own problem, at its index, in our words."""
+        found = problems("network: {internal_ranges: [10.0.0.0/8, 10.0.0.1/8, nope],"
+                         " trusted_proxies: [x]}")
+        assert [p.split(":", 1)[0] for p in found] == [
+            "network.internal_ranges[1]", "network.internal_ranges[2]",
+            "network.trusted_proxies[0]"]
+        assert not any("Value error" in p for p in found)
+
+    @pytest.mark.parametrize("value", ['"yes"', "yes", "on", '"off"', "1", "0", '"true"', "y"])
+    def test_security_booleans_are_true_or_false(self, value: str) -> None:
+        """available_on_public_internet takes true or false only: nothing is coerced."""
+        for text in (f"servers: {{a: {{available_on_public_internet: {value}}}}}",
+                     f"defaults: {{available_on_public_internet: {value}}}",
+                     "servers: {a: {tools: {t: {available_on_public_internet: "
+                     f"{value}}}}}}}}}"):
+            found = problems(text)
+            assert any("available_on_public_internet: must be true or false" in p
+                       for p in found), found
+
+    def test_an_unset_variable_is_one_problem_among_the_others(self) -> None:
+        """An unset ${VAR} does not hide the other mistakes, nor add one of its own."""
+        found = problems("servers: {a: {oauth2: {token_url: 'https://x/t', client_id: c,"
+                         " client_secret: '${S}'}}}\ngrpc: {listen: x}\nbogus: 1")
+        assert found == ["servers.a.oauth2.client_secret: environment variable ${S} is not set",
+                         "grpc.listen: 'x' is not host:port or unix:/path",
+                         "bogus: is not a setting here (misspelt, or in the wrong section?)"]
+
+    @pytest.mark.parametrize(
+        ("secret", "env", "expected"),
+        [("${S:-fallback}", {}, "fallback"), ("${S:-fallback}", {"S": ""}, "fallback"),
+         ("${S:-fallback}", {"S": "set"}, "set"), ("a$$b", {}, "a$b"),
+         ("${S}x", {"S": "y"}, "yx")],
+    )
+    def test_variables_with_defaults(self, secret: str, env: dict[str, str],
+                                     expected: str) -> None:
+        """${VAR:-default} takes the default when VAR is unset or empty, as a shell does."""
+        config = parse_yaml("servers: {a: {oauth2: {token_url: 'https://x/t', client_id: c,"
+                            f" client_secret: '{secret}'}}}}}}", env=env)
+        assert config.servers["a"].oauth2 is not None
+        assert config.servers["a"].oauth2.secret() == expected
+
+    @pytest.mark.parametrize("secret", ["$S", "pa$s", "${S", "${S:?missing}", "$"])
+    def test_a_lone_dollar_is_refused(self, secret: str) -> None:
+        """"$S" would be a variable to a shell and text to us: refused, saying how to write it."""
+        found = problems("servers: {a: {oauth2: {token_url: 'https://x/t', client_id: c,"
+                         f" client_secret: '{secret}'}}}}}}", env={"S": "x"})
+        assert any("a lone '$'" in p for p in found), found
+
+    def test_whole_internet_warnings(self) -> None:
+        """0.0.0.0/0 or ::/0 as trusted proxies or an internal range: valid, but warned of."""
+        config = parse_yaml("network: {trusted_proxies: ['0.0.0.0/0'],"
+                            " internal_ranges: ['10.0.0.0/8', '::/0']}")
+        assert [w.split(":", 1)[0] for w in config_warnings(config)] == [
+            "network.trusted_proxies[0]", "network.internal_ranges[1]"]
+        assert config_warnings(example_config()) == []
+
+    def test_not_utf8_is_one_line(self, tmp_path: Path) -> None:
+        """A config file that is not UTF-8 is a ConfigError naming the byte."""
+        path = tmp_path / "c.yaml"
+        path.write_bytes(b"servers: {a: {}}\n# caf\xe9\n")
+        with pytest.raises(ConfigError) as raised:
+            load_config(path)
+        assert raised.value.problems == ["(file): not UTF-8 text (byte 22 is 0xe9)"]
+
+    def test_dry_runs_need_no_secrets(self, tmp_path: Path) -> None:
+        """secrets=False: unset variables and unreadable secret files are no problem."""
+        config = parse_yaml(f"""
+servers:
+  a: {{oauth2: {{token_url: "http://i/t", client_id: c, client_secret: "${{NOPE}}"}}}}
+  b: {{oauth2: {{token_url: "http://i/t", client_id: c, client_secret_file: "{tmp_path}/x"}}}}
+""", env={}, secrets=False)
+        assert set(config.servers) == {"a", "b"}
+
+    def test_tls_key_that_does_not_match_its_certificate(self, tmp_path: Path) -> None:
+        """Said at load time, naming the key, not later as "cannot listen"."""
+        certs = make_certs(tmp_path)
+        found = problems(f"grpc: {{tls: {{cert_file: '{certs.server_cert}',"
+                         f" key_file: '{certs.client_key}'}}}}")
+        assert found == [f"grpc.tls.key_file: '{certs.client_key}' does not match"
+                         " grpc.tls.cert_file"]
+        found = problems(f"grpc: {{tls: {{cert_file: '{certs.server_cert}',"
+                         f" key_file: '{certs.server_key}',"
+                         f" client_ca_file: '{certs.server_key}'}}}}")
+        assert found[0].startswith("grpc.tls.client_ca_file:")
+        parse_yaml(f"grpc: {{tls: {{cert_file: '{certs.server_cert}',"
+                   f" key_file: '{certs.server_key}', client_ca_file: '{certs.ca}'}}}}")
 
     def test_tools_inherit_their_server(self) -> None:
         """A tool without available_on_public_internet takes its server's value."""
