@@ -54,7 +54,7 @@ from ext_authz._proto.envoy.service.auth.v3 import external_auth_pb2  # noqa: E4
 from ext_authz._proto.envoy.service.ext_proc.v3.external_processor_pb2 import (  # noqa: E402
     ProcessingRequest,
 )
-from ext_authz.config import load_config  # noqa: E402
+from ext_authz.config import UpstreamAddress, load_config  # noqa: E402
 from ext_authz.demo import ProcessGroup, envoy_binary  # noqa: E402
 from ext_authz.envoy_config import HostPort, build_bootstrap, render  # noqa: E402
 
@@ -180,7 +180,7 @@ class Ports:
 def generated(p: Ports, sidecar_yaml: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The listener and clusters `envoy-config` renders for the sidecar config."""
     config = load_config(sidecar_yaml, env={"DEMO_SECRET_DEMO_PUBLIC": "unused"})
-    upstream = HostPort("127.0.0.1", p.upstream)
+    upstream = UpstreamAddress("127.0.0.1", p.upstream)
     rendered = yaml.safe_load(render(build_bootstrap(
         config, dict.fromkeys(config.servers, upstream),
         listen=HostPort("127.0.0.1", p.generated), admin=HostPort("127.0.0.1", p.admin),

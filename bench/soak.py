@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.run import ensure_tools, free_port  # noqa: E402
-from ext_authz.config import parse_yaml  # noqa: E402
+from ext_authz.config import UpstreamAddress, parse_yaml  # noqa: E402
 from ext_authz.demo import ProcessGroup, envoy_binary  # noqa: E402
 from ext_authz.envoy_config import HostPort, build_bootstrap, render  # noqa: E402
 
@@ -132,7 +132,7 @@ servers:
     (workdir / "sidecar.yaml").write_text(sidecar_yaml)
     config = parse_yaml(sidecar_yaml)
     (workdir / "envoy.yaml").write_text(render(build_bootstrap(
-        config, {"soak": HostPort("127.0.0.1", upstream_port)},
+        config, {"soak": UpstreamAddress("127.0.0.1", upstream_port)},
         listen=HostPort("127.0.0.1", envoy_port), admin=HostPort("127.0.0.1", envoy_admin),
         sidecar=HostPort("127.0.0.1", grpc))))
     procs = ProcessGroup(workdir)

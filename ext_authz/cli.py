@@ -1,4 +1,9 @@
-"""The `mcp-ext-authz` command: serve, check, validate, envoy-config, demo."""
+"""The `mcp-ext-authz` command: serve, check, validate, envoy-config, example-config, demo.
+
+Every mistake a user can type is answered in one line on stderr and a non-zero exit:
+2 for a bad config, flag or file, 1 for a failure at run time (a port in use, a failed
+token fetch, a denial under `check --exit-code`).
+"""
 
 from __future__ import annotations
 
@@ -8,21 +13,31 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from .config import Config, example_config, load_config, split_listen
+from . import __version__
+from .config import EXAMPLE_CONFIG, Config, config_warnings, example_config, load_config
 from .decision import Decision, Policy, RequestFacts, decide, decide_tools, explain
 from .errors import ConfigError, ExtAuthzError, TokenError
 from .jsonrpc import NO_BODY, Body, body_headers, read_tool_calls, request_body
 from .tokens import TokenCache
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_CONFIG = 0, 1, 2
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
-def _load(path: str | None) -> Config:
-    return example_config() if path is None else load_config(path)
+class UsageError(Exception):
+    """A flag or a file named on the command line that cannot be used (exit 2)."""
+
+
+def _load(path: str | None, *, secrets: bool = True) -> Config:
+    config = example_config() if path is None else load_config(path, secrets=secrets)
+    for warning in config_warnings(config):
+        print(f"warning: {warning}", file=sys.stderr)
+    return config
 
 
 def _print_config_error(exc: ConfigError) -> None:
@@ -38,7 +53,7 @@ def run_loop(coroutine: Any, loop: str = "auto") -> Any:
             import uvloop  # the `fast` extra: a cheaper event loop (see bench/)
         except ImportError:
             if loop == "uvloop":
-                raise SystemExit("--loop uvloop: uvloop is not installed") from None
+                raise UsageError("--loop uvloop: uvloop is not installed") from None
         else:
             with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
                 return runner.run(coroutine)
@@ -49,8 +64,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if args.config is None:
         logging.getLogger(__name__).warning(
-            "no --config given: serving the built-in example config (see README)"
-        )
+            "no --config given: serving the built-in example config"
+            " (`mcp-ext-authz example-config` prints it)")
     if args.workers > 1:
         from .workers import run_workers
 
@@ -69,7 +84,7 @@ def _context_extensions(pairs: Sequence[str]) -> dict[str, str]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise SystemExit(f"--context-extension {pair!r}: expected key=value")
+            raise UsageError(f"--context-extension {pair!r}: expected key=value")
         result[key] = value
     return result
 
@@ -95,38 +110,20 @@ def check_report(decision: Decision, body: Body = NO_BODY) -> dict[str, Any]:
     }
 
 
-async def _fetch_token(config: Config, decision: Decision, report: dict[str, Any]) -> None:
+async def _fetch_token(config: Config, decision: Decision) -> tuple[Decision, dict[str, Any]]:
+    """Fetch the token a decision would inject: the decision as it then stands, and a report."""
     oauth2 = decision.oauth2
     if oauth2 is None:
-        report["token"] = {"fetched": False, "why": "no token would be injected"}
-        return
+        return decision, {"fetched": False, "why": "no token would be injected"}
     cache = TokenCache(config.tokens)
     try:
         token, lifetime = await cache.fetch_now(oauth2, decision.server_name or "")
-        report["token"] = {"fetched": True, "length": len(token), "cache_lifetime_s": lifetime}
+        return decision, {"fetched": True, "length": len(token), "cache_lifetime_s": lifetime}
     except TokenError as exc:
-        report["token"] = {"fetched": False, "error": str(exc)}
-        report["allowed"] = False
-        report["reason"] = "upstream_credentials_unavailable"
-        report["http_status"] = 503
+        return (decision.deny("upstream_credentials_unavailable", str(exc)),
+                {"fetched": False, "error": str(exc)})
     finally:
         await cache.aclose()
-
-
-class _AnyVariable(Mapping[str, str]):
-    """The environment, with a placeholder for unset variables (a dry run needs no secret)."""
-
-    def __getitem__(self, name: str) -> str:
-        return os.environ.get(name, f"unset-{name}")
-
-    def __contains__(self, name: object) -> bool:
-        return True
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(os.environ)
-
-    def __len__(self) -> int:
-        return len(os.environ)
 
 
 def _headers(lines: Sequence[str], body: bool) -> list[tuple[str, str]]:
@@ -134,19 +131,29 @@ def _headers(lines: Sequence[str], body: bool) -> list[tuple[str, str]]:
     for line in lines:
         name, sep, value = line.partition(":")
         if not sep or not name.strip() or name != name.strip():
-            raise SystemExit(f"--header {line!r}: expected 'Name: value'")
+            raise UsageError(f"--header {line!r}: expected 'Name: value'")
         headers.append((name.lower(), value.strip()))
     if body and not any(name == "content-type" for name, _ in headers):
         headers.append(("content-type", "application/json"))  # as every MCP client sends
     return headers
 
 
+def _read_body(args: argparse.Namespace) -> bytes:
+    if args.body is not None:
+        return str(args.body).encode()
+    if args.body_file is None:
+        return b""
+    try:
+        return Path(args.body_file).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"--body-file {args.body_file}: cannot read ({exc.strerror})") from None
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     # Without --fetch-token no secret is used, so an unset ${VAR} need not stop a dry run.
-    config = load_config(args.config, env=None if args.fetch_token else _AnyVariable())
+    config = _load(args.config, secrets=args.fetch_token)
     has_body = args.body is not None or args.body_file is not None
-    data = args.body.encode() if args.body is not None else (
-        Path(args.body_file).read_bytes() if args.body_file is not None else b"")
+    data = _read_body(args)
     method = args.method or ("POST" if has_body else "GET")
     headers = _headers(args.header, has_body)
     forwarded = [value for name, value in headers if name == "x-forwarded-for"]
@@ -162,56 +169,101 @@ def cmd_check(args: argparse.Namespace) -> int:
     policy = Policy.from_config(config)
     # The live path's two steps: the server from the headers, then the tool rules from the
     # body (in Envoy, ext_authz and then ext_proc; or one Check that carries the body).
-    decision = decide_tools(decide(facts, policy), body, policy)
-    report = check_report(decision, body)
+    server_decision = decide(facts, policy)
+    decision = decide_tools(server_decision, body, policy)
+    token = None
     if args.fetch_token:
-        asyncio.run(_fetch_token(config, decision, report))
+        # As in the live path, the token comes before the tool rules have their say.
+        fetched, token = asyncio.run(_fetch_token(config, server_decision))
+        if not fetched.allowed and server_decision.allowed:
+            decision = fetched
+    report = check_report(decision, body)
+    if token is not None:
+        report["token"] = token
     print(json.dumps(report, indent=2))
-    return EXIT_OK
+    if token is not None and token.get("error"):
+        print(f"check: token fetch failed: {token['error']}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_FAILED if args.exit_code and not decision.allowed else EXIT_OK
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = _load(args.config)
     print(f"{args.config}: ok, {len(config.servers)} servers")
+    return EXIT_OK
+
+
+def cmd_example_config(args: argparse.Namespace) -> int:
+    sys.stdout.write(EXAMPLE_CONFIG)
     return EXIT_OK
 
 
 def _default_sidecar_address(config: Config) -> str:
     listen = config.grpc.listen
     if listen.startswith("unix:"):
-        raise SystemExit("grpc.listen is a unix socket: give --sidecar host:port")
-    host, port = split_listen(listen)
+        return listen
+    host, _, port = listen.rpartition(":")
     # A wildcard listen address is not an address Envoy can dial.
     return f"{'127.0.0.1' if host in ('0.0.0.0', '[::]', '::') else host}:{port}"
 
 
-def cmd_envoy_config(args: argparse.Namespace) -> int:
-    from .envoy_config import HostPort, SidecarTLS, build_bootstrap, render
+def write_atomically(path: str, text: str) -> None:
+    """Write a whole file or none: a temporary file beside it, then renamed over it."""
+    target = Path(path)
+    if target.is_dir():
+        raise UsageError(f"--output {path}: is a directory")
+    if not target.parent.is_dir():
+        raise UsageError(f"--output {path}: folder {target.parent} does not exist")
+    try:
+        descriptor, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+        with os.fdopen(descriptor, "w") as file:
+            file.write(text)
+        os.replace(temporary, target)
+    except OSError as exc:
+        raise UsageError(f"--output {path}: cannot write ({exc.strerror})") from None
 
-    config = load_config(args.config)
+
+def cmd_envoy_config(args: argparse.Namespace) -> int:
+    from .config import UpstreamAddress
+    from .envoy_config import (
+        HostPort,
+        SidecarTLS,
+        Timeouts,
+        build_bootstrap,
+        parse_sidecar,
+        render,
+    )
+
+    # The generator needs no secret: unset ${VAR}s and secret files are never read.
+    config = _load(args.config, secrets=False)
     try:
         upstreams = {}
         for pair in args.upstream:
             name, sep, address = pair.partition("=")
-            if not sep:
-                raise ValueError(f"--upstream {pair!r}: expected name=host:port")
-            upstreams[name] = HostPort.parse(address)
+            if not sep or not name:
+                raise ValueError(f"--upstream {pair!r}: expected NAME=URL or NAME=HOST:PORT")
+            try:
+                upstreams[name] = UpstreamAddress.parse(address)
+            except ValueError as exc:
+                raise ValueError(f"--upstream {name}: {exc}") from None
         bootstrap = build_bootstrap(
             config,
             upstreams,
             listen=HostPort.parse(args.listen),
             admin=HostPort.parse(args.admin),
-            sidecar=HostPort.parse(args.sidecar or _default_sidecar_address(config)),
+            sidecar=parse_sidecar(args.sidecar or _default_sidecar_address(config)),
             workers=args.workers,
             sidecar_tls=None if args.sidecar_ca is None else SidecarTLS(
                 args.sidecar_ca, args.sidecar_cert, args.sidecar_key, args.sidecar_sni),
+            upstream_ca=args.upstream_ca,
+            timeouts=Timeouts(args.request_timeout, args.idle_timeout),
         )
     except ValueError as exc:
         print(f"envoy-config: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     text = render(bootstrap)
     if args.output:
-        Path(args.output).write_text(text)
+        write_atomically(args.output, text)
     else:
         sys.stdout.write(text)
     return EXIT_OK
@@ -227,19 +279,54 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.base_port)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, saying a mistake in one line (and where to look), not a usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_CONFIG, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more seconds")
+    return value
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (0 to 65535)")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mcp-ext-authz",
-        description="Envoy ext_authz (gRPC v3) sidecar for MCP servers.",
+        description="Envoy ext_authz (gRPC v3) sidecar for MCP servers: network visibility,"
+                    " tool rules and OAuth2 client-credentials injection.",
     )
-    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"mcp-ext-authz {__version__}")
+    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
+                        help="service log level (default INFO)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    config_help = "the sidecar's YAML config file"
 
     serve = commands.add_parser("serve", help="run the gRPC service and the admin listener")
-    serve.add_argument("--config", help="YAML config (default: the built-in example)")
-    serve.add_argument("--grace", type=float, default=5.0,
+    serve.add_argument("--config", metavar="FILE",
+                       help=f"{config_help} (default: the built-in example, see"
+                            " `example-config`)")
+    serve.add_argument("--grace", type=_seconds, default=5.0,
                        help="seconds to drain in-flight checks on SIGTERM (default 5)")
-    serve.add_argument("--workers", type=int, default=1,
+    serve.add_argument("--workers", type=_count, default=1,
                        help="processes to run, worker i on grpc/admin port + i (default 1)")
     serve.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
     serve.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",
@@ -247,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     check = commands.add_parser("check", help="dry-run one decision and print it as JSON")
-    check.add_argument("--config", required=True)
+    check.add_argument("--config", required=True, metavar="FILE", help=config_help)
     check.add_argument("--peer", required=True, help="the downstream peer address Envoy saw")
     check.add_argument("--xff", default=None, help='X-Forwarded-For value, e.g. "a, b"')
     check.add_argument("--path", default="/", help="request path (default /)")
@@ -267,26 +354,41 @@ def build_parser() -> argparse.ArgumentParser:
                             " with a body, Content-Type defaults to application/json")
     check.add_argument("--fetch-token", action="store_true",
                        help="really fetch the token (its length and lifetime are printed,"
-                            " never the token)")
+                            " never the token); exit 1 if the fetch fails")
+    check.add_argument("--exit-code", action="store_true",
+                       help="exit 1 when the request would be denied (for scripts)")
     check.set_defaults(func=cmd_check)
 
-    validate = commands.add_parser("validate", help="check a config file; exit 2 if invalid")
-    validate.add_argument("--config", required=True)
+    validate = commands.add_parser(
+        "validate", help="check a config file: every problem listed, exit 2 if invalid")
+    validate.add_argument("--config", required=True, metavar="FILE", help=config_help)
     validate.set_defaults(func=cmd_validate)
 
     envoy = commands.add_parser(
         "envoy-config", help="print an Envoy bootstrap (YAML) for this config")
-    envoy.add_argument("--config", required=True)
-    envoy.add_argument("--upstream", action="append", default=[], metavar="NAME=HOST:PORT",
-                       help="where server NAME's MCP server listens (one per server)")
+    envoy.add_argument("--config", required=True, metavar="FILE",
+                       help=f"{config_help} (its secrets are not needed)")
+    envoy.add_argument("--upstream", action="append", default=[], metavar="NAME=URL",
+                       help="where server NAME's MCP server listens: https://host[:port][/path],"
+                            " http://..., or host:port (repeatable; overrides"
+                            " servers.NAME.upstream)")
+    envoy.add_argument("--upstream-ca", default=None, metavar="FILE",
+                       help="CA bundle for https:// upstreams (default: the system's)")
     envoy.add_argument("--listen", default="0.0.0.0:10000",
                        help="Envoy's HTTP listener (default 0.0.0.0:10000)")
     envoy.add_argument("--admin", default="127.0.0.1:9901",
                        help="Envoy's admin listener (default 127.0.0.1:9901)")
-    envoy.add_argument("--sidecar", default=None, metavar="HOST:PORT",
-                       help="where Envoy reaches the sidecar (default: grpc.listen)")
-    envoy.add_argument("--workers", type=int, default=1,
+    envoy.add_argument("--sidecar", default=None, metavar="ADDRESS",
+                       help="where Envoy reaches the sidecar: host:port or unix:/path"
+                            " (default: grpc.listen)")
+    envoy.add_argument("--workers", type=_count, default=1,
                        help="sidecar worker processes on consecutive ports (default 1)")
+    envoy.add_argument("--request-timeout", type=_seconds, default=0.0, metavar="SECONDS",
+                       help="limit on a whole MCP request and its answer (default 0: none;"
+                            " a tool call may run for minutes)")
+    envoy.add_argument("--idle-timeout", type=_seconds, default=0.0, metavar="SECONDS",
+                       help="limit on an MCP stream sitting silent (default 0: none; a GET"
+                            " stream may idle for hours)")
     envoy.add_argument("--sidecar-ca", default=None, metavar="FILE",
                        help="CA that signed the sidecar's certificate (when grpc.tls is set)")
     envoy.add_argument("--sidecar-cert", default=None, metavar="FILE",
@@ -295,12 +397,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the key of --sidecar-cert")
     envoy.add_argument("--sidecar-sni", default="", metavar="NAME",
                        help="SNI to send to the sidecar (a name its certificate carries)")
-    envoy.add_argument("--output", default=None, help="write to this file, not stdout")
+    envoy.add_argument("--output", default=None, metavar="FILE",
+                       help="write to this file (whole, or not at all), not stdout")
     envoy.set_defaults(func=cmd_envoy_config)
+
+    example = commands.add_parser(
+        "example-config", help="print the built-in example config, with comments")
+    example.set_defaults(func=cmd_example_config)
 
     demo = commands.add_parser(
         "demo", help="run Envoy, the sidecar, two MCP servers and a token endpoint on loopback")
-    demo.add_argument("--base-port", type=int, default=10000,
+    demo.add_argument("--base-port", type=_port, default=10000,
                       help="first of 7 consecutive ports (default 10000; 0 picks free ports)")
     demo.set_defaults(func=cmd_demo)
     return parser
@@ -309,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=args.log_level.upper(),
+        level=args.log_level,
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
@@ -317,6 +424,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
     except ConfigError as exc:
         _print_config_error(exc)
+        return EXIT_BAD_CONFIG
+    except UsageError as exc:
+        print(f"mcp-ext-authz {args.command}: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     except ExtAuthzError as exc:
         print(f"mcp-ext-authz: {exc}", file=sys.stderr)

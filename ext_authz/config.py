@@ -7,6 +7,7 @@ import ipaddress
 import os
 import re
 import ssl
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -83,6 +84,61 @@ def _parse_listen(value: str) -> str:
     return value
 
 
+@dataclass(frozen=True, slots=True)
+class UpstreamAddress:
+    """Where an MCP server listens: `host:port`, or a URL `http(s)://host[:port][/path]`.
+
+    A URL names the server's MCP endpoint: its path replaces the gateway's `/mcp/NAME` (no
+    path: `/`), and `https` means TLS with SNI. `host:port` is plain HTTP, the gateway's path
+    forwarded unchanged.
+    """
+
+    host: str
+    port: int
+    scheme: Literal["http", "https"] | None = None  # None: given as host:port
+    path: str | None = None  # the MCP endpoint's path (URLs only)
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme == "https"
+
+    @property
+    def is_ip(self) -> bool:
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            return False
+        return True
+
+    @classmethod
+    def parse(cls, text: str) -> UpstreamAddress:
+        """Parse `host:port` or an http(s) URL; ValueError saying what is wrong."""
+        if "://" not in text:
+            host, sep, port = text.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{text!r} is not host:port nor an http(s):// URL")
+            return cls(host.strip("[]"), int(port))
+        url = urllib.parse.urlsplit(text)
+        if url.scheme not in ("http", "https"):
+            raise ValueError(f"{text!r}: only http:// and https:// upstreams are supported")
+        if url.username is not None or url.password is not None:
+            raise ValueError(f"{text!r} must not carry credentials (oauth2 injects them)")
+        if url.query or url.fragment:
+            raise ValueError(f"{text!r} must not have a query or a fragment")
+        try:
+            given: int | None = url.port
+        except ValueError:
+            raise ValueError(f"{text!r} has a port that is not a number from 1 to 65535"
+                             ) from None
+        if not url.hostname:
+            raise ValueError(f"{text!r} has no host")
+        if given == 0:
+            raise ValueError(f"{text!r} has port 0")
+        scheme: Literal["http", "https"] = "https" if url.scheme == "https" else "http"
+        return cls(url.hostname, given or (443 if scheme == "https" else 80), scheme,
+                   url.path or "/")
+
+
 class TLSSettings(_Frozen):
     cert_file: Path
     key_file: Path
@@ -157,14 +213,16 @@ class DefaultSettings(_Frozen):
     available_on_public_internet: StrictBool = True
 
 
-PositiveSeconds = Annotated[float, Field(gt=0)]
+# Upper bounds say what is sane, and keep every derived Envoy timeout one Envoy accepts.
+PositiveSeconds = Annotated[float, Field(gt=0, le=86400)]
 
 
 class TokenSettings(_Frozen):
-    expiry_buffer_s: Annotated[float, Field(ge=0)] = 60
+    expiry_buffer_s: Annotated[float, Field(ge=0, le=86400)] = 60
     min_ttl_s: PositiveSeconds = 10
     default_ttl_s: PositiveSeconds = 300
-    timeout_s: PositiveSeconds = 5
+    # One token request; Envoy's ext_authz waits this long plus 0.5 s.
+    timeout_s: Annotated[float, Field(gt=0, le=300)] = 5
     retry_initial_s: PositiveSeconds = 1
     retry_max_s: PositiveSeconds = 60
 
@@ -247,6 +305,8 @@ class ServerSettings(_Frozen):
     # Networks (names from network.networks) that see an internal-only server too.
     visible_to: tuple[str, ...] = ()
     oauth2: OAuth2Settings | None = None
+    # Where `envoy-config` sends this server's requests (`--upstream` overrides it).
+    upstream: str | None = None
     tools: dict[str, ToolSettings] = Field(default_factory=dict)
     # What this server answers for a tools/call of a tool it does not have; a hidden tool
     # gets the same: `tool_error` (a result with isError, as the official Python SDK
@@ -255,6 +315,13 @@ class ServerSettings(_Frozen):
     # The name and version the MCP server reports (results of MCP 2026-07-28 carry them, so a
     # hidden tool's answer must too). Unset: the configured name and an empty version.
     server_info: ServerInfo | None = None
+
+    @field_validator("upstream")
+    @classmethod
+    def _upstream(cls, value: str | None) -> str | None:
+        if value is not None:
+            UpstreamAddress.parse(value)
+        return value
 
     @field_validator("tools")
     @classmethod
@@ -664,20 +731,35 @@ def parse_yaml(text: str, env: Mapping[str, str] | None = None, source: str = "c
 
 
 EXAMPLE_CONFIG = """\
-# The built-in example served by `mcp-ext-authz serve` without --config.
+# The built-in example config: what `mcp-ext-authz serve` serves without --config, and what
+# `mcp-ext-authz example-config` prints. Copy it, then make it yours; README "Configure"
+# lists every key.
 grpc:
-  listen: 127.0.0.1:9191
+  listen: 127.0.0.1:9191          # where Envoy's ext_authz (and ext_proc) filter reaches us
 admin:
-  listen: 127.0.0.1:9192
+  listen: 127.0.0.1:9192          # /metrics, /healthz, /readyz
 network:
-  trusted_proxies: []
+  # internal_ranges: [10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, 127.0.0.0/8, ...]
+  #   (the default: private and loopback ranges; callers there see every server)
+  trusted_proxies: []             # load balancers in front of Envoy, whose X-Forwarded-For
+                                  # is believed; none here
 routing:
-  path_prefix: /mcp/
+  path_prefix: /mcp/              # /mcp/<server> names the server
 servers:
-  everything:
+  # Two servers without credentials, so that nothing needs a token endpoint:
+  everything:                     # /mcp/everything: seen by every caller
     available_on_public_internet: true
-  billing-db:
-    available_on_public_internet: false
+  billing-db:                     # /mcp/billing-db: internal callers only; everyone else
+    available_on_public_internet: false   # gets the 404 an unknown server gets
+  # A server with tool rules and an injected token looks like this:
+  #   github:
+  #     upstream: https://api.githubcopilot.com/mcp/   # for `envoy-config`
+  #     oauth2:
+  #       token_url: https://idp.example.com/oauth2/token
+  #       client_id: mcp-gateway
+  #       client_secret: ${GITHUB_MCP_SECRET}         # or client_secret_file: /run/secrets/x
+  #     tools:
+  #       delete_repo: {available_on_public_internet: false}
 """
 
 

@@ -136,6 +136,17 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def busy_port(ports: DemoPorts) -> str | None:
+    """The first of the demo's ports that is already taken on 127.0.0.1, named; or None."""
+    for name, port in vars(ports).items():
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                return f"{port} ({name.replace('_', ' ')})"
+    return None
+
+
 def sidecar_config(ports: DemoPorts) -> str:
     """The demo's sidecar config (checked in as envoy/demo/sidecar.yaml for the defaults)."""
     servers = "".join(
@@ -166,13 +177,13 @@ servers:
 
 def envoy_config(sidecar_yaml: str, ports: DemoPorts) -> str:
     """The demo's Envoy bootstrap, rendered by the same generator as `envoy-config`."""
-    from .config import parse_yaml
+    from .config import UpstreamAddress, parse_yaml
     from .envoy_config import HostPort, build_bootstrap, render
 
     env = {f"DEMO_SECRET_{c.upper().replace('-', '_')}": "x" for c in DEMO_CLIENTS.values()}
     config = parse_yaml(sidecar_yaml, env=env)
-    upstreams = {"public": HostPort("127.0.0.1", ports.public),
-                 "internal": HostPort("127.0.0.1", ports.internal)}
+    upstreams = {"public": UpstreamAddress("127.0.0.1", ports.public),
+                 "internal": UpstreamAddress("127.0.0.1", ports.internal)}
     return render(build_bootstrap(
         config, upstreams,
         listen=HostPort("127.0.0.1", ports.envoy),
@@ -263,6 +274,11 @@ def run_demo(base_port: int) -> int:
     """Start the stack, print the commands, wait for Ctrl-C/SIGTERM, stop everything."""
     logging.getLogger("httpx").setLevel(logging.WARNING)
     ports = DemoPorts.from_base(base_port)
+    busy = busy_port(ports)
+    if busy is not None:
+        print(f"demo: port {busy} is in use on 127.0.0.1; give another --base-port, or"
+              " --base-port 0 to pick free ports", file=sys.stderr)
+        return 1
     secrets_env = {f"DEMO_SECRET_{c.upper().replace('-', '_')}": secrets.token_urlsafe(24)
                    for c in DEMO_CLIENTS.values()}
     workdir = Path(tempfile.mkdtemp(prefix="mcp-ext-authz-demo-"))
@@ -305,6 +321,11 @@ def run_demo(base_port: int) -> int:
                     return 1
             time.sleep(0.2)
         return 0
+    except RuntimeError as exc:  # a process died or never became ready: its log says why
+        first = str(exc).splitlines()
+        print(f"demo: {first[0]} {first[-1] if len(first) > 1 else ''}".rstrip()
+              + f" (logs in {workdir}; --base-port 0 picks free ports)", file=sys.stderr)
+        return 1
     finally:
         stack.stop()
         print("demo stopped", flush=True)

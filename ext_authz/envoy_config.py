@@ -8,6 +8,7 @@ touches its betterproto2 messages.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -41,6 +42,7 @@ from envoy_data_plane.envoy.config.core.v3 import (
     Http1ProtocolOptions,
     Http2ProtocolOptions,
     JsonFormatOptions,
+    Pipe,
     SocketAddress,
     SubstitutionFormatString,
     TransportSocket,
@@ -93,12 +95,16 @@ from envoy_data_plane.envoy.extensions.http.original_ip_detection.xff.v3 import 
 )
 from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
     CertificateValidationContext,
+    CertificateValidationContextSystemRootCerts,
     CommonTlsContext,
+    SubjectAltNameMatcher,
+    SubjectAltNameMatcherSanType,
     TlsCertificate,
     UpstreamTlsContext,
 )
 from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
     HttpProtocolOptions,
+    HttpProtocolOptionsAutoHttpConfig,
     HttpProtocolOptionsExplicitHttpConfig,
 )
 from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
@@ -106,7 +112,7 @@ from envoy_data_plane.envoy.type.v3 import HttpStatus, StatusCode
 from envoy_data_plane.google.protobuf import Any as AnyMessage
 from envoy_data_plane.google.protobuf import Struct
 
-from .config import Config
+from .config import Config, UpstreamAddress
 from .ext_proc import EXT_PROC_NAMESPACE
 from .routing import NO_SERVER, TOOL_RULES_BY_EXT_PROC, TOOL_RULES_EXTENSION
 from .service import EXT_AUTHZ_NAMESPACE, SERVICE_NAME
@@ -121,6 +127,8 @@ EXT_PROC_TIMEOUT = timedelta(seconds=2)
 # Envoy must wait longer than one whole cold token fetch, or its generic 403 wins the race
 # against the sidecar's own 503.
 AUTHZ_TIMEOUT_MARGIN_S = 0.5
+DEFAULT_STREAM_IDLE_TIMEOUT_S = 300  # Envoy's own default, for the routes that are not MCP's
+MAX_TIMEOUT_S = 86400 * 365
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +142,44 @@ class HostPort:
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"{text!r} is not host:port")
         return cls(host.strip("[]"), int(port))
+
+
+@dataclass(frozen=True, slots=True)
+class UnixSocket:
+    """A sidecar listening on `unix:PATH` (`grpc.listen`), worker i on PATH.i."""
+
+    path: str
+
+
+SidecarAddress = HostPort | UnixSocket
+
+
+def parse_sidecar(text: str) -> SidecarAddress:
+    """`host:port` or `unix:/path`, as `grpc.listen` spells it."""
+    if text.startswith("unix:"):
+        if len(text) <= len("unix:"):
+            raise ValueError(f"{text!r}: unix: needs a path")
+        return UnixSocket(text[len("unix:"):])
+    return HostPort.parse(text)
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """How long Envoy lets an MCP request run, and sit silent (0: no limit).
+
+    MCP needs both unlimited by default: a tool call may run for minutes before it answers,
+    and a server-to-client GET stream may carry nothing for hours. Envoy's own defaults
+    (a 15 s route timeout, a 300 s stream idle timeout) cut both.
+    """
+
+    request_s: float = 0  # the whole request and its answer (RouteAction.timeout)
+    idle_s: float = 0  # no bytes either way (RouteAction.idle_timeout)
+
+    def __post_init__(self) -> None:
+        for name, value in (("request", self.request_s), ("idle", self.idle_s)):
+            if not 0 <= value <= MAX_TIMEOUT_S:
+                raise ValueError(f"--{name}-timeout {value:g}: give 0 (no limit) or up to"
+                                 f" {MAX_TIMEOUT_S} seconds")
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,14 +234,19 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-def _cluster(name: str, endpoints: list[HostPort], *, http2: bool) -> Cluster:
-    static = all(_is_ip(e.host) for e in endpoints)
-    protocol = HttpProtocolOptions(
-        explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
-            http2_protocol_options=Http2ProtocolOptions() if http2 else None,
-            http_protocol_options=None if http2 else Http1ProtocolOptions(),
-        )
-    )
+def _protocol(kind: str) -> HttpProtocolOptions:
+    if kind == "alpn":
+        # A TLS upstream: HTTP/2 when the server offers it in ALPN, else HTTP/1.1.
+        return HttpProtocolOptions(auto_config=HttpProtocolOptionsAutoHttpConfig(
+            http_protocol_options=Http1ProtocolOptions(),
+            http2_protocol_options=Http2ProtocolOptions()))
+    return HttpProtocolOptions(explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
+        http2_protocol_options=Http2ProtocolOptions() if kind == "h2" else None,
+        http_protocol_options=Http1ProtocolOptions() if kind == "h1" else None))
+
+
+def _cluster(name: str, addresses: list[SidecarAddress], *, protocol: str) -> Cluster:
+    static = all(isinstance(a, UnixSocket) or _is_ip(a.host) for a in addresses)
     return Cluster(
         name=name,
         type=ClusterDiscoveryType.STATIC if static else ClusterDiscoveryType.STRICT_DNS,
@@ -206,21 +257,26 @@ def _cluster(name: str, endpoints: list[HostPort], *, http2: bool) -> Cluster:
             ClusterDnsLookupFamily.AUTO if static else ClusterDnsLookupFamily.V4_PREFERRED),
         connect_timeout=timedelta(seconds=1),
         typed_extension_protocol_options={
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": AnyMessage.pack(protocol)
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions":
+                AnyMessage.pack(_protocol(protocol))
         },
         load_assignment=ClusterLoadAssignment(
             cluster_name=name,
             endpoints=[LocalityLbEndpoints(lb_endpoints=[
-                LbEndpoint(endpoint=Endpoint(address=Address(socket_address=SocketAddress(
-                    address=e.host, port_value=e.port))))
-                for e in endpoints
-            ])],
+                LbEndpoint(endpoint=Endpoint(address=_address(a))) for a in addresses])],
         ),
     )
 
 
-def _authz_cluster(sidecars: list[HostPort], tls: SidecarTLS | None) -> Cluster:
-    cluster = _cluster(AUTHZ_CLUSTER, sidecars, http2=True)
+def _address(address: SidecarAddress) -> Address:
+    if isinstance(address, UnixSocket):
+        return Address(pipe=Pipe(path=address.path))
+    return Address(socket_address=SocketAddress(address=address.host,
+                                                port_value=address.port))
+
+
+def _authz_cluster(sidecars: list[SidecarAddress], tls: SidecarTLS | None) -> Cluster:
+    cluster = _cluster(AUTHZ_CLUSTER, sidecars, protocol="h2")
     if tls is not None:
         cluster.transport_socket = _transport_socket(tls)
     # Envoy sends no checks to a sidecar until its tokens are warm (health SERVING).
@@ -231,6 +287,29 @@ def _authz_cluster(sidecars: list[HostPort], tls: SidecarTLS | None) -> Cluster:
         healthy_threshold=1,
         grpc_health_check=HealthCheckGrpcHealthCheck(service_name=SERVICE_NAME),
     )]
+    return cluster
+
+
+def _upstream_cluster(name: str, upstream: UpstreamAddress, ca_file: str | None) -> Cluster:
+    cluster = _cluster(f"mcp_{name}", [HostPort(upstream.host, upstream.port)],
+                       protocol="alpn" if upstream.tls else "h1")
+    if upstream.tls:
+        # The certificate must name the host we dial: Envoy checks no name unless told to.
+        san = SubjectAltNameMatcher(
+            san_type=(SubjectAltNameMatcherSanType.IP_ADDRESS if upstream.is_ip
+                      else SubjectAltNameMatcherSanType.DNS),
+            matcher=StringMatcher(exact=upstream.host))
+        validation = CertificateValidationContext(match_typed_subject_alt_names=[san])
+        if ca_file is not None:
+            validation.trusted_ca = DataSource(filename=ca_file)
+        else:
+            validation.system_root_certs = CertificateValidationContextSystemRootCerts()
+        context = UpstreamTlsContext(
+            common_tls_context=CommonTlsContext(alpn_protocols=["h2", "http/1.1"],
+                                                validation_context=validation),
+            sni="" if upstream.is_ip else upstream.host)
+        cluster.transport_socket = TransportSocket(name="envoy.transport_sockets.tls",
+                                                   typed_config=AnyMessage.pack(context))
     return cluster
 
 
@@ -285,11 +364,42 @@ def _ext_proc(config: Config) -> ExternalProcessor:
     )
 
 
-def _server_route(config: Config, name: str, match: RouteMatch, action: RouteAction) -> Route:
-    return Route(match=match, route=action, typed_per_filter_config=_per_route(config, name))
+def _server_routes(config: Config, name: str, upstream: UpstreamAddress,
+                   timeouts: Timeouts) -> list[Route]:
+    """A server's routes: its path (or host), rewritten to a URL upstream's own."""
+    def action(rewrite: str | None) -> RouteAction:
+        route = RouteAction(cluster=f"mcp_{name}", timeout=timedelta(seconds=timeouts.request_s),
+                            idle_timeout=timedelta(seconds=timeouts.idle_s))
+        if rewrite is not None:
+            route.prefix_rewrite = rewrite
+        if upstream.scheme is not None:  # a URL: the server is addressed by its own name
+            if upstream.is_ip:
+                host = f"[{upstream.host}]" if ":" in upstream.host else upstream.host
+                default = 443 if upstream.tls else 80
+                route.host_rewrite_literal = (host if upstream.port == default
+                                              else f"{host}:{upstream.port}")
+            else:
+                route.auto_host_rewrite = True
+        return route
+
+    per_filter = _per_route(config, name)
+    path = upstream.path  # a URL's path replaces the gateway's: /mcp/NAME -> /PATH
+    prefix = config.routing.path_prefix
+    whole, under = (f"{prefix}{name}", f"{prefix}{name}/") if prefix is not None else ("/", "/")
+    matches: list[tuple[RouteMatch, str | None]]
+    if path is None or (prefix is None and path == "/"):
+        matches = [(RouteMatch(path=whole), None), (RouteMatch(prefix=under), None)]
+        if prefix is None:
+            matches = [(RouteMatch(prefix="/"), None)]
+    else:
+        matches = [(RouteMatch(path=whole), path),
+                   (RouteMatch(prefix=under), path.rstrip("/") + "/")]
+    return [Route(match=match, route=action(rewrite), typed_per_filter_config=per_filter)
+            for match, rewrite in matches]
 
 
-def _routes(config: Config) -> list[VirtualHost]:
+def _routes(config: Config, upstreams: Mapping[str, UpstreamAddress],
+            timeouts: Timeouts) -> list[VirtualHost]:
     # What no server route matches still goes through the sidecar, naming no server: its
     # 404 is then byte for byte the one a hidden server gets. (Left to the sidecar's own
     # path routing, `/mcp/public;x` would be "allowed" only to meet this route's 404.)
@@ -299,21 +409,13 @@ def _routes(config: Config) -> list[VirtualHost]:
         typed_per_filter_config=_per_route(config, NO_SERVER),
     )
     if config.routing.path_prefix is not None:
-        prefix = config.routing.path_prefix
-        routes = []
-        for name in sorted(config.servers):
-            action = RouteAction(cluster=f"mcp_{name}", timeout=timedelta(0))
-            for match in (RouteMatch(path=f"{prefix}{name}"),
-                          RouteMatch(prefix=f"{prefix}{name}/")):
-                routes.append(_server_route(config, name, match, action))
-        routes.append(not_found)
-        return [VirtualHost(name="mcp", domains=["*"], routes=routes)]
+        routes = [route for name in sorted(config.servers)
+                  for route in _server_routes(config, name, upstreams[name], timeouts)]
+        return [VirtualHost(name="mcp", domains=["*"], routes=[*routes, not_found])]
     suffix = config.routing.host_suffix or ""
     hosts = [
-        VirtualHost(
-            name=f"mcp_{name}", domains=[f"{name}{suffix}", f"{name}{suffix}:*"],
-            routes=[_server_route(config, name, RouteMatch(prefix="/"),
-                                  RouteAction(cluster=f"mcp_{name}", timeout=timedelta(0)))])
+        VirtualHost(name=f"mcp_{name}", domains=[f"{name}{suffix}", f"{name}{suffix}:*"],
+                    routes=_server_routes(config, name, upstreams[name], timeouts))
         for name in sorted(config.servers)
     ]
     hosts.append(VirtualHost(name="unknown", domains=["*"], routes=[not_found]))
@@ -344,7 +446,8 @@ def _access_log() -> AccessLog:
     return AccessLog(name="envoy.access_loggers.stdout", typed_config=AnyMessage.pack(stdout))
 
 
-def _connection_manager(config: Config) -> HttpConnectionManager:
+def _connection_manager(config: Config, upstreams: Mapping[str, UpstreamAddress],
+                        timeouts: Timeouts) -> HttpConnectionManager:
     authz = ExtAuthz(
         grpc_service=GrpcService(
             envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=AUTHZ_CLUSTER),
@@ -383,8 +486,11 @@ def _connection_manager(config: Config) -> HttpConnectionManager:
         merge_slashes=True,
         path_with_escaped_slashes_action=(
             HttpConnectionManagerPathWithEscapedSlashesAction.REJECT_REQUEST),
+        # Other routes (the catch-all) keep Envoy's default, said here so it can be seen;
+        # the MCP routes set their own (Timeouts).
+        stream_idle_timeout=timedelta(seconds=DEFAULT_STREAM_IDLE_TIMEOUT_S),
         route_config=RouteConfiguration(
-            name="mcp", virtual_hosts=_routes(config),
+            name="mcp", virtual_hosts=_routes(config, upstreams, timeouts),
             # Envoy sets this header only on requests it deems edge requests, and passes a
             # caller's own value on every other one (all of them, once trusted_proxies turns
             # use_remote_address off). The upstream gets Envoy's view of the client instead:
@@ -411,29 +517,58 @@ def _connection_manager(config: Config) -> HttpConnectionManager:
     return manager
 
 
-def sidecar_endpoints(address: HostPort, workers: int) -> list[HostPort]:
-    """One endpoint per worker process, on consecutive ports (see `serve --workers`)."""
+def sidecar_endpoints(address: SidecarAddress, workers: int) -> list[SidecarAddress]:
+    """One endpoint per worker process (see `serve --workers`): consecutive ports, or the
+    socket path with `.i` appended for worker i > 0."""
+    if workers < 1:
+        raise ValueError(f"--workers {workers}: the sidecar runs at least one worker")
+    if isinstance(address, UnixSocket):
+        return [UnixSocket(address.path if i == 0 else f"{address.path}.{i}")
+                for i in range(workers)]
+    if address.port + workers - 1 > 65535:
+        raise ValueError(f"--workers {workers} from port {address.port} runs past port 65535")
     return [HostPort(address.host, address.port + i) for i in range(workers)]
+
+
+def resolve_upstreams(config: Config, given: Mapping[str, UpstreamAddress]
+                      ) -> dict[str, UpstreamAddress]:
+    """Each server's upstream: `--upstream NAME=...` if given, else `servers.NAME.upstream`."""
+    unknown = sorted(set(given) - set(config.servers))
+    if unknown:
+        raise ValueError("--upstream names unconfigured server(s): " + ", ".join(unknown))
+    resolved = {}
+    for name, server in config.servers.items():
+        if name in given:
+            resolved[name] = given[name]
+        elif server.upstream is not None:
+            resolved[name] = UpstreamAddress.parse(server.upstream)
+    missing = sorted(set(config.servers) - set(resolved))
+    if missing:
+        raise ValueError("no upstream for server(s): " + ", ".join(missing)
+                         + " (give --upstream NAME=URL, or servers.NAME.upstream)")
+    return resolved
 
 
 def build_bootstrap(
     config: Config,
-    upstreams: dict[str, HostPort],
+    upstreams: Mapping[str, UpstreamAddress],
     *,
     listen: HostPort,
     admin: HostPort,
-    sidecar: HostPort,
+    sidecar: SidecarAddress,
     workers: int = 1,
     sidecar_tls: SidecarTLS | None = None,
+    upstream_ca: str | None = None,
+    timeouts: Timeouts = Timeouts(),
 ) -> Bootstrap:
-    """Build the bootstrap: one listener, the ext_authz filter, a route and cluster per server."""
+    """Build the bootstrap: one listener, the filters, a route and a cluster per server.
+
+    `upstreams` overrides the servers' own `upstream` settings (`resolve_upstreams`).
+    """
     _check_tls(config, sidecar_tls)
-    missing = sorted(set(config.servers) - set(upstreams))
-    if missing:
-        raise ValueError("no --upstream given for server(s): " + ", ".join(missing))
-    unknown = sorted(set(upstreams) - set(config.servers))
-    if unknown:
-        raise ValueError("--upstream names unconfigured server(s): " + ", ".join(unknown))
+    resolved = resolve_upstreams(config, upstreams)
+    if upstream_ca is not None and not any(u.tls for u in resolved.values()):
+        raise ValueError("--upstream-ca given, but no upstream is an https:// URL")
     listener = Listener(
         name="mcp_ingress",
         # `--listen [::]:PORT` serves IPv4 callers too (as IPv4 peers, not v4-mapped ones).
@@ -442,11 +577,11 @@ def build_bootstrap(
                                                      ipv4_compat=listen.host == "::")),
         filter_chains=[FilterChain(filters=[Filter(
             name="envoy.filters.network.http_connection_manager",
-            typed_config=AnyMessage.pack(_connection_manager(config)),
+            typed_config=AnyMessage.pack(_connection_manager(config, resolved, timeouts)),
         )])],
     )
     clusters = [_authz_cluster(sidecar_endpoints(sidecar, workers), sidecar_tls)]
-    clusters += [_cluster(f"mcp_{name}", [upstreams[name]], http2=False)
+    clusters += [_upstream_cluster(name, resolved[name], upstream_ca)
                  for name in sorted(config.servers)]
     return Bootstrap(
         admin=Admin(address=Address(socket_address=SocketAddress(

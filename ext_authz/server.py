@@ -14,7 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .admin import AdminServer, Readiness
-from .config import Config, TLSSettings, load_config, with_port_offset
+from .config import Config, TLSSettings, config_warnings, load_config, with_port_offset
 from .decision_log import FLUSH_INTERVAL_S, DecisionLog
 from .errors import ConfigError, ExtAuthzError
 from .ext_proc import SERVICE_NAME as EXT_PROC_SERVICE_NAME
@@ -87,6 +87,14 @@ class _ReloadableCertificates:
         self._pending = _certificate_configuration(tls)
 
 
+def _open_decision_log(config: Config) -> DecisionLog | None:
+    try:
+        return DecisionLog.from_settings(config.decision_log)
+    except OSError as exc:
+        raise ExtAuthzError(f"decision_log.path: cannot open {config.decision_log.path} for"
+                            f" appending ({exc.strerror})") from None
+
+
 class Sidecar:
     """One serving process: built from a config, then start()ed and stop()ped."""
 
@@ -101,7 +109,7 @@ class Sidecar:
         self.metrics.watch_token_ages(self.tokens.ages)
         self.service = AuthorizationService(
             ServiceState.build(config, 1), self.tokens, self.metrics,
-            DecisionLog.from_settings(config.decision_log),
+            _open_decision_log(config),
         )
         self.ext_proc = ExternalProcessingService(self.service)
         self.health = health.aio.HealthServicer()
@@ -130,6 +138,9 @@ class Sidecar:
         """Bind the listeners and begin warming tokens; health turns SERVING once warm."""
         config = self.config
         self.metrics.config_generation.set(1)
+        self.metrics.config_last_reload_ok.set(1)  # the config served is one that loaded
+        for warning in config_warnings(config):
+            log.warning("config: %s", warning)
         self._receive_limit = receive_limit(config)
         server = grpc.aio.server(options=(
             *GRPC_OPTIONS, ("grpc.max_receive_message_length", self._receive_limit)))
@@ -219,16 +230,19 @@ class Sidecar:
             log.warning("reload requested, but serving the built-in config: nothing to re-read")
             return False
         async with self._reload_lock:
+            # What is being read now is what the file watch has seen: a SIGHUP and the next
+            # poll do not reload (nor count a rejection) twice for one edit.
+            self._stamps = self._current_stamps()
             try:
                 loaded = await asyncio.to_thread(load_config, self.config_path)
                 config = with_port_offset(loaded, self.worker)
                 self._check_reloadable(config)
                 decision_log = self.service.decision_log
                 if config.decision_log != self.config.decision_log:
-                    decision_log = DecisionLog.from_settings(config.decision_log)
+                    decision_log = _open_decision_log(config)
                 if config.grpc.tls is not None and self._certificates is not None:
                     self._certificates.replace(config.grpc.tls)
-            except (ConfigError, OSError) as exc:
+            except (ConfigError, ExtAuthzError, OSError) as exc:
                 problems = exc.problems if isinstance(exc, ConfigError) else [str(exc)]
                 log.error("config reload rejected, still serving generation %d: %s",
                           self.service.state.generation, "; ".join(problems))
@@ -247,6 +261,8 @@ class Sidecar:
             self.metrics.config_reloads.labels("ok").inc()
             self.metrics.config_last_reload_ok.set(1)
             log.info("config generation %d applied: %d servers", generation, len(config.servers))
+            for warning in config_warnings(config):
+                log.warning("config: %s", warning)
             return True
 
     def _check_reloadable(self, config: Config) -> None:

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ext_authz.config import load_config
+from ext_authz.config import UpstreamAddress, load_config
 from ext_authz.demo import DemoPorts, envoy_config, sidecar_config
 from ext_authz.envoy_config import HostPort, build_bootstrap, render
 
@@ -25,7 +25,8 @@ def rendered() -> dict[Path, str]:
     compose = load_config(ROOT / "envoy/compose/sidecar.yaml", env=COMPOSE_ENV)
     compose_envoy = render(build_bootstrap(
         compose,
-        {"public": HostPort("mcp-public", 8000), "internal": HostPort("mcp-internal", 8000)},
+        {"public": UpstreamAddress("mcp-public", 8000),
+         "internal": UpstreamAddress("mcp-internal", 8000)},
         listen=HostPort("::", 10000),  # the compose networks are dual-stack
         admin=HostPort("0.0.0.0", 9901),
         sidecar=HostPort("sidecar", 9191),

@@ -164,7 +164,7 @@ class TestValidate:
                         " client_secret: y}}}\n")
         result = run("validate", "--config", str(path))
         assert result.returncode == 2
-        assert "network.trusted_proxies:" in result.stderr
+        assert "network.trusted_proxies[0]:" in result.stderr
         assert "servers.gh.oauth2.token_url:" in result.stderr
 
     def test_unknown_network_exits_2(self, tmp_path: Path) -> None:

@@ -207,9 +207,10 @@ class TestGenerator:
 
     @pytest.mark.parametrize(
         ("argv", "message"),
-        [([], "no --upstream given for server(s): a"),
+        [([], "no upstream for server(s): a (give --upstream NAME=URL, or"
+              " servers.NAME.upstream)"),
          (["--upstream", "a=x:1", "--upstream", "z=x:2"], "unconfigured server(s): z"),
-         (["--upstream", "a=nohost"], "is not host:port")],
+         (["--upstream", "a=nohost"], "--upstream a: 'nohost' is not host:port")],
     )
     def test_bad_upstreams_exit_2(self, tmp_path: Path, argv: list[str], message: str) -> None:
         """Missing, unknown or malformed upstreams are named; exit 2."""

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from ext_authz._proto.envoy.service.auth.v3 import external_auth_pb2_grpc
-from ext_authz.config import load_config
+from ext_authz.config import UpstreamAddress, load_config
 from ext_authz.server import Sidecar
 from tests.certs import CertFiles, make_certs
 from tests.conftest import make_config
@@ -185,7 +185,8 @@ async def test_generated_config_speaks_mtls(tmp_path: Path,
     sidecar, certs = mtls_sidecar
     admin, listener = free_port(), free_port()
     bootstrap = build_bootstrap(
-        sidecar.config, {"pub": HostPort("127.0.0.1", 9), "priv": HostPort("127.0.0.1", 9)},
+        sidecar.config, {"pub": UpstreamAddress("127.0.0.1", 9),
+                         "priv": UpstreamAddress("127.0.0.1", 9)},
         listen=HostPort("127.0.0.1", listener), admin=HostPort("127.0.0.1", admin),
         sidecar=HostPort("127.0.0.1", sidecar.grpc_port),
         sidecar_tls=SidecarTLS(str(certs.ca), str(certs.client_cert), str(certs.client_key),
