@@ -420,6 +420,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if args.log_level != "DEBUG":
+        # One line per token request is noise; tokens.py says what went wrong itself.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         code: int = args.func(args)
     except ConfigError as exc:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +13,9 @@ from typing import Any
 
 import pytest
 
-from ext_authz.cli import main
+from ext_authz import __version__
+from ext_authz.cli import build_parser, main
+from ext_authz.config import example_config, parse_yaml
 from tests.token_endpoint import TokenEndpoint
 
 CONFIG = """
@@ -136,7 +141,6 @@ class TestCheck:
 servers:
   gh: {{oauth2: {{token_url: "{token_endpoint.url}", client_id: c, client_secret: sekrit-123}}}}
 """)
-        import asyncio
         result = await asyncio.to_thread(run, "check", "--config", str(path), "--peer",
                                          "10.0.0.1", "--path", "/mcp/gh", "--fetch-token")
         assert result.returncode == 0, result.stderr
@@ -147,6 +151,30 @@ servers:
         for text in (result.stdout, result.stderr):
             assert token_endpoint.issued[0] not in text
             assert "sekrit-123" not in text
+
+    async def test_a_failed_fetch_is_a_failed_check(
+        self, tmp_path: Path, token_endpoint: TokenEndpoint
+    ) -> None:
+        """A fetch that fails exits 1, and every field and step says 503, not allowed."""
+        token_endpoint.mode = "status"
+        path = tmp_path / "c.yaml"
+        path.write_text(f"""
+servers:
+  gh: {{oauth2: {{token_url: "{token_endpoint.url}", client_id: c, client_secret: s}},
+        tools: {{t: {{available_on_public_internet: false}}}}}}
+""")
+        call = '{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"t"}}'
+        for extra in ([], ["--body", call]):  # a hidden tool's check too: the token first
+            result = await asyncio.to_thread(
+                run, "check", "--config", str(path), "--peer", "8.8.8.8", "--path",
+                "/mcp/gh", "--fetch-token", *extra)
+            assert result.returncode == 1
+            assert result.stderr.startswith("check: token fetch failed: server 'gh'")
+            report = json.loads(result.stdout)
+            assert (report["allowed"], report["reason"], report["http_status"]) == (
+                False, "upstream_credentials_unavailable", 503)
+            assert report["steps"][-1] == "decision: upstream_credentials_unavailable (HTTP 503)"
+            assert report["token"]["fetched"] is False
 
 
 class TestValidate:
@@ -216,3 +244,159 @@ class TestServeErrors:
         assert result.returncode == 1
         assert f"grpc.listen: cannot listen on 127.0.0.1:{port}" in result.stderr
         assert "Traceback" not in result.stderr
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> dict[str, Path]:
+    """A valid config, a config that is not UTF-8, and a few paths to get wrong."""
+    valid = tmp_path / "valid.yaml"
+    valid.write_text(CONFIG)
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(b"servers: {a: {}}\n# caf\xe9\n")
+    unwritable = tmp_path / "log-dir"
+    unwritable.mkdir()
+    logging_config = tmp_path / "log.yaml"
+    logging_config.write_text("grpc: {listen: 127.0.0.1:0}\nadmin: null\n"
+                              f"decision_log: {{path: '{unwritable}'}}\n")
+    huge_timeout = tmp_path / "huge.yaml"
+    huge_timeout.write_text("tokens: {timeout_s: 1e12}\nservers: {a: {}}\n")
+    return {"valid": valid, "latin1": latin1, "dir": tmp_path, "missing": tmp_path / "nope",
+            "log": logging_config, "huge": huge_timeout}
+
+
+MISTAKES = [
+    # (argv, exit code, words in the one line); {name} is a path from `files`
+    (["--log-level", "debugg", "validate", "--config", "{valid}"], 2, "--log-level"),
+    (["frobnicate"], 2, "invalid choice"),
+    (["validate"], 2, "--config"),
+    (["validate", "--config", "{missing}"], 2, "cannot read"),
+    (["validate", "--config", "{latin1}"], 2, "not UTF-8"),
+    (["validate", "--config", "{huge}"], 2, "tokens.timeout_s: must be at most 300"),
+    (["check", "--config", "{valid}", "--peer", "1.2.3.4", "--body-file", "{missing}"], 2,
+     "--body-file"),
+    (["check", "--config", "{valid}", "--peer", "1.2.3.4", "--body-file", "{dir}"], 2,
+     "--body-file"),
+    (["check", "--config", "{valid}", "--peer", "1.2.3.4", "--context-extension", "x"], 2,
+     "--context-extension"),
+    (["check", "--config", "{valid}", "--peer", "1.2.3.4", "--header", "x"], 2, "--header"),
+    (["serve", "--config", "{log}"], 1, "decision_log.path"),
+    (["serve", "--workers", "0"], 2, "--workers"),
+    (["serve", "--grace", "-1"], 2, "--grace"),
+    (["envoy-config", "--config", "{valid}", "--upstream", "pub=127.0.0.1:1",
+      "--upstream", "priv=127.0.0.1:2", "--output", "{dir}"], 2, "is a directory"),
+    (["envoy-config", "--config", "{valid}", "--upstream", "pub=127.0.0.1:1",
+      "--upstream", "priv=127.0.0.1:2", "--output", "{missing}/envoy.yaml"], 2,
+     "does not exist"),
+    (["envoy-config", "--config", "{valid}", "--upstream", "pub=127.0.0.1:1",
+      "--upstream", "priv=127.0.0.1:2", "--workers", "0"], 2, "--workers"),
+    (["envoy-config", "--config", "{valid}", "--upstream", "pub=https://h:99999",
+      "--upstream", "priv=127.0.0.1:2"], 2, "not a number from 1 to 65535"),
+    (["envoy-config", "--config", "{valid}", "--upstream", "pub=ftp://h",
+      "--upstream", "priv=127.0.0.1:2"], 2, "only http:// and https://"),
+    (["envoy-config", "--config", "{valid}", "--upstream", "pub=127.0.0.1:1",
+      "--upstream", "priv=127.0.0.1:2", "--idle-timeout", "-5"], 2, "--idle-timeout"),
+    (["envoy-config", "--config", "{valid}", "--upstream", "pub=127.0.0.1:1",
+      "--upstream", "priv=127.0.0.1:2", "--sidecar", "unix:"], 2, "unix: needs a path"),
+    (["envoy-config", "--config", "{valid}", "--upstream", "pub=127.0.0.1:1",
+      "--upstream", "priv=127.0.0.1:2", "--upstream-ca", "{valid}"], 2,
+     "no upstream is an https:// URL"),
+    (["demo", "--base-port", "70000"], 2, "--base-port"),
+]
+
+
+class TestMistakes:
+    @pytest.mark.parametrize(("argv", "code", "words"), MISTAKES,
+                             ids=[" ".join(m[0])[:60] for m in MISTAKES])
+    def test_one_line_and_an_exit_code(self, files: dict[str, Path], argv: list[str],
+                                       code: int, words: str) -> None:
+        """Whatever the mistake, a line that names it, a non-zero exit, and no traceback."""
+        result = run(*(arg.format(**files) for arg in argv))
+        assert result.returncode == code, result.stderr
+        assert "Traceback" not in result.stderr
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        # A bad config lists its problems under one heading line; anything else is one line.
+        problems = lines[1:] if lines and lines[0].startswith("invalid config") else lines
+        assert [line for line in problems if words in line], result.stderr
+        assert len(problems) == 1, result.stderr
+
+    def test_a_busy_demo_port_is_named_with_the_way_out(self) -> None:
+        """demo on a taken port says which, and how to pick free ones."""
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            result = run("demo", "--base-port", str(port))
+        assert result.returncode == 1
+        assert f"port {port} (envoy) is in use" in result.stderr
+        assert "--base-port 0" in result.stderr
+        assert "Traceback" not in result.stderr
+
+    def test_a_failed_envoy_config_leaves_no_file(self, files: dict[str, Path]) -> None:
+        """--output is written whole or not at all; a failure leaves nothing behind."""
+        output = files["dir"] / "envoy.yaml"
+        result = run("envoy-config", "--config", str(files["valid"]), "--upstream",
+                     "pub=127.0.0.1:1", "--output", str(output))
+        assert result.returncode == 2
+        assert "no upstream for server(s): priv" in result.stderr
+        assert not output.exists()
+        assert list(files["dir"].glob(".envoy.yaml.*")) == []
+        ok = run("envoy-config", "--config", str(files["valid"]), "--upstream",
+                 "pub=127.0.0.1:1", "--upstream", "priv=127.0.0.1:2", "--output", str(output))
+        assert ok.returncode == 0, ok.stderr
+        assert output.read_text().startswith("# Generated by `mcp-ext-authz envoy-config`")
+
+
+class TestSmallThings:
+    def test_version(self) -> None:
+        """--version prints the package version."""
+        result = run("--version")
+        assert (result.returncode, result.stdout.strip()) == (0, f"mcp-ext-authz {__version__}")
+
+    def test_every_option_has_help(self) -> None:
+        """Every option of every command says what it is for."""
+        parser = build_parser()
+        subparsers = next(a for a in parser._actions
+                          if isinstance(a, argparse._SubParsersAction))
+        for name, command in subparsers.choices.items():
+            for action in command._actions:
+                if action.option_strings and action.help != argparse.SUPPRESS:
+                    assert action.help, f"{name} {action.option_strings}"
+
+    def test_example_config_is_the_built_in_one(self, tmp_path: Path) -> None:
+        """example-config prints the served default, comments and all, and it validates."""
+        result = run("example-config")
+        assert result.returncode == 0
+        assert "# The built-in example config" in result.stdout
+        path = tmp_path / "example.yaml"
+        path.write_text(result.stdout)
+        assert parse_yaml(result.stdout) == example_config()
+        assert run("validate", "--config", str(path)).returncode == 0
+
+    def test_warnings_go_to_stderr(self, tmp_path: Path) -> None:
+        """A config that trusts every address validates, with a warning saying why not."""
+        path = tmp_path / "c.yaml"
+        path.write_text("network: {trusted_proxies: ['0.0.0.0/0']}\n")
+        result = run("validate", "--config", str(path))
+        assert result.returncode == 0
+        assert "warning: network.trusted_proxies[0]: 0.0.0.0/0 holds every address" in (
+            result.stderr)
+
+    def test_exit_code_on_denial(self, config: Path) -> None:
+        """check --exit-code: 1 when denied, 0 when allowed; without it, 0 either way."""
+        base = ["check", "--config", str(config), "--peer", "8.8.8.8"]
+        assert run(*base, "--path", "/mcp/priv", "--exit-code").returncode == 1
+        assert run(*base, "--path", "/mcp/pub", "--exit-code").returncode == 0
+        assert run(*base, "--path", "/mcp/priv").returncode == 0
+
+    def test_envoy_config_needs_no_secrets(self, tmp_path: Path) -> None:
+        """Unset ${VAR}s and unreadable secret files do not stop envoy-config."""
+        path = tmp_path / "c.yaml"
+        path.write_text(f"""
+servers:
+  a: {{oauth2: {{token_url: "http://i/t", client_id: c, client_secret: "${{NOT_SET_ANYWHERE}}"}}}}
+  b: {{oauth2: {{token_url: "http://i/t", client_id: c, client_secret_file: "{tmp_path}/x"}}}}
+""")
+        result = run("envoy-config", "--config", str(path), "--upstream", "a=127.0.0.1:1",
+                     "--upstream", "b=127.0.0.1:2")
+        assert result.returncode == 0, result.stderr
+        assert "NOT_SET_ANYWHERE" not in result.stdout

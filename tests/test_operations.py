@@ -12,12 +12,14 @@ from typing import Any
 
 import grpc
 import httpx
+import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from ext_authz._proto.envoy.service.auth.v3 import external_auth_pb2_grpc
 from ext_authz.config import load_config
 from ext_authz.server import Sidecar
+from tests.certs import make_certs
 from tests.test_service import check_request
 from tests.token_endpoint import TokenEndpoint
 
@@ -279,6 +281,50 @@ class TestReload:
             write(path, {**config, "grpc": {"listen": "127.0.0.1:1"}})
             assert await sidecar.reload() is False
             assert sidecar.config.grpc.listen == "127.0.0.1:0"
+        finally:
+            await sidecar.stop()
+
+
+    async def test_every_kind_of_bad_reload_is_logged_and_counted_once(
+            self, tmp_path: Path, token_endpoint: TokenEndpoint,
+            caplog: pytest.LogCaptureFixture) -> None:
+        """Not UTF-8, a TLS key that is not the certificate's, bad YAML: each edit is one
+        logged rejection, the old config serves on, and a later good edit is applied."""
+        certs = make_certs(tmp_path)
+        path = tmp_path / "c.yaml"
+        tls = {"cert_file": str(certs.server_cert), "key_file": str(certs.server_key)}
+        config = base_config(token_endpoint.url, reload={"poll_interval_s": 0.02},
+                             grpc={"listen": "127.0.0.1:0", "tls": tls})
+        write(path, config)
+        sidecar = await started(path)
+        rejected = sidecar.metrics.config_reloads.labels("rejected")
+        try:
+            assert sidecar.metrics.config_last_reload_ok._value.get() == 1  # not 0 at boot
+            bad = [b"servers: {a: {}}\n# caf\xe9\n",
+                   yaml.safe_dump({**config, "grpc": {"listen": "127.0.0.1:0", "tls": {
+                       **tls, "key_file": str(certs.client_key)}}}).encode(),
+                   b"servers: [a,\n"]
+            for count, data in enumerate(bad, start=1):
+                tmp = path.with_suffix(".tmp")
+                tmp.write_bytes(data)
+                os.replace(tmp, path)
+                await sidecar.reload()  # as SIGHUP does, racing the file watch
+                for _ in range(50):  # the watch has polled this edit many times over
+                    await asyncio.sleep(0.02)
+                assert rejected._value.get() == count, data
+                assert sidecar.service.state.generation == 1
+            assert sidecar.metrics.config_last_reload_ok._value.get() == 0
+            messages = [r.getMessage() for r in caplog.records
+                        if "reload rejected" in r.getMessage()]
+            assert len(messages) == 3
+            assert "not UTF-8" in messages[0]
+            assert "does not match grpc.tls.cert_file" in messages[1]
+            write(path, {**config, "servers": {**config["servers"], "later": {}}})
+            for _ in range(200):
+                if sidecar.service.state.generation == 2:
+                    break
+                await asyncio.sleep(0.01)
+            assert "later" in sidecar.config.servers
         finally:
             await sidecar.stop()
 
