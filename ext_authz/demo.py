@@ -95,10 +95,12 @@ def _clients_from_env() -> dict[str, str]:
 
 # -- MCP servers ------------------------------------------------------------------------
 
-def run_mcp_server(name: str, host: str, port: int) -> None:
+def run_mcp_server(name: str, host: str, port: int, tls_cert: str | None = None,
+                   tls_key: str | None = None) -> None:
     """Serve the demo MCP server at /mcp/<name> (streamable HTTP, stateless, JSON).
 
     Every request is printed to stdout as one JSON line (see `demo_mcp.log_requests`).
+    With a certificate and key it serves HTTPS, as a remote MCP server does.
     """
     import uvicorn
 
@@ -108,7 +110,8 @@ def run_mcp_server(name: str, host: str, port: int) -> None:
         streamable_http_path=f"/mcp/{name}", stateless_http=True, json_response=True,
         host=host,
     )
-    uvicorn.run(log_requests(app, name), host=host, port=port, log_level="warning")
+    uvicorn.run(log_requests(app, name), host=host, port=port, log_level="warning",
+                ssl_certfile=tls_cert, ssl_keyfile=tls_key)
 
 
 # -- the stack --------------------------------------------------------------------------
@@ -341,12 +344,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     mcp.add_argument("--name", required=True)
     mcp.add_argument("--host", default="127.0.0.1")
     mcp.add_argument("--port", type=int, required=True)
+    mcp.add_argument("--tls-cert", default=None, help="serve HTTPS with this certificate")
+    mcp.add_argument("--tls-key", default=None, help="the key of --tls-cert")
     args: Any = parser.parse_args(argv)
     if args.command == "token-endpoint":
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(serve_token_endpoint(args.host, args.port, _clients_from_env()))
     else:
-        run_mcp_server(args.name, args.host, args.port)
+        run_mcp_server(args.name, args.host, args.port, args.tls_cert, args.tls_key)
     return 0
 
 

@@ -5,6 +5,7 @@ Imported only by `python -m ext_authz.demo mcp-server`; needs the `demo` extra.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 
@@ -30,6 +31,12 @@ def build_mcp_server(name: str) -> MCPServer:
     def add(a: int, b: int) -> int:
         """Add two numbers."""
         return a + b
+
+    @server.tool()
+    async def wait(seconds: float) -> str:
+        """Answer after this many seconds (at most an hour): a long-running tool call."""
+        await asyncio.sleep(max(0.0, min(seconds, 3600.0)))
+        return f"waited {seconds:g} s"
 
     @server.custom_route("/mcp/{target}/echo", methods=["GET"])  # type: ignore[untyped-decorator]
     async def echo(request: Request) -> JSONResponse:

@@ -95,7 +95,6 @@ from envoy_data_plane.envoy.extensions.http.original_ip_detection.xff.v3 import 
 )
 from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
     CertificateValidationContext,
-    CertificateValidationContextSystemRootCerts,
     CommonTlsContext,
     SubjectAltNameMatcher,
     SubjectAltNameMatcherSanType,
@@ -128,6 +127,9 @@ EXT_PROC_TIMEOUT = timedelta(seconds=2)
 # against the sidecar's own 503.
 AUTHZ_TIMEOUT_MARGIN_S = 0.5
 DEFAULT_STREAM_IDLE_TIMEOUT_S = 300  # Envoy's own default, for the routes that are not MCP's
+# The system's CAs where Envoy runs: Debian, Ubuntu and the envoyproxy/envoy image keep them
+# here. Elsewhere, give --upstream-ca.
+SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 MAX_TIMEOUT_S = 86400 * 365
 
 
@@ -299,11 +301,11 @@ def _upstream_cluster(name: str, upstream: UpstreamAddress, ca_file: str | None)
             san_type=(SubjectAltNameMatcherSanType.IP_ADDRESS if upstream.is_ip
                       else SubjectAltNameMatcherSanType.DNS),
             matcher=StringMatcher(exact=upstream.host))
-        validation = CertificateValidationContext(match_typed_subject_alt_names=[san])
-        if ca_file is not None:
-            validation.trusted_ca = DataSource(filename=ca_file)
-        else:
-            validation.system_root_certs = CertificateValidationContextSystemRootCerts()
+        # The system's CA bundle by path: Envoy 1.40 refuses `system_root_certs` beside a
+        # SAN check ("SAN-based verification without trusted CA is insecure").
+        validation = CertificateValidationContext(
+            match_typed_subject_alt_names=[san],
+            trusted_ca=DataSource(filename=ca_file or SYSTEM_CA_BUNDLE))
         context = UpstreamTlsContext(
             common_tls_context=CommonTlsContext(alpn_protocols=["h2", "http/1.1"],
                                                 validation_context=validation),
@@ -372,14 +374,15 @@ def _server_routes(config: Config, name: str, upstream: UpstreamAddress,
                             idle_timeout=timedelta(seconds=timeouts.idle_s))
         if rewrite is not None:
             route.prefix_rewrite = rewrite
-        if upstream.scheme is not None:  # a URL: the server is addressed by its own name
-            if upstream.is_ip:
-                host = f"[{upstream.host}]" if ":" in upstream.host else upstream.host
-                default = 443 if upstream.tls else 80
-                route.host_rewrite_literal = (host if upstream.port == default
-                                              else f"{host}:{upstream.port}")
-            else:
-                route.auto_host_rewrite = True
+        if upstream.scheme is not None:
+            # A URL: the server is addressed by its own name, as a client calling it directly
+            # would (RFC 9110: with the port when it is not the scheme's). Not
+            # auto_host_rewrite, which drops the port, and which an SDK server's
+            # DNS-rebinding check (Host must be localhost:PORT) then refuses.
+            host = f"[{upstream.host}]" if ":" in upstream.host else upstream.host
+            default = 443 if upstream.tls else 80
+            route.host_rewrite_literal = (host if upstream.port == default
+                                          else f"{host}:{upstream.port}")
         return route
 
     per_filter = _per_route(config, name)

@@ -195,6 +195,76 @@ class TestGenerator:
                 "mutations": {"request_mutations": [
                     {"remove_on_match": {"key_matcher": {"prefix": "x-envoy-"}}}]}}}
 
+    def test_url_upstreams(self, tmp_path: Path) -> None:
+        """https: TLS with SNI, a SAN check, the system CAs, ALPN; the URL's Host and path."""
+        config = tmp_path / "c.yaml"
+        config.write_text("servers:\n  gh: {upstream: 'https://api.example.com/mcp/'}\n"
+                          "  ip: {}\n  plain: {}\n")
+        result = envoy_config("--config", str(config), "--upstream",
+                              "ip=https://[2001:db8::1]:8443", "--upstream",
+                              "plain=http://mcp.internal:8080")
+        assert result.returncode == 0, result.stderr
+        bootstrap = yaml.safe_load(result.stdout)
+        gh = clusters(bootstrap)["mcp_gh"]
+        assert (gh["type"], endpoints(gh)) == ("STRICT_DNS", [("api.example.com", 443)])
+        tls = gh["transport_socket"]["typed_config"]
+        assert tls["sni"] == "api.example.com"
+        validation = tls["common_tls_context"]["validation_context"]
+        assert validation["trusted_ca"] == {"filename": "/etc/ssl/certs/ca-certificates.crt"}
+        assert validation["match_typed_subject_alt_names"] == [
+            {"san_type": "DNS", "matcher": {"exact": "api.example.com"}}]
+        assert tls["common_tls_context"]["alpn_protocols"] == ["h2", "http/1.1"]
+        protocol = gh["typed_extension_protocol_options"][
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+        assert set(protocol["auto_config"]) == {"http_protocol_options",
+                                                "http2_protocol_options"}
+        ip_tls = clusters(bootstrap)["mcp_ip"]["transport_socket"]["typed_config"]
+        assert "sni" not in ip_tls  # no SNI for an address
+        assert ip_tls["common_tls_context"]["validation_context"][
+            "match_typed_subject_alt_names"][0]["san_type"] == "IP_ADDRESS"
+        assert "transport_socket" not in clusters(bootstrap)["mcp_plain"]
+        routes = {(r["match"].get("path") or r["match"]["prefix"]): r.get("route", {})
+                  for r in http_manager(bootstrap)["route_config"]["virtual_hosts"][0]["routes"]}
+        assert (routes["/mcp/gh"]["prefix_rewrite"], routes["/mcp/gh/"]["prefix_rewrite"]) == (
+            "/mcp/", "/mcp/")
+        assert routes["/mcp/gh"]["host_rewrite_literal"] == "api.example.com"
+        assert routes["/mcp/ip"]["host_rewrite_literal"] == "[2001:db8::1]:8443"
+        assert (routes["/mcp/ip"]["prefix_rewrite"], routes["/mcp/ip/"]["prefix_rewrite"]) == (
+            "/", "/")
+        assert routes["/mcp/plain"]["host_rewrite_literal"] == "mcp.internal:8080"
+        out = tmp_path / "envoy.yaml"
+        out.write_text(result.stdout)
+        envoy_validate(out)
+
+    def test_timeouts_are_explicit(self, tmp_path: Path) -> None:
+        """MCP routes: no request or idle limit unless given; the rest Envoy's 300 s."""
+        config = tmp_path / "c.yaml"
+        config.write_text("servers: {a: {upstream: '127.0.0.1:1'}}\n")
+        default = http_manager(yaml.safe_load(envoy_config("--config", str(config)).stdout))
+        given = http_manager(yaml.safe_load(envoy_config(
+            "--config", str(config), "--idle-timeout", "600", "--request-timeout", "3600"
+        ).stdout))
+        for manager, (request, idle) in ((default, ("0s", "0s")), (given, ("3600s", "600s"))):
+            assert manager["stream_idle_timeout"] == "300s"
+            route = manager["route_config"]["virtual_hosts"][0]["routes"][0]["route"]
+            assert (route["timeout"], route["idle_timeout"]) == (request, idle)
+
+    def test_unix_socket_sidecar(self, tmp_path: Path) -> None:
+        """grpc.listen: unix:/path is wired as a pipe, worker i at /path.i."""
+        config = tmp_path / "c.yaml"
+        config.write_text("grpc: {listen: 'unix:/run/mcp/authz.sock'}\n"
+                          "servers: {a: {upstream: '127.0.0.1:1'}}\n")
+        result = envoy_config("--config", str(config), "--workers", "2")
+        assert result.returncode == 0, result.stderr
+        bootstrap = yaml.safe_load(result.stdout)
+        sidecar = clusters(bootstrap)["mcp_ext_authz"]
+        assert [e["endpoint"]["address"] for e in
+                sidecar["load_assignment"]["endpoints"][0]["lb_endpoints"]] == [
+            {"pipe": {"path": "/run/mcp/authz.sock"}}, {"pipe": {"path": "/run/mcp/authz.sock.1"}}]
+        out = tmp_path / "envoy.yaml"
+        out.write_text(result.stdout)
+        envoy_validate(out)
+
     def test_trusted_proxies_become_xff_cidrs(self, tmp_path: Path) -> None:
         """Envoy's own client detection trusts the same CIDRs as the sidecar."""
         config = tmp_path / "c.yaml"

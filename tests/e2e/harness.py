@@ -56,6 +56,19 @@ class Process:
         self._stderr.close()
         return self.popen.returncode
 
+    def wait_port(self, port: int, timeout: float = 30) -> None:
+        """Wait until something listens on 127.0.0.1:port (this process, unless it died)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.popen.poll() is not None:
+                raise RuntimeError(f"{self.name} exited {self.popen.returncode}:\n{self.output()}")
+            try:
+                socket.create_connection(("127.0.0.1", port), 1).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"{self.name} not listening on {port}:\n{self.output()}")
+
     def wait_http(self, url: str, timeout: float = 30, status: int = 200) -> None:
         deadline = time.monotonic() + timeout
         last: object = None

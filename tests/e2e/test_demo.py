@@ -59,7 +59,7 @@ async def test_external_client_lists_public_tools(demo: tuple[str, str]) -> None
     ) as mcp:
         tools = await mcp.list_tools()
         result = await mcp.call_tool("whoami", {})
-    assert {tool.name for tool in tools.tools} == {"whoami", "add"}
+    assert {tool.name for tool in tools.tools} == {"whoami", "add", "wait"}
     seen = result.structured_content or json.loads(result.content[0].text)  # type: ignore[union-attr]
     assert seen["server"] == "public"
     assert seen["authorization"].startswith("Bearer demo-demo-public-")

@@ -218,7 +218,7 @@ class TestMCP:
 
         async with Client(f"{stack.plain}/mcp/pub") as mcp:
             tools = await mcp.list_tools()
-        assert {tool.name for tool in tools.tools} == {"whoami", "add"}
+        assert {tool.name for tool in tools.tools} == {"whoami", "add", "wait"}
 
 
 class TestLogs:

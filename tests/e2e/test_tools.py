@@ -315,7 +315,7 @@ class TestRawRequests:
         response = stack.post(EXTERNAL, "pub", json.dumps(rpc("tools/list")))
         assert response.status_code == 200
         names = {tool["name"] for tool in response.json()["result"]["tools"]}
-        assert names == {"whoami", "add"}
+        assert names == {"whoami", "add", "wait"}
 
     def test_metrics_name_only_configured_tools(self, stack: Stack) -> None:
         """checks_total carries the tool label for configured tools, "" for the rest."""

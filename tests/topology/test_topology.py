@@ -110,7 +110,7 @@ class TestDirectClients:
         for server in ("public", "internal"):
             tools, whoami = use_server(compose, "client-internal",
                                        url(envoy, envoy_port(compose), f"/mcp/{server}"))
-            assert tools == {"whoami", "add"}
+            assert tools == {"whoami", "add", "wait"}
             assert whoami["server"] == server
             assert whoami["authorization"].startswith(f"Bearer demo-demo-{server}-")
         records = decisions_since(compose, since, 6)
@@ -126,7 +126,7 @@ class TestDirectClients:
         port = envoy_port(compose)
         since = len(compose.json_lines("mcp-internal"))
         tools, whoami = use_server(compose, "client-external", url(envoy, port, "/mcp/public"))
-        assert tools == {"whoami", "add"}
+        assert tools == {"whoami", "add", "wait"}
         assert whoami["authorization"].startswith("Bearer demo-demo-public-")
         hidden = mcp_error(compose, "client-external", url(envoy, port, "/mcp/internal"))
         missing = mcp_error(compose, "client-external", url(envoy, port, "/mcp/missing"))
@@ -185,7 +185,7 @@ class TestLoadBalancer:
         lb = at.of("lb", "internal", version)
         since = len(compose.json_lines("sidecar"))
         tools, whoami = use_server(compose, "client-internal", url(lb, 8080, "/mcp/internal"))
-        assert tools == {"whoami", "add"}
+        assert tools == {"whoami", "add", "wait"}
         assert whoami["authorization"].startswith("Bearer demo-demo-internal-")
         records = decisions_since(compose, since, 3)
         client = str(at.of("client-internal", "internal", version))
