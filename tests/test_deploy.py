@@ -344,6 +344,11 @@ class TestIstio:
         assert service["spec"]["selector"] == selector
         # The provider's timeout outlasts a cold token fetch.
         assert float(grpc["timeout"].rstrip("s")) > config.tokens.timeout_s
+        # Tool rules need the whole body, as bytes, in every Check.
+        assert any(server.tools for server in config.servers.values())
+        assert grpc["includeRequestBodyInCheck"] == {
+            "maxRequestBytes": config.mcp.max_body_bytes, "allowPartialMessage": False,
+            "packAsBytes": True}
         assert f"{mounts['config']}/config.yaml" in container["args"]
 
 
