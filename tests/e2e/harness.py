@@ -93,21 +93,23 @@ def start_upstream(name: str, port: int, workdir: Path) -> Process:
 
 
 TS_SERVER = ROOT / "tests" / "e2e" / "ts_server"
+CONFORMANCE = ROOT / "tests" / "e2e" / "conformance"
 
 
-def ensure_ts_server() -> None:
-    """Install the TypeScript MCP server's locked dependencies from npm, once per clone."""
-    if (TS_SERVER / "node_modules" / ".package-lock.json").exists():
-        return
-    if shutil.which("npm") is None:
-        raise RuntimeError("the TypeScript upstream needs Node.js and npm on PATH")
-    subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"],
-                   cwd=TS_SERVER, check=True, timeout=300)
+def ensure_npm(folder: Path) -> Path:
+    """Install a test folder's locked npm dependencies, once per clone; its node_modules."""
+    modules = folder / "node_modules"
+    if not (modules / ".package-lock.json").exists():
+        if shutil.which("npm") is None:
+            raise RuntimeError(f"{folder.name} needs Node.js and npm on PATH")
+        subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"],
+                       cwd=folder, check=True, timeout=300)
+    return modules
 
 
 def start_ts_upstream(name: str, port: int, workdir: Path) -> Process:
     """The official TypeScript SDK's MCP server behind express.json(), at /mcp/<name>."""
-    ensure_ts_server()
+    ensure_npm(TS_SERVER)
     return Process(f"upstream-{name}", ["node", str(TS_SERVER / "server.mjs"), "--name", name,
                                         "--port", str(port)], workdir)
 
