@@ -44,6 +44,7 @@ DEFAULT_INTERNAL_RANGES: tuple[str, ...] = (
 SERVER_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,62}[A-Za-z0-9_])?$")
 NETWORK_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,62}$")
 TOOL_NAME = re.compile(r"^[A-Za-z0-9_./-]{1,128}$")  # MCP's tool-name alphabet
+DEFAULT_TOOL = "*"  # the rule of every tool a server's `tools` does not list
 # $$ is a dollar sign; ${VAR} and ${VAR:-default} come from the environment; any other $ is
 # refused (a shell would read "$S" as a variable, we would have kept it as text).
 _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$")
@@ -308,10 +309,13 @@ class ServerSettings(_Frozen):
     # Where `envoy-config` sends this server's requests (`--upstream` overrides it).
     upstream: str | None = None
     tools: dict[str, ToolSettings] = Field(default_factory=dict)
-    # What this server answers for a tools/call of a tool it does not have; a hidden tool
-    # gets the same: `tool_error` (a result with isError, as the official Python SDK
-    # does) or `jsonrpc_error` (error -32602, as the MCP specification's example does).
-    unknown_tool_reply: Literal["tool_error", "jsonrpc_error"] = "tool_error"
+    # Who answers a tools/call of a hidden tool. `server` (the default): the server itself,
+    # asked for a fresh name it cannot have, so the answer is its own for an unknown tool,
+    # byte for byte (needs the ext_proc filter envoy-config sets up; where there is none,
+    # as under Istio, the sidecar answers as `tool_error`). Or the sidecar, imitating one:
+    # `tool_error` (a result with isError, as the official Python SDK does) or
+    # `jsonrpc_error` (error -32602, as the MCP specification's example does).
+    unknown_tool_reply: Literal["server", "tool_error", "jsonrpc_error"] = "server"
     # The name and version the MCP server reports (results of MCP 2026-07-28 carry them, so a
     # hidden tool's answer must too). Unset: the configured name and an empty version.
     server_info: ServerInfo | None = None
@@ -327,9 +331,9 @@ class ServerSettings(_Frozen):
     @classmethod
     def _tool_names(cls, value: dict[str, ToolSettings]) -> dict[str, ToolSettings]:
         for name in value:
-            if not TOOL_NAME.match(str(name)):
+            if name != DEFAULT_TOOL and not TOOL_NAME.match(str(name)):
                 raise ValueError(f"tool name {name!r} must be 1-128 letters, digits,"
-                                 " '_', '-', '.' or '/'")
+                                 " '_', '-', '.' or '/', or \"*\" for every tool not listed")
         return value
 
 

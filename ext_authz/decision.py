@@ -7,11 +7,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Generic, Literal, TypeVar
 
-from .config import Config, McpSettings, OAuth2Settings, RoutingSettings
+from .config import DEFAULT_TOOL, Config, McpSettings, OAuth2Settings, RoutingSettings
 from .jsonrpc import (
     INVALID_REQUEST,
     Body,
     ToolCall,
+    UnknownToolAnswer,
     UnknownToolReply,
     error_reply,
     read_tool_calls,
@@ -31,6 +32,7 @@ from .routing import NO_SERVER, Route, route
 
 Reason = Literal[
     "allowed",
+    "tool_hidden",
     "not_found",
     "tool_not_found",
     "batch_refused",
@@ -49,6 +51,9 @@ GRPC_INTERNAL, GRPC_UNAVAILABLE = 13, 14
 # The reason codes double as metric labels, decision-log values and `check` output.
 OUTCOMES: dict[Reason, tuple[int, int]] = {
     "allowed": (GRPC_OK, 200),
+    # A hidden tool's call goes on to the server under a fresh name, and the server answers
+    # it as the unknown tool it then is (unknown_tool_reply: server, through ext_proc).
+    "tool_hidden": (GRPC_OK, 200),
     "not_found": (GRPC_PERMISSION_DENIED, 404),
     # A hidden tool gets what the server says of a tool it lacks: a JSON-RPC answer, 200
     # (202 with no body for a notification, as the MCP Python SDK answers one).
@@ -107,13 +112,26 @@ class ServerPolicy:
     name: str
     visibility: Visibility
     oauth2: OAuth2Settings | None
-    tools: Mapping[str, Visibility] = field(default_factory=dict)
-    unknown_tool_reply: UnknownToolReply = "tool_error"
+    tools: Mapping[str, Visibility] = field(default_factory=dict)  # "*": the tools unlisted
+    unknown_tool_reply: UnknownToolAnswer = "server"
     server_info: tuple[str, str] = ("", "")  # the name and version the MCP server reports
 
     @property
     def public(self) -> bool:
         return self.visibility.public
+
+    def tool_rule(self, name: str) -> tuple[str, Visibility] | None:
+        """The rule of a tool, and its key: its own, else the default "*", else none (the
+        server's own rule holds)."""
+        if name in self.tools and name != DEFAULT_TOOL:
+            return name, self.tools[name]
+        default = self.tools.get(DEFAULT_TOOL)
+        return (DEFAULT_TOOL, default) if default is not None else None
+
+    def tool_visible(self, name: str, placement: Placement) -> bool:
+        """Whether a caller so placed may call (and see listed) the tool of this name."""
+        rule = self.tool_rule(name)
+        return rule is None or rule[1].judge(placement)[0]
 
     @classmethod
     def from_config(cls, name: str, config: Config) -> ServerPolicy:
@@ -156,6 +174,14 @@ class Policy:
     # so that an allowed tools/call keeps the identity PerDecision looks values up by.
     tool_decisions: Mapping[str, PerDecision[Decision]] = field(
         default_factory=dict, compare=False, repr=False)
+    # A server decision -> the same for a body that calls tools (and no configured one), or
+    # that lists them: what ext_proc needs to know of the answer it is to rewrite.
+    calling: PerDecision[Decision] = field(
+        default_factory=lambda: PerDecision(lambda d: replace(d, calls_tools=True),
+                                            DECISION_CACHE_SIZE), compare=False, repr=False)
+    listing: PerDecision[Decision] = field(
+        default_factory=lambda: PerDecision(lambda d: replace(d, lists_tools=True),
+                                            DECISION_CACHE_SIZE), compare=False, repr=False)
 
     @classmethod
     def from_config(cls, config: Config) -> Policy:
@@ -190,6 +216,9 @@ class Decision:
     rule: str = ""  # the config key that decided visibility
     tool: str = ""  # the configured tool the request calls (never a name a client made up)
     reply: bytes = b""  # the body of a per-request answer (JSON-RPC), when not the reason's
+    hidden: tuple[ToolCall, ...] = ()  # tool_hidden: the calls to rename
+    lists_tools: bool = False  # the body asks for tools/list: its answer is filtered
+    calls_tools: bool = False  # the body calls tools (an answer that may name a hidden one)
 
     @property
     def network(self) -> str:
@@ -198,7 +227,8 @@ class Decision:
 
     @property
     def allowed(self) -> bool:
-        return self.reason == "allowed"
+        """Whether the request goes on to the server (a hidden tool's renamed call too)."""
+        return self.reason in ("allowed", "tool_hidden")
 
     @property
     def grpc_code(self) -> int:
@@ -333,8 +363,13 @@ def _resume(policy: Policy, server_name: str, network: str, members: str,
                     rule=rule)
 
 
-def decide_tools(decision: Decision, body: Body, policy: Policy) -> Decision:
-    """Narrow an allowed request to a server with tool rules by the tools its body calls."""
+def decide_tools(decision: Decision, body: Body, policy: Policy, *,
+                 can_rename: bool = False) -> Decision:
+    """Narrow an allowed request to a server with tool rules by the tools its body calls.
+
+    `can_rename`: the edge can send a hidden tool's call on under a fresh name (ext_proc
+    can, a Check cannot), so the server answers it itself (unknown_tool_reply: server).
+    """
     server = decision.server
     if not decision.reads_body or server is None:
         return decision
@@ -343,36 +378,53 @@ def decide_tools(decision: Decision, body: Body, policy: Policy) -> Decision:
         return replace(decision, reason="body_too_large" if read.too_large else
                        "bad_mcp_request", detail=read.problem, reply=refusal_reply(read))
     allowed_tool = ""
+    hidden: list[tuple[ToolCall, str, str]] = []
     for call in read.calls:
-        visibility = server.tools.get(call.name)
-        if visibility is None:
-            continue  # not a configured tool: its server's rule holds
+        found = server.tool_rule(call.name)
+        if found is None:
+            continue  # no rule for it: its server's rule holds
+        key, visibility = found
         visible, rule = visibility.judge(decision.placement)
         if not visible:
-            return _hidden_tool(decision, server, call, rule, read.batch)
-        allowed_tool = allowed_tool or call.name
-    if not allowed_tool:
-        return decision
-    return policy.tool_decisions[allowed_tool][decision]
+            hidden.append((call, key, rule))
+        elif not allowed_tool:
+            allowed_tool = key
+    if hidden:
+        return replace(_hidden_tools(decision, server, hidden, read.batch, can_rename),
+                       lists_tools=read.lists_tools, calls_tools=True)
+    # Remembered per decision (PerDecision), so that the same call by the same caller is the
+    # same Decision object, whose encodings are built once.
+    if read.calls:
+        narrowed = (policy.tool_decisions[allowed_tool] if allowed_tool
+                    else policy.calling)[decision]
+        return replace(narrowed, lists_tools=True) if read.lists_tools else narrowed
+    return policy.listing[decision] if read.lists_tools else decision
 
 
-def _hidden_tool(decision: Decision, server: ServerPolicy, call: ToolCall, rule: str,
-                 batch: bool) -> Decision:
+def _hidden_tools(decision: Decision, server: ServerPolicy,
+                  hidden: list[tuple[ToolCall, str, str]], batch: bool,
+                  can_rename: bool) -> Decision:
+    call, key, rule = hidden[0]
     detail = f"tool {call.name!r} is hidden from the {decision.network} network"
+    if server.unknown_tool_reply == "server" and can_rename:
+        return replace(decision, reason="tool_hidden", rule=rule, tool=key, detail=detail,
+                       hidden=tuple(c for c, _, _ in hidden))
     if batch:
-        # ext_authz answers a whole HTTP request: a batch cannot be answered message by
+        # A whole HTTP request gets one answer: a batch cannot be answered message by
         # message, so it is refused whole, with words that do not name the tool.
-        return replace(decision, reason="batch_refused", rule=rule, tool=call.name,
+        return replace(decision, reason="batch_refused", rule=rule, tool=key,
                        detail=detail, reply=error_reply(INVALID_REQUEST, "Batch refused"))
-    return replace(decision, reason="tool_not_found", rule=rule, tool=call.name, detail=detail,
-                   reply=unknown_tool_reply(server.unknown_tool_reply, call, server.server_info))
+    style: UnknownToolReply = ("tool_error" if server.unknown_tool_reply == "server"
+                               else server.unknown_tool_reply)
+    return replace(decision, reason="tool_not_found", rule=rule, tool=key, detail=detail,
+                   reply=unknown_tool_reply(style, call, server.server_info))
 
 
 def _naming(tool: str) -> Callable[[Decision], Decision]:
     def derive(decision: Decision) -> Decision:
         assert decision.server is not None
         _, rule = decision.server.tools[tool].judge(decision.placement)
-        return replace(decision, tool=tool, rule=rule)
+        return replace(decision, tool=tool, rule=rule, calls_tools=True)
 
     return derive
 

@@ -96,18 +96,23 @@ def _clients_from_env() -> dict[str, str]:
 # -- MCP servers ------------------------------------------------------------------------
 
 def run_mcp_server(name: str, host: str, port: int, tls_cert: str | None = None,
-                   tls_key: str | None = None) -> None:
+                   tls_key: str | None = None, sse: bool = False,
+                   without: Sequence[str] = ()) -> None:
     """Serve the demo MCP server at /mcp/<name> (streamable HTTP, stateless, JSON).
 
     Every request is printed to stdout as one JSON line (see `demo_mcp.log_requests`).
-    With a certificate and key it serves HTTPS, as a remote MCP server does.
+    With a certificate and key it serves HTTPS, as a remote MCP server does; with `sse`,
+    answers POSTs as SSE streams rather than JSON; `without` leaves tools out.
     """
     import uvicorn
 
     from .demo_mcp import build_mcp_server, log_requests
 
-    app = build_mcp_server(name).streamable_http_app(
-        streamable_http_path=f"/mcp/{name}", stateless_http=True, json_response=True,
+    server = build_mcp_server(name)
+    for tool in without:
+        server.remove_tool(tool)
+    app = server.streamable_http_app(
+        streamable_http_path=f"/mcp/{name}", stateless_http=True, json_response=not sse,
         host=host,
     )
     uvicorn.run(log_requests(app, name), host=host, port=port, log_level="warning",
@@ -346,12 +351,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     mcp.add_argument("--port", type=int, required=True)
     mcp.add_argument("--tls-cert", default=None, help="serve HTTPS with this certificate")
     mcp.add_argument("--tls-key", default=None, help="the key of --tls-cert")
+    mcp.add_argument("--sse", action="store_true", help="answer POSTs as SSE streams")
+    mcp.add_argument("--without", action="append", default=[], metavar="TOOL",
+                     help="leave this tool out (repeatable)")
     args: Any = parser.parse_args(argv)
     if args.command == "token-endpoint":
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(serve_token_endpoint(args.host, args.port, _clients_from_env()))
     else:
-        run_mcp_server(args.name, args.host, args.port, args.tls_cert, args.tls_key)
+        run_mcp_server(args.name, args.host, args.port, args.tls_cert, args.tls_key,
+                       args.sse, args.without)
     return 0
 
 

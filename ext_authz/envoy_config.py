@@ -119,6 +119,7 @@ from .service import EXT_AUTHZ_NAMESPACE, SERVICE_NAME
 AUTHZ_CLUSTER = "mcp_ext_authz"
 EXT_AUTHZ_FILTER = EXT_AUTHZ_NAMESPACE
 EXT_PROC_FILTER = EXT_PROC_NAMESPACE
+ANSWERS_FILTER = "mcp_ext_authz.answers"  # a second ext_proc filter, for the answers
 HEADER_MUTATION_FILTER = "envoy.filters.http.header_mutation"
 # Reading a body of mcp.max_body_bytes takes milliseconds; past this the sidecar is in trouble
 # and Envoy answers the request itself (504), never forwarding it unjudged.
@@ -333,10 +334,34 @@ def _per_route(config: Config, server: str) -> dict[str, AnyMessage]:
         # ext_proc filter after it reads the body for the tool rules.
         extensions[TOOL_RULES_EXTENSION] = TOOL_RULES_BY_EXT_PROC
     elif _reads_bodies(config):
-        per_filter[EXT_PROC_FILTER] = AnyMessage.pack(ExtProcPerRoute(disabled=True))
+        for name in (EXT_PROC_FILTER, ANSWERS_FILTER):
+            per_filter[name] = AnyMessage.pack(ExtProcPerRoute(disabled=True))
     settings = CheckSettings(context_extensions=extensions)
     per_filter[EXT_AUTHZ_FILTER] = AnyMessage.pack(ExtAuthzPerRoute(check_settings=settings))
     return per_filter
+
+
+def _answers() -> ExternalProcessor:
+    # The answers to tools/call and tools/list: every answer's headers go to the sidecar,
+    # which asks for the body of those it rewrites (mode_override: BUFFERED for JSON,
+    # STREAMED for SSE) from what the request's stream left in the metadata. A second
+    # filter because Envoy 1.40 ignores mode_override on a FULL_DUPLEX_STREAMED filter.
+    return ExternalProcessor(
+        grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=AUTHZ_CLUSTER)),
+        failure_mode_allow=False,  # an answer the sidecar did not see never reaches a caller
+        processing_mode=ProcessingMode(
+            request_header_mode=ProcessingModeHeaderSendMode.SKIP,
+            response_header_mode=ProcessingModeHeaderSendMode.SEND,
+            request_body_mode=ProcessingModeBodySendMode.NONE,
+            response_body_mode=ProcessingModeBodySendMode.NONE,
+            request_trailer_mode=ProcessingModeHeaderSendMode.SKIP,
+            response_trailer_mode=ProcessingModeHeaderSendMode.SKIP,
+        ),
+        allow_mode_override=True,
+        message_timeout=EXT_PROC_TIMEOUT,
+        metadata_options=MetadataOptions(forwarding_namespaces=MetadataOptionsMetadataNamespaces(
+            untyped=[EXT_AUTHZ_FILTER, EXT_PROC_FILTER])),
+    )
 
 
 def _ext_proc(config: Config) -> ExternalProcessor:
@@ -355,7 +380,8 @@ def _ext_proc(config: Config) -> ExternalProcessor:
             request_trailer_mode=ProcessingModeHeaderSendMode.SEND,
             response_trailer_mode=ProcessingModeHeaderSendMode.SKIP,
         ),
-        # The sidecar sends the body back unchanged, so its length stands.
+        # The sidecar sends the headers back after the body, and sets the length when it
+        # changes the body (a hidden tool's call renamed).
         allow_content_length_header=True,
         message_timeout=EXT_PROC_TIMEOUT,
         # The caller's place comes from ext_authz's answer, not from a second look.
@@ -473,6 +499,7 @@ def _connection_manager(config: Config, upstreams: Mapping[str, UpstreamAddress]
     if _reads_bodies(config):
         filters.append(HttpFilter(name=EXT_PROC_FILTER,
                                   typed_config=AnyMessage.pack(_ext_proc(config))))
+        filters.append(HttpFilter(name=ANSWERS_FILTER, typed_config=AnyMessage.pack(_answers())))
     # No x-envoy-upstream-service-time on upstream answers: an answer the sidecar makes (a
     # hidden tool's) must not be told apart from the upstream's by it.
     filters.append(HttpFilter(name="envoy.filters.http.router",

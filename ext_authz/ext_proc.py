@@ -1,4 +1,4 @@
-"""The gRPC ExternalProcessor servicer: tool rules judged on the request body, after ext_authz.
+"""The gRPC ExternalProcessor servicer: tool rules on the request body, and on the answer.
 
 On the routes of servers with tool rules, `envoy-config` runs Envoy's ext_proc filter after
 ext_authz: ext_authz decides the server from the headers alone (so a hidden server answers
@@ -6,21 +6,34 @@ ext_authz: ext_authz decides the server from the headers alone (so a hidden serv
 takes the caller's place from the metadata that ext_authz's answer left in Envoy, never
 placing the caller a second time, and judges the body with the same `decide_tools`.
 
-The body comes in FULL_DUPLEX_STREAMED mode: Envoy hands over each piece as it arrives and
-keeps nothing, and the request's headers and body go on to the server only when this
-service sends them back, after the last piece. So the sidecar, not Envoy's buffers, bounds a
-body (413 the moment it passes mcp.max_body_bytes: Envoy 1.40's BUFFERED mode stalls a
-request whose body passes its buffer limit instead of refusing it), and nothing of a request
-reaches a server before it is judged.
+The body comes in FULL_DUPLEX_STREAMED mode: Envoy passes each piece on and holds the
+headers; the headers and the whole body go on to the server only when this service sends
+them back, after the last piece. So the sidecar, not Envoy's buffers, bounds a body (413 the
+moment it passes mcp.max_body_bytes: Envoy 1.40's BUFFERED mode stalls a request whose body
+passes its buffer limit instead of refusing it), and nothing of a request reaches a server
+before it is judged. Then:
+- a hidden tool's call goes on under a fresh name (rewrite.py), so that the server answers
+  it as the unknown tool it then is; the caller's name is put back in the answer;
+- a tools/list answer loses the tools the caller may not call.
+The answers come through a second ext_proc filter (the "answers" filter, closer to the
+router), because Envoy 1.40 ignores `mode_override` on a filter whose request body is
+FULL_DUPLEX_STREAMED. That filter sees every answer's headers; from what the first stream
+left in Envoy's dynamic metadata (is this a tools/call or tools/list? what was renamed?) it
+asks for the body of those answers only: BUFFERED for JSON (the length set anew), STREAMED
+for SSE (events re-framed as they come). Every tools/call and tools/list alike, so that a
+hidden tool's call costs what any other call costs. Every other answer, and the
+server-to-client GET stream above all, passes with its headers seen and its body untouched.
 
-One stream is one HTTP request. A stream that ended cleanly before its request was answered
-would let Envoy forward the request unjudged (even with failure_mode_allow off), so
-whatever goes wrong is answered with a local 500, and a stream that ends unanswered is
-aborted with an error, which Envoy fails closed on.
+One stream is one HTTP request and its answer. A stream that ended cleanly before its
+request was answered would let Envoy forward the request unjudged (even with
+failure_mode_allow off), so whatever goes wrong is answered with a local 500, and a stream
+that ends unanswered is aborted with an error, which Envoy fails closed on.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -29,9 +42,11 @@ from dataclasses import dataclass, field, replace
 import grpc
 
 from ._proto.envoy.config.core.v3 import base_pb2
+from ._proto.envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from ._proto.envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
 from .decision import Decision, RequestFacts, decide_tools, denial_body, resume
 from .jsonrpc import INVALID_REQUEST, body_headers, error_reply, request_body
+from .rewrite import EventStream, Path, drop_tools, fresh_name, rename, restore
 from .service import EXT_AUTHZ_NAMESPACE, AuthorizationService, ServiceState
 
 log = logging.getLogger(__name__)
@@ -39,34 +54,78 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
 # The namespace this service's dynamic metadata is written to (for Envoy's access log).
 EXT_PROC_NAMESPACE = "envoy.filters.http.ext_proc"
+# An answer held back to be rewritten (a JSON body, one SSE event) may be at most this big:
+# past it the answer cannot be checked, and is cut off rather than passed unread.
+MAX_ANSWER_BYTES = 16 * 1024 * 1024
 
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _JSON = base_pb2.HeaderValueOption(
     header=base_pb2.HeaderValue(key="content-type", raw_value=b"application/json"),
-    append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+    append_action=_OVERWRITE,
 )
 _INTERNAL_ERROR = error_reply(-32603, "Internal error")
 _TRAILERS = "the request has trailers, which no MCP client sends"
 
+_Mode = processing_mode_pb2.ProcessingMode
+
+
+def _answer_body(mode: int) -> processing_mode_pb2.ProcessingMode:
+    # Every field said: the answers filter's own modes, but the answer body's.
+    return _Mode(request_header_mode=_Mode.SKIP, response_header_mode=_Mode.SEND,
+                 request_body_mode=_Mode.NONE, response_body_mode=mode,  # type: ignore[arg-type]
+                 request_trailer_mode=_Mode.SKIP, response_trailer_mode=_Mode.SKIP)
+
+
+_WHOLE, _PIECES = _answer_body(_Mode.BUFFERED), _answer_body(_Mode.STREAMED)
+
+
+def _header(key: str, value: str | bytes) -> base_pb2.HeaderValueOption:
+    raw = value if isinstance(value, bytes) else value.encode()
+    return base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=key, raw_value=raw),
+                                      append_action=_OVERWRITE)
+
+
+@dataclass(slots=True)
+class _Answer:
+    """How the server's answer to one request is rewritten, as it arrives."""
+
+    renamed: dict[str, str]  # fresh name -> the caller's
+    tool_visible: Callable[[str], bool] | None  # set when tools/list answers are filtered
+    length_given: bool = False
+    events: EventStream | None = None
+
+    def text(self, text: str) -> str | None:
+        """One JSON text of the answer, rewritten; None when it stays as it is."""
+        restored = restore(text.encode(), self.renamed).decode() if self.renamed else text
+        if self.tool_visible is not None:
+            dropped = drop_tools(restored, self.tool_visible)
+            if dropped is not None:
+                return dropped
+        return restored if restored != text else None
+
 
 @dataclass(slots=True)
 class _Request:
-    """What one stream has learnt of its HTTP request so far."""
+    """What one stream has learnt of its HTTP request (or of its answer) so far."""
 
     state: ServiceState
     decision: Decision | None = None
     method: str = ""
     headers: dict[str, list[str]] = field(default_factory=dict)
+    has_length: bool = False
     facts: RequestFacts = field(default_factory=lambda: RequestFacts("", None, "", ""))
     chunks: list[bytes] = field(default_factory=list)
     size: int = 0
-    answered: bool = False  # continued with its body, or answered in Envoy's place
+    judged: bool = False  # answered: sent on, or answered in Envoy's place
+    done: bool = False  # nothing more to say on this stream
+    answer: _Answer | None = None  # an answers-filter stream: how its answer is rewritten
 
 
-def _metadata(request: ext_proc_pb2.ProcessingRequest) -> dict[str, str]:
-    namespace = request.metadata_context.filter_metadata.get(EXT_AUTHZ_NAMESPACE)
-    if namespace is None:
+def _metadata(request: ext_proc_pb2.ProcessingRequest, namespace: str) -> dict[str, str]:
+    found = request.metadata_context.filter_metadata.get(namespace)
+    if found is None:
         return {}
-    return {key: value.string_value for key, value in namespace.fields.items()}
+    return {key: value.string_value for key, value in found.fields.items()}
 
 
 def _header_pairs(headers: ext_proc_pb2.HttpHeaders) -> list[tuple[str, str]]:
@@ -96,18 +155,12 @@ def _refusal(decision: Decision, decision_id: str) -> bytes:
     return response.SerializeToString()
 
 
-def _continuation(decision: Decision, decision_id: str, body: bytes | None) -> list[bytes]:
-    """Let an allowed request go on: its headers, then (if it has one) its whole body."""
-    headers = _with_metadata(decision, decision_id)
-    headers.request_headers.SetInParent()
-    answers = [headers.SerializeToString()]
-    if body is not None:
-        rest = ext_proc_pb2.ProcessingResponse()
-        streamed = rest.request_body.response.body_mutation.streamed_response
-        streamed.body = body
-        streamed.end_of_stream = True
-        answers.append(rest.SerializeToString())
-    return answers
+def _body(data: bytes, end_of_stream: bool, kind: str = "request_body") -> bytes:
+    response = ext_proc_pb2.ProcessingResponse()
+    streamed = getattr(response, kind).response.body_mutation.streamed_response
+    streamed.body = data
+    streamed.end_of_stream = end_of_stream
+    return response.SerializeToString()
 
 
 def _internal_error() -> bytes:
@@ -140,7 +193,7 @@ class ExternalProcessingService:
                 "Process": grpc.stream_stream_rpc_method_handler(
                     self.Process,
                     request_deserializer=ext_proc_pb2.ProcessingRequest.FromString,
-                    response_serializer=None,  # Process yields encoded bytes
+                    response_serializer=None,  # Process writes encoded bytes
                 )
             },
         )
@@ -156,28 +209,32 @@ class ExternalProcessingService:
             message = await context.read()
             if not isinstance(message, ext_proc_pb2.ProcessingRequest):
                 break  # grpc.aio.EOF: Envoy is done sending
-            if request.answered:
+            if request.done:
                 continue  # pieces Envoy sent before it took our answer: nothing to say
             try:
                 answers = self._answer(request, message)
             except Exception:
                 log.exception("ext_proc message failed; answering 500")
-                request.answered = True
+                request.judged = request.done = True
                 answers = [_internal_error()]
             for answer in answers:
                 await context.write(answer)
-        if not request.answered:
-            # Ending cleanly now would let Envoy forward the request unjudged.
+        if not request.judged:
+            # Ending cleanly now would let Envoy forward the request (or answer) unjudged.
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                "the request ended before its body was judged")
+                                "the stream ended before its message was judged")
 
     def _answer(self, request: _Request, message: ext_proc_pb2.ProcessingRequest
                 ) -> list[bytes]:
         kind = message.WhichOneof("request")
         if kind == "request_headers":
             return self._headers(request, message)
-        if request.decision is None:
-            raise ValueError(f"ext_proc message {kind!r} before the request headers")
+        if kind == "response_headers":
+            return self._answer_headers(request, message)
+        if kind == "response_body" and request.answer is not None:
+            return self._answer_body(request.answer, message.response_body)
+        if request.decision is None or request.judged:
+            raise ValueError(f"ext_proc message {kind!r} out of order")
         if kind == "request_body":
             piece = message.request_body
             request.chunks.append(piece.body)
@@ -201,22 +258,30 @@ class ExternalProcessingService:
         pseudo = {key: value for key, value in pairs if key.startswith(":")}
         request.method = pseudo.get(":method", "")
         request.headers = body_headers(pairs)
+        request.has_length = "content-length" in request.headers
         request.facts = RequestFacts(
             "", ",".join(v for k, v in pairs if k == "x-forwarded-for") or None,
             pseudo.get(":path", ""), pseudo.get(":authority", ""))
-        metadata = _metadata(message)
+        decision = self._resumed(request, message)
+        if decision is None:
+            request.judged = request.done = True
+            return [_internal_error()]
+        request.decision = decision
+        if message.request_headers.end_of_stream:
+            return self._judge(request, None)
+        return []  # the headers wait for the body
+
+    def _resumed(self, request: _Request, message: ext_proc_pb2.ProcessingRequest
+                 ) -> Decision | None:
+        """ext_authz's decision for this request, from its metadata; None if there is none."""
+        metadata = _metadata(message, EXT_AUTHZ_NAMESPACE)
         if metadata.get("reason") != "allowed" or "server" not in metadata:
             # ext_proc runs after ext_authz; without its verdict the route is misconfigured.
             log.error("ext_proc: no allowed ext_authz decision in the request's metadata"
                       " (is ext_authz before ext_proc, and forwarding_namespaces set?)")
-            request.answered = True
-            return [_internal_error()]
-        request.decision = resume(
-            request.state.policy, metadata["server"], metadata.get("network", ""),
-            metadata.get("networks", ""), metadata.get("client_ip", ""))
-        if message.request_headers.end_of_stream:
-            return self._judge(request, None)
-        return []  # the headers wait for the body
+            return None
+        return resume(request.state.policy, metadata["server"], metadata.get("network", ""),
+                      metadata.get("networks", ""), metadata.get("client_ip", ""))
 
     def _judge(self, request: _Request, data: bytes | None) -> list[bytes]:
         """Decide on the whole body (None: the request has none) and answer for it."""
@@ -225,10 +290,104 @@ class ExternalProcessingService:
         decision = request.decision
         if decision.allowed:
             body = request_body(data or b"", request.method, request.headers)
-            decision = decide_tools(decision, body, request.state.policy)
+            decision = decide_tools(decision, body, request.state.policy, can_rename=True)
         decision_id = self.authz.next_decision_id()
-        request.answered = True
-        answers = (_continuation(decision, decision_id, data) if decision.allowed
-                   else [_refusal(decision, decision_id)])
+        request.judged = request.done = True
+        if decision.allowed:
+            answers = _go_on(request, decision, decision_id, data)
+        else:
+            answers = [_refusal(decision, decision_id)]
         self.authz.record(decision, decision_id, request.facts, self._clock() - started, "body")
         return answers
+
+    # -- the answer (the answers filter's streams) --------------------------------------
+
+    def _answer_headers(self, request: _Request, message: ext_proc_pb2.ProcessingRequest
+                        ) -> list[bytes]:
+        request.judged = True  # headers answered now or with the body; never unanswered
+        response = ext_proc_pb2.ProcessingResponse()
+        response.response_headers.SetInParent()
+        said = _metadata(message, EXT_PROC_NAMESPACE)
+        rewrite = said.get("answer", "")
+        headers = dict(_header_pairs(message.response_headers))
+        media = headers.get("content-type", "").split(";")[0].strip().lower()
+        if not rewrite or message.response_headers.end_of_stream or media not in (
+                "application/json", "text/event-stream"):
+            request.done = True  # nothing of this answer is to be rewritten
+            return [response.SerializeToString()]
+        encoding = headers.get("content-encoding", "identity").lower()
+        if encoding != "identity":
+            raise ValueError(f"an answer to rewrite came with Content-Encoding {encoding}")
+        tool_visible = None
+        if rewrite == "list":
+            decision = self._resumed(request, message)
+            if decision is None or decision.server is None:
+                raise ValueError("a tools/list answer without the decision that asked for it")
+            server, placement = decision.server, decision.placement
+            tool_visible = functools.partial(server.tool_visible, placement=placement)
+        answer = _Answer(json.loads(said.get("renamed", "{}")), tool_visible,
+                         length_given="content-length" in headers)
+        request.answer = answer
+        if media == "application/json":
+            response.mode_override.CopyFrom(_WHOLE)  # the length is set with the new body
+        else:
+            answer.events = EventStream(answer.text, MAX_ANSWER_BYTES)
+            response.mode_override.CopyFrom(_PIECES)
+            response.response_headers.response.header_mutation.remove_headers.append(
+                "content-length")
+        return [response.SerializeToString()]
+
+    def _answer_body(self, answer: _Answer, piece: ext_proc_pb2.HttpBody) -> list[bytes]:
+        response = ext_proc_pb2.ProcessingResponse()
+        common = response.response_body.response
+        if answer.events is not None:  # STREAMED: each piece answered with what can go on
+            data = answer.events.feed(piece.body)
+            if piece.end_of_stream:
+                data += answer.events.finish()
+            common.body_mutation.body = data
+            return [response.SerializeToString()]
+        if len(piece.body) > MAX_ANSWER_BYTES:
+            raise ValueError(f"an answer to rewrite is over {MAX_ANSWER_BYTES} bytes")
+        data = piece.body  # BUFFERED: the whole body, once
+        rewritten = answer.text(data.decode("utf-8", "surrogateescape"))
+        if rewritten is not None:
+            data = rewritten.encode("utf-8", "surrogateescape")
+            common.body_mutation.body = data
+            if answer.length_given:
+                common.header_mutation.set_headers.append(
+                    _header("content-length", str(len(data))))
+        else:
+            response.response_body.SetInParent()
+        return [response.SerializeToString()]
+
+
+def _go_on(request: _Request, decision: Decision, decision_id: str,
+           data: bytes | None) -> list[bytes]:
+    """Let the request go on: its headers, then its body, renamed where a tool is hidden;
+    and tell the answers filter (in Envoy's metadata) what to do with the answer."""
+    response = _with_metadata(decision, decision_id)
+    response.request_headers.SetInParent()
+    common = response.request_headers.response
+    renamed: dict[str, str] = {}
+    if decision.hidden and data is not None:
+        paths: dict[Path, str] = {}
+        for call in decision.hidden:
+            fresh = fresh_name()
+            renamed[fresh] = call.name
+            paths[("params", "name") if call.index is None
+                  else (call.index, "params", "name")] = fresh
+        data = rename(data.decode("utf-8"), paths).encode()
+        if request.headers.get("mcp-name"):
+            common.header_mutation.set_headers.append(_header("mcp-name", next(iter(renamed))))
+        if request.has_length:
+            common.header_mutation.set_headers.append(_header("content-length", str(len(data))))
+    if decision.lists_tools or decision.calls_tools:
+        said = response.dynamic_metadata.fields[EXT_PROC_NAMESPACE].struct_value
+        said.update({"answer": "list" if decision.lists_tools else "call",
+                     "renamed": json.dumps(renamed)})
+        # A compressed answer could not be rewritten: ask for it plain.
+        common.header_mutation.remove_headers.append("accept-encoding")
+    answers = [response.SerializeToString()]
+    if data is not None:
+        answers.append(_body(data, True))
+    return answers

@@ -31,12 +31,14 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 TOOLS_CALL = "tools/call"
+TOOLS_LIST = "tools/list"
 PARSE_ERROR, INVALID_REQUEST, INVALID_PARAMS = -32700, -32600, -32602
 # From this protocol version on, results say `resultType` and carry the server's identity.
 STATELESS_PROTOCOL = "2026-07-28"
 _PROTOCOL_KEY = "io.modelcontextprotocol/protocolVersion"
 
-UnknownToolReply = Literal["tool_error", "jsonrpc_error"]
+UnknownToolReply = Literal["tool_error", "jsonrpc_error"]  # the answers the sidecar writes
+UnknownToolAnswer = Literal["server", "tool_error", "jsonrpc_error"]  # who answers
 Received = Literal[
     "whole",    # the sidecar holds the whole body (or there is none)
     "missing",  # the request has a body that did not reach the sidecar
@@ -114,6 +116,7 @@ class ToolCall:
     name: str
     rpc_id: str | None
     protocol_version: str = ""  # the MCP protocol version the call was made in, if said
+    index: int | None = None  # its place in a batch (None: the body is this one message)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +125,7 @@ class ToolCalls:
 
     calls: tuple[ToolCall, ...] = ()
     batch: bool = False
+    lists_tools: bool = False  # a message of the body is a tools/list
     problem: str = ""
     error_code: int = 0  # the JSON-RPC error code that goes with `problem`
     too_large: bool = False  # the problem is the body's size (an HTTP 413, not a 400)
@@ -320,8 +324,10 @@ def read_tool_calls(body: Body, max_bytes: int, max_batch: int) -> ToolCalls:
         messages = [document]
     else:
         return _refuse(INVALID_REQUEST, "the body is neither a JSON-RPC message nor a batch")
+    batch = isinstance(document, list)
     calls = []
-    for message in messages:
+    lists_tools = False
+    for index, message in enumerate(messages):
         if not isinstance(message, dict):
             return _refuse(INVALID_REQUEST, "a batch holds something other than messages")
         params = message.get("params")
@@ -329,6 +335,7 @@ def read_tool_calls(body: Body, max_bytes: int, max_batch: int) -> ToolCalls:
             _key_problem(params, "params") if isinstance(params, dict) else "")
         if problem:
             return _refuse(INVALID_REQUEST, problem)
+        lists_tools = lists_tools or message.get("method") == TOOLS_LIST
         if message.get("method") != TOOLS_CALL:
             continue
         if not isinstance(params, dict) or not isinstance(params.get("name"), str) or not (
@@ -338,12 +345,14 @@ def read_tool_calls(body: Body, max_bytes: int, max_batch: int) -> ToolCalls:
         if not usable:
             return _refuse(INVALID_REQUEST, "the id of a tools/call must be a string or an"
                                             f" integer of at most {_MAX_SAFE_INTEGER}")
-        calls.append(ToolCall(params["name"], rpc_id, _protocol(params, body)))
-    batch = isinstance(document, list)
+        calls.append(ToolCall(params["name"], rpc_id, _protocol(params, body),
+                              index if batch else None))
     problem = _header_problem(body, messages, batch)
     if problem:
         return _refuse(INVALID_REQUEST, problem)
-    return ToolCalls(tuple(calls), batch) if calls else NO_CALLS
+    if not calls and not lists_tools:
+        return NO_CALLS
+    return ToolCalls(tuple(calls), batch, lists_tools)
 
 
 def _header_problem(body: Body, messages: list[dict[str, Any]], batch: bool) -> str:

@@ -78,7 +78,7 @@ def test_token_failure_keeps_facts() -> None:
 def test_status_table() -> None:
     """The reason codes and their statuses are the decision table (docs/design.md)."""
     assert OUTCOMES == {
-        "allowed": (0, 200), "not_found": (7, 404),
+        "allowed": (0, 200), "tool_hidden": (0, 200), "not_found": (7, 404),
         "upstream_credentials_unavailable": (14, 503), "bad_request": (3, 400),
         "internal_error": (13, 500), "tool_not_found": (7, 200), "batch_refused": (7, 400),
         "bad_mcp_request": (3, 400), "body_too_large": (3, 413),
@@ -200,12 +200,46 @@ class TestToolRules:
         assert decide_call("10.1.1.1", "github", "delete_repo") is first
 
     def test_requests_that_call_no_tool_are_the_server_decision(self) -> None:
-        """A GET, or a body without tools/call: the cached server decision itself."""
+        """A GET, or a body that neither calls nor lists tools: the server decision itself;
+        a tools/list: one remembered decision that says its answer is to be filtered."""
         server_only = decide(RequestFacts("198.51.100.1", None, "/mcp/github", "gw"), NAMED)
         assert server_only.reads_body
-        assert decide_tools(server_only, json_body(LISTING), NAMED) is server_only
+        ping = b'{"jsonrpc":"2.0","id":1,"method":"ping"}'
+        assert decide_tools(server_only, json_body(ping), NAMED) is server_only
         assert decide_tools(server_only, Body(method="GET"), NAMED) is server_only
-        assert decide_call("198.51.100.1", "github") is server_only
+        listing = decide_call("198.51.100.1", "github")
+        assert decide_call("198.51.100.1", "github") is listing
+        assert (listing.reason, listing.lists_tools, listing.calls_tools) == (
+            "allowed", True, False)
+
+    def test_a_default_rule_covers_every_tool_not_listed(self) -> None:
+        """`tools: {"*": ...}`: only search is public; any other tool, even one added later,
+        is internal-only, and says so in its rule."""
+        policy = Policy.from_config(make_config(
+            network={"internal_ranges": ["10.0.0.0/8"]},
+            servers={"gh": {"tools": {"search": {"available_on_public_internet": True},
+                                      "*": {"available_on_public_internet": False}}}}))
+        outside, inside = "198.51.100.1", "10.1.1.1"
+        assert decide_call(outside, "gh", "search", policy=policy).reason == "allowed"
+        later = decide_call(outside, "gh", "added_later", policy=policy)
+        assert (later.reason, later.tool, later.rule) == (
+            "tool_not_found", "*", "servers.gh.tools.*.available_on_public_internet")
+        assert decide_call(inside, "gh", "added_later", policy=policy).reason == "allowed"
+        assert "tool '*' is internal-only; the caller is external" in explain(later)
+
+    def test_the_server_answers_when_the_edge_can_rename(self) -> None:
+        """unknown_tool_reply: server (the default) and an edge that can rename (ext_proc):
+        the hidden calls, each of a batch, go on to be renamed."""
+        body = json.dumps([{"jsonrpc": "2.0", "id": i, "method": "tools/call",
+                            "params": {"name": n}} for i, n in enumerate(
+                                ["delete_repo", "search", "delete_repo"])]).encode()
+        server = decide(RequestFacts("198.51.100.1", None, "/mcp/github", "gw"), NAMED)
+        renamed = decide_tools(server, json_body(body), NAMED, can_rename=True)
+        assert (renamed.reason, renamed.allowed, renamed.calls_tools) == (
+            "tool_hidden", True, True)
+        assert [(c.name, c.index) for c in renamed.hidden] == [("delete_repo", 0),
+                                                                ("delete_repo", 2)]
+        assert decide_tools(server, json_body(body), NAMED).reason == "batch_refused"
 
 
 cidrs = st.sampled_from(["10.0.0.0/8", "10.1.0.0/16", "192.0.2.0/24", "192.0.2.128/25",

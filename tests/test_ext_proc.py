@@ -96,9 +96,33 @@ class TestJudging:
         namespace = answers[0].dynamic_metadata.fields["envoy.filters.http.ext_proc"]
         assert namespace.struct_value.fields["reason"].string_value == "allowed"
 
-    async def test_a_hidden_tool_is_answered_in_envoys_place(self, sidecar: Sidecar) -> None:
-        """A hidden tool gets the unknown-tool answer; the request goes nowhere."""
-        [answer] = await exchange(sidecar, [headers(), body(call("delete_repo"))])
+    async def test_a_hidden_tool_goes_on_renamed(self, sidecar: Sidecar) -> None:
+        """unknown_tool_reply: server: the call goes on under a fresh name, with its length
+        and Mcp-Name set to match, and the answer is asked for, to put the name back."""
+        data = call("delete_repo")
+        pairs = [*JSON, ("content-length", str(len(data))), ("mcp-name", "delete_repo")]
+        first, second = await exchange(sidecar, [headers(pairs=pairs), body(data)])
+        sent = second.request_body.response.body_mutation.streamed_response.body
+        fresh = json.loads(sent)["params"]["name"]
+        assert fresh.startswith("hidden-") and len(fresh) == len("hidden-") + 32
+        assert sent == data.replace(b"delete_repo", fresh.encode())
+        mutation = first.request_headers.response.header_mutation
+        assert {(h.header.key, h.header.raw_value) for h in mutation.set_headers} == {
+            ("mcp-name", fresh.encode()), ("content-length", str(len(sent)).encode())}
+        assert list(mutation.remove_headers) == ["accept-encoding"]
+        assert first.mode_override.response_body_mode == 4  # FULL_DUPLEX_STREAMED
+
+    async def test_local_answers_when_configured(self) -> None:
+        """unknown_tool_reply: tool_error: the sidecar answers in Envoy's place."""
+        config = make_config(servers={"tools": {
+            "unknown_tool_reply": "tool_error",
+            "tools": {"delete_repo": {"available_on_public_internet": False}}}})
+        running = Sidecar(config, grace_s=1)
+        await running.start()
+        try:
+            [answer] = await exchange(running, [headers(), body(call("delete_repo"))])
+        finally:
+            await running.stop()
         status, reply = immediate(answer)
         assert status == 200
         assert reply["id"] == 7
@@ -179,7 +203,7 @@ class TestRecords:
     async def test_body_decisions_are_counted(self, sidecar: Sidecar) -> None:
         """Each judged body counts in mcp_ext_authz_body_checks_total, not in checks_total."""
         await exchange(sidecar, [headers(), body(call("delete_repo"))])
-        labels = {"server": "tools", "network": "external", "reason": "tool_not_found",
+        labels = {"server": "tools", "network": "external", "reason": "tool_hidden",
                   "tool": "delete_repo"}
         registry = sidecar.metrics.registry
         assert registry.get_sample_value("mcp_ext_authz_body_checks_total", labels) == 1

@@ -1,0 +1,170 @@
+"""Rewrites of MCP messages in flight: tools left out of tools/list, hidden calls renamed."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ext_authz.rewrite import EventStream, drop_tools, fresh_name, rename, restore
+
+HIDDEN = {"add", "delete_repo"}
+
+
+def visible(name: str) -> bool:
+    return name not in HIDDEN
+
+
+def listing(names: list[str], **result: Any) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": 1, "result": {
+        "tools": [{"name": n, "description": f"the {n} tool", "inputSchema": {
+            "type": "object", "properties": {"a": {"type": "integer"}}}} for n in names],
+        **result}}
+
+
+def without(message: dict[str, Any]) -> dict[str, Any]:
+    copy = json.loads(json.dumps(message))
+    copy["result"]["tools"] = [t for t in copy["result"]["tools"] if visible(t["name"])]
+    return copy
+
+
+DUMPS = {  # how SDKs write JSON: compact (pydantic, JSON.stringify, Go), spaced, indented
+    "compact": lambda v: json.dumps(v, separators=(",", ":")),
+    "spaced": json.dumps,
+    "indented": lambda v: json.dumps(v, indent=2),
+}
+
+
+class TestDropTools:
+    @pytest.mark.parametrize("style", DUMPS)
+    @pytest.mark.parametrize(
+        "names",
+        [["whoami", "add", "search"], ["add", "whoami"], ["whoami", "add"], ["add"],
+         ["add", "delete_repo"], ["whoami", "add", "delete_repo", "search"]],
+    )
+    def test_as_the_server_without_them_would_write_it(self, style: str,
+                                                       names: list[str]) -> None:
+        """Byte for byte the server's own answer had it not had the hidden tools."""
+        dumps = DUMPS[style]
+        message = listing(names, nextCursor="abc", _meta={"x": [1, 2]})
+        assert drop_tools(dumps(message), visible) == dumps(without(message))
+
+    def test_a_batch_of_answers(self) -> None:
+        """Each tools/list answer of a batch is filtered; the other answers stay."""
+        batch = [listing(["add", "whoami"]), {"jsonrpc": "2.0", "id": 2, "result": {}},
+                 listing(["search", "delete_repo"])]
+        filtered = drop_tools(json.dumps(batch), visible)
+        assert filtered == json.dumps([without(batch[0]), batch[1], without(batch[2])])
+
+    @pytest.mark.parametrize(
+        "text",
+        [json.dumps(listing(["whoami"])), json.dumps({"jsonrpc": "2.0", "id": 1,
+                                                       "error": {"code": -1}}),
+         "not json", json.dumps({"jsonrpc": "2.0", "id": 1, "result": {"tools": "x"}}),
+         json.dumps({"jsonrpc": "2.0", "id": 1, "result": {"content": [
+             {"name": "add"}]}})],
+    )
+    def test_nothing_to_drop_is_none(self, text: str) -> None:
+        """No tools/list result with a hidden tool in it: left as it is."""
+        assert drop_tools(text, visible) is None
+
+    @given(names=st.lists(st.sampled_from(["add", "delete_repo", "whoami", "search", "é\"x"]),
+                          max_size=6),
+           style=st.sampled_from(list(DUMPS)), ascii_only=st.booleans())
+    def test_property(self, names: list[str], style: str, ascii_only: bool) -> None:
+        """Whatever the tools and the writer's style, the result is the server's own."""
+        message = listing(names, nextCursor="n")
+
+        def dumps(value: Any) -> str:
+            if style == "indented":
+                return json.dumps(value, indent=2, ensure_ascii=ascii_only)
+            separators = (",", ":") if style == "compact" else (", ", ": ")
+            return json.dumps(value, separators=separators, ensure_ascii=ascii_only)
+
+        expected = dumps(without(message))
+        filtered = drop_tools(dumps(message), visible)
+        assert (filtered if filtered is not None else dumps(message)) == expected
+
+
+class TestRenames:
+    def test_rename_then_restore(self) -> None:
+        """The call goes out under the fresh name; the answer names the caller's tool."""
+        fresh = fresh_name()
+        body = '{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"add",' \
+               '"arguments":{"name":"add"}}}'
+        sent = rename(body, {("params", "name"): fresh})
+        assert json.loads(sent)["params"] == {"name": fresh, "arguments": {"name": "add"}}
+        assert sent.replace(fresh, "add") == body
+        answer = f'{{"result":{{"content":[{{"text":"Unknown tool: {fresh}"}}]}}}}'.encode()
+        assert restore(answer, {fresh: 'r\u00e9sum\u00e9 "x"'}) == (
+            '{"result":{"content":[{"text":"Unknown tool: r\u00e9sum\u00e9 \\"x\\""}]}}'
+            .encode())
+
+    def test_each_call_of_a_batch_gets_its_own_name(self) -> None:
+        """Two hidden calls, two fresh names, in place; the visible call untouched."""
+        batch = json.dumps([
+            {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "add"}},
+            {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "whoami"}},
+            {"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "add"}}])
+        first, second = fresh_name(), fresh_name()
+        assert first != second
+        sent = json.loads(rename(batch, {(0, "params", "name"): first,
+                                         (2, "params", "name"): second}))
+        assert [m["params"]["name"] for m in sent] == [first, "whoami", second]
+
+    def test_escaped_names_are_replaced_whole(self) -> None:
+        """A name spelt with escapes is one value: replaced from quote to quote."""
+        fresh = fresh_name()
+        body = r'{"method":"tools/call","params":{"name":"\u0061dd"}}'
+        assert json.loads(rename(body, {("params", "name"): fresh}))["params"]["name"] == fresh
+
+
+def sse(*events: tuple[str | None, dict[str, Any]], ending: str = "\r\n") -> bytes:
+    out = ""
+    for event_id, data in events:
+        out += "event: message" + ending
+        if event_id is not None:
+            out += f"id: {event_id}{ending}"
+        out += f"data: {json.dumps(data, separators=(',', ':'))}{ending}{ending}"
+    return out.encode()
+
+
+def filtered(data: str) -> str | None:
+    return drop_tools(data, visible)
+
+
+class TestEventStream:
+    @pytest.mark.parametrize("ending", ["\r\n", "\n"])
+    def test_events_rewritten_ids_and_framing_kept(self, ending: str) -> None:
+        """The answer's data loses the hidden tools; ids, other events, line endings stay."""
+        notification = {"jsonrpc": "2.0", "method": "notifications/message",
+                        "params": {"text": "add"}}
+        stream = sse(("1", notification), ("2", listing(["add", "whoami"])), ending=ending)
+        expected = sse(("1", notification), ("2", without(listing(["add", "whoami"]))),
+                       ending=ending)
+        events = EventStream(filtered, limit=1 << 20)
+        assert events.feed(stream) + events.finish() == expected
+
+    @given(cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=8))
+    def test_any_chunking_gives_the_same_bytes(self, cuts: list[int]) -> None:
+        """However the stream is cut into chunks, what comes out is the same."""
+        stream = sse((None, listing(["add", "whoami", "search"])),
+                     ("7", listing(["delete_repo"])))
+        events = EventStream(filtered, limit=1 << 20)
+        out = b""
+        previous = 0
+        for cut in sorted({min(c, len(stream)) for c in cuts}):
+            out += events.feed(stream[previous:cut])
+            previous = cut
+        out += events.feed(stream[previous:]) + events.finish()
+        assert out == sse((None, without(listing(["add", "whoami", "search"]))),
+                          ("7", without(listing(["delete_repo"]))))
+
+    def test_an_event_past_the_limit_is_an_error(self) -> None:
+        """An event longer than the limit cannot be checked: an error, never passed unread."""
+        events = EventStream(filtered, limit=10)
+        with pytest.raises(ValueError, match="over 10 bytes"):
+            events.feed(b"data: " + b"x" * 50)
