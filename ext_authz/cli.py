@@ -167,10 +167,11 @@ def cmd_check(args: argparse.Namespace) -> int:
         context_extensions=_context_extensions(args.context_extension),
     )
     policy = Policy.from_config(config)
-    # The live path's two steps: the server from the headers, then the tool rules from the
-    # body (in Envoy, ext_authz and then ext_proc; or one Check that carries the body).
+    # The live path's two steps, as envoy-config's config takes them: the server from the
+    # headers (ext_authz), then the tool rules from the body (ext_proc, which can send a
+    # hidden tool's call on under a fresh name for the server to answer).
     server_decision = decide(facts, policy)
-    decision = decide_tools(server_decision, body, policy)
+    decision = decide_tools(server_decision, body, policy, can_rename=True)
     token = None
     if args.fetch_token:
         # As in the live path, the token comes before the tool rules have their say.

@@ -478,6 +478,9 @@ def explain(decision: Decision) -> list[str]:
         steps.append("server has no oauth2 settings: nothing injected")
     if decision.detail:
         steps.append(decision.detail)
+    if decision.reason == "tool_hidden":
+        steps.append("the call goes on under a fresh name, for the server to answer as the"
+                     " unknown tool it then is (unknown_tool_reply: server)")
     if decision.rule:
         steps.append(f"decided by {decision.rule}")
     steps.append(f"decision: {decision.reason} (HTTP {decision.http_status})")

@@ -76,10 +76,11 @@ class TestCheck:
         report = check(capsys, "--config", str(path), "--peer", "8.8.8.8", "--path", "/mcp/gh",
                        "--body", body)
         assert (report["reason"], report["http_status"], report["tool"]) == (
-            "tool_not_found", 200, "delete_repo")
+            "tool_hidden", 200, "delete_repo")
         assert report["tools_called"] == ["delete_repo"]
         assert report["rule"] == "servers.gh.tools.delete_repo.available_on_public_internet"
-        assert json.loads(report["reply"])["id"] == 9
+        assert report["reply"] is None  # the server answers, under a fresh name
+        assert any("fresh name" in step for step in report["steps"])
         (tmp_path / "body.json").write_text(body)
         inside = check(capsys, "--config", str(path), "--peer", "10.1.1.1", "--path", "/mcp/gh",
                        "--body-file", str(tmp_path / "body.json"))
@@ -88,13 +89,13 @@ class TestCheck:
     @pytest.mark.parametrize(
         ("headers", "reason", "status", "words"),
         [
-            ([], "tool_not_found", 200, None),
+            ([], "tool_hidden", 200, None),
             (["Content-Type: application/json; charset=utf-7"], "bad_mcp_request", 400,
              "Content-Type"),
             (["Content-Type: text/plain"], "bad_mcp_request", 400, "Content-Type"),
             (["Mcp-Method: tools/call", "Mcp-Name: delete_repo", "Mcp-Name: whoami"],
              "bad_mcp_request", 400, "more than once"),
-            (["Mcp-Name: =?base64?ZGVsZXRlX3JlcG8=?="], "tool_not_found", 200, None),
+            (["Mcp-Name: =?base64?ZGVsZXRlX3JlcG8=?="], "tool_hidden", 200, None),
             (["Mcp-Name: whoami"], "bad_mcp_request", 400, "another name"),
             (["Content-Encoding: gzip"], "bad_mcp_request", 400, "Content-Encoding"),
         ],

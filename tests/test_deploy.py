@@ -146,7 +146,14 @@ class TestGenerator:
         manager = http_manager(yaml.safe_load(result.stdout))
         assert [f["name"] for f in manager["http_filters"]] == [
             "envoy.filters.http.header_mutation", "envoy.filters.http.ext_authz",
-            "envoy.filters.http.ext_proc", "envoy.filters.http.router"]
+            "envoy.filters.http.ext_proc", "mcp_ext_authz.answers", "envoy.filters.http.router"]
+        answers = http_filter(manager, "mcp_ext_authz.answers")
+        assert answers["processing_mode"] == {  # the body's modes come by override
+            "request_header_mode": "SKIP", "response_header_mode": "SEND",
+            "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP"}
+        assert answers["allow_mode_override"] is True
+        assert answers["metadata_options"]["forwarding_namespaces"]["untyped"] == [
+            "envoy.filters.http.ext_authz", "envoy.filters.http.ext_proc"]
         assert "with_request_body" not in http_filter(manager, "envoy.filters.http.ext_authz")
         ext_proc = http_filter(manager, "envoy.filters.http.ext_proc")
         assert ext_proc.get("failure_mode_allow", False) is False
@@ -169,6 +176,7 @@ class TestGenerator:
             else:
                 assert "mcp_tool_rules" not in extensions
                 assert per_filter["envoy.filters.http.ext_proc"]["disabled"] is True
+                assert per_filter["mcp_ext_authz.answers"]["disabled"] is True
         assert http_filter(manager, "envoy.filters.http.router")["suppress_envoy_headers"]
         out = tmp_path / "envoy.yaml"
         out.write_text(result.stdout)

@@ -104,13 +104,16 @@ class TestJudging:
         first, second = await exchange(sidecar, [headers(pairs=pairs), body(data)])
         sent = second.request_body.response.body_mutation.streamed_response.body
         fresh = json.loads(sent)["params"]["name"]
-        assert fresh.startswith("hidden-") and len(fresh) == len("hidden-") + 32
+        assert fresh.startswith("hidden-")
+        assert len(fresh) == len("hidden-") + 32
         assert sent == data.replace(b"delete_repo", fresh.encode())
         mutation = first.request_headers.response.header_mutation
         assert {(h.header.key, h.header.raw_value) for h in mutation.set_headers} == {
             ("mcp-name", fresh.encode()), ("content-length", str(len(sent)).encode())}
         assert list(mutation.remove_headers) == ["accept-encoding"]
-        assert first.mode_override.response_body_mode == 4  # FULL_DUPLEX_STREAMED
+        said = first.dynamic_metadata.fields["envoy.filters.http.ext_proc"].struct_value
+        assert said.fields["answer"].string_value == "call"
+        assert json.loads(said.fields["renamed"].string_value) == {fresh: "delete_repo"}
 
     async def test_local_answers_when_configured(self) -> None:
         """unknown_tool_reply: tool_error: the sidecar answers in Envoy's place."""
@@ -168,6 +171,90 @@ class TestJudging:
         [answer] = await exchange(sidecar, [headers({**CALLER, "server": "vault"}),
                                             body(call("whoami"))])
         assert immediate(answer) == (404, {"error": "not_found"})
+
+
+def answer_headers(said: dict[str, str] | None, content_type: str,
+                   end_of_stream: bool = False, **extra: str) -> pb.ProcessingRequest:
+    """The answers filter's first message: the answer's headers, and the metadata."""
+    request = pb.ProcessingRequest()
+    for key, value in (("content-type", content_type), (":status", "200"), *extra.items()):
+        request.response_headers.headers.headers.add(key=key.replace("_", "-"),
+                                                      raw_value=value.encode())
+    request.response_headers.end_of_stream = end_of_stream
+    request.metadata_context.filter_metadata["envoy.filters.http.ext_authz"].update(CALLER)
+    if said is not None:
+        request.metadata_context.filter_metadata["envoy.filters.http.ext_proc"].update(said)
+    return request
+
+
+def answer_body(data: bytes, end_of_stream: bool = True) -> pb.ProcessingRequest:
+    request = pb.ProcessingRequest()
+    request.response_body.body = data
+    request.response_body.end_of_stream = end_of_stream
+    return request
+
+
+LISTED = json.dumps({"jsonrpc": "2.0", "id": 1, "result": {"tools": [
+    {"name": "whoami"}, {"name": "delete_repo"}, {"name": "search"}]}},
+    separators=(",", ":")).encode()
+LISTED_OUTSIDE = LISTED.replace(b',{"name":"delete_repo"}', b"")
+
+
+class TestAnswers:
+    async def test_a_json_tools_list_is_filtered_whole(self, sidecar: Sidecar) -> None:
+        """BUFFERED for JSON; the hidden tool gone, the length set to match."""
+        head, body_answer = await exchange(sidecar, [
+            answer_headers({"answer": "list", "renamed": "{}"}, "application/json",
+                           content_length=str(len(LISTED))),
+            answer_body(LISTED)])
+        assert head.mode_override.response_body_mode == 2  # BUFFERED
+        common = body_answer.response_body.response
+        assert common.body_mutation.body == LISTED_OUTSIDE
+        assert [(h.header.key, h.header.raw_value) for h in
+                common.header_mutation.set_headers] == [
+            ("content-length", str(len(LISTED_OUTSIDE)).encode())]
+
+    async def test_an_sse_tools_list_is_filtered_event_by_event(self,
+                                                               sidecar: Sidecar) -> None:
+        """STREAMED for SSE: events rewritten as they complete, framing kept, no length."""
+        event = b"event: message\r\nid: 9\r\ndata: " + LISTED + b"\r\n\r\n"
+        head, first, second = await exchange(sidecar, [
+            answer_headers({"answer": "list", "renamed": "{}"}, "text/event-stream"),
+            answer_body(event[:30], False), answer_body(event[30:])])
+        assert head.mode_override.response_body_mode == 1  # STREAMED
+        assert list(head.response_headers.response.header_mutation.remove_headers) == [
+            "content-length"]
+        assert first.response_body.response.body_mutation.body == b""
+        assert second.response_body.response.body_mutation.body == event.replace(
+            LISTED, LISTED_OUTSIDE)
+
+    async def test_a_fresh_name_is_put_back(self, sidecar: Sidecar) -> None:
+        """The server's unknown-tool answer names the caller's tool again."""
+        answer = b'{"result":{"content":[{"text":"Unknown tool: hidden-ab12"}]}}'
+        _, body_answer = await exchange(sidecar, [
+            answer_headers({"answer": "call", "renamed": '{"hidden-ab12": "delete_repo"}'},
+                           "application/json"), answer_body(answer)])
+        assert body_answer.response_body.response.body_mutation.body == answer.replace(
+            b"hidden-ab12", b"delete_repo")
+
+    @pytest.mark.parametrize(
+        ("said", "content_type", "end"),
+        [(None, "application/json", False), ({"answer": "list"}, "text/html", False),
+         ({"answer": "list"}, "application/json", True)],
+        ids=["not-asked", "other-type", "no-body"])
+    async def test_other_answers_pass(self, sidecar: Sidecar, said: dict[str, str] | None,
+                                      content_type: str, end: bool) -> None:
+        """No tools/call or tools/list, another media type, or no body: headers go on, and
+        the body is never asked for (the GET stream above all)."""
+        [head] = await exchange(sidecar, [answer_headers(said, content_type, end)])
+        assert head.WhichOneof("response") == "response_headers"
+        assert not head.HasField("mode_override")
+
+    async def test_a_compressed_answer_is_refused(self, sidecar: Sidecar) -> None:
+        """A tools/list answer that cannot be read cannot pass unfiltered: a 500."""
+        [head] = await exchange(sidecar, [answer_headers(
+            {"answer": "list", "renamed": "{}"}, "application/json", content_encoding="gzip")])
+        assert immediate(head)[0] == 500
 
 
 class TestFailingClosed:
