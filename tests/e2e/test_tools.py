@@ -3,7 +3,8 @@
 Callers: 127.0.0.1 (internal), 127.0.0.2 (external) and 127.0.0.3 (the `partners`
 network). Servers, both demo MCP servers with the tools `whoami` and `add`:
 - `pub`: public; its `add` is internal-only but visible to partners.
-- `billing`: internal-only, visible to partners; its `add` is internal-only.
+- `billing`: internal-only, visible to partners; its `add` is internal-only, and the sidecar
+  answers for it (`unknown_tool_reply: tool_error`) where `pub`'s server does (the default).
 The MCP SDK client plays each caller; raw HTTP sends what the SDK would not (batches, bad
 bodies, forged MCP headers).
 """
@@ -94,7 +95,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                         "available_on_public_internet": False, "visible_to": ["partners"]}}},
                     "billing": {"available_on_public_internet": False,
                                 "visible_to": ["partners"], "oauth2": oauth2,
-                                "tools": {"add": {}}},
+                                "tools": {"add": {}}, "unknown_tool_reply": "tool_error"},
                 },
             }
             config_path = workdir / "sidecar.yaml"
@@ -153,6 +154,8 @@ def shape(result: Any, tool: str) -> Any:
 
 
 VISIBLE, HIDDEN, MISSING = "visible", "hidden", "missing"
+# How each server's hidden tools are answered: renamed for the server, or a local reply.
+HIDDEN_REASON = {"pub": "tool_hidden", "billing": "tool_not_found"}
 
 MATRIX = [
     # caller, server, tool, expected
@@ -187,7 +190,8 @@ class TestToolsWithTheSdkClient:
         else:
             missing = call_tool(stack, INTERNAL, server, "no-such-tool")
             assert shape(result, tool) == shape(missing, "no-such-tool")
-            assert decision["reason"] == ("tool_not_found" if expected == HIDDEN else "allowed")
+            assert decision["reason"] == (HIDDEN_REASON[server] if expected == HIDDEN
+                                          else "allowed")
             # Only configured tools are named in logs and metrics.
             assert decision["tool"] == (tool if expected == HIDDEN else "")
 
@@ -227,20 +231,40 @@ def headers_of(response: httpx.Response) -> set[tuple[str, str]]:
     return {(k, v) for k, v in response.headers.items() if k not in ("date", "content-length")}
 
 
+def header_list(response: httpx.Response) -> list[tuple[str, str]]:
+    return [(k, v) for k, v in response.headers.items() if k not in ("date", "content-length")]
+
+
 class TestRawRequests:
-    def test_hidden_and_missing_tools_answer_alike_on_the_wire(self, stack: Stack) -> None:
+    @pytest.mark.parametrize(("source", "server"), [(EXTERNAL, "pub"), (PARTNER, "billing")],
+                             ids=["server-answers", "local-reply"])
+    def test_hidden_and_missing_tools_answer_alike_on_the_wire(self, stack: Stack, source: str,
+                                                               server: str) -> None:
         """Same status, headers and body (but for the name) from Envoy, for any id."""
         for rpc_id in (7, "req-7"):
-            hidden = stack.post(EXTERNAL, "pub", json.dumps(tools_call("add", rpc_id)))
-            missing = stack.post(EXTERNAL, "pub", json.dumps(tools_call("zzz", rpc_id)))
+            hidden = stack.post(source, server, json.dumps(tools_call("add", rpc_id)))
+            missing = stack.post(source, server, json.dumps(tools_call("zzz", rpc_id)))
             assert hidden.status_code == missing.status_code == 200
-            assert headers_of(hidden) == headers_of(missing)
+            if server == "pub":
+                # The server's own answer: the very same headers, in the same order.
+                assert header_list(hidden) == header_list(missing)
+            else:
+                assert headers_of(hidden) == headers_of(missing)
             assert hidden.content.replace(b"add", b"zzz") == missing.content
+            assert b"hidden-" not in hidden.content  # the fresh name never comes back
 
-    def test_hidden_tool_notification_is_accepted_silently(self, stack: Stack) -> None:
-        """A notification calling a hidden tool gets the 202 any notification gets."""
+    def test_hidden_tool_notification_reaches_the_server_renamed(self, stack: Stack) -> None:
+        """A notification calling a hidden tool gets the server's own 202."""
         hidden = stack.post(EXTERNAL, "pub", json.dumps(tools_call("add", None)))
         missing = stack.post(EXTERNAL, "pub", json.dumps(tools_call("zzz", None)))
+        assert hidden.status_code == missing.status_code == 202
+        assert hidden.content == missing.content
+        assert header_list(hidden) == header_list(missing)
+
+    def test_hidden_tool_notification_with_a_local_reply(self, stack: Stack) -> None:
+        """A local reply to a notification is the 202 any notification gets."""
+        hidden = stack.post(PARTNER, "billing", json.dumps(tools_call("add", None)))
+        missing = stack.post(PARTNER, "billing", json.dumps(tools_call("zzz", None)))
         assert (hidden.status_code, hidden.content) == (missing.status_code, missing.content)
         assert hidden.status_code == 202
         # Envoy drops the content-type of a local reply with no body: the one difference.
@@ -248,31 +272,45 @@ class TestRawRequests:
         assert headers_of(hidden) <= headers_of(missing)
 
     @pytest.mark.parametrize(
-        ("body", "reason"),
+        ("source", "server", "body", "reason"),
         [
             # JSON's other spellings of the same method and name are read as the server would.
-            (r'{"jsonrpc":"2.0","id":1,"method":"tools\/call","params":{"name":"\u0061dd"}}',
+            (EXTERNAL, "pub",
+             r'{"jsonrpc":"2.0","id":1,"method":"tools\/call","params":{"name":"\u0061dd"}}',
+             "tool_hidden"),
+            (PARTNER, "billing",
+             r'{"jsonrpc":"2.0","id":1,"method":"tools\/call","params":{"name":"\u0061dd"}}',
              "tool_not_found"),
-            (json.dumps([tools_call("whoami", 1), tools_call("add", 2)]), "batch_refused"),
-            (json.dumps([tools_call("whoami", 1), tools_call("whoami", 2)]), "allowed"),
+            # Renamed message by message, a batch goes on; a local reply cannot answer a
+            # batch message by message, so there it is refused whole.
+            (EXTERNAL, "pub", json.dumps([tools_call("whoami", 1), tools_call("add", 2)]),
+             "tool_hidden"),
+            (PARTNER, "billing", json.dumps([tools_call("whoami", 1), tools_call("add", 2)]),
+             "batch_refused"),
+            (EXTERNAL, "pub", json.dumps([tools_call("whoami", 1), tools_call("whoami", 2)]),
+             "allowed"),
             # Every body is parsed now, tools/call in it or not: the batch limit holds.
-            (json.dumps([rpc("tools/list", rpc_id=i) for i in range(MAX_BATCH + 1)]),
+            (EXTERNAL, "pub",
+             json.dumps([rpc("tools/list", rpc_id=i) for i in range(MAX_BATCH + 1)]),
              "bad_mcp_request"),
         ],
-        ids=["escaped", "batch-with-hidden-tool", "batch-of-visible-tools", "batch-no-calls"],
+        ids=["escaped", "escaped-local-reply", "batch-with-hidden-tool",
+             "batch-with-hidden-tool-local-reply", "batch-of-visible-tools", "batch-no-calls"],
     )
-    def test_bodies_read_as_the_server_reads_them(self, stack: Stack, body: str,
-                                                  reason: str) -> None:
-        """Escapes are decoded; a batch is refused whole if it calls any hidden tool."""
+    def test_bodies_read_as_the_server_reads_them(self, stack: Stack, source: str, server: str,
+                                                  body: str, reason: str) -> None:
+        """Escapes are decoded; a batch calling a hidden tool is renamed or refused whole."""
         before = len(stack.decisions())
-        response = stack.post(EXTERNAL, "pub", body)
+        response = stack.post(source, server, body)
         assert stack.last_decision(before)["reason"] == reason
         if reason == "batch_refused":
             assert response.status_code == 400
             assert response.json() == {"jsonrpc": "2.0", "id": None,
                                        "error": {"code": -32600, "message": "Batch refused"}}
-        if reason == "tool_not_found":
-            assert "Unknown tool: add" in response.text
+        if reason in ("tool_hidden", "tool_not_found"):
+            assert "hidden-" not in response.text
+            if not body.startswith("["):
+                assert "Unknown tool: add" in response.text
 
     @pytest.mark.parametrize(
         ("body", "headers", "code", "words"),
@@ -310,20 +348,30 @@ class TestRawRequests:
             "padding": "x" * MAX_BODY}}))
         assert stack.post(INTERNAL, "pub", body).status_code == 413
 
-    def test_requests_that_are_not_tool_calls_pass(self, stack: Stack) -> None:
-        """tools/list is not filtered (ext_authz cannot rewrite answers): it lists `add`."""
-        response = stack.post(EXTERNAL, "pub", json.dumps(rpc("tools/list")))
+    @pytest.mark.parametrize(("source", "server", "names"), [
+        (EXTERNAL, "pub", {"whoami", "wait"}),
+        (INTERNAL, "pub", {"whoami", "add", "wait"}),
+        (PARTNER, "pub", {"whoami", "add", "wait"}),
+        (PARTNER, "billing", {"whoami", "wait"}),
+        (INTERNAL, "billing", {"whoami", "add", "wait"}),
+    ])
+    def test_tools_list_names_only_what_the_caller_may_call(self, stack: Stack, source: str,
+                                                            server: str,
+                                                            names: set[str]) -> None:
+        """tools/list answers pass through the answers filter, which drops hidden tools."""
+        response = stack.post(source, server, json.dumps(rpc("tools/list")))
         assert response.status_code == 200
-        names = {tool["name"] for tool in response.json()["result"]["tools"]}
-        assert names == {"whoami", "add", "wait"}
+        assert {tool["name"] for tool in response.json()["result"]["tools"]} == names
 
     def test_metrics_name_only_configured_tools(self, stack: Stack) -> None:
         """checks_total carries the tool label for configured tools, "" for the rest."""
         stack.post(EXTERNAL, "pub", json.dumps(tools_call("add")))
+        stack.post(PARTNER, "billing", json.dumps(tools_call("add")))
         stack.post(EXTERNAL, "pub", json.dumps(tools_call("made-up-by-a-client")))
         text = httpx.get(f"{stack.admin}/metrics", timeout=5).text
-        assert re.search(r'mcp_ext_authz_body_checks_total\{[^}]*reason="tool_not_found"'
-                         r'[^}]*tool="add"\} [1-9]', text)
+        for reason in ("tool_hidden", "tool_not_found"):
+            assert re.search(r'mcp_ext_authz_body_checks_total\{[^}]*reason="' + reason +
+                             r'"[^}]*tool="add"\} [1-9]', text), reason
         assert "made-up-by-a-client" not in text
 
 
