@@ -71,6 +71,7 @@ from envoy_data_plane.envoy.extensions.filters.http.ext_authz.v3 import (
 )
 from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
     ExternalProcessor,
+    ExtProcOverrides,
     ExtProcPerRoute,
     MetadataOptions,
     MetadataOptionsMetadataNamespaces,
@@ -128,6 +129,10 @@ EXT_PROC_TIMEOUT = timedelta(seconds=2)
 # against the sidecar's own 503.
 AUTHZ_TIMEOUT_MARGIN_S = 0.5
 DEFAULT_STREAM_IDLE_TIMEOUT_S = 300  # Envoy's own default, for the routes that are not MCP's
+# An ext_proc filter that is off by default, turned on for one route: Envoy turns on a
+# filter that a route configures (here with nothing to override). FilterConfig's own way,
+# an empty Any, has no JSON or YAML spelling.
+_ENABLED = AnyMessage.pack(ExtProcPerRoute(overrides=ExtProcOverrides()))
 # The system's CAs where Envoy runs: Debian, Ubuntu and the envoyproxy/envoy image keep them
 # here. Elsewhere, give --upstream-ca.
 SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
@@ -331,11 +336,11 @@ def _per_route(config: Config, server: str) -> dict[str, AnyMessage]:
     if _has_tool_rules(config, server):
         # ext_authz decides the server from the headers alone, before any body is buffered
         # (a hidden server then answers exactly as an unknown one, whatever the body); the
-        # ext_proc filter after it reads the body for the tool rules.
+        # ext_proc filters after it, off everywhere else, read the body for the tool rules
+        # and rewrite the answer.
         extensions[TOOL_RULES_EXTENSION] = TOOL_RULES_BY_EXT_PROC
-    elif _reads_bodies(config):
         for name in (EXT_PROC_FILTER, ANSWERS_FILTER):
-            per_filter[name] = AnyMessage.pack(ExtProcPerRoute(disabled=True))
+            per_filter[name] = _ENABLED
     settings = CheckSettings(context_extensions=extensions)
     per_filter[EXT_AUTHZ_FILTER] = AnyMessage.pack(ExtAuthzPerRoute(check_settings=settings))
     return per_filter
@@ -497,9 +502,14 @@ def _connection_manager(config: Config, upstreams: Mapping[str, UpstreamAddress]
         HttpFilter(name=EXT_AUTHZ_FILTER, typed_config=AnyMessage.pack(authz)),
     ]
     if _reads_bodies(config):
-        filters.append(HttpFilter(name=EXT_PROC_FILTER,
+        # Off unless a route turns them on (the routes of servers with tool rules): not
+        # "on unless a route turns them off", which would also hold Envoy's own answers
+        # that match no route (a 431 for a too-long header) until the sidecar had seen
+        # them, and Envoy closes such a connection without waiting: the caller got nothing.
+        filters.append(HttpFilter(name=EXT_PROC_FILTER, disabled=True,
                                   typed_config=AnyMessage.pack(_ext_proc(config))))
-        filters.append(HttpFilter(name=ANSWERS_FILTER, typed_config=AnyMessage.pack(_answers())))
+        filters.append(HttpFilter(name=ANSWERS_FILTER, disabled=True,
+                                  typed_config=AnyMessage.pack(_answers())))
     # No x-envoy-upstream-service-time on upstream answers: an answer the sidecar makes (a
     # hidden tool's) must not be told apart from the upstream's by it.
     filters.append(HttpFilter(name="envoy.filters.http.router",

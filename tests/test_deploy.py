@@ -156,6 +156,8 @@ class TestGenerator:
             "envoy.filters.http.ext_authz", "envoy.filters.http.ext_proc"]
         assert "with_request_body" not in http_filter(manager, "envoy.filters.http.ext_authz")
         ext_proc = http_filter(manager, "envoy.filters.http.ext_proc")
+        assert [f.get("disabled", False) for f in manager["http_filters"]] == [
+            False, False, True, True, False]
         assert ext_proc.get("failure_mode_allow", False) is False
         assert ext_proc["processing_mode"] == {  # response_body_mode NONE is the default
             "request_header_mode": "SEND", "response_header_mode": "SKIP",
@@ -170,13 +172,18 @@ class TestGenerator:
             per_filter = route["typed_per_filter_config"]
             extensions = per_filter["envoy.filters.http.ext_authz"]["check_settings"][
                 "context_extensions"]
+            # Both ext_proc filters are off unless a route turns them on: not even Envoy's
+            # own answers to requests that match no route (a 431) wait for the sidecar.
             if path.startswith("/mcp/a"):
                 assert extensions["mcp_tool_rules"] == "ext_proc"
-                assert "envoy.filters.http.ext_proc" not in per_filter
+                for name in ("envoy.filters.http.ext_proc", "mcp_ext_authz.answers"):
+                    assert per_filter[name] == {"@type": "type.googleapis.com/envoy.extensions."
+                                                "filters.http.ext_proc.v3.ExtProcPerRoute",
+                                                "overrides": {}}
             else:
                 assert "mcp_tool_rules" not in extensions
-                assert per_filter["envoy.filters.http.ext_proc"]["disabled"] is True
-                assert per_filter["mcp_ext_authz.answers"]["disabled"] is True
+                assert "envoy.filters.http.ext_proc" not in per_filter
+                assert "mcp_ext_authz.answers" not in per_filter
         assert http_filter(manager, "envoy.filters.http.router")["suppress_envoy_headers"]
         out = tmp_path / "envoy.yaml"
         out.write_text(result.stdout)

@@ -126,7 +126,7 @@ class TestDirectClients:
         port = envoy_port(compose)
         since = len(compose.json_lines("mcp-internal"))
         tools, whoami = use_server(compose, "client-external", url(envoy, port, "/mcp/public"))
-        assert tools == {"whoami", "add", "wait"}
+        assert tools == {"whoami", "wait"}  # `add` is internal-only: not listed to outsiders
         assert whoami["authorization"].startswith("Bearer demo-demo-public-")
         hidden = mcp_error(compose, "client-external", url(envoy, port, "/mcp/internal"))
         missing = mcp_error(compose, "client-external", url(envoy, port, "/mcp/missing"))
