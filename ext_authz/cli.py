@@ -257,7 +257,7 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
             sidecar_tls=None if args.sidecar_ca is None else SidecarTLS(
                 args.sidecar_ca, args.sidecar_cert, args.sidecar_key, args.sidecar_sni),
             upstream_ca=args.upstream_ca,
-            timeouts=Timeouts(args.request_timeout, args.idle_timeout),
+            timeouts=Timeouts(args.request_timeout, args.idle_timeout, args.receive_timeout),
         )
     except ValueError as exc:
         print(f"envoy-config: {exc}", file=sys.stderr)
@@ -390,6 +390,10 @@ def build_parser() -> argparse.ArgumentParser:
     envoy.add_argument("--idle-timeout", type=_seconds, default=0.0, metavar="SECONDS",
                        help="limit on an MCP stream sitting silent (default 0: none; a GET"
                             " stream may idle for hours)")
+    envoy.add_argument("--receive-timeout", type=_seconds, default=None, metavar="SECONDS",
+                       help="limit on receiving a request whole and judging it, before it"
+                            " goes upstream; 408 past it (default 30, or longer than"
+                            " tokens.timeout_s; 0: none)")
     envoy.add_argument("--sidecar-ca", default=None, metavar="FILE",
                        help="CA that signed the sidecar's certificate (when grpc.tls is set)")
     envoy.add_argument("--sidecar-cert", default=None, metavar="FILE",

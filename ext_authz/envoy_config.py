@@ -42,6 +42,9 @@ from envoy_data_plane.envoy.config.core.v3 import (
     Http1ProtocolOptions,
     Http2ProtocolOptions,
     JsonFormatOptions,
+)
+from envoy_data_plane.envoy.config.core.v3 import HttpProtocolOptions as CommonProtocolOptions
+from envoy_data_plane.envoy.config.core.v3 import (
     Pipe,
     SocketAddress,
     SubstitutionFormatString,
@@ -118,6 +121,9 @@ from .routing import NO_SERVER, TOOL_RULES_BY_EXT_PROC, TOOL_RULES_EXTENSION
 from .service import EXT_AUTHZ_NAMESPACE, SERVICE_NAME
 
 AUTHZ_CLUSTER = "mcp_ext_authz"
+# The same sidecar, for the request ext_proc filter alone: its streams (headers to judged
+# body) are cut at --receive-timeout, which no other stream to the sidecar may be.
+BODIES_CLUSTER = "mcp_ext_authz_bodies"
 EXT_AUTHZ_FILTER = EXT_AUTHZ_NAMESPACE
 EXT_PROC_FILTER = EXT_PROC_NAMESPACE
 ANSWERS_FILTER = "mcp_ext_authz.answers"  # a second ext_proc filter, for the answers
@@ -129,6 +135,7 @@ EXT_PROC_TIMEOUT = timedelta(seconds=2)
 # against the sidecar's own 503.
 AUTHZ_TIMEOUT_MARGIN_S = 0.5
 DEFAULT_STREAM_IDLE_TIMEOUT_S = 300  # Envoy's own default, for the routes that are not MCP's
+DEFAULT_RECEIVE_TIMEOUT_S = 30.0
 # An ext_proc filter that is off by default, turned on for one route: Envoy turns on a
 # filter that a route configures (here with nothing to override). FilterConfig's own way,
 # an empty Any, has no JSON or YAML spelling.
@@ -178,13 +185,36 @@ class Timeouts:
     MCP needs both unlimited by default: a tool call may run for minutes before it answers,
     and a server-to-client GET stream may carry nothing for hours. Envoy's own defaults
     (a 15 s route timeout, a 300 s stream idle timeout) cut both.
+
+    The request itself, though, must arrive in `receive_s` (408 past it, HCM
+    request_timeout), and be judged in as long again (500, the bodies cluster's
+    max_stream_duration): ext_proc reads the body in FULL_DUPLEX_STREAMED mode, to which
+    Envoy 1.40 applies no message_timeout, so a sidecar that took the stream and never
+    answered would hold the request for ever (never forwarding it). The sidecar ends each
+    such stream as soon as it has judged the request.
     """
 
     request_s: float = 0  # the whole request and its answer (RouteAction.timeout)
     idle_s: float = 0  # no bytes either way (RouteAction.idle_timeout)
+    # Until the request is sent upstream whole (HCM request_timeout). None: 30 s, or longer
+    # when a cold token fetch may take longer (its 503 must beat Envoy's 408).
+    receive_s: float | None = None
+
+    def receive(self, config: Config) -> float:
+        """The receive limit for this config; a ValueError if it would cut a token fetch."""
+        fetch = config.tokens.timeout_s + AUTHZ_TIMEOUT_MARGIN_S
+        if self.receive_s is None:
+            return max(DEFAULT_RECEIVE_TIMEOUT_S, fetch + AUTHZ_TIMEOUT_MARGIN_S)
+        if 0 < self.receive_s <= fetch:
+            raise ValueError(f"--receive-timeout {self.receive_s:g} must be longer than"
+                             f" tokens.timeout_s + {AUTHZ_TIMEOUT_MARGIN_S:g} ({fetch:g}), or"
+                             " a slow token fetch ends in Envoy's 408 rather than the"
+                             " sidecar's 503")
+        return self.receive_s
 
     def __post_init__(self) -> None:
-        for name, value in (("request", self.request_s), ("idle", self.idle_s)):
+        for name, value in (("request", self.request_s), ("idle", self.idle_s),
+                            ("receive", self.receive_s or 0)):
             if not 0 <= value <= MAX_TIMEOUT_S:
                 raise ValueError(f"--{name}-timeout {value:g}: give 0 (no limit) or up to"
                                  f" {MAX_TIMEOUT_S} seconds")
@@ -283,8 +313,15 @@ def _address(address: SidecarAddress) -> Address:
                                                 port_value=address.port))
 
 
-def _authz_cluster(sidecars: list[SidecarAddress], tls: SidecarTLS | None) -> Cluster:
-    cluster = _cluster(AUTHZ_CLUSTER, sidecars, protocol="h2")
+def _authz_cluster(name: str, sidecars: list[SidecarAddress], tls: SidecarTLS | None,
+                   max_stream_s: float = 0) -> Cluster:
+    cluster = _cluster(name, sidecars, protocol="h2")
+    if max_stream_s:
+        options = _protocol("h2")
+        options.common_http_protocol_options = CommonProtocolOptions(
+            max_stream_duration=timedelta(seconds=max_stream_s))
+        cluster.typed_extension_protocol_options[
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"] = AnyMessage.pack(options)
     if tls is not None:
         cluster.transport_socket = _transport_socket(tls)
     # Envoy sends no checks to a sidecar until its tokens are warm (health SERVING).
@@ -375,7 +412,7 @@ def _ext_proc(config: Config) -> ExternalProcessor:
     # once it has judged the whole body, or refuses (413 past mcp.max_body_bytes). In
     # BUFFERED mode, Envoy 1.40 stalls a request whose body passes its buffer limit.
     return ExternalProcessor(
-        grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=AUTHZ_CLUSTER)),
+        grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=BODIES_CLUSTER)),
         failure_mode_allow=False,  # a body the sidecar did not judge never reaches a server
         processing_mode=ProcessingMode(
             request_header_mode=ProcessingModeHeaderSendMode.SEND,
@@ -529,6 +566,7 @@ def _connection_manager(config: Config, upstreams: Mapping[str, UpstreamAddress]
         # Other routes (the catch-all) keep Envoy's default, said here so it can be seen;
         # the MCP routes set their own (Timeouts).
         stream_idle_timeout=timedelta(seconds=DEFAULT_STREAM_IDLE_TIMEOUT_S),
+        request_timeout=timedelta(seconds=timeouts.receive(config)),
         route_config=RouteConfiguration(
             name="mcp", virtual_hosts=_routes(config, upstreams, timeouts),
             # Envoy sets this header only on requests it deems edge requests, and passes a
@@ -620,7 +658,11 @@ def build_bootstrap(
             typed_config=AnyMessage.pack(_connection_manager(config, resolved, timeouts)),
         )])],
     )
-    clusters = [_authz_cluster(sidecar_endpoints(sidecar, workers), sidecar_tls)]
+    sidecars = sidecar_endpoints(sidecar, workers)
+    clusters = [_authz_cluster(AUTHZ_CLUSTER, sidecars, sidecar_tls)]
+    if _reads_bodies(config):
+        clusters.append(_authz_cluster(BODIES_CLUSTER, sidecars, sidecar_tls,
+                                       timeouts.receive(config)))
     clusters += [_upstream_cluster(name, resolved[name], upstream_ca)
                  for name in sorted(config.servers)]
     return Bootstrap(

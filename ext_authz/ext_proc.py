@@ -92,7 +92,9 @@ class _Answer:
     renamed: dict[str, str]  # fresh name -> the caller's
     tool_visible: Callable[[str], bool] | None  # set when tools/list answers are filtered
     length_given: bool = False
-    events: EventStream | None = None
+    sse: bool = False
+    plain: bool = False  # neither JSON nor SSE (an error page): names put back unescaped
+    events: EventStream | None = None  # an SSE answer of unknown length, as it streams
 
     def text(self, text: str) -> str | None:
         """One JSON text of the answer, rewritten; None when it stays as it is."""
@@ -205,12 +207,10 @@ class ExternalProcessingService:
         # context.read()/write() rather than iterating and yielding: measured 1.3x to 1.6x
         # the messages per second of the async-generator style (bench: direct ext_proc).
         request = _Request(self.authz.state)  # a request is judged on one config generation
-        while True:
+        while not request.done:
             message = await context.read()
             if not isinstance(message, ext_proc_pb2.ProcessingRequest):
                 break  # grpc.aio.EOF: Envoy is done sending
-            if request.done:
-                continue  # pieces Envoy sent before it took our answer: nothing to say
             try:
                 answers = self._answer(request, message)
             except Exception:
@@ -219,6 +219,9 @@ class ExternalProcessingService:
                 answers = [_internal_error()]
             for answer in answers:
                 await context.write(answer)
+        # Done: the stream ends here (status OK), not when the HTTP exchange does. Envoy
+        # sends nothing more, a long tool call holds no stream in the sidecar, and the
+        # bodies cluster's max_stream_duration bounds only the judging.
         if not request.judged:
             # Ending cleanly now would let Envoy forward the request (or answer) unjudged.
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
@@ -232,6 +235,7 @@ class ExternalProcessingService:
         if kind == "response_headers":
             return self._answer_headers(request, message)
         if kind == "response_body" and request.answer is not None:
+            request.done = message.response_body.end_of_stream
             return self._answer_body(request.answer, message.response_body)
         if request.decision is None or request.judged:
             raise ValueError(f"ext_proc message {kind!r} out of order")
@@ -311,8 +315,11 @@ class ExternalProcessingService:
         rewrite = said.get("answer", "")
         headers = dict(_header_pairs(message.response_headers))
         media = headers.get("content-type", "").split(";")[0].strip().lower()
-        if not rewrite or message.response_headers.end_of_stream or media not in (
-                "application/json", "text/event-stream"):
+        renamed = json.loads(said.get("renamed", "{}"))
+        plain = media not in ("application/json", "text/event-stream")
+        # No client reads a tools/list out of another media type; but a fresh name, in any
+        # answer, would tell a hidden tool from a missing one.
+        if not rewrite or message.response_headers.end_of_stream or (plain and not renamed):
             request.done = True  # nothing of this answer is to be rewritten
             return [response.SerializeToString()]
         encoding = headers.get("content-encoding", "identity").lower()
@@ -325,16 +332,18 @@ class ExternalProcessingService:
                 raise ValueError("a tools/list answer without the decision that asked for it")
             server, placement = decision.server, decision.placement
             tool_visible = functools.partial(server.tool_visible, placement=placement)
-        answer = _Answer(json.loads(said.get("renamed", "{}")), tool_visible,
-                         length_given="content-length" in headers)
+        answer = _Answer(renamed, None if plain else tool_visible,
+                         length_given="content-length" in headers,
+                         sse=media == "text/event-stream", plain=plain)
         request.answer = answer
-        if media == "application/json":
-            response.mode_override.CopyFrom(_WHOLE)  # the length is set with the new body
-        else:
+        if answer.sse and not answer.length_given:
+            # A stream of unknown length (it may stay open): event by event, as it comes.
             answer.events = EventStream(answer.text, MAX_ANSWER_BYTES)
             response.mode_override.CopyFrom(_PIECES)
-            response.response_headers.response.header_mutation.remove_headers.append(
-                "content-length")
+        else:
+            # JSON, or SSE of a length the server said (the TypeScript SDK's, sent in one
+            # write): whole, the length set anew with the new body, as the server would.
+            response.mode_override.CopyFrom(_WHOLE)
         return [response.SerializeToString()]
 
     def _answer_body(self, answer: _Answer, piece: ext_proc_pb2.HttpBody) -> list[bytes]:
@@ -349,9 +358,17 @@ class ExternalProcessingService:
         if len(piece.body) > MAX_ANSWER_BYTES:
             raise ValueError(f"an answer to rewrite is over {MAX_ANSWER_BYTES} bytes")
         data = piece.body  # BUFFERED: the whole body, once
-        rewritten = answer.text(data.decode("utf-8", "surrogateescape"))
-        if rewritten is not None:
-            data = rewritten.encode("utf-8", "surrogateescape")
+        if answer.sse:
+            events = EventStream(answer.text, MAX_ANSWER_BYTES)
+            rewritten_data: bytes | None = events.feed(data) + events.finish()
+        elif answer.plain:
+            rewritten_data = restore(data, answer.renamed, escape=False)
+        else:
+            rewritten = answer.text(data.decode("utf-8", "surrogateescape"))
+            rewritten_data = (None if rewritten is None
+                              else rewritten.encode("utf-8", "surrogateescape"))
+        if rewritten_data is not None and rewritten_data != data:
+            data = rewritten_data
             common.body_mutation.body = data
             if answer.length_given:
                 common.header_mutation.set_headers.append(

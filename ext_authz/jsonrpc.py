@@ -338,6 +338,11 @@ def read_tool_calls(body: Body, max_bytes: int, max_batch: int) -> ToolCalls:
         lists_tools = lists_tools or message.get("method") == TOOLS_LIST
         if message.get("method") != TOOLS_CALL:
             continue
+        if message.get("jsonrpc") != "2.0":
+            # A strict server refuses it, echoing the message back (the Python SDK, cut
+            # short: a hidden tool's fresh name would show half put back); a lenient one
+            # runs it. Neither is sure: refused here, for every tool alike.
+            return _refuse(INVALID_REQUEST, 'a tools/call must say "jsonrpc": "2.0"')
         if not isinstance(params, dict) or not isinstance(params.get("name"), str) or not (
                 params["name"]):
             return _refuse(INVALID_PARAMS, "a tools/call has no params.name")

@@ -95,11 +95,18 @@ def _without(text: str, spans: list[tuple[int, int]], drop: set[int]) -> str:
 
 def drop_tools(text: str, callable_tool: Callable[[str], bool]) -> str | None:
     """A tools/list answer (one JSON-RPC message or a batch) without the tools the caller may
-    not call; None when the text is no such answer or nothing is dropped."""
+    not call; None when the text is no such answer or nothing is dropped.
+
+    Text that is not JSON is a ValueError: what this reader cannot read, a more lenient
+    client might, hidden tools and all, so it is never passed on unread. (Empty text, as in
+    an SSE event that only primes the stream, is nothing to drop.)
+    """
+    if not text.strip():
+        return None
     try:
         document = json.loads(text)
     except ValueError:
-        return None
+        raise ValueError("a tools/list answer that is not JSON cannot be checked") from None
     messages = document if isinstance(document, list) else [document]
     prefixes: list[list[str | int]] = (
         [[index] for index in range(len(messages))] if isinstance(document, list) else [[]])
@@ -147,12 +154,12 @@ def rename(text: str, renames: dict[Path, str]) -> str:
     return text
 
 
-def restore(data: bytes, renamed: dict[str, str]) -> bytes:
-    """A server's answer with each fresh name replaced by the caller's, JSON-escaped as the
-    JSON strings the fresh name appears in need it."""
+def restore(data: bytes, renamed: dict[str, str], *, escape: bool = True) -> bytes:
+    """A server's answer with each fresh name replaced by the caller's: JSON-escaped as the
+    JSON strings the fresh name appears in need it (`escape`), or as it is (plain text)."""
     for fresh, original in renamed.items():
-        data = data.replace(fresh.encode(), json.dumps(original, ensure_ascii=False)[1:-1]
-                            .encode())
+        name = json.dumps(original, ensure_ascii=False)[1:-1] if escape else original
+        data = data.replace(fresh.encode(), name.encode())
     return data
 
 
@@ -199,17 +206,14 @@ class EventStream:
         if not data:
             return event
         payload = b"\n".join(_field_value(lines[i]) for i in data)
-        try:
-            text = payload.decode("utf-8")
-        except UnicodeDecodeError:
-            return event
-        rewritten = self.rewrite(text)
+        # Bytes that are not UTF-8 are kept as they came, and read (and checked) all the same.
+        rewritten = self.rewrite(payload.decode("utf-8", "surrogateescape"))
         if rewritten is None:
             return event
         # One data line where the first was, with its line ending; the others go.
         first = lines[data[0]]
         ending = first[len(first.rstrip(b"\r\n")):]
-        lines[data[0]] = b"data: " + rewritten.encode() + ending
+        lines[data[0]] = b"data: " + rewritten.encode("utf-8", "surrogateescape") + ending
         return b"".join(line for i, line in enumerate(lines) if i not in data[1:])
 
 

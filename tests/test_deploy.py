@@ -264,6 +264,31 @@ class TestGenerator:
             route = manager["route_config"]["virtual_hosts"][0]["routes"][0]["route"]
             assert (route["timeout"], route["idle_timeout"]) == (request, idle)
 
+    @pytest.mark.parametrize(
+        ("tokens", "argv", "expected"),
+        [("", [], "30s"), ("tokens: {timeout_s: 60}\n", [], "61s"),
+         ("", ["--receive-timeout", "8"], "8s"), ("", ["--receive-timeout", "0"], "0s")])
+    def test_a_request_must_arrive_and_be_judged_in_time(self, tmp_path: Path, tokens: str,
+                                                        argv: list[str],
+                                                        expected: str) -> None:
+        """HCM request_timeout bounds receiving and judging (ext_proc has no timer in
+        full-duplex mode); by default it outlasts a cold token fetch."""
+        config = tmp_path / "c.yaml"
+        config.write_text(tokens + "servers: {a: {upstream: '127.0.0.1:1'}}\n")
+        result = envoy_config("--config", str(config), *argv)
+        assert result.returncode == 0, result.stderr
+        assert http_manager(yaml.safe_load(result.stdout))["request_timeout"] == expected
+
+    def test_a_receive_limit_that_would_cut_a_token_fetch_is_refused(self,
+                                                                     tmp_path: Path) -> None:
+        """Envoy's 408 must never beat the sidecar's own 503 for a slow token endpoint."""
+        config = tmp_path / "c.yaml"
+        config.write_text("servers: {a: {upstream: '127.0.0.1:1'}}\n")
+        result = envoy_config("--config", str(config), "--receive-timeout", "5")
+        assert result.returncode == 2
+        assert "--receive-timeout 5 must be longer than tokens.timeout_s + 0.5 (5.5)" in (
+            result.stderr)
+
     def test_unix_socket_sidecar(self, tmp_path: Path) -> None:
         """grpc.listen: unix:/path is wired as a pipe, worker i at /path.i."""
         config = tmp_path / "c.yaml"

@@ -216,17 +216,42 @@ class TestAnswers:
 
     async def test_an_sse_tools_list_is_filtered_event_by_event(self,
                                                                sidecar: Sidecar) -> None:
-        """STREAMED for SSE: events rewritten as they complete, framing kept, no length."""
+        """STREAMED for an SSE stream of unknown length: events rewritten as they
+        complete, framing and ids kept."""
         event = b"event: message\r\nid: 9\r\ndata: " + LISTED + b"\r\n\r\n"
         head, first, second = await exchange(sidecar, [
             answer_headers({"answer": "list", "renamed": "{}"}, "text/event-stream"),
             answer_body(event[:30], False), answer_body(event[30:])])
         assert head.mode_override.response_body_mode == 1  # STREAMED
-        assert list(head.response_headers.response.header_mutation.remove_headers) == [
-            "content-length"]
         assert first.response_body.response.body_mutation.body == b""
         assert second.response_body.response.body_mutation.body == event.replace(
             LISTED, LISTED_OUTSIDE)
+
+    async def test_an_sse_answer_of_known_length_is_filtered_whole(self,
+                                                                   sidecar: Sidecar) -> None:
+        """SSE with a Content-Length (sent in one write): BUFFERED, the length set anew."""
+        event = b"event: message\ndata: " + LISTED + b"\n\n"
+        head, body_answer = await exchange(sidecar, [
+            answer_headers({"answer": "list", "renamed": "{}"}, "text/event-stream",
+                           content_length=str(len(event))), answer_body(event)])
+        assert head.mode_override.response_body_mode == 2  # BUFFERED
+        common = body_answer.response_body.response
+        assert common.body_mutation.body == event.replace(LISTED, LISTED_OUTSIDE)
+        assert [(h.header.key, h.header.raw_value) for h in
+                common.header_mutation.set_headers] == [
+            ("content-length", str(len(common.body_mutation.body)).encode())]
+
+    @pytest.mark.parametrize("content_type", ["application/json", "text/event-stream"])
+    async def test_an_unreadable_tools_list_is_a_500(self, sidecar: Sidecar,
+                                                     content_type: str) -> None:
+        """What the sidecar cannot read, a lenient client might: never passed unfiltered."""
+        data = b'{"result":{"tools":[{"name":"delete_repo"}'
+        if content_type == "text/event-stream":
+            data = b"data: " + data + b"\n\n"
+        _, body_answer = await exchange(sidecar, [
+            answer_headers({"answer": "list", "renamed": "{}"}, content_type,
+                           content_length=str(len(data))), answer_body(data)])
+        assert immediate(body_answer)[0] == 500
 
     async def test_a_fresh_name_is_put_back(self, sidecar: Sidecar) -> None:
         """The server's unknown-tool answer names the caller's tool again."""
@@ -236,6 +261,19 @@ class TestAnswers:
                            "application/json"), answer_body(answer)])
         assert body_answer.response_body.response.body_mutation.body == answer.replace(
             b"hidden-ab12", b"delete_repo")
+
+    async def test_a_fresh_name_in_plain_text_is_put_back_as_it_was(self,
+                                                                    sidecar: Sidecar) -> None:
+        """An error page naming the tool: the caller's name, unescaped, in any media type."""
+        answer = b"no tool hidden-ab12 here"
+        head, body_answer = await exchange(sidecar, [
+            answer_headers({"answer": "call", "renamed": '{"hidden-ab12": "a\\"b"}'},
+                           "text/plain", content_length=str(len(answer))),
+            answer_body(answer)])
+        assert head.mode_override.response_body_mode == 2  # BUFFERED
+        common = body_answer.response_body.response
+        assert common.body_mutation.body == b'no tool a"b here'
+        assert common.header_mutation.set_headers[0].header.raw_value == b"16"
 
     @pytest.mark.parametrize(
         ("said", "content_type", "end"),

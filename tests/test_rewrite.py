@@ -63,13 +63,19 @@ class TestDropTools:
         "text",
         [json.dumps(listing(["whoami"])), json.dumps({"jsonrpc": "2.0", "id": 1,
                                                        "error": {"code": -1}}),
-         "not json", json.dumps({"jsonrpc": "2.0", "id": 1, "result": {"tools": "x"}}),
+         "", " \r\n", json.dumps({"jsonrpc": "2.0", "id": 1, "result": {"tools": "x"}}),
          json.dumps({"jsonrpc": "2.0", "id": 1, "result": {"content": [
              {"name": "add"}]}})],
     )
     def test_nothing_to_drop_is_none(self, text: str) -> None:
         """No tools/list result with a hidden tool in it: left as it is."""
         assert drop_tools(text, visible) is None
+
+    @pytest.mark.parametrize("text", ["not json", '{"result": {"tools": [{"name": "add"}', "NaN]"])
+    def test_what_cannot_be_read_is_an_error(self, text: str) -> None:
+        """Never passed on unread: a more lenient client might read hidden tools in it."""
+        with pytest.raises(ValueError, match="not JSON"):
+            drop_tools(text, visible)
 
     @given(names=st.lists(st.sampled_from(["add", "delete_repo", "whoami", "search", "é\"x"]),
                           max_size=6),

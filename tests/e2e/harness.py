@@ -86,10 +86,20 @@ class Process:
         raise RuntimeError(f"{self.name} not ready at {url} ({last}):\n{self.output()}")
 
 
-def start_upstream(name: str, port: int, workdir: Path) -> Process:
-    """The demo's MCP server (official `mcp` SDK), which also echoes request headers."""
-    return Process(f"upstream-{name}", [sys.executable, "-m", "ext_authz.demo", "mcp-server",
-                                        "--name", name, "--port", str(port)], workdir)
+def start_upstream(name: str, port: int, workdir: Path, *, sse: bool = False,
+                   without: Sequence[str] = (), label: str = "") -> Process:
+    """The demo's MCP server (official `mcp` SDK), which also echoes request headers.
+
+    `sse`: it answers POSTs as SSE streams; `without`: it leaves these tools out; `label`
+    names the process (and its log) where several serve the same name.
+    """
+    argv = [sys.executable, "-m", "ext_authz.demo", "mcp-server", "--name", name,
+            "--port", str(port)]
+    if sse:
+        argv.append("--sse")
+    for tool in without:
+        argv += ["--without", tool]
+    return Process(f"upstream-{label or name}", argv, workdir)
 
 
 TS_SERVER = ROOT / "tests" / "e2e" / "ts_server"
@@ -107,11 +117,14 @@ def ensure_npm(folder: Path) -> Path:
     return modules
 
 
-def start_ts_upstream(name: str, port: int, workdir: Path) -> Process:
+def start_ts_upstream(name: str, port: int, workdir: Path, *, without: Sequence[str] = (),
+                      label: str = "") -> Process:
     """The official TypeScript SDK's MCP server behind express.json(), at /mcp/<name>."""
     ensure_npm(TS_SERVER)
-    return Process(f"upstream-{name}", ["node", str(TS_SERVER / "server.mjs"), "--name", name,
-                                        "--port", str(port)], workdir)
+    argv = ["node", str(TS_SERVER / "server.mjs"), "--name", name, "--port", str(port)]
+    if without:
+        argv += ["--without", ",".join(without)]
+    return Process(f"upstream-{label or name}", argv, workdir)
 
 
 def start_sidecar(config_path: Path, workdir: Path, env: dict[str, str] | None = None,

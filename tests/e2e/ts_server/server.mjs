@@ -12,9 +12,13 @@ const args = Object.fromEntries(
     arg.startsWith("--") ? [...pairs, [arg.slice(2), all[i + 1]]] : pairs, []));
 const name = args.name ?? "ts";
 const port = Number(args.port ?? 0);
+// --without a,b: leave these tools out (the server a caller should see, to compare with).
+const without = new Set((args.without ?? "").split(",").filter(Boolean));
 
 function buildServer(req) {
   const server = new McpServer({ name, version: "1.0.0" });
+  const registerTool = server.registerTool.bind(server);
+  server.registerTool = (tool, ...rest) => (without.has(tool) ? undefined : registerTool(tool, ...rest));
   server.registerTool("whoami", { description: "What this server received" }, async () => {
     const authorization = req.headers.authorization ?? null;
     const result = { server: name, authorization };
