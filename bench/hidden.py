@@ -196,7 +196,7 @@ def post_script(workdir: Path, name: str, body: dict[str, Any], list_answer: boo
                "Accept": "application/json, text/event-stream"}
     if list_answer:
         headers["X-Bench-Answer"] = "list"
-    lines = [f'wrk.method = "POST"', f"wrk.body = {json.dumps(json.dumps(body))}"]
+    lines = ['wrk.method = "POST"', f"wrk.body = {json.dumps(json.dumps(body))}"]
     lines += [f'wrk.headers["{k}"] = "{v}"' for k, v in headers.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -248,7 +248,8 @@ def timing(ports: Ports, count: int) -> tuple[list[float], list[float]]:
                 started = time.perf_counter()
                 response = http.post(url, json=body)
                 times[tool].append((time.perf_counter() - started) * 1e3)
-                assert response.status_code == 200 and "Unknown tool" in response.text
+                assert response.status_code == 200
+                assert "Unknown tool" in response.text
             if time.monotonic() > deadline:
                 break
     return times["add"], times["zzz"]
@@ -303,7 +304,9 @@ def main() -> int:
         quartiles = statistics.quantiles(values, n=4)
         print(f"  {label:<16} median {statistics.median(values):6.2f}ms"
               f"  quartiles {quartiles[0]:.2f}-{quartiles[2]:.2f}ms")
-    print(f"  median hidden / missing: {statistics.median(hidden) / statistics.median(missing):.3f}")
+    share = statistics.median(hidden) / statistics.median(missing)
+    share = statistics.median(hidden) / statistics.median(missing)
+    print(f"  median hidden / missing: {share:.3f}")
     if errors:
         print(f"\n{errors} requests failed: see {workdir}", file=sys.stderr)
         return 1

@@ -42,15 +42,13 @@ from envoy_data_plane.envoy.config.core.v3 import (
     Http1ProtocolOptions,
     Http2ProtocolOptions,
     JsonFormatOptions,
-)
-from envoy_data_plane.envoy.config.core.v3 import HttpProtocolOptions as CommonProtocolOptions
-from envoy_data_plane.envoy.config.core.v3 import (
     Pipe,
     SocketAddress,
     SubstitutionFormatString,
     TransportSocket,
     TypedExtensionConfig,
 )
+from envoy_data_plane.envoy.config.core.v3 import HttpProtocolOptions as CommonProtocolOptions
 from envoy_data_plane.envoy.config.endpoint.v3 import (
     ClusterLoadAssignment,
     Endpoint,

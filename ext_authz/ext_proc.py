@@ -24,10 +24,11 @@ for SSE (events re-framed as they come). Every tools/call and tools/list alike, 
 hidden tool's call costs what any other call costs. Every other answer, and the
 server-to-client GET stream above all, passes with its headers seen and its body untouched.
 
-One stream is one HTTP request and its answer. A stream that ended cleanly before its
+One stream is one HTTP request (or its answer). A stream that ended cleanly before its
 request was answered would let Envoy forward the request unjudged (even with
 failure_mode_allow off), so whatever goes wrong is answered with a local 500, and a stream
-that ends unanswered is aborted with an error, which Envoy fails closed on.
+that ends unanswered is aborted with an error, which Envoy fails closed on. Once the last
+answer is sent, the stream ends (OK): a tool call running for minutes holds nothing here.
 """
 
 from __future__ import annotations
