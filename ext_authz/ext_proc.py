@@ -319,8 +319,10 @@ class ExternalProcessingService:
         renamed = json.loads(said.get("renamed", "{}"))
         plain = media not in ("application/json", "text/event-stream")
         # No client reads a tools/list out of another media type; but a fresh name, in any
-        # answer, would tell a hidden tool from a missing one.
-        if not rewrite or message.response_headers.end_of_stream or (plain and not renamed):
+        # answer, would tell a hidden tool from a missing one (and so would the time taken
+        # to put it back: every call's answer is read alike, renamed or not).
+        if not rewrite or message.response_headers.end_of_stream or (
+                plain and rewrite != "call"):
             request.done = True  # nothing of this answer is to be rewritten
             return [response.SerializeToString()]
         encoding = headers.get("content-encoding", "identity").lower()
@@ -368,14 +370,16 @@ class ExternalProcessingService:
             rewritten = answer.text(data.decode("utf-8", "surrogateescape"))
             rewritten_data = (None if rewritten is None
                               else rewritten.encode("utf-8", "surrogateescape"))
+        # A call's answer is sent back whether a name was put back in it or not: the same
+        # work for a hidden tool's answer and a missing one's, so the same time.
         if rewritten_data is not None and rewritten_data != data:
             data = rewritten_data
-            common.body_mutation.body = data
-            if answer.length_given:
-                common.header_mutation.set_headers.append(
-                    _header("content-length", str(len(data))))
-        else:
-            response.response_body.SetInParent()
+        elif answer.tool_visible is not None:
+            response.response_body.SetInParent()  # a tools/list answer left as it was
+            return [response.SerializeToString()]
+        common.body_mutation.body = data
+        if answer.length_given:
+            common.header_mutation.set_headers.append(_header("content-length", str(len(data))))
         return [response.SerializeToString()]
 
 
@@ -397,8 +401,9 @@ def _go_on(request: _Request, decision: Decision, decision_id: str,
         data = rename(data.decode("utf-8"), paths).encode()
         if request.headers.get("mcp-name"):
             common.header_mutation.set_headers.append(_header("mcp-name", next(iter(renamed))))
-        if request.has_length:
-            common.header_mutation.set_headers.append(_header("content-length", str(len(data))))
+    if decision.calls_tools and data is not None and request.has_length:
+        # Set for every call, renamed or not: the same work, so the same time.
+        common.header_mutation.set_headers.append(_header("content-length", str(len(data))))
     if decision.lists_tools or decision.calls_tools:
         said = response.dynamic_metadata.fields[EXT_PROC_NAMESPACE].struct_value
         said.update({"answer": "list" if decision.lists_tools else "call",
