@@ -194,6 +194,25 @@ class RoutingSettings(_Frozen):
     context_extension_key: str = "mcp_server"
     path_prefix: str | None = "/mcp/"
     host_suffix: str | None = None
+    # GET here lists the servers the caller may see (None: no registry).
+    registry_path: str | None = "/mcp"
+
+    @field_validator("registry_path")
+    @classmethod
+    def _registry_path(cls, value: str | None) -> str | None:
+        if value is not None and (not value.startswith("/") or any(c in value for c in "?#;")
+                                  or value.startswith("/.well-known/")):
+            raise ValueError(f"{value!r} must be a path starting with '/' (no '?', '#' or ';',"
+                             " not under /.well-known/)")
+        return value
+
+    @model_validator(mode="after")
+    def _registry_apart(self) -> RoutingSettings:
+        path, prefix = self.registry_path, self.path_prefix
+        if path is not None and prefix is not None and path.startswith(prefix):
+            raise ValueError(f"registry_path {path!r} is under path_prefix {prefix!r}, where"
+                             " server names go")
+        return self
 
     @field_validator("path_prefix")
     @classmethod
@@ -303,6 +322,9 @@ class ServerInfo(_Frozen):
 class ServerSettings(_Frozen):
     # A security boolean: true or false, never "yes", 1 or "off" coerced.
     available_on_public_internet: StrictBool
+    # What the registry shows of the server, to the callers who may see it.
+    title: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+    description: Annotated[str, Field(min_length=1, max_length=2000)] | None = None
     # Networks (names from network.networks) that see an internal-only server too.
     visible_to: tuple[str, ...] = ()
     oauth2: OAuth2Settings | None = None

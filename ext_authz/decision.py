@@ -28,11 +28,13 @@ from .network import (
     parse_address,
     resolve_client_ip,
 )
-from .routing import NO_SERVER, Route, route
+from .registry import entry, registry_body
+from .routing import KIND_EXTENSION, NO_SERVER, Route, route
 
 Reason = Literal[
     "allowed",
     "tool_hidden",
+    "registry",
     "not_found",
     "tool_not_found",
     "batch_refused",
@@ -54,6 +56,9 @@ OUTCOMES: dict[Reason, tuple[int, int]] = {
     # A hidden tool's call goes on to the server under a fresh name, and the server answers
     # it as the unknown tool it then is (unknown_tool_reply: server, through ext_proc).
     "tool_hidden": (GRPC_OK, 200),
+    # The registry, answered in Envoy's place (a denial only in gRPC terms): the servers
+    # this caller may see.
+    "registry": (GRPC_PERMISSION_DENIED, 200),
     "not_found": (GRPC_PERMISSION_DENIED, 404),
     # A hidden tool gets what the server says of a tool it lacks: a JSON-RPC answer, 200
     # (202 with no body for a notification, as the MCP Python SDK answers one).
@@ -83,6 +88,7 @@ class RequestFacts:
     authority: str
     context_extensions: Mapping[str, str] = field(default_factory=dict)
     has_http: bool = True
+    method: str = ""  # "" when not known (a dry run): the registry answers it as a GET
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +121,7 @@ class ServerPolicy:
     tools: Mapping[str, Visibility] = field(default_factory=dict)  # "*": the tools unlisted
     unknown_tool_reply: UnknownToolAnswer = "server"
     server_info: tuple[str, str] = ("", "")  # the name and version the MCP server reports
+    listed: Mapping[str, str] = field(default_factory=dict)  # its registry entry
 
     @property
     def public(self) -> bool:
@@ -144,7 +151,8 @@ class ServerPolicy:
         return cls(name, Visibility(server.available_on_public_internet,
                                     frozenset(server.visible_to), key),
                    server.oauth2, tools, server.unknown_tool_reply,
-                   (info.name, info.version) if info is not None else (name, ""))
+                   (info.name, info.version) if info is not None else (name, ""),
+                   entry(name, server, config.routing))
 
 
 # Decisions are remembered per (peer, X-Forwarded-For, route inputs): the same few callers
@@ -165,7 +173,10 @@ class Policy:
     max_xff_entries: int
     max_xff_bytes: int
     mcp: McpSettings = field(default_factory=McpSettings)
-    decision_cache: dict[tuple[str, str | None, str | None, str, str], Decision] = field(
+    decision_cache: dict[tuple[str, str | None, str | None, str | None, str, str, str],
+                         Decision] = field(default_factory=dict, compare=False, repr=False)
+    # The registry answer per set of networks a caller is in (see registry).
+    registries: dict[frozenset[str], bytes] = field(
         default_factory=dict, compare=False, repr=False)
     # ext_authz's decisions as ext_proc takes them up, by what ext_authz said (see resume).
     resumed: dict[tuple[str, str, str, str], Decision] = field(
@@ -182,6 +193,15 @@ class Policy:
     listing: PerDecision[Decision] = field(
         default_factory=lambda: PerDecision(lambda d: replace(d, lists_tools=True),
                                             DECISION_CACHE_SIZE), compare=False, repr=False)
+
+    def registry(self, placement: Placement) -> bytes:
+        """The registry a caller so placed gets: the servers it may see, and only those."""
+        body = self.registries.get(placement.members)
+        if body is None:
+            body = registry_body(server.listed for server in self.servers.values()
+                                 if server.visibility.judge(placement)[0])
+            self.registries[placement.members] = body
+        return body
 
     @classmethod
     def from_config(cls, config: Config) -> Policy:
@@ -243,7 +263,8 @@ class Decision:
     @property
     def reads_body(self) -> bool:
         """Whether tool rules apply: the request's body decides what is allowed (decide_tools)."""
-        return self.allowed and self.server is not None and bool(self.server.tools)
+        return (self.allowed and self.route.kind == "mcp" and self.server is not None
+                and bool(self.server.tools))
 
     @property
     def server_name(self) -> str | None:
@@ -298,7 +319,9 @@ def decide(facts: RequestFacts, policy: Policy) -> Decision:
         return Decision("bad_request", detail="CheckRequest has no HTTP request attributes",
                         peer=facts.peer)
     named = facts.context_extensions.get(policy.routing.context_extension_key)
-    key = (facts.peer, facts.x_forwarded_for, named, facts.path, facts.authority)
+    kind = facts.context_extensions.get(KIND_EXTENSION)
+    key = (facts.peer, facts.x_forwarded_for, named, kind, facts.method, facts.path,
+           facts.authority)
     decision = policy.decision_cache.get(key)
     if decision is None:
         decision = _decide(facts, policy)
@@ -320,14 +343,26 @@ def _decide(facts: RequestFacts, policy: Policy) -> Decision:
     )
     placement = policy.networks.place(client.address)
     target = route(policy.routing, facts.context_extensions, facts.path, facts.authority)
-    server = policy.servers.get(target.name) if target.name is not None else None
     peer = facts.peer
+    if target.kind == "registry":
+        if facts.method not in ("GET", ""):
+            return Decision("not_found", client, placement, target, peer=peer,
+                            detail="the registry answers GET only")
+        return Decision("registry", client, placement, target, peer=peer,
+                        rule="routing.registry_path", reply=policy.registry(placement))
+    server = policy.servers.get(target.name) if target.name is not None else None
     if server is None:
         return Decision("not_found", client, placement, target, peer=peer)
     visible, rule = server.visibility.judge(placement)
     if not visible:
         # Same reason, status and body as an unknown server: a hidden server does not leak.
         return Decision("not_found", client, placement, target, server, peer=peer, rule=rule)
+    if target.kind == "discovery" and server.oauth2 is not None:
+        # The gateway brings this server's credential: a client has nothing to discover,
+        # and gets what an unknown server's metadata path gets.
+        return Decision("not_found", client, placement, target, server, peer=peer,
+                        rule=f"servers.{server.name}.oauth2",
+                        detail="the gateway injects this server's token: no discovery")
     return Decision("allowed", client, placement, target, server, peer=peer, rule=rule)
 
 
@@ -457,12 +492,18 @@ def explain(decision: Decision) -> list[str]:
         return [decision.detail]
     steps = [decision.client.explain(), _placement(decision.placement)]
     target = decision.route
-    if target.name is None:
+    if target.kind == "registry":
+        steps.append("the registry (routing.registry_path): it lists the servers this caller"
+                     " may see")
+    elif target.name is None:
         steps.append("no server named by context extension, path or host")
     elif target.name == NO_SERVER:
         steps.append("the route names no server (Envoy's catch-all route)")
     else:
         steps.append(f"server {target.name!r} named by {target.source.replace('_', ' ')}")
+    if target.kind == "discovery":
+        steps.append("OAuth protected-resource metadata (RFC 9728) of that server: its"
+                     " `resource` is rewritten to the gateway's URL")
     server = decision.server
     if server is None:
         if target.name:
@@ -472,7 +513,10 @@ def explain(decision: Decision) -> list[str]:
         if decision.tool:
             tool = server.tools[decision.tool]
             steps.append(_visibility(decision, tool, f"tool {decision.tool!r}"))
-    if decision.oauth2 is not None:
+    if decision.reason == "registry":
+        listed = json.loads(decision.reply)["servers"]
+        steps.append("lists: " + (", ".join(s["name"] for s in listed) or "no server"))
+    elif decision.oauth2 is not None:
         steps.append(f"token for client_id {decision.oauth2.client_id!r} would be injected")
     elif decision.allowed:
         steps.append("server has no oauth2 settings: nothing injected")

@@ -8,7 +8,7 @@ touches its betterproto2 messages.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -42,6 +42,7 @@ from envoy_data_plane.envoy.config.core.v3 import (
     Http1ProtocolOptions,
     Http2ProtocolOptions,
     JsonFormatOptions,
+    Metadata,
     Pipe,
     SocketAddress,
     SubstitutionFormatString,
@@ -58,6 +59,7 @@ from envoy_data_plane.envoy.config.endpoint.v3 import (
 from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
 from envoy_data_plane.envoy.config.route.v3 import (
     DirectResponseAction,
+    HeaderMatcher,
     Route,
     RouteAction,
     RouteConfiguration,
@@ -84,6 +86,7 @@ from envoy_data_plane.envoy.extensions.filters.http.header_mutation.v3 import (
     HeaderMutation,
     Mutations,
 )
+from envoy_data_plane.envoy.extensions.filters.http.lua.v3 import Lua, LuaPerRoute
 from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
 from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
     HttpConnectionManager,
@@ -115,7 +118,14 @@ from envoy_data_plane.google.protobuf import Struct
 
 from .config import Config, UpstreamAddress
 from .ext_proc import EXT_PROC_NAMESPACE
-from .routing import NO_SERVER, TOOL_RULES_BY_EXT_PROC, TOOL_RULES_EXTENSION
+from .routing import (
+    KIND_EXTENSION,
+    NO_SERVER,
+    PROTECTED_RESOURCE,
+    TOOL_RULES_BY_EXT_PROC,
+    TOOL_RULES_EXTENSION,
+    RouteKind,
+)
 from .service import EXT_AUTHZ_NAMESPACE, SERVICE_NAME
 
 AUTHZ_CLUSTER = "mcp_ext_authz"
@@ -125,6 +135,35 @@ BODIES_CLUSTER = "mcp_ext_authz_bodies"
 EXT_AUTHZ_FILTER = EXT_AUTHZ_NAMESPACE
 EXT_PROC_FILTER = EXT_PROC_NAMESPACE
 ANSWERS_FILTER = "mcp_ext_authz.answers"  # a second ext_proc filter, for the answers
+CHALLENGE_FILTER = "mcp_ext_authz.challenge"  # Lua: an upstream's 401 names the gateway
+# An upstream that wants the caller's own token answers 401 with a challenge naming its
+# metadata URL (RFC 9728 section 5.1), which a client behind the gateway cannot use: the URL
+# becomes the gateway's, from the origin the caller used (the sidecar's metadata) and the
+# route's metadata path. Every other parameter of the challenge stays. Without an origin,
+# the upstream's URL is dropped rather than shown.
+CHALLENGE_LUA = """\
+function envoy_on_response(handle)
+  local headers = handle:headers()
+  local count = headers:getNumValues("www-authenticate")
+  if count == 0 then return end
+  local authz = handle:streamInfo():dynamicMetadata():get("envoy.filters.http.ext_authz")
+  local path = handle:metadata():get("metadata_path")
+  local replacement = ""
+  if authz ~= nil and authz["origin"] ~= nil and path ~= nil then
+    local url = authz["origin"] .. path
+    replacement = 'resource_metadata="' .. url:gsub("%%", "%%%%") .. '"'
+  end
+  local challenges = {}
+  for i = 0, count - 1 do
+    local value = headers:getAtIndex("www-authenticate", i)
+    challenges[#challenges + 1] = (value:gsub('resource_metadata="[^"]*"', replacement))
+  end
+  headers:remove("www-authenticate")
+  for _, value in ipairs(challenges) do
+    headers:add("www-authenticate", value)
+  end
+end
+"""
 HEADER_MUTATION_FILTER = "envoy.filters.http.header_mutation"
 # Reading a body of mcp.max_body_bytes takes milliseconds; past this the sidecar is in trouble
 # and Envoy answers the request itself (504), never forwarding it unjudged.
@@ -134,6 +173,7 @@ EXT_PROC_TIMEOUT = timedelta(seconds=2)
 AUTHZ_TIMEOUT_MARGIN_S = 0.5
 DEFAULT_STREAM_IDLE_TIMEOUT_S = 300  # Envoy's own default, for the routes that are not MCP's
 DEFAULT_RECEIVE_TIMEOUT_S = 30.0
+DISCOVERY_TIMEOUT_S = 15  # a metadata document: Envoy's default route timeout
 # An ext_proc filter that is off by default, turned on for one route: Envoy turns on a
 # filter that a route configures (here with nothing to override). FilterConfig's own way,
 # an empty Any, has no JSON or YAML spelling.
@@ -360,15 +400,25 @@ def _reads_bodies(config: Config) -> bool:
     return any(server.tools for server in config.servers.values())
 
 
+def _discovers(config: Config) -> bool:
+    """Whether a server's callers bring their own token (and may need OAuth discovery)."""
+    return any(server.oauth2 is None for server in config.servers.values())
+
+
 def _has_tool_rules(config: Config, server: str) -> bool:
     return server in config.servers and bool(config.servers[server].tools)
 
 
-def _per_route(config: Config, server: str) -> dict[str, AnyMessage]:
-    # The route names its server: the sidecar then never reads the client-chosen path.
-    extensions = {config.routing.context_extension_key: server}
+def _per_route(config: Config, server: str, kind: RouteKind = "mcp") -> dict[str, AnyMessage]:
+    # The route names its server and what it is: the sidecar then never reads the
+    # client-chosen path.
+    extensions = {config.routing.context_extension_key: server, KIND_EXTENSION: kind}
     per_filter = {}
-    if _has_tool_rules(config, server):
+    if kind == "discovery":
+        per_filter[ANSWERS_FILTER] = _ENABLED  # names the gateway in the metadata document
+    elif kind == "mcp" and server in config.servers and config.servers[server].oauth2 is None:
+        per_filter[CHALLENGE_FILTER] = AnyMessage.pack(LuaPerRoute(name="challenge"))
+    if kind == "mcp" and _has_tool_rules(config, server):
         # ext_authz decides the server from the headers alone, before any body is buffered
         # (a hidden server then answers exactly as an unknown one, whatever the body); the
         # ext_proc filters after it, off everywhere else, read the body for the tool rules
@@ -463,8 +513,44 @@ def _server_routes(config: Config, name: str, upstream: UpstreamAddress,
     else:
         matches = [(RouteMatch(path=whole), path),
                    (RouteMatch(prefix=under), path.rstrip("/") + "/")]
-    return [Route(match=match, route=action(rewrite), typed_per_filter_config=per_filter)
-            for match, rewrite in matches]
+    server = config.servers[name]
+    metadata = None
+    if server.oauth2 is None:
+        # Where the challenge filter points a client: this server's metadata at the gateway.
+        metadata = Metadata(filter_metadata={CHALLENGE_FILTER: Struct.from_dict(
+            {"metadata_path": PROTECTED_RESOURCE + (whole if prefix is not None else "")})})
+    routes = [Route(match=match, route=action(rewrite), typed_per_filter_config=per_filter,
+                    metadata=metadata,
+                    # The gateway holds this server's credential; the upstream's challenge
+                    # (its own metadata URL) is nothing a client can act on.
+                    response_headers_to_remove=["www-authenticate"] if server.oauth2 else [])
+              for match, rewrite in matches]
+    if server.oauth2 is None:
+        routes.insert(0, _discovery_route(config, name, upstream, action))
+    return routes
+
+
+def _discovery_route(config: Config, name: str, upstream: UpstreamAddress,
+                     action: Callable[[str | None], RouteAction]) -> Route:
+    """RFC 9728 metadata of a server whose caller brings its own token: the upstream's
+    document, at the gateway's well-known path for the server, naming the gateway."""
+    prefix = config.routing.path_prefix
+    # The upstream publishes it for its own endpoint: a URL's path, or the gateway's path.
+    own = upstream.path if upstream.path is not None else (
+        f"{prefix}{name}" if prefix is not None else None)
+    if prefix is not None:
+        match = RouteMatch(path=f"{PROTECTED_RESOURCE}{prefix}{name}")
+    else:
+        match = RouteMatch(prefix=PROTECTED_RESOURCE)  # the server's own host
+    rewrite = None if own is None else PROTECTED_RESOURCE + ("" if own == "/" else own)
+    if rewrite == match.path:
+        rewrite = None  # the upstream's own path already
+    route_action = action(rewrite)
+    # A short GET, not an MCP stream: Envoy's own request timeout.
+    route_action.timeout = timedelta(seconds=DISCOVERY_TIMEOUT_S)
+    route_action.idle_timeout = None
+    return Route(match=match, route=route_action,
+                 typed_per_filter_config=_per_route(config, name, "discovery"))
 
 
 def _routes(config: Config, upstreams: Mapping[str, UpstreamAddress],
@@ -477,17 +563,27 @@ def _routes(config: Config, upstreams: Mapping[str, UpstreamAddress],
         direct_response=DirectResponseAction(status=404),
         typed_per_filter_config=_per_route(config, NO_SERVER),
     )
+    shared = [not_found]
+    registry = config.routing.registry_path
+    if registry is not None:
+        # Answered by the sidecar (ext_authz's local reply), from the same decision as every
+        # other request: Envoy never gets this far. Other methods meet the catch-all.
+        shared.insert(0, Route(
+            match=RouteMatch(path=registry, headers=[HeaderMatcher(
+                name=":method", string_match=StringMatcher(exact="GET"))]),
+            direct_response=DirectResponseAction(status=404),
+            typed_per_filter_config=_per_route(config, NO_SERVER, "registry")))
     if config.routing.path_prefix is not None:
         routes = [route for name in sorted(config.servers)
                   for route in _server_routes(config, name, upstreams[name], timeouts)]
-        return [VirtualHost(name="mcp", domains=["*"], routes=[*routes, not_found])]
+        return [VirtualHost(name="mcp", domains=["*"], routes=[*routes, *shared])]
     suffix = config.routing.host_suffix or ""
     hosts = [
         VirtualHost(name=f"mcp_{name}", domains=[f"{name}{suffix}", f"{name}{suffix}:*"],
                     routes=_server_routes(config, name, upstreams[name], timeouts))
         for name in sorted(config.servers)
     ]
-    hosts.append(VirtualHost(name="unknown", domains=["*"], routes=[not_found]))
+    hosts.append(VirtualHost(name="unknown", domains=["*"], routes=shared))
     return hosts
 
 
@@ -536,15 +632,20 @@ def _connection_manager(config: Config, upstreams: Mapping[str, UpstreamAddress]
                     key_matcher=StringMatcher(prefix="x-envoy-")))])))),
         HttpFilter(name=EXT_AUTHZ_FILTER, typed_config=AnyMessage.pack(authz)),
     ]
+    # Each off unless a route turns it on (tool-rule, discovery and challenge routes): not
+    # "on unless a route turns it off", which would also hold Envoy's own answers that
+    # match no route (a 431 for a too-long header) until the sidecar had seen them, and
+    # Envoy closes such a connection without waiting: the caller got nothing.
     if _reads_bodies(config):
-        # Off unless a route turns them on (the routes of servers with tool rules): not
-        # "on unless a route turns them off", which would also hold Envoy's own answers
-        # that match no route (a 431 for a too-long header) until the sidecar had seen
-        # them, and Envoy closes such a connection without waiting: the caller got nothing.
         filters.append(HttpFilter(name=EXT_PROC_FILTER, disabled=True,
                                   typed_config=AnyMessage.pack(_ext_proc(config))))
+    if _reads_bodies(config) or _discovers(config):
         filters.append(HttpFilter(name=ANSWERS_FILTER, disabled=True,
                                   typed_config=AnyMessage.pack(_answers())))
+    if _discovers(config):
+        filters.append(HttpFilter(name=CHALLENGE_FILTER, disabled=True,
+                                  typed_config=AnyMessage.pack(Lua(source_codes={
+                                      "challenge": DataSource(inline_string=CHALLENGE_LUA)}))))
     # No x-envoy-upstream-service-time on upstream answers: an answer the sidecar makes (a
     # hidden tool's) must not be told apart from the upstream's by it.
     filters.append(HttpFilter(name="envoy.filters.http.router",

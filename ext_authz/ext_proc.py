@@ -47,7 +47,7 @@ from ._proto.envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb
 from ._proto.envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
 from .decision import Decision, RequestFacts, decide_tools, denial_body, resume
 from .jsonrpc import INVALID_REQUEST, body_headers, error_reply, request_body
-from .rewrite import EventStream, Path, drop_tools, fresh_name, rename, restore
+from .rewrite import EventStream, Path, drop_tools, fresh_name, rename, restore, set_member
 from .service import EXT_AUTHZ_NAMESPACE, AuthorizationService, ServiceState
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,7 @@ class _Answer:
     length_given: bool = False
     sse: bool = False
     plain: bool = False  # neither JSON nor SSE (an error page): names put back unescaped
+    resource: str = ""  # an OAuth protected-resource document: the gateway URL it names
     events: EventStream | None = None  # an SSE answer of unknown length, as it streams
 
     def text(self, text: str) -> str | None:
@@ -316,6 +317,17 @@ class ExternalProcessingService:
         rewrite = said.get("answer", "")
         headers = dict(_header_pairs(message.response_headers))
         media = headers.get("content-type", "").split(";")[0].strip().lower()
+        authz = _metadata(message, EXT_AUTHZ_NAMESPACE)
+        if authz.get("rewrite") == "resource":
+            # A discovery route: the server's metadata document, to name the gateway.
+            if (headers.get(":status") != "200" or media != "application/json"
+                    or message.response_headers.end_of_stream):
+                request.done = True
+                return [response.SerializeToString()]
+            request.answer = _Answer({}, None, length_given="content-length" in headers,
+                                     resource=authz.get("resource", ""))
+            response.mode_override.CopyFrom(_WHOLE)
+            return [response.SerializeToString()]
         renamed = json.loads(said.get("renamed", "{}"))
         plain = media not in ("application/json", "text/event-stream")
         # No client reads a tools/list out of another media type; but a fresh name, in any
@@ -361,9 +373,16 @@ class ExternalProcessingService:
         if len(piece.body) > MAX_ANSWER_BYTES:
             raise ValueError(f"an answer to rewrite is over {MAX_ANSWER_BYTES} bytes")
         data = piece.body  # BUFFERED: the whole body, once
-        if answer.sse:
+        if answer.resource:
+            named = set_member(data.decode("utf-8", "surrogateescape"), "resource",
+                               answer.resource)
+            if named is None:
+                response.response_body.SetInParent()  # nothing to name: as it was
+                return [response.SerializeToString()]
+            rewritten_data: bytes | None = named.encode("utf-8", "surrogateescape")
+        elif answer.sse:
             events = EventStream(answer.text, MAX_ANSWER_BYTES)
-            rewritten_data: bytes | None = events.feed(data) + events.finish()
+            rewritten_data = events.feed(data) + events.finish()
         elif answer.plain:
             rewritten_data = restore(data, answer.renamed, escape=False)
         else:

@@ -4,6 +4,7 @@
   so the server itself answers it as the unknown tool it then is, whatever its SDK or
   language; in the answer, the caller's name is put back.
 - A tools/list result loses the tools the caller may not call.
+- An OAuth protected-resource metadata document names the gateway's URL as its resource.
 
 Every other byte stays as the server or the client wrote it: the rewrites cut and splice
 the text at the spans of the values they change, so the order of the other tools,
@@ -133,6 +134,24 @@ def drop_tools(text: str, callable_tool: Callable[[str], bool]) -> str | None:
         return None
     for start, end, replacement in sorted(cuts, reverse=True):
         text = text[:start] + replacement + text[end:]
+    return text
+
+
+def set_member(text: str, key: str, value: str) -> str | None:
+    """A JSON object's text with every top-level `key` set to the string `value`; None when
+    the text is no JSON object or has no such member (then it stays as it was)."""
+    try:
+        document = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(document, dict) or key not in document:
+        return None
+    spans = _Spans(text)
+    start = spans._skip(0)
+    replacement = json.dumps(value, ensure_ascii=False)
+    cuts = [(at, spans._value_end(at)) for name, at in spans._members(start) if name == key]
+    for begin, end in reversed(cuts):
+        text = text[:begin] + replacement + text[end:]
     return text
 
 

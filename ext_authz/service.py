@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from .decision_log import DecisionLog
 from .errors import TokenError
 from .jsonrpc import NO_BODY, Body, Received, body_headers, request_body
 from .metrics import Metrics, Phase
-from .routing import TOOL_RULES_BY_EXT_PROC, TOOL_RULES_EXTENSION
+from .routing import PROTECTED_RESOURCE, TOOL_RULES_BY_EXT_PROC, TOOL_RULES_EXTENSION
 from .tokens import TokenCache
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,31 @@ def extract_facts(request: external_auth_pb2.CheckRequest | None) -> RequestFact
     headers: Mapping[str, str] = http.headers or _from_header_map(http)
     path = http.path or headers.get(":path", "")
     authority = http.host or headers.get(":authority", "")
-    return RequestFacts(peer, headers.get(_XFF), path, authority, attributes.context_extensions)
+    return RequestFacts(peer, headers.get(_XFF), path, authority, attributes.context_extensions,
+                        method=http.method)
+
+
+# What may stand in an origin echoed into a URL: RFC 3986's host and port characters (no
+# quote, space or backslash that would break out of the header parameter or JSON string).
+_AUTHORITY = re.compile(r"[A-Za-z0-9.\-_~:\[\]]{1,255}")
+
+
+def request_origin(request: external_auth_pb2.CheckRequest | None) -> str | None:
+    """`scheme://authority` as the caller addressed the gateway; None if it cannot be said.
+
+    The caller's own Host and X-Forwarded-Proto, echoed back to that caller only (in the
+    URLs of OAuth discovery): a client that forges them misleads no one but itself.
+    """
+    if request is None:
+        return None
+    http = request.attributes.request.http
+    headers: Mapping[str, str] = http.headers or {}
+    authority = http.host or headers.get(":authority", "")
+    forwarded = headers.get("x-forwarded-proto", "").partition(",")[0].strip().lower()
+    scheme = forwarded or http.scheme.lower() or "http"
+    if scheme not in ("http", "https") or not _AUTHORITY.fullmatch(authority):
+        return None
+    return f"{scheme}://{authority}"
 
 
 def extract_body(request: external_auth_pb2.CheckRequest | None) -> Body:
@@ -237,6 +262,12 @@ def _decision_id_entry(decision_id: str) -> bytes:
 def _answer(decision: Decision) -> bytes:
     if decision.reason != "tool_not_found" and not decision.reply:
         return _TEMPLATE_BYTES[decision.reason]
+    if decision.reason == "registry":
+        return _REGISTRY_ANSWERS[decision]
+    return _with_reply(decision)
+
+
+def _with_reply(decision: Decision) -> bytes:
     # A per-request answer (a JSON-RPC reply naming the request's id): the slow path.
     response = external_auth_pb2.CheckResponse()
     response.CopyFrom(_TEMPLATES[decision.reason])
@@ -246,9 +277,33 @@ def _answer(decision: Decision) -> bytes:
     return response.SerializeToString()
 
 
-def encode_check_response(decision: Decision, token: str | None, decision_id: str) -> bytes:
+# A registry decision is remembered per caller (decide's cache), and so is its answer.
+_REGISTRY_ANSWERS = PerDecision(_with_reply)
+
+
+def request_metadata(decision: Decision, request: external_auth_pb2.CheckRequest | None,
+                     path: str) -> bytes:
+    """Dynamic metadata for this one request, beyond the decision's own: the gateway URLs
+    that OAuth discovery documents and challenges must name (see envoy_config)."""
+    server = decision.server
+    if not decision.allowed or server is None or server.oauth2 is not None:
+        return b""
+    origin = request_origin(request)
+    if origin is None:
+        return b""
+    if decision.route.kind == "discovery":
+        # RFC 9728: the metadata of https://gw/mcp/x is at /.well-known/...-resource/mcp/x,
+        # and names https://gw/mcp/x as its resource.
+        resource = path.partition("?")[0][len(PROTECTED_RESOURCE):] or "/"
+        return _struct_entry("rewrite", "resource") + _struct_entry(
+            "resource", origin + resource)
+    return _struct_entry("origin", origin)  # for the challenge's resource_metadata URL
+
+
+def encode_check_response(decision: Decision, token: str | None, decision_id: str,
+                          extra_metadata: bytes = b"") -> bytes:
     """Write a decision (and the bearer token to inject, if any) as CheckResponse bytes."""
-    metadata = _METADATA[decision] + _decision_id_entry(decision_id)
+    metadata = _METADATA[decision] + _decision_id_entry(decision_id) + extra_metadata
     response = (_answer(decision) + b"\x22"  # dynamic_metadata = 4, LEN
                 + _varint(len(metadata)) + metadata)
     if token is not None and decision.allowed:
@@ -334,7 +389,8 @@ class AuthorizationService:
                         narrowed = None
             if narrowed is not None:
                 decision = narrowed
-            response = encode_check_response(decision, token, decision_id)
+            response = encode_check_response(decision, token, decision_id,
+                                             request_metadata(decision, request, facts.path))
         except Exception:
             log.exception("check %s failed; denying", decision_id)
             decision = Decision("internal_error", detail="internal error (see the service log)",

@@ -97,13 +97,23 @@ class TestGenerator:
         assert manager.get("xff_num_trusted_hops", 0) == 0
         routes = manager["route_config"]["virtual_hosts"][0]["routes"]
         named = [r["typed_per_filter_config"]["envoy.filters.http.ext_authz"]["check_settings"]
-                 ["context_extensions"]["mcp_server"] for r in routes if "route" in r]
-        assert named == ["a", "a"]
-        # What no server route matches still asks the sidecar, naming no server.
-        catch_all = routes[-1]
+                 ["context_extensions"] for r in routes if "route" in r]
+        # Its discovery route (it has no oauth2), then its two MCP routes.
+        assert named == [{"mcp_server": "a", "mcp_route": "discovery"},
+                         {"mcp_server": "a", "mcp_route": "mcp"},
+                         {"mcp_server": "a", "mcp_route": "mcp"}]
+        # The registry, answered by the sidecar; what no server route matches still asks
+        # the sidecar, naming no server.
+        registry, catch_all = routes[-2:]
+        assert registry["match"] == {"path": "/mcp", "headers": [
+            {"name": ":method", "string_match": {"exact": "GET"}}]}
+        assert registry["typed_per_filter_config"]["envoy.filters.http.ext_authz"][
+            "check_settings"]["context_extensions"] == {"mcp_server": NO_SERVER,
+                                                        "mcp_route": "registry"}
         assert catch_all["direct_response"] == {"status": 404}
         assert catch_all["typed_per_filter_config"]["envoy.filters.http.ext_authz"][
-            "check_settings"]["context_extensions"] == {"mcp_server": NO_SERVER}
+            "check_settings"]["context_extensions"] == {"mcp_server": NO_SERVER,
+                                                        "mcp_route": "mcp"}
         # Envoy 1.40 deems no caller internal by default, so obeys no caller's x-envoy-*
         # request headers; widening that to internal_ranges would buy nothing.
         assert "internal_address_config" not in manager
@@ -146,7 +156,8 @@ class TestGenerator:
         manager = http_manager(yaml.safe_load(result.stdout))
         assert [f["name"] for f in manager["http_filters"]] == [
             "envoy.filters.http.header_mutation", "envoy.filters.http.ext_authz",
-            "envoy.filters.http.ext_proc", "mcp_ext_authz.answers", "envoy.filters.http.router"]
+            "envoy.filters.http.ext_proc", "mcp_ext_authz.answers", "mcp_ext_authz.challenge",
+            "envoy.filters.http.router"]
         answers = http_filter(manager, "mcp_ext_authz.answers")
         assert answers["processing_mode"] == {  # the body's modes come by override
             "request_header_mode": "SKIP", "response_header_mode": "SEND",
@@ -157,7 +168,7 @@ class TestGenerator:
         assert "with_request_body" not in http_filter(manager, "envoy.filters.http.ext_authz")
         ext_proc = http_filter(manager, "envoy.filters.http.ext_proc")
         assert [f.get("disabled", False) for f in manager["http_filters"]] == [
-            False, False, True, True, False]
+            False, False, True, True, True, False]
         assert ext_proc.get("failure_mode_allow", False) is False
         assert ext_proc["processing_mode"] == {  # response_body_mode NONE is the default
             "request_header_mode": "SEND", "response_header_mode": "SKIP",
@@ -174,7 +185,11 @@ class TestGenerator:
                 "context_extensions"]
             # Both ext_proc filters are off unless a route turns them on: not even Envoy's
             # own answers to requests that match no route (a 431) wait for the sidecar.
-            if path.startswith("/mcp/a"):
+            if path.startswith("/.well-known/"):  # discovery: the answer is rewritten
+                assert extensions["mcp_route"] == "discovery"
+                assert "envoy.filters.http.ext_proc" not in per_filter
+                assert "mcp_ext_authz.answers" in per_filter
+            elif path.startswith("/mcp/a"):
                 assert extensions["mcp_tool_rules"] == "ext_proc"
                 for name in ("envoy.filters.http.ext_proc", "mcp_ext_authz.answers"):
                     assert per_filter[name] == {"@type": "type.googleapis.com/envoy.extensions."
@@ -193,6 +208,14 @@ class TestGenerator:
         without = http_manager(yaml.safe_load(envoy_config(
             "--config", str(plain), "--upstream", "b=127.0.0.1:2").stdout))
         assert [f["name"] for f in without["http_filters"]] == [
+            "envoy.filters.http.header_mutation", "envoy.filters.http.ext_authz",
+            "mcp_ext_authz.answers", "mcp_ext_authz.challenge", "envoy.filters.http.router"]
+        tokens = tmp_path / "tokens.yaml"
+        tokens.write_text("servers: {b: {oauth2: {token_url: 'http://idp/t', client_id: c,"
+                          " client_secret: s}}}\n")
+        injected = http_manager(yaml.safe_load(envoy_config(
+            "--config", str(tokens), "--upstream", "b=127.0.0.1:2").stdout))
+        assert [f["name"] for f in injected["http_filters"]] == [
             "envoy.filters.http.header_mutation", "envoy.filters.http.ext_authz",
             "envoy.filters.http.router"]
 
@@ -261,7 +284,8 @@ class TestGenerator:
         ).stdout))
         for manager, (request, idle) in ((default, ("0s", "0s")), (given, ("3600s", "600s"))):
             assert manager["stream_idle_timeout"] == "300s"
-            route = manager["route_config"]["virtual_hosts"][0]["routes"][0]["route"]
+            [route] = [r["route"] for r in manager["route_config"]["virtual_hosts"][0]["routes"]
+                       if r["match"].get("path") == "/mcp/a"]
             assert (route["timeout"], route["idle_timeout"]) == (request, idle)
 
     @pytest.mark.parametrize(

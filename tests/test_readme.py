@@ -75,7 +75,7 @@ class TestDefaults:
 class TestEnvoySnippets:
     def test_snippets_are_the_generators_output(self) -> None:
         """The filters, the sidecar cluster and a route, as envoy-config renders them."""
-        filters, clusters, [route] = yaml_blocks("Envoy")
+        filters, clusters, routes = yaml_blocks("Envoy")
         bootstrap = generated()
         manager = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0][
             "filters"][0]["typed_config"]
@@ -86,4 +86,5 @@ class TestEnvoySnippets:
         [sidecar] = [c for c in bootstrap["static_resources"]["clusters"]
                      if c["name"] == "mcp_ext_authz"]
         assert clusters["clusters"] == [sidecar]
-        assert route in manager["route_config"]["virtual_hosts"][0]["routes"]
+        for route in routes:
+            assert route in manager["route_config"]["virtual_hosts"][0]["routes"]
