@@ -98,6 +98,7 @@ def check_report(decision: Decision, body: Body = NO_BODY) -> dict[str, Any]:
         "network": decision.network,
         "networks": sorted(decision.placement.members),
         "server": decision.server_name,
+        "route": decision.route.kind,  # mcp, registry or discovery
         "tools_called": [call.name for call in called],
         "tool": decision.tool or None,  # the configured tool whose rule applied
         "rule": decision.rule or None,  # the config key that decided visibility
@@ -165,6 +166,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         path=args.path,
         authority=args.host,
         context_extensions=_context_extensions(args.context_extension),
+        method=method,
     )
     policy = Policy.from_config(config)
     # The live path's two steps, as envoy-config's config takes them: the server from the

@@ -59,6 +59,31 @@ class TestCheck:
         assert report["inject_token"] is False
         assert any("first untrusted hop" in s for s in report["steps"])
 
+    @pytest.mark.parametrize(("peer", "listed"), [("10.0.0.1", ["pub", "priv"]),
+                                                  ("8.8.8.8", ["pub"])])
+    def test_registry(self, config: Path, capsys: pytest.CaptureFixture[str], peer: str,
+                      listed: list[str]) -> None:
+        """GET /mcp: the registry this caller would get, and why."""
+        report = check(capsys, "--config", str(config), "--peer", peer, "--path", "/mcp")
+        assert (report["reason"], report["route"], report["http_status"]) == (
+            "registry", "registry", 200)
+        assert [s["name"] for s in json.loads(report["reply"])["servers"]] == listed
+        assert f"lists: {', '.join(listed)}" in report["steps"]
+        post = check(capsys, "--config", str(config), "--peer", peer, "--path", "/mcp",
+                     "--method", "POST")
+        assert post["reason"] == "not_found"
+
+    @pytest.mark.parametrize(("peer", "reason"), [("10.0.0.1", "allowed"),
+                                                  ("8.8.8.8", "not_found")])
+    def test_discovery(self, config: Path, capsys: pytest.CaptureFixture[str], peer: str,
+                       reason: str) -> None:
+        """A server's RFC 9728 metadata path: visible or the unknown server's 404."""
+        report = check(capsys, "--config", str(config), "--peer", peer,
+                       "--path", "/.well-known/oauth-protected-resource/mcp/priv")
+        assert (report["reason"], report["route"], report["server"]) == (
+            reason, "discovery", "priv")
+        assert any("protected-resource metadata" in step for step in report["steps"])
+
     def test_allowed_internal(self, config: Path, capsys: pytest.CaptureFixture[str]) -> None:
         """An internal client via a trusted proxy sees the internal server."""
         report = check(capsys, "--config", str(config), "--peer", "192.168.1.1",

@@ -288,3 +288,122 @@ class TestToolProperties:
             assert server_only.allowed
         if "other" in calls and calls == ["other"]:
             assert decided.reason == server_only.reason  # unconfigured: the server's rule
+
+
+# -- the registry and OAuth discovery -----------------------------------------------------
+
+DISCOVERY_CONFIG: dict[str, Any] = {
+    "network": {"internal_ranges": ["10.0.0.0/8"], "networks": {"partners": ["192.0.2.0/24"]}},
+    "servers": {
+        "github": {"title": "GitHub", "description": "Repositories."},
+        "billing": {"available_on_public_internet": False, "visible_to": ["partners"]},
+        "vault": {"available_on_public_internet": False, "title": "Vault"},
+        "tok": {"oauth2": {"token_url": "http://idp/t", "client_id": "c",
+                           "client_secret": "s"}},
+    },
+}
+DISCOVERY = Policy.from_config(make_config(**DISCOVERY_CONFIG))
+CALLERS = {"internal": "10.1.2.3", "partner": "192.0.2.7", "external": "203.0.113.9"}
+
+
+def registry_of(policy: Policy, peer: str, method: str = "GET",
+                extensions: dict[str, str] | None = None) -> Decision:
+    return decide(RequestFacts(peer, None, "/mcp", "gw", extensions or {}, method=method),
+                  policy)
+
+
+class TestRegistry:
+    @pytest.mark.parametrize(("caller", "listed"), [
+        ("internal", ["github", "billing", "vault", "tok"]),
+        ("partner", ["github", "billing", "tok"]),
+        ("external", ["github", "tok"]),
+    ])
+    def test_lists_what_the_caller_may_see(self, caller: str, listed: list[str]) -> None:
+        """Hidden servers are absent, not marked; title and description where configured."""
+        decision = registry_of(DISCOVERY, CALLERS[caller])
+        assert (decision.reason, decision.http_status) == ("registry", 200)
+        servers = json.loads(decision.reply)["servers"]
+        assert [s["name"] for s in servers] == listed
+        assert servers[0] == {"name": "github", "title": "GitHub",
+                              "description": "Repositories.", "path": "/mcp/github"}
+
+    @pytest.mark.parametrize("caller", ["partner", "external"])
+    def test_is_the_registry_of_a_gateway_without_the_hidden_servers(self, caller: str) -> None:
+        """Byte for byte: nothing in it depends on what the caller does not see."""
+        config = json.loads(json.dumps(DISCOVERY_CONFIG))
+        hidden = {"partner": ["vault"], "external": ["billing", "vault"]}[caller]
+        for name in hidden:
+            del config["servers"][name]
+        smaller = Policy.from_config(make_config(**config))
+        assert (registry_of(DISCOVERY, CALLERS[caller]).reply
+                == registry_of(smaller, CALLERS[caller]).reply)
+
+    def test_host_routing_lists_hosts(self) -> None:
+        policy = Policy.from_config(make_config(
+            routing={"path_prefix": None, "host_suffix": ".mcp.example"},
+            servers={"pub": {}}))
+        decision = registry_of(policy, "127.0.0.2")
+        assert json.loads(decision.reply) == {"servers": [{"name": "pub",
+                                                           "host": "pub.mcp.example"}]}
+
+    @pytest.mark.parametrize("method", ["POST", "DELETE", "PUT"])
+    def test_only_get(self, method: str) -> None:
+        """Another method on the registry path is what an unknown path gets."""
+        assert registry_of(DISCOVERY, CALLERS["internal"], method).reason == "not_found"
+
+    def test_a_route_that_says_mcp_is_no_registry(self) -> None:
+        """envoy-config marks every route: its catch-all at /mcp is never the registry."""
+        decision = registry_of(DISCOVERY, CALLERS["internal"], "GET",
+                               {"mcp_server": "", "mcp_route": "mcp"})
+        assert decision.reason == "not_found"
+        marked = registry_of(DISCOVERY, CALLERS["internal"], "GET",
+                             {"mcp_server": "", "mcp_route": "registry"})
+        assert marked.reason == "registry"
+
+    def test_off(self) -> None:
+        policy = Policy.from_config(make_config(routing={"registry_path": None}))
+        assert registry_of(policy, "127.0.0.1").reason == "not_found"
+
+    def test_explained(self) -> None:
+        steps = explain(registry_of(DISCOVERY, CALLERS["external"]))
+        assert "lists: github, tok" in steps
+        assert steps[-1] == "decision: registry (HTTP 200)"
+
+
+def discover(peer: str, server: str, extensions: dict[str, str] | None = None) -> Decision:
+    path = f"/.well-known/oauth-protected-resource/mcp/{server}"
+    return decide(RequestFacts(peer, None, path, "gw", extensions or {}, method="GET"),
+                  DISCOVERY)
+
+
+class TestDiscovery:
+    @pytest.mark.parametrize(("caller", "server", "reason"), [
+        ("internal", "vault", "allowed"),
+        ("external", "github", "allowed"),
+        ("external", "vault", "not_found"),  # hidden: as unknown
+        ("external", "nope", "not_found"),
+        ("partner", "billing", "allowed"),
+        ("internal", "tok", "not_found"),  # the gateway brings the token: nothing to discover
+    ])
+    def test_visibility_decides(self, caller: str, server: str, reason: str) -> None:
+        decision = discover(CALLERS[caller], server)
+        assert decision.reason == reason
+        assert decision.route.kind == "discovery"
+        assert decision.oauth2 is None
+        assert not decision.reads_body
+
+    def test_the_route_names_the_server(self) -> None:
+        """From Envoy's route, the path is not read (a different one names nothing)."""
+        decision = decide(RequestFacts(
+            CALLERS["external"], None, "/.well-known/oauth-protected-resource/mcp/vault", "gw",
+            {"mcp_server": "github", "mcp_route": "discovery"}, method="GET"), DISCOVERY)
+        assert (decision.reason, decision.server_name) == ("allowed", "github")
+
+    def test_hidden_and_unknown_are_one_answer(self) -> None:
+        hidden, unknown = discover(CALLERS["external"], "vault"), discover(
+            CALLERS["external"], "nope")
+        assert (hidden.reason, hidden.http_status) == (unknown.reason, unknown.http_status)
+
+    def test_explained(self) -> None:
+        steps = explain(discover(CALLERS["internal"], "tok"))
+        assert "the gateway injects this server's token: no discovery" in steps

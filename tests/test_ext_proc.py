@@ -295,6 +295,51 @@ class TestAnswers:
         assert immediate(head)[0] == 500
 
 
+def metadata_answer(status: str, content_type: str, length: int | None) -> pb.ProcessingRequest:
+    """The headers of an upstream's metadata answer on a discovery route."""
+    request = pb.ProcessingRequest()
+    headers = [(":status", status), ("content-type", content_type)]
+    if length is not None:
+        headers.append(("content-length", str(length)))
+    for key, value in headers:
+        request.response_headers.headers.headers.add(key=key, raw_value=value.encode())
+    request.metadata_context.filter_metadata["envoy.filters.http.ext_authz"].update({
+        **CALLER, "rewrite": "resource", "resource": "https://gw.example/mcp/tools"})
+    return request
+
+
+METADATA = (b'{"resource": "http://10.0.0.5:8000/mcp/tools",\n "authorization_servers":'
+            b' ["https://idp.example"], "bearer_methods_supported": ["header"]}')
+
+
+class TestDiscovery:
+    async def test_the_document_names_the_gateway(self, sidecar: Sidecar) -> None:
+        """`resource` becomes the URL the caller used; every other byte stays."""
+        head, body_answer = await exchange(sidecar, [
+            metadata_answer("200", "application/json", len(METADATA)), answer_body(METADATA)])
+        assert head.mode_override.response_body_mode == 2  # BUFFERED
+        common = body_answer.response_body.response
+        expected = METADATA.replace(b"http://10.0.0.5:8000/mcp/tools",
+                                    b"https://gw.example/mcp/tools")
+        assert common.body_mutation.body == expected
+        assert common.header_mutation.set_headers[0].header.raw_value == str(
+            len(expected)).encode()
+
+    @pytest.mark.parametrize(("status", "content_type"), [("404", "application/json"),
+                                                          ("200", "text/html")])
+    async def test_other_answers_pass(self, sidecar: Sidecar, status: str,
+                                      content_type: str) -> None:
+        [head] = await exchange(sidecar, [metadata_answer(status, content_type, 10)])
+        assert head.WhichOneof("response") == "response_headers"
+        assert not head.HasField("mode_override")
+
+    async def test_a_document_without_resource_stays(self, sidecar: Sidecar) -> None:
+        data = b'{"authorization_servers": []}'
+        _, body_answer = await exchange(sidecar, [
+            metadata_answer("200", "application/json", len(data)), answer_body(data)])
+        assert not body_answer.response_body.response.HasField("body_mutation")
+
+
 class TestFailingClosed:
     async def test_no_ext_authz_decision_is_a_500(self, sidecar: Sidecar) -> None:
         """Without ext_authz's verdict in the metadata the route is misconfigured: 500."""

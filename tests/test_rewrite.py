@@ -9,7 +9,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ext_authz.rewrite import EventStream, drop_tools, fresh_name, rename, restore
+from ext_authz.rewrite import (
+    EventStream,
+    drop_tools,
+    fresh_name,
+    rename,
+    restore,
+    set_member,
+)
 
 HIDDEN = {"add", "delete_repo"}
 
@@ -174,3 +181,22 @@ class TestEventStream:
         events = EventStream(filtered, limit=10)
         with pytest.raises(ValueError, match="over 10 bytes"):
             events.feed(b"data: " + b"x" * 50)
+
+
+class TestSetMember:
+    @pytest.mark.parametrize(("text", "expected"), [
+        ('{"resource":"http://up/x","a":1}', '{"resource":"https://gw/x","a":1}'),
+        ('{ "a": {"resource": "keep"},\n  "resource" : "http://up/x" }',
+         '{ "a": {"resource": "keep"},\n  "resource" : "https://gw/x" }'),
+        # Every copy of a duplicated key: parsers keep the first or the last.
+        ('{"resource":"a","resource":"b"}', '{"resource":"https://gw/x","resource":"https://gw/x"}'),
+    ])
+    def test_top_level_member_replaced_in_place(self, text: str, expected: str) -> None:
+        assert set_member(text, "resource", "https://gw/x") == expected
+
+    @pytest.mark.parametrize("text", ['{"a":1}', "[1]", "not json", '"resource"'])
+    def test_nothing_to_set_is_none(self, text: str) -> None:
+        assert set_member(text, "resource", "https://gw/x") is None
+
+    def test_the_value_is_json_escaped(self) -> None:
+        assert set_member('{"resource":"x"}', "resource", 'a"b') == '{"resource":"a\\"b"}'

@@ -380,6 +380,80 @@ class TestConformance:
         assert proxied.dynamic_metadata.fields["client_ip"].string_value == "127.0.0.1"
 
 
+class TestDiscovery:
+    """The registry and the OAuth discovery metadata, as the Check answers them."""
+
+    @staticmethod
+    def get(peer: str, path: str, host: str = "gw.example:8080", proto: str | None = None,
+            **extensions: str) -> external_auth_pb2.CheckRequest:
+        request = check_request(peer=peer, path=path, **extensions)
+        http = request.attributes.request.http
+        http.method, http.host = "GET", host
+        http.headers[":method"], http.headers[":authority"] = "GET", host
+        if proto is not None:
+            http.headers["x-forwarded-proto"] = proto
+        return request
+
+    async def test_the_registry_is_a_local_200(self, stub: Any) -> None:
+        """Answered in Envoy's place, from the caller's placement: hidden servers absent."""
+        outside = await stub.Check(self.get("127.0.0.2", "/mcp", mcp_server="",
+                                            mcp_route="registry"))
+        inside = await stub.Check(self.get("127.0.0.1", "/mcp", mcp_server="",
+                                           mcp_route="registry"))
+        for response, names in ((outside, ["pub"]), (inside, ["pub", "priv"])):
+            assert response.WhichOneof("http_response") == "denied_response"
+            assert response.denied_response.status.code == 200
+            assert [(h.header.key, h.header.value) for h in response.denied_response.headers] == [
+                ("content-type", "application/json")]
+            body = json.loads(response.denied_response.body)
+            assert [s["name"] for s in body["servers"]] == names
+            assert metadata(response)["reason"] == "registry"
+
+    @pytest.mark.parametrize(("host", "proto", "resource"), [
+        ("gw.example:8080", None, "http://gw.example:8080/mcp/pub"),
+        ("gw.example", "https", "https://gw.example/mcp/pub"),
+        ("[2001:db8::1]:443", "https,http", "https://[2001:db8::1]:443/mcp/pub"),
+    ])
+    async def test_discovery_names_the_url_the_caller_used(self, stub: Any, host: str,
+                                                           proto: str | None,
+                                                           resource: str) -> None:
+        """The answers filter is told to set `resource` to the gateway URL (RFC 9728)."""
+        response = await stub.Check(self.get(
+            "127.0.0.2", "/.well-known/oauth-protected-resource/mcp/pub", host, proto,
+            mcp_server="pub", mcp_route="discovery"))
+        assert response.WhichOneof("http_response") == "ok_response"
+        meta = metadata(response)
+        assert (meta["rewrite"], meta["resource"]) == ("resource", resource)
+
+    @pytest.mark.parametrize("host", ['gw"x', "gw example", "gw\\x", ""])
+    async def test_an_origin_that_cannot_be_echoed_is_left_out(self, stub: Any,
+                                                               host: str) -> None:
+        """A Host that would break out of a quoted header parameter is never echoed."""
+        response = await stub.Check(self.get(
+            "127.0.0.2", "/.well-known/oauth-protected-resource/mcp/pub", host,
+            mcp_server="pub", mcp_route="discovery"))
+        assert response.status.code == 0
+        assert "resource" not in metadata(response)
+
+    async def test_mcp_requests_carry_the_origin_for_the_challenge(self, stub: Any) -> None:
+        """A server whose callers bring their own token: the origin, for its 401's URL."""
+        response = await stub.Check(self.get("127.0.0.2", "/mcp/pub", mcp_server="pub",
+                                             mcp_route="mcp"))
+        assert metadata(response)["origin"] == "http://gw.example:8080"
+
+    async def test_a_hidden_server_has_nothing_to_discover(self, stub: Any) -> None:
+        hidden = await stub.Check(self.get(
+            "127.0.0.2", "/.well-known/oauth-protected-resource/mcp/priv",
+            mcp_server="priv", mcp_route="discovery"))
+        unknown = await stub.Check(self.get(
+            "127.0.0.2", "/.well-known/oauth-protected-resource/mcp/nope",
+            mcp_server="nope", mcp_route="discovery"))
+        for response in (hidden, unknown):
+            assert response.denied_response.status.code == 404
+            assert "resource" not in metadata(response)
+        assert hidden.denied_response.body == unknown.denied_response.body
+
+
 class TestEncoding:
     @pytest.mark.parametrize("decision_id", ["a-1", "0123abcd-99999999999", "x" * 80])
     def test_unrolled_decision_id_entry(self, decision_id: str) -> None:
