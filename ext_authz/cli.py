@@ -260,6 +260,7 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
                 args.sidecar_ca, args.sidecar_cert, args.sidecar_key, args.sidecar_sni),
             upstream_ca=args.upstream_ca,
             timeouts=Timeouts(args.request_timeout, args.idle_timeout, args.receive_timeout),
+            data_path=args.data_path,
         )
     except ValueError as exc:
         print(f"envoy-config: {exc}", file=sys.stderr)
@@ -396,6 +397,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="limit on receiving a request whole and judging it, before it"
                             " goes upstream; 408 past it (default 30, or longer than"
                             " tokens.timeout_s; 0: none)")
+    envoy.add_argument("--data-path", choices=("ext_authz", "native"), default="ext_authz",
+                       help="ext_authz (default): the sidecar decides every request;"
+                            " native: Envoy enforces visibility (RBAC) and injects tokens"
+                            " itself, and the sidecar serves it listener, clusters and tokens"
+                            " (xDS), deciding only requests it must read (tool rules,"
+                            " registry, discovery)")
     envoy.add_argument("--sidecar-ca", default=None, metavar="FILE",
                        help="CA that signed the sidecar's certificate (when grpc.tls is set)")
     envoy.add_argument("--sidecar-cert", default=None, metavar="FILE",

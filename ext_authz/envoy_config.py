@@ -11,11 +11,27 @@ import ipaddress
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from envoy_data_plane.envoy.config.accesslog.v3 import AccessLog
-from envoy_data_plane.envoy.config.bootstrap.v3 import Admin, Bootstrap, BootstrapStaticResources
+from envoy_data_plane.envoy.config.accesslog.v3 import (
+    AccessLog,
+    AccessLogFilter,
+    MetadataFilter,
+    StatusCodeFilter,
+)
+from envoy_data_plane.envoy.config.accesslog.v3 import (
+    ComparisonFilter as Comparison,
+)
+from envoy_data_plane.envoy.config.accesslog.v3 import (
+    ComparisonFilterOp as ComparisonOp,
+)
+from envoy_data_plane.envoy.config.bootstrap.v3 import (
+    Admin,
+    Bootstrap,
+    BootstrapDynamicResources,
+    BootstrapStaticResources,
+)
 from envoy_data_plane.envoy.config.cluster.v3 import (
     Cluster,
     ClusterDiscoveryType,
@@ -29,8 +45,12 @@ from envoy_data_plane.envoy.config.common.mutation_rules.v3 import (
 )
 from envoy_data_plane.envoy.config.core.v3 import (
     Address,
+    AggregatedConfigSource,
+    ApiConfigSource,
+    ApiConfigSourceApiType,
     ApiVersion,
     CidrRange,
+    ConfigSource,
     DataSource,
     GrpcService,
     GrpcServiceEnvoyGrpc,
@@ -43,7 +63,9 @@ from envoy_data_plane.envoy.config.core.v3 import (
     Http2ProtocolOptions,
     JsonFormatOptions,
     Metadata,
+    Node,
     Pipe,
+    RuntimeUInt32,
     SocketAddress,
     SubstitutionFormatString,
     TransportSocket,
@@ -57,6 +79,14 @@ from envoy_data_plane.envoy.config.endpoint.v3 import (
     LocalityLbEndpoints,
 )
 from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
+from envoy_data_plane.envoy.config.rbac.v3 import (
+    Permission,
+    Principal,
+    PrincipalSet,
+    Rbac,
+    RbacAction,
+)
+from envoy_data_plane.envoy.config.rbac.v3 import Policy as RbacPolicy
 from envoy_data_plane.envoy.config.route.v3 import (
     DirectResponseAction,
     HeaderMatcher,
@@ -67,6 +97,9 @@ from envoy_data_plane.envoy.config.route.v3 import (
     VirtualHost,
 )
 from envoy_data_plane.envoy.extensions.access_loggers.stream.v3 import StdoutAccessLog
+from envoy_data_plane.envoy.extensions.filters.http.credential_injector.v3 import (
+    CredentialInjector,
+)
 from envoy_data_plane.envoy.extensions.filters.http.ext_authz.v3 import (
     CheckSettings,
     ExtAuthz,
@@ -87,13 +120,19 @@ from envoy_data_plane.envoy.extensions.filters.http.header_mutation.v3 import (
     Mutations,
 )
 from envoy_data_plane.envoy.extensions.filters.http.lua.v3 import Lua, LuaPerRoute
+from envoy_data_plane.envoy.extensions.filters.http.rbac.v3 import Rbac as RbacFilter
+from envoy_data_plane.envoy.extensions.filters.http.rbac.v3 import RbacPerRoute
 from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
+from envoy_data_plane.envoy.extensions.filters.http.upstream_codec.v3 import UpstreamCodec
 from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
     HttpConnectionManager,
     HttpConnectionManagerCodecType,
     HttpConnectionManagerPathWithEscapedSlashesAction,
     HttpFilter,
+    LocalReplyConfig,
+    ResponseMapper,
 )
+from envoy_data_plane.envoy.extensions.http.injected_credentials.generic.v3 import Generic
 from envoy_data_plane.envoy.extensions.http.original_ip_detection.xff.v3 import (
     XffConfig,
     XffTrustedCidrs,
@@ -101,6 +140,7 @@ from envoy_data_plane.envoy.extensions.http.original_ip_detection.xff.v3 import 
 from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
     CertificateValidationContext,
     CommonTlsContext,
+    SdsSecretConfig,
     SubjectAltNameMatcher,
     SubjectAltNameMatcherSanType,
     TlsCertificate,
@@ -111,12 +151,18 @@ from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
     HttpProtocolOptionsAutoHttpConfig,
     HttpProtocolOptionsExplicitHttpConfig,
 )
-from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
+from envoy_data_plane.envoy.type.matcher.v3 import (
+    MetadataMatcher,
+    MetadataMatcherPathSegment,
+    StringMatcher,
+    ValueMatcher,
+)
 from envoy_data_plane.envoy.type.v3 import HttpStatus, StatusCode
 from envoy_data_plane.google.protobuf import Any as AnyMessage
 from envoy_data_plane.google.protobuf import Struct
 
 from .config import Config, UpstreamAddress
+from .decision import denial_body
 from .ext_proc import EXT_PROC_NAMESPACE
 from .routing import (
     KIND_EXTENSION,
@@ -138,19 +184,34 @@ ANSWERS_FILTER = "mcp_ext_authz.answers"  # a second ext_proc filter, for the an
 CHALLENGE_FILTER = "mcp_ext_authz.challenge"  # Lua: an upstream's 401 names the gateway
 # An upstream that wants the caller's own token answers 401 with a challenge naming its
 # metadata URL (RFC 9728 section 5.1), which a client behind the gateway cannot use: the URL
-# becomes the gateway's, from the origin the caller used (the sidecar's metadata) and the
-# route's metadata path. Every other parameter of the challenge stays. Without an origin,
-# the upstream's URL is dropped rather than shown.
+# becomes the gateway's, from the origin the caller used (its Host and X-Forwarded-Proto,
+# read as the sidecar reads them for the discovery document) and the route's metadata
+# path. Every other parameter of the challenge stays. Without an origin, the upstream's URL
+# is dropped rather than shown.
 CHALLENGE_LUA = """\
+function envoy_on_request(handle)
+  -- The origin the caller addressed, as the sidecar's request_origin says it.
+  local headers = handle:headers()
+  local authority = headers:get(":authority") or ""
+  local scheme = (headers:get("x-forwarded-proto") or ""):match("^%s*([^,]-)%s*$") or ""
+  if scheme == "" then scheme = headers:get(":scheme") or "http" end
+  scheme = scheme:lower()
+  if (scheme == "http" or scheme == "https") and #authority <= 255
+      and authority:match("^[%w%.%-_~:%[%]]+$") then
+    handle:streamInfo():dynamicMetadata():set("mcp_ext_authz.challenge", "origin",
+                                              scheme .. "://" .. authority)
+  end
+end
+
 function envoy_on_response(handle)
   local headers = handle:headers()
   local count = headers:getNumValues("www-authenticate")
   if count == 0 then return end
-  local authz = handle:streamInfo():dynamicMetadata():get("envoy.filters.http.ext_authz")
+  local mine = handle:streamInfo():dynamicMetadata():get("mcp_ext_authz.challenge")
   local path = handle:metadata():get("metadata_path")
   local replacement = ""
-  if authz ~= nil and authz["origin"] ~= nil and path ~= nil then
-    local url = authz["origin"] .. path
+  if mine ~= nil and mine["origin"] ~= nil and path ~= nil then
+    local url = mine["origin"] .. path
     replacement = 'resource_metadata="' .. url:gsub("%%", "%%%%") .. '"'
   end
   local challenges = {}
@@ -165,6 +226,16 @@ function envoy_on_response(handle)
 end
 """
 HEADER_MUTATION_FILTER = "envoy.filters.http.header_mutation"
+RBAC_FILTER = "envoy.filters.http.rbac"
+ROUTE_NAMESPACE = "mcp_ext_authz"  # route metadata: the server a route is for
+# The native data path: Envoy's node metadata carries envoy-config's flags (DataPlane) under
+# this key; listener, clusters and token secrets come from the sidecar on one ADS stream.
+NODE_KEY = "mcp_ext_authz"
+XDS_CLUSTER = "mcp_ext_authz_xds"
+TOKEN_SECRET_PREFIX = "mcp_ext_authz_token/"
+DataPath = Literal["ext_authz", "native"]
+DATA_PATHS: tuple[DataPath, ...] = ("ext_authz", "native")
+_ADS_SOURCE = ConfigSource(ads=AggregatedConfigSource(), resource_api_version=ApiVersion.V3)
 # Reading a body of mcp.max_body_bytes takes milliseconds; past this the sidecar is in trouble
 # and Envoy answers the request itself (504), never forwarding it unjudged.
 EXT_PROC_TIMEOUT = timedelta(seconds=2)
@@ -373,9 +444,33 @@ def _authz_cluster(name: str, sidecars: list[SidecarAddress], tls: SidecarTLS | 
     return cluster
 
 
-def _upstream_cluster(name: str, upstream: UpstreamAddress, ca_file: str | None) -> Cluster:
+def _upstream_cluster(name: str, upstream: UpstreamAddress, ca_file: str | None,
+                      inject: bool = False) -> Cluster:
     cluster = _cluster(f"mcp_{name}", [HostPort(upstream.host, upstream.port)],
                        protocol="alpn" if upstream.tls else "h1")
+    if inject:
+        # The native data path: Envoy sets the server's token itself, from the secret the
+        # sidecar serves (SDS over the ADS stream) and replaces as it refreshes. A secret
+        # without a token (none fetched, or expired without a successor) fails the request
+        # with a local 401, which the listener's mapper answers as the sidecar's 503.
+        options = _protocol("alpn" if upstream.tls else "h1")
+        injector = CredentialInjector(
+            overwrite=True,  # never the caller's own Authorization
+            allow_request_without_credential=False,
+            credential=TypedExtensionConfig(
+                name="envoy.http.injected_credentials.generic",
+                typed_config=AnyMessage.pack(Generic(
+                    credential=SdsSecretConfig(name=token_secret_name(name),
+                                               sds_config=_ADS_SOURCE),
+                    header="Authorization", header_value_prefix="Bearer "))))
+        options.http_filters = [
+            HttpFilter(name="envoy.filters.http.credential_injector",
+                       typed_config=AnyMessage.pack(injector)),
+            HttpFilter(name="envoy.filters.http.upstream_codec",
+                       typed_config=AnyMessage.pack(UpstreamCodec())),
+        ]
+        cluster.typed_extension_protocol_options[
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"] = AnyMessage.pack(options)
     if upstream.tls:
         # The certificate must name the host we dial: Envoy checks no name unless told to.
         san = SubjectAltNameMatcher(
@@ -409,11 +504,18 @@ def _has_tool_rules(config: Config, server: str) -> bool:
     return server in config.servers and bool(config.servers[server].tools)
 
 
-def _per_route(config: Config, server: str, kind: RouteKind = "mcp") -> dict[str, AnyMessage]:
+def _per_route(config: Config, server: str, kind: RouteKind = "mcp",
+               native: bool = False) -> dict[str, AnyMessage]:
     # The route names its server and what it is: the sidecar then never reads the
     # client-chosen path.
     extensions = {config.routing.context_extension_key: server, KIND_EXTENSION: kind}
     per_filter = {}
+    if native and kind != "registry":
+        # Envoy decides visibility itself: the same 404 (the listener's mapper) for a hidden
+        # server as for the catch-all, which no one may pass.
+        rbac = _visibility_rbac(config, server)
+        if rbac is not None:
+            per_filter[RBAC_FILTER] = AnyMessage.pack(RbacPerRoute(rbac=RbacFilter(rules=rbac)))
     if kind == "discovery":
         per_filter[ANSWERS_FILTER] = _ENABLED  # names the gateway in the metadata document
     elif kind == "mcp" and server in config.servers and config.servers[server].oauth2 is None:
@@ -426,9 +528,56 @@ def _per_route(config: Config, server: str, kind: RouteKind = "mcp") -> dict[str
         extensions[TOOL_RULES_EXTENSION] = TOOL_RULES_BY_EXT_PROC
         for name in (EXT_PROC_FILTER, ANSWERS_FILTER):
             per_filter[name] = _ENABLED
+    elif native and kind == "mcp":
+        # Envoy alone: RBAC above, the token from the upstream cluster's injector. The
+        # sidecar is asked only where it must read a body, or answer for the caller (the
+        # registry, a discovery document naming the gateway).
+        return per_filter
     settings = CheckSettings(context_extensions=extensions)
     per_filter[EXT_AUTHZ_FILTER] = AnyMessage.pack(ExtAuthzPerRoute(check_settings=settings))
     return per_filter
+
+
+def _cidrs(networks: Any) -> list[Principal]:
+    principals = []
+    for network in networks:
+        principals.append(Principal(remote_ip=CidrRange(
+            address_prefix=str(network.network_address), prefix_len=network.prefixlen)))
+        if network.version == 4:
+            # The sidecar reads ::ffff:a.b.c.d as a.b.c.d (as the kernel routes it); Envoy's
+            # CIDR match does not, so an IPv4 range also names its mapped form.
+            mapped = ipaddress.IPv6Network(
+                f"::ffff:{network.network_address}/{96 + network.prefixlen}")
+            principals.append(Principal(remote_ip=CidrRange(
+                address_prefix=str(mapped.network_address), prefix_len=mapped.prefixlen)))
+    return principals
+
+
+def _visibility_rbac(config: Config, server: str) -> Rbac | None:
+    """Who may reach a server's routes in the native data path: None for everyone.
+
+    The client address is Envoy's (`remote_ip`: the XFF walk through trusted_proxies). Where
+    that walk cannot go on (an entry that does not parse, an ip:port entry, too many
+    hops), Envoy falls back to the trusted proxy's own address, which the sidecar never
+    takes for the client: so no address in trusted_proxies is ever let in here. Unknown
+    server names (the catch-all) are let in by no one.
+    """
+    known = config.servers.get(server)
+    if known is not None and known.available_on_public_internet:
+        return None
+    if known is None:
+        return Rbac(action=RbacAction.ALLOW, policies={})  # nobody: the unknown server's 404
+    visible = list(config.network.internal_ranges)
+    for name in known.visible_to:
+        visible += config.network.networks[name]
+    if not visible:
+        return Rbac(action=RbacAction.ALLOW, policies={})
+    seen = Principal(or_ids=PrincipalSet(ids=_cidrs(visible)))
+    if config.network.trusted_proxies:
+        proxy = Principal(or_ids=PrincipalSet(ids=_cidrs(config.network.trusted_proxies)))
+        seen = Principal(and_ids=PrincipalSet(ids=[seen, Principal(not_id=proxy)]))
+    return Rbac(action=RbacAction.ALLOW, policies={
+        f"servers.{server}": RbacPolicy(permissions=[Permission(any=True)], principals=[seen])})
 
 
 def _answers() -> ExternalProcessor:
@@ -483,7 +632,7 @@ def _ext_proc(config: Config) -> ExternalProcessor:
 
 
 def _server_routes(config: Config, name: str, upstream: UpstreamAddress,
-                   timeouts: Timeouts) -> list[Route]:
+                   timeouts: Timeouts, native: bool = False) -> list[Route]:
     """A server's routes: its path (or host), rewritten to a URL upstream's own."""
     def action(rewrite: str | None) -> RouteAction:
         route = RouteAction(cluster=f"mcp_{name}", timeout=timedelta(seconds=timeouts.request_s),
@@ -501,7 +650,7 @@ def _server_routes(config: Config, name: str, upstream: UpstreamAddress,
                                           else f"{host}:{upstream.port}")
         return route
 
-    per_filter = _per_route(config, name)
+    per_filter = _per_route(config, name, native=native)
     path = upstream.path  # a URL's path replaces the gateway's: /mcp/NAME -> /PATH
     prefix = config.routing.path_prefix
     whole, under = (f"{prefix}{name}", f"{prefix}{name}/") if prefix is not None else ("/", "/")
@@ -514,11 +663,12 @@ def _server_routes(config: Config, name: str, upstream: UpstreamAddress,
         matches = [(RouteMatch(path=whole), path),
                    (RouteMatch(prefix=under), path.rstrip("/") + "/")]
     server = config.servers[name]
-    metadata = None
+    marks = _route_marks(name, native)
     if server.oauth2 is None:
         # Where the challenge filter points a client: this server's metadata at the gateway.
-        metadata = Metadata(filter_metadata={CHALLENGE_FILTER: Struct.from_dict(
-            {"metadata_path": PROTECTED_RESOURCE + (whole if prefix is not None else "")})})
+        marks[CHALLENGE_FILTER] = Struct.from_dict(
+            {"metadata_path": PROTECTED_RESOURCE + (whole if prefix is not None else "")})
+    metadata = Metadata(filter_metadata=marks) if marks else None
     routes = [Route(match=match, route=action(rewrite), typed_per_filter_config=per_filter,
                     metadata=metadata,
                     # The gateway holds this server's credential; the upstream's challenge
@@ -526,12 +676,17 @@ def _server_routes(config: Config, name: str, upstream: UpstreamAddress,
                     response_headers_to_remove=["www-authenticate"] if server.oauth2 else [])
               for match, rewrite in matches]
     if server.oauth2 is None:
-        routes.insert(0, _discovery_route(config, name, upstream, action))
+        routes.insert(0, _discovery_route(config, name, upstream, action, native))
     return routes
 
 
+def _route_marks(server: str, native: bool) -> dict[str, Struct]:
+    # The native access log names a request's server from its route (no sidecar to say).
+    return {ROUTE_NAMESPACE: Struct.from_dict({"server": server})} if native else {}
+
+
 def _discovery_route(config: Config, name: str, upstream: UpstreamAddress,
-                     action: Callable[[str | None], RouteAction]) -> Route:
+                     action: Callable[[str | None], RouteAction], native: bool) -> Route:
     """RFC 9728 metadata of a server whose caller brings its own token: the upstream's
     document, at the gateway's well-known path for the server, naming the gateway."""
     prefix = config.routing.path_prefix
@@ -549,19 +704,21 @@ def _discovery_route(config: Config, name: str, upstream: UpstreamAddress,
     # A short GET, not an MCP stream: Envoy's own request timeout.
     route_action.timeout = timedelta(seconds=DISCOVERY_TIMEOUT_S)
     route_action.idle_timeout = None
+    marks = _route_marks(name, native)
     return Route(match=match, route=route_action,
-                 typed_per_filter_config=_per_route(config, name, "discovery"))
+                 metadata=Metadata(filter_metadata=marks) if marks else None,
+                 typed_per_filter_config=_per_route(config, name, "discovery", native))
 
 
 def _routes(config: Config, upstreams: Mapping[str, UpstreamAddress],
-            timeouts: Timeouts) -> list[VirtualHost]:
+            timeouts: Timeouts, native: bool = False) -> list[VirtualHost]:
     # What no server route matches still goes through the sidecar, naming no server: its
     # 404 is then byte for byte the one a hidden server gets. (Left to the sidecar's own
     # path routing, `/mcp/public;x` would be "allowed" only to meet this route's 404.)
     not_found = Route(
         match=RouteMatch(prefix="/"),
         direct_response=DirectResponseAction(status=404),
-        typed_per_filter_config=_per_route(config, NO_SERVER),
+        typed_per_filter_config=_per_route(config, NO_SERVER, native=native),
     )
     shared = [not_found]
     registry = config.routing.registry_path
@@ -572,22 +729,22 @@ def _routes(config: Config, upstreams: Mapping[str, UpstreamAddress],
             match=RouteMatch(path=registry, headers=[HeaderMatcher(
                 name=":method", string_match=StringMatcher(exact="GET"))]),
             direct_response=DirectResponseAction(status=404),
-            typed_per_filter_config=_per_route(config, NO_SERVER, "registry")))
+            typed_per_filter_config=_per_route(config, NO_SERVER, "registry", native)))
     if config.routing.path_prefix is not None:
         routes = [route for name in sorted(config.servers)
-                  for route in _server_routes(config, name, upstreams[name], timeouts)]
+                  for route in _server_routes(config, name, upstreams[name], timeouts, native)]
         return [VirtualHost(name="mcp", domains=["*"], routes=[*routes, *shared])]
     suffix = config.routing.host_suffix or ""
     hosts = [
         VirtualHost(name=f"mcp_{name}", domains=[f"{name}{suffix}", f"{name}{suffix}:*"],
-                    routes=_server_routes(config, name, upstreams[name], timeouts))
+                    routes=_server_routes(config, name, upstreams[name], timeouts, native))
         for name in sorted(config.servers)
     ]
     hosts.append(VirtualHost(name="unknown", domains=["*"], routes=shared))
     return hosts
 
 
-def _access_log() -> AccessLog:
+def _access_log(native: bool) -> AccessLog:
     fields = {
         "start_time": "%START_TIME%",
         "method": "%REQ(:METHOD)%",
@@ -604,6 +761,17 @@ def _access_log() -> AccessLog:
         "tool": f"%DYNAMIC_METADATA({EXT_PROC_FILTER}:tool)%",
         "tool_reason": f"%DYNAMIC_METADATA({EXT_PROC_FILTER}:reason)%",
     }
+    if native:
+        # Most requests never reach the sidecar, so its decision log misses them: Envoy
+        # says who it took for the client (the XFF walk), the route's server, what RBAC
+        # did, and why it answered so (rbac_access_denied_matched_policy[none], a failed
+        # credential injection, or via_upstream).
+        fields.update({
+            "client_ip": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%",
+            "server": f"%METADATA(ROUTE:{ROUTE_NAMESPACE}:server)%",
+            "rbac": f"%DYNAMIC_METADATA({RBAC_FILTER}:enforced_engine_result)%",
+            "details": "%RESPONSE_CODE_DETAILS%",
+        })
     stdout = StdoutAccessLog(log_format=SubstitutionFormatString(
         json_format=Struct.from_dict(fields),
         json_format_options=JsonFormatOptions(sort_properties=False),
@@ -611,8 +779,36 @@ def _access_log() -> AccessLog:
     return AccessLog(name="envoy.access_loggers.stdout", typed_config=AnyMessage.pack(stdout))
 
 
+def _json_reply(reason: Literal["not_found", "upstream_credentials_unavailable"]
+                ) -> SubstitutionFormatString:
+    # The sidecar's own denial, byte for byte: its body and content-type.
+    return SubstitutionFormatString(
+        text_format_source=DataSource(inline_string=denial_body(reason).decode()),
+        content_type="application/json")
+
+
+def _local_replies() -> LocalReplyConfig:
+    """The native data path's answers that Envoy makes, made to be the sidecar's.
+
+    RBAC's denial (a hidden server, or the catch-all) becomes the unknown server's 404; the
+    credential injector's 401 (no token to inject) becomes the sidecar's 503.
+    """
+    denied = AccessLogFilter(metadata_filter=MetadataFilter(matcher=MetadataMatcher(
+        filter=RBAC_FILTER, path=[MetadataMatcherPathSegment(key="enforced_engine_result")],
+        value=ValueMatcher(string_match=StringMatcher(exact="denied")))))
+    no_token = AccessLogFilter(status_code_filter=StatusCodeFilter(comparison=Comparison(
+        op=ComparisonOp.EQ,
+        value=RuntimeUInt32(default_value=401, runtime_key="mcp_ext_authz.no_token_status"))))
+    return LocalReplyConfig(mappers=[
+        ResponseMapper(filter=denied, status_code=404,
+                       body_format_override=_json_reply("not_found")),
+        ResponseMapper(filter=no_token, status_code=503,
+                       body_format_override=_json_reply("upstream_credentials_unavailable")),
+    ])
+
+
 def _connection_manager(config: Config, upstreams: Mapping[str, UpstreamAddress],
-                        timeouts: Timeouts) -> HttpConnectionManager:
+                        timeouts: Timeouts, native: bool = False) -> HttpConnectionManager:
     authz = ExtAuthz(
         grpc_service=GrpcService(
             envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=AUTHZ_CLUSTER),
@@ -630,8 +826,14 @@ def _connection_manager(config: Config, upstreams: Mapping[str, UpstreamAddress]
             mutations=Mutations(request_mutations=[MutationRule(
                 remove_on_match=HeaderMutationRemoveOnMatch(
                     key_matcher=StringMatcher(prefix="x-envoy-")))])))),
-        HttpFilter(name=EXT_AUTHZ_FILTER, typed_config=AnyMessage.pack(authz)),
     ]
+    if native:
+        # No rules here: each route that is not for everyone carries its own (RBACPerRoute).
+        filters.append(HttpFilter(name=RBAC_FILTER, typed_config=AnyMessage.pack(RbacFilter())))
+    # In the native data path, only on the routes that name it (tool rules, the registry,
+    # discovery documents).
+    filters.append(HttpFilter(name=EXT_AUTHZ_FILTER, disabled=native,
+                              typed_config=AnyMessage.pack(authz)))
     # Each off unless a route turns it on (tool-rule, discovery and challenge routes): not
     # "on unless a route turns it off", which would also hold Envoy's own answers that
     # match no route (a 431 for a too-long header) until the sidecar had seen them, and
@@ -667,7 +869,7 @@ def _connection_manager(config: Config, upstreams: Mapping[str, UpstreamAddress]
         stream_idle_timeout=timedelta(seconds=DEFAULT_STREAM_IDLE_TIMEOUT_S),
         request_timeout=timedelta(seconds=timeouts.receive(config)),
         route_config=RouteConfiguration(
-            name="mcp", virtual_hosts=_routes(config, upstreams, timeouts),
+            name="mcp", virtual_hosts=_routes(config, upstreams, timeouts, native),
             # Envoy sets this header only on requests it deems edge requests, and passes a
             # caller's own value on every other one (all of them, once trusted_proxies turns
             # use_remote_address off). The upstream gets Envoy's view of the client instead:
@@ -679,7 +881,8 @@ def _connection_manager(config: Config, upstreams: Mapping[str, UpstreamAddress]
             )],
         ),
         http_filters=filters,
-        access_log=[_access_log()],
+        access_log=[_access_log(native)],
+        local_reply_config=_local_replies() if native else None,
     )
     if config.network.trusted_proxies:
         # Give Envoy's own idea of the client (access logs, x-envoy-external-address) the
@@ -726,6 +929,92 @@ def resolve_upstreams(config: Config, given: Mapping[str, UpstreamAddress]
     return resolved
 
 
+def _upstream_text(upstream: UpstreamAddress) -> str:
+    host = f"[{upstream.host}]" if ":" in upstream.host else upstream.host
+    if upstream.scheme is None:
+        return f"{host}:{upstream.port}"
+    return f"{upstream.scheme}://{host}:{upstream.port}{upstream.path or ''}"
+
+
+@dataclass(frozen=True, slots=True)
+class DataPlane:
+    """What shapes the listener and the upstream clusters besides the sidecar's config:
+    envoy-config's flags.
+
+    In the native data path the listener and clusters come from the sidecar (LDS and CDS
+    over one ADS stream), so that a config reload reaches Envoy without a restart. Envoy
+    tells the sidecar these flags in its node metadata, set in the bootstrap.
+    """
+
+    listen: HostPort
+    upstreams: Mapping[str, UpstreamAddress]  # --upstream: over servers.NAME.upstream
+    upstream_ca: str | None = None
+    timeouts: Timeouts = Timeouts()
+
+    def to_struct(self) -> dict[str, Any]:
+        return {
+            "listen": f"[{self.listen.host}]:{self.listen.port}" if ":" in self.listen.host
+            else f"{self.listen.host}:{self.listen.port}",
+            "upstreams": {name: _upstream_text(u) for name, u in sorted(self.upstreams.items())},
+            "upstream_ca": self.upstream_ca,
+            "request_timeout_s": self.timeouts.request_s,
+            "idle_timeout_s": self.timeouts.idle_s,
+            "receive_timeout_s": self.timeouts.receive_s,
+        }
+
+    @classmethod
+    def from_struct(cls, data: Mapping[str, Any]) -> DataPlane:
+        """Read node metadata back; ValueError naming what is wrong."""
+        try:
+            upstreams = data.get("upstreams") or {}
+            ca = data.get("upstream_ca")
+            receive = data.get("receive_timeout_s")
+            if not isinstance(upstreams, Mapping) or not (ca is None or isinstance(ca, str)):
+                raise TypeError
+            return cls(
+                listen=HostPort.parse(str(data["listen"])),
+                upstreams={str(name): UpstreamAddress.parse(str(text))
+                           for name, text in upstreams.items()},
+                upstream_ca=ca,
+                timeouts=Timeouts(float(data.get("request_timeout_s") or 0),
+                                  float(data.get("idle_timeout_s") or 0),
+                                  None if receive is None else float(receive)))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"node metadata {NODE_KEY!r} is not what envoy-config writes"
+                             f" ({type(exc).__name__}: {exc})") from None
+
+
+def data_plane_resources(config: Config, plane: DataPlane, *, native: bool = True
+                         ) -> tuple[Listener, list[Cluster]]:
+    """The listener and the upstream clusters for a config: a ValueError if it cannot have
+    them (a server without an upstream)."""
+    resolved = resolve_upstreams(config, plane.upstreams)
+    if plane.upstream_ca is not None and not any(u.tls for u in resolved.values()):
+        raise ValueError("--upstream-ca given, but no upstream is an https:// URL")
+    listen = plane.listen
+    manager = _connection_manager(config, resolved, plane.timeouts, native)
+    listener = Listener(
+        name="mcp_ingress",
+        # `--listen [::]:PORT` serves IPv4 callers too (as IPv4 peers, not v4-mapped ones).
+        address=Address(socket_address=SocketAddress(address=listen.host,
+                                                     port_value=listen.port,
+                                                     ipv4_compat=listen.host == "::")),
+        filter_chains=[FilterChain(filters=[Filter(
+            name="envoy.filters.network.http_connection_manager",
+            typed_config=AnyMessage.pack(manager),
+        )])],
+    )
+    clusters = [_upstream_cluster(name, resolved[name], plane.upstream_ca,
+                                  inject=native and config.servers[name].oauth2 is not None)
+                for name in sorted(config.servers)]
+    return listener, clusters
+
+
+def token_secret_name(server: str) -> str:
+    """The SDS secret holding a server's bearer token (native data path)."""
+    return f"{TOKEN_SECRET_PREFIX}{server}"
+
+
 def build_bootstrap(
     config: Config,
     upstreams: Mapping[str, UpstreamAddress],
@@ -737,38 +1026,46 @@ def build_bootstrap(
     sidecar_tls: SidecarTLS | None = None,
     upstream_ca: str | None = None,
     timeouts: Timeouts = Timeouts(),
+    data_path: DataPath = "ext_authz",
 ) -> Bootstrap:
     """Build the bootstrap: one listener, the filters, a route and a cluster per server.
 
-    `upstreams` overrides the servers' own `upstream` settings (`resolve_upstreams`).
+    `upstreams` overrides the servers' own `upstream` settings (`resolve_upstreams`). In
+    the native data path the listener and those clusters are the sidecar's to serve: the
+    bootstrap holds the sidecar's clusters and says what to ask it for.
     """
     _check_tls(config, sidecar_tls)
-    resolved = resolve_upstreams(config, upstreams)
-    if upstream_ca is not None and not any(u.tls for u in resolved.values()):
-        raise ValueError("--upstream-ca given, but no upstream is an https:// URL")
-    listener = Listener(
-        name="mcp_ingress",
-        # `--listen [::]:PORT` serves IPv4 callers too (as IPv4 peers, not v4-mapped ones).
-        address=Address(socket_address=SocketAddress(address=listen.host,
-                                                     port_value=listen.port,
-                                                     ipv4_compat=listen.host == "::")),
-        filter_chains=[FilterChain(filters=[Filter(
-            name="envoy.filters.network.http_connection_manager",
-            typed_config=AnyMessage.pack(_connection_manager(config, resolved, timeouts)),
-        )])],
-    )
+    plane = DataPlane(listen, dict(upstreams), upstream_ca, timeouts)
+    native = data_path == "native"
+    listener, upstream_clusters = data_plane_resources(config, plane, native=native)
     sidecars = sidecar_endpoints(sidecar, workers)
     clusters = [_authz_cluster(AUTHZ_CLUSTER, sidecars, sidecar_tls)]
-    if _reads_bodies(config):
+    if _reads_bodies(config) or native:  # native: a reload may bring tool rules
         clusters.append(_authz_cluster(BODIES_CLUSTER, sidecars, sidecar_tls,
                                        timeouts.receive(config)))
-    clusters += [_upstream_cluster(name, resolved[name], upstream_ca)
-                 for name in sorted(config.servers)]
-    return Bootstrap(
-        admin=Admin(address=Address(socket_address=SocketAddress(
-            address=admin.host, port_value=admin.port))),
-        static_resources=BootstrapStaticResources(listeners=[listener], clusters=clusters),
-    )
+    bootstrap = Bootstrap(admin=Admin(address=Address(socket_address=SocketAddress(
+        address=admin.host, port_value=admin.port))))
+    if not native:
+        bootstrap.static_resources = BootstrapStaticResources(
+            listeners=[listener], clusters=[*clusters, *upstream_clusters])
+        return bootstrap
+    # The control plane: no health checks (Envoy must reach it before any token is warm),
+    # one stream for listener, clusters and secrets, so that they arrive in order.
+    xds = _cluster(XDS_CLUSTER, sidecars, protocol="h2")
+    if sidecar_tls is not None:
+        xds.transport_socket = _transport_socket(sidecar_tls)
+    clusters.append(xds)
+    bootstrap.node = Node(id="mcp-ext-authz", cluster="mcp-ext-authz",
+                          metadata=Struct.from_dict({NODE_KEY: plane.to_struct()}))
+    bootstrap.static_resources = BootstrapStaticResources(clusters=clusters)
+    bootstrap.dynamic_resources = BootstrapDynamicResources(
+        ads_config=ApiConfigSource(
+            api_type=ApiConfigSourceApiType.GRPC, transport_api_version=ApiVersion.V3,
+            grpc_services=[GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(
+                cluster_name=XDS_CLUSTER))],
+            set_node_on_first_message_only=True),
+        lds_config=_ADS_SOURCE, cds_config=_ADS_SOURCE)
+    return bootstrap
 
 
 def render(bootstrap: Bootstrap) -> str:

@@ -112,6 +112,24 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.xds_streams = Gauge(
+            "mcp_ext_authz_xds_streams",
+            "Envoy xDS streams open to this sidecar (native data path).",
+            registry=self.registry,
+        )
+        self.xds_pushes = Counter(
+            "mcp_ext_authz_xds_pushes",
+            "xDS responses sent to Envoy, by resource type (listener, cluster, secret).",
+            ["type"],
+            registry=self.registry,
+        )
+        self.xds_rejections = Counter(
+            "mcp_ext_authz_xds_rejections",
+            "xDS responses Envoy rejected (NACK), by resource type; it keeps what it had.",
+            ["type"],
+            registry=self.registry,
+        )
+
     def count_check(self, server: str, network: str, reason: str, tool: str,
                     seconds: float, phase: Phase = "check") -> None:
         stats = self._stats[phase]

@@ -22,6 +22,7 @@ from .ext_proc import ExternalProcessingService
 from .metrics import Metrics
 from .service import SERVICE_NAME, AuthorizationService, ServiceState
 from .tokens import TokenCache
+from .xds import ADS_SERVICE, SDS_SERVICE, ControlPlane
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,9 @@ class Sidecar:
             _open_decision_log(config),
         )
         self.ext_proc = ExternalProcessingService(self.service)
+        # The native data path's control plane: told of every reload and token change.
+        self.control_plane = ControlPlane(lambda: self.config, self.tokens, self.metrics)
+        self.tokens.on_change = self.control_plane.changed
         self.health = health.aio.HealthServicer()
         self._receive_limit = receive_limit(config)
         self.grpc_port = 0
@@ -144,10 +148,12 @@ class Sidecar:
         self._receive_limit = receive_limit(config)
         server = grpc.aio.server(options=(
             *GRPC_OPTIONS, ("grpc.max_receive_message_length", self._receive_limit)))
-        server.add_generic_rpc_handlers((self.service.handler(), self.ext_proc.handler()))
+        server.add_generic_rpc_handlers((self.service.handler(), self.ext_proc.handler(),
+                                         *self.control_plane.handlers()))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, EXT_PROC_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            (SERVICE_NAME, EXT_PROC_SERVICE_NAME, ADS_SERVICE, SDS_SERVICE, health.SERVICE_NAME,
+             reflection.SERVICE_NAME),
             server,
         )
         for name in ("", SERVICE_NAME):
@@ -256,6 +262,7 @@ class Sidecar:
             self.service.state = ServiceState.build(config, generation)
             self.tokens.settings = config.tokens
             self.tokens.retain(config.credentials())
+            self.control_plane.changed()
             self._stamps = self._current_stamps()
             self.metrics.config_generation.set(generation)
             self.metrics.config_reloads.labels("ok").inc()

@@ -283,21 +283,20 @@ _REGISTRY_ANSWERS = PerDecision(_with_reply)
 
 def request_metadata(decision: Decision, request: external_auth_pb2.CheckRequest | None,
                      path: str) -> bytes:
-    """Dynamic metadata for this one request, beyond the decision's own: the gateway URLs
-    that OAuth discovery documents and challenges must name (see envoy_config)."""
+    """Dynamic metadata for this one request, beyond the decision's own: the gateway URL
+    that an OAuth discovery document must name (see envoy_config; a challenge's URL is
+    Envoy's own work, so that both data paths name the same)."""
     server = decision.server
-    if not decision.allowed or server is None or server.oauth2 is not None:
+    if (not decision.allowed or server is None or server.oauth2 is not None
+            or decision.route.kind != "discovery"):
         return b""
     origin = request_origin(request)
     if origin is None:
         return b""
-    if decision.route.kind == "discovery":
-        # RFC 9728: the metadata of https://gw/mcp/x is at /.well-known/...-resource/mcp/x,
-        # and names https://gw/mcp/x as its resource.
-        resource = path.partition("?")[0][len(PROTECTED_RESOURCE):] or "/"
-        return _struct_entry("rewrite", "resource") + _struct_entry(
-            "resource", origin + resource)
-    return _struct_entry("origin", origin)  # for the challenge's resource_metadata URL
+    # RFC 9728: the metadata of https://gw/mcp/x is at /.well-known/...-resource/mcp/x,
+    # and names https://gw/mcp/x as its resource.
+    resource = path.partition("?")[0][len(PROTECTED_RESOURCE):] or "/"
+    return _struct_entry("rewrite", "resource") + _struct_entry("resource", origin + resource)
 
 
 def encode_check_response(decision: Decision, token: str | None, decision_id: str,

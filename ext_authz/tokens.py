@@ -38,6 +38,8 @@ _OAUTH_ERROR_CODE = re.compile(r"^[a-z_]{1,64}$")
 
 FetchObserver = Callable[[str, str, float], None]
 """Called after each fetch with (server, outcome, seconds); outcome is `ok` or an error class."""
+ChangeObserver = Callable[[], None]
+"""Called when a usable token is replaced, or stops being usable without a successor."""
 
 
 @dataclass(slots=True)
@@ -55,6 +57,7 @@ class _Entry:
     retry_at: float = 0.0
     fetch: asyncio.Task[None] | None = None
     timer: asyncio.TimerHandle | None = None
+    expiry: asyncio.TimerHandle | None = None  # when the token stops being usable
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
 
 
@@ -148,6 +151,7 @@ class TokenCache:
         *,
         client: httpx.AsyncClient | None = None,
         on_fetch: FetchObserver | None = None,
+        on_change: ChangeObserver | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
@@ -156,6 +160,7 @@ class TokenCache:
             follow_redirects=False,
         )
         self._on_fetch = on_fetch
+        self.on_change = on_change
         self._clock = clock
         self._entries: dict[tuple[str, ...], _Entry] = {}
         self._closed = False
@@ -209,6 +214,7 @@ class TokenCache:
         for key in list(self._entries):
             if key not in wanted:
                 self._drop(self._entries.pop(key))
+                self._changed()
         for server, settings in wanted.values():
             entry = self._entry(settings, server)
             if entry.token is None and entry.fetch is None and entry.timer is None:
@@ -263,6 +269,8 @@ class TokenCache:
         # schedules anything once its entry is gone.
         if entry.timer is not None:
             entry.timer.cancel()
+        if entry.expiry is not None:
+            entry.expiry.cancel()
         if cancel_fetch and entry.fetch is not None:
             entry.fetch.cancel()
         for waiter in entry.waiters:
@@ -296,6 +304,23 @@ class TokenCache:
         entry.timer = None
         if self._entries.get(entry.settings.cache_key) is entry:
             self._start_fetch(entry)
+
+    def _on_expiry(self, entry: _Entry) -> None:
+        # Fires at usable_until (a fresh token since would have rescheduled it), or a hair
+        # before it: asyncio runs timers up to its clock resolution early.
+        entry.expiry = None
+        if self._entries.get(entry.settings.cache_key) is not entry:
+            return
+        left = entry.usable_until - self._clock()
+        if left > 0:
+            entry.expiry = asyncio.get_running_loop().call_later(
+                left + 0.001, self._on_expiry, entry)
+            return
+        self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None and not self._closed:
+            self.on_change()
 
     def _lifetime(self, expires_in: float | None) -> float:
         if expires_in is None:
@@ -338,6 +363,11 @@ class TokenCache:
         entry.last_error = None
         self._observe(entry.server, "ok", started)
         self._schedule(entry, entry.refresh_at)
+        if entry.expiry is not None:
+            entry.expiry.cancel()
+        entry.expiry = asyncio.get_running_loop().call_later(
+            lifetime, self._on_expiry, entry)
+        self._changed()
         waiters, entry.waiters = entry.waiters, []
         for waiter in waiters:
             if not waiter.done():

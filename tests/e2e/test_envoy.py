@@ -35,6 +35,12 @@ pytestmark = pytest.mark.e2e
 GH_SECRET = "gh-secret-Zq8vN2pLx7"
 JIRA_SECRET = "jira-secret-Wm4tR9kBc1"
 INTERNAL, EXTERNAL, PROXY = "127.0.0.1", "127.0.0.2", "127.0.0.3"
+# X-Forwarded-For from the trusted proxy, and what a request for an internal-only server
+# then gets (test_data_paths runs the same table through both generated data paths).
+TRUSTED_PROXY_XFF = [
+    (INTERNAL, 200), (f"{INTERNAL}, {EXTERNAL}", 404), (EXTERNAL, 404),
+    (f"{EXTERNAL}, {INTERNAL}", 200), ("garbage", 404), (None, 404),
+]
 
 
 @dataclass
@@ -143,11 +149,7 @@ class TestVisibility:
         response = stack.get(EXTERNAL, "/mcp/priv/echo", headers={"x-forwarded-for": INTERNAL})
         assert response.status_code == 404
 
-    @pytest.mark.parametrize(
-        ("xff", "status"),
-        [(INTERNAL, 200), (f"{INTERNAL}, {EXTERNAL}", 404), (EXTERNAL, 404),
-         (f"{EXTERNAL}, {INTERNAL}", 200), ("garbage", 404), (None, 404)],
-    )
+    @pytest.mark.parametrize(("xff", "status"), TRUSTED_PROXY_XFF)
     def test_through_trusted_proxy(self, stack: Stack, xff: str | None, status: int) -> None:
         """Behind a trusted proxy the rightmost untrusted XFF entry decides; a forged
         leftmost entry does not; garbage and an absent header fail closed."""

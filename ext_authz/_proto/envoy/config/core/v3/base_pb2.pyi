@@ -10,6 +10,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class Node(_message.Message):
+    __slots__ = ("id", "cluster", "metadata", "user_agent_name")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    USER_AGENT_NAME_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    cluster: str
+    metadata: _struct_pb2.Struct
+    user_agent_name: str
+    def __init__(self, id: _Optional[str] = ..., cluster: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., user_agent_name: _Optional[str] = ...) -> None: ...
+
 class Metadata(_message.Message):
     __slots__ = ("filter_metadata", "typed_filter_metadata")
     class FilterMetadataEntry(_message.Message):
