@@ -17,7 +17,6 @@ import yaml
 from envoy_data_plane.envoy.config.accesslog.v3 import (
     AccessLog,
     AccessLogFilter,
-    MetadataFilter,
     StatusCodeFilter,
 )
 from envoy_data_plane.envoy.config.accesslog.v3 import (
@@ -151,12 +150,7 @@ from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
     HttpProtocolOptionsAutoHttpConfig,
     HttpProtocolOptionsExplicitHttpConfig,
 )
-from envoy_data_plane.envoy.type.matcher.v3 import (
-    MetadataMatcher,
-    MetadataMatcherPathSegment,
-    StringMatcher,
-    ValueMatcher,
-)
+from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
 from envoy_data_plane.envoy.type.v3 import HttpStatus, StatusCode
 from envoy_data_plane.google.protobuf import Any as AnyMessage
 from envoy_data_plane.google.protobuf import Struct
@@ -793,9 +787,12 @@ def _local_replies() -> LocalReplyConfig:
     RBAC's denial (a hidden server, or the catch-all) becomes the unknown server's 404; the
     credential injector's 401 (no token to inject) becomes the sidecar's 503.
     """
-    denied = AccessLogFilter(metadata_filter=MetadataFilter(matcher=MetadataMatcher(
-        filter=RBAC_FILTER, path=[MetadataMatcherPathSegment(key="enforced_engine_result")],
-        value=ValueMatcher(string_match=StringMatcher(exact="denied")))))
+    # Keyed on the status: RBAC's dynamic metadata is set only after its local reply has
+    # been sent (and mapped), and its response flag is not one a filter may name. No other
+    # local reply of this listener is a 403 (ext_authz's failures are 503s).
+    denied = AccessLogFilter(status_code_filter=StatusCodeFilter(comparison=Comparison(
+        op=ComparisonOp.EQ,
+        value=RuntimeUInt32(default_value=403, runtime_key="mcp_ext_authz.denied_status"))))
     no_token = AccessLogFilter(status_code_filter=StatusCodeFilter(comparison=Comparison(
         op=ComparisonOp.EQ,
         value=RuntimeUInt32(default_value=401, runtime_key="mcp_ext_authz.no_token_status"))))

@@ -302,8 +302,15 @@ class TokenCache:
 
     def _on_timer(self, entry: _Entry) -> None:
         entry.timer = None
-        if self._entries.get(entry.settings.cache_key) is entry:
-            self._start_fetch(entry)
+        if self._entries.get(entry.settings.cache_key) is not entry:
+            return
+        if entry.last_error is not None and self._clock() < entry.retry_at:
+            # asyncio runs a timer up to its clock resolution early; the backoff is not over
+            # by our clock, and _start_fetch would refuse. Without this the retry was lost,
+            # and only a check asking for the token started fetching again.
+            self._schedule(entry, entry.retry_at + 0.001)
+            return
+        self._start_fetch(entry)
 
     def _on_expiry(self, entry: _Entry) -> None:
         # Fires at usable_until (a fresh token since would have rescheduled it), or a hair

@@ -127,8 +127,10 @@ class ControlPlane:
                 # A NACK: Envoy keeps what it had. Sent again only once something changes.
                 kind = TYPE_NAMES.get(request.type_url, "other")
                 self._metrics.xds_rejections.labels(kind).inc()
-                log.error("Envoy %r rejected the %s we sent: %s", node.get("_id", ""), kind,
-                          request.error_detail.message[:500])
+                # Envoy quotes what it rejected, which for a secret would be the token.
+                said = "" if kind == "secret" else f": {request.error_detail.message[:2000]}"
+                log.error("Envoy %r rejected the %ss we sent%s", node.get("_id", ""), kind,
+                          said)
             names = tuple(sorted(request.resource_names))
             if subscribed.get(request.type_url) != names:
                 subscribed[request.type_url] = names

@@ -292,3 +292,49 @@ class TestParse:
         form, headers = build_token_request(oauth2("https://idp/token"))
         assert form == {"grant_type": "client_credentials"}
         assert headers["authorization"].startswith("Basic ")
+
+
+class TestChanges:
+    """What the native data path's control plane is told (ControlPlane.changed)."""
+
+    async def test_a_retry_is_not_lost_when_a_timer_fires_early(
+        self, token_endpoint: TokenEndpoint
+    ) -> None:
+        """asyncio may run a timer before our clock reaches its time; the retry still happens,
+        with no check asking (in the native data path none ever does)."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        # A clock a little slower than the loop's: every timer fires "early" by it.
+        cache = TokenCache(fast_settings(), clock=lambda: start + (loop.time() - start) * 0.98)
+        try:
+            token_endpoint.mode, token_endpoint.status = "status", 503
+            settings = oauth2(token_endpoint.url)
+            cache.retain({"github": settings})
+            await eventually(lambda: token_endpoint.count >= 1)
+            token_endpoint.healthy()
+            await eventually(lambda: cache.cached(settings) is not None, within_s=3)
+        finally:
+            await cache.aclose()
+
+    async def test_told_of_each_new_token_and_of_each_expiry(
+        self, token_endpoint: TokenEndpoint
+    ) -> None:
+        """A fetched token, and a token whose lifetime ends without a successor, each call
+        on_change; a failed fetch changes nothing."""
+        changes: list[str | None] = []
+        settings = oauth2(token_endpoint.url)
+        cache = TokenCache(fast_settings(expiry_buffer_s=0, min_ttl_s=0.1, retry_initial_s=5,
+                                         retry_max_s=5))
+        cache.on_change = lambda: changes.append(cache.cached(settings))
+        try:
+            token_endpoint.expires_in = 0.5
+            cache.retain({"github": settings})
+            await eventually(lambda: len(changes) == 1)
+            assert changes == [token_endpoint.issued[0]]
+            # The refresh at 80% fails: the token is served to its end, then withdrawn.
+            token_endpoint.mode, token_endpoint.status = "status", 500
+            await eventually(lambda: len(changes) == 2, within_s=3)
+            assert changes == [token_endpoint.issued[0], None]
+            assert cache.cached(settings) is None
+        finally:
+            await cache.aclose()

@@ -103,6 +103,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             processes.append(upstream)
             at = f"127.0.0.1:{ports['upstream']}"
             servers = {name: {**settings, "upstream": at} for name, settings in SERVERS.items()}
+            servers["dead"] = {"upstream": f"127.0.0.1:{free_port()}"}  # nothing listens
             for name, public in TOKEN_SERVERS.items():
                 servers[name] = {"upstream": at, "available_on_public_internet": public,
                                  "oauth2": {"token_url": tokens.url, "client_id": f"{name}-id",
@@ -172,6 +173,15 @@ def test_one_404_for_everything_hidden(stack: Stack, mode: str) -> None:
         "/.well-known/oauth-protected-resource/mcp/priv")]
     for answer in answers[1:]:
         same_answer(answer, answers[0])
+
+
+@pytest.mark.parametrize("mode", DATA_PATHS)
+def test_envoys_own_answers_stay_its_own(stack: Stack, mode: str) -> None:
+    """Only RBAC's denial and a missing token are made the sidecar's; an upstream that is
+    down is Envoy's 503, as in the ext_authz mode."""
+    response = stack.get(mode, EXTERNAL, "/mcp/dead/echo")
+    assert response.status_code == 503
+    assert response.text.startswith("upstream connect error")
 
 
 def test_the_404_is_the_same_in_both_modes(stack: Stack) -> None:
@@ -247,14 +257,13 @@ def test_native_asks_the_sidecar_only_about_tool_rules(stack: Stack) -> None:
 
 
 def test_native_access_log_says_what_rbac_did(stack: Stack) -> None:
+    """What the native path logs in place of the sidecar's decision log."""
+    time.sleep(0.3)  # earlier requests' lines flushed
+    before = len(stack.access_log("native"))
     stack.get("native", EXTERNAL, "/mcp/priv/echo", {"x-forwarded-for": INTERNAL})
     stack.get("native", PROXY, "/mcp/priv/echo", {"x-forwarded-for": INTERNAL})
-    for _ in range(50):
-        records = stack.access_log("native")
-        if len(records) >= 2 and records[-1]["path"] == "/mcp/priv/echo":
-            break
-        time.sleep(0.1)
-    denied, allowed = records[-2:]
+    _until(lambda: len(stack.access_log("native")) >= before + 2)
+    denied, allowed = stack.access_log("native")[before:before + 2]
     assert (denied["status"], denied["rbac"], denied["client_ip"], denied["server"]) == (
         404, "denied", EXTERNAL, "priv")
     assert denied["details"].startswith("rbac_access_denied")

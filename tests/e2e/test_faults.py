@@ -2,12 +2,17 @@
 and logged, and recovery within one backoff period once the endpoint is healthy.
 
 Each fault has its own server (own client id, own token endpoint), so all run on one
-stack: Envoy -> sidecar (subprocess) -> eight token endpoints in a thread.
+stack: Envoy -> sidecar (subprocess) -> eight token endpoints in a thread. The stack runs
+once per data path, from `envoy-config`: in `ext_authz` the sidecar answers 503 itself; in
+`native` Envoy holds an empty secret for the server until a token arrives, and answers
+the same 503 from its credential injector's failure.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,14 +23,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.harness import (
-    Process,
-    envoy_bootstrap,
-    free_port,
-    start_envoy,
-    start_sidecar,
-    start_upstream,
-)
+from ext_authz.envoy_config import DATA_PATHS
+from tests.e2e.harness import Process, free_port, start_envoy, start_sidecar, start_upstream
 from tests.loop_thread import LoopThread
 from tests.token_endpoint import TokenEndpoint
 
@@ -93,20 +92,25 @@ class Endpoints:
 
 @dataclass
 class Stack:
+    mode: str
     base: str
     admin: str
     sidecar: Process
+    envoy: Process
     endpoints: Endpoints
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    workdir = tmp_path_factory.mktemp("faults")
-    ports = {n: free_port() for n in ("grpc", "admin", "envoy_admin", "plain", "remote", "up")}
+@pytest.fixture(scope="module", params=DATA_PATHS)
+def stack(request: pytest.FixtureRequest,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    mode = request.param
+    workdir = tmp_path_factory.mktemp(f"faults-{mode}")
+    ports = {n: free_port() for n in ("grpc", "admin", "envoy_admin", "envoy", "up")}
     endpoints = Endpoints()
     processes: list[Process] = []
     try:
-        servers = {f.name: {"oauth2": {"token_url": endpoints.add(f).url,
+        servers = {f.name: {"upstream": f"127.0.0.1:{ports['up']}",
+                            "oauth2": {"token_url": endpoints.add(f).url,
                                        "client_id": f"client-{f.name}", "client_secret": "s"}}
                    for f in FAULTS}
         config = {
@@ -124,11 +128,15 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         admin = f"http://127.0.0.1:{ports['admin']}"
         sidecar.wait_http(f"{admin}/healthz")
         processes[0].wait_http(f"http://127.0.0.1:{ports['up']}/mcp/x/echo")
-        processes.append(start_envoy(envoy_bootstrap(
-            admin_port=ports["envoy_admin"], plain_port=ports["plain"],
-            remote_port=ports["remote"], sidecar_port=ports["grpc"],
-            upstream_a=ports["up"], upstream_b=ports["up"]), workdir, ports["envoy_admin"]))
-        yield Stack(f"http://127.0.0.1:{ports['plain']}", admin, sidecar, endpoints)
+        rendered = subprocess.run(
+            [sys.executable, "-m", "ext_authz", "envoy-config", "--config", str(path),
+             "--data-path", mode, "--listen", f"127.0.0.1:{ports['envoy']}",
+             "--admin", f"127.0.0.1:{ports['envoy_admin']}"],
+            capture_output=True, text=True, timeout=60, check=True)
+        envoy = start_envoy(yaml.safe_load(rendered.stdout), workdir, ports["envoy_admin"])
+        processes.append(envoy)
+        yield Stack(mode, f"http://127.0.0.1:{ports['envoy']}", admin, sidecar, envoy,
+                    endpoints)
     finally:
         for process in reversed(processes):
             process.stop()
@@ -156,6 +164,24 @@ def last_decision(stack: Stack, server: str) -> dict[str, Any]:
     raise AssertionError(f"no decision logged for {server}")
 
 
+def last_access(stack: Stack, path: str) -> dict[str, Any]:
+    for _ in range(50):
+        lines = [json.loads(line) for line in
+                 stack.envoy.stdout_path.read_text().splitlines() if line.startswith("{")]
+        mine = [r for r in lines if r["path"] == path]
+        if mine:
+            return mine[-1]
+        time.sleep(0.05)
+    raise AssertionError(f"no access log line for {path}")
+
+
+def _until(check: Any, timeout: float = 5) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "not within the time allowed"
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize("fault", FAULTS, ids=[f.name for f in FAULTS])
 def test_fault_then_recovery(stack: Stack, fault: Fault) -> None:
     """503 with the reason while the endpoint is broken; 200 with a token soon after it heals."""
@@ -163,9 +189,17 @@ def test_fault_then_recovery(stack: Stack, fault: Fault) -> None:
     response = httpx.get(url, timeout=10)
     assert response.status_code == 503
     assert response.json() == {"error": "upstream_credentials_unavailable"}
-    record = last_decision(stack, fault.name)
-    assert record["reason"] == "upstream_credentials_unavailable"
-    assert fault.detail in record["detail"]
+    if stack.mode == "ext_authz":
+        record = last_decision(stack, fault.name)
+        assert record["reason"] == "upstream_credentials_unavailable"
+        assert fault.detail in record["detail"]
+    else:
+        # Envoy's access log names the server and why: the injector had no credential. The
+        # sidecar's own log says why it has none.
+        record = last_access(stack, f"/mcp/{fault.name}/echo")
+        assert (record["status"], record["server"]) == (503, fault.name)
+        assert "credential" in record["details"]
+        _until(lambda: fault.detail in stack.sidecar.output())
     assert fetches(stack, fault.name, fault.outcome) >= 1
     stack.endpoints.heal(fault.name)
     healed = time.monotonic()
