@@ -1,4 +1,5 @@
-"""The admin HTTP listener: /metrics, /healthz, /readyz (plain asyncio, HTTP/1.1, GET only)."""
+"""The admin HTTP listener: /metrics, /healthz, /readyz, /tokens/NAME (plain asyncio, HTTP/1.1,
+GET only)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from .config import split_listen
 log = logging.getLogger(__name__)
 
 _MAX_REQUEST_HEAD = 8192
+TOKENS_PATH = "/tokens/"  # + a server name: 200 while the sidecar holds a usable token
 _READ_TIMEOUT_S = 5.0
 
 
@@ -30,11 +32,13 @@ class AdminServer:
     """Serve the admin endpoints on one address until closed."""
 
     def __init__(
-        self, listen: str, registry: CollectorRegistry, readiness: Callable[[], Readiness]
+        self, listen: str, registry: CollectorRegistry, readiness: Callable[[], Readiness],
+        token_usable: Callable[[str], bool] = lambda server: False,
     ) -> None:
         self.listen = listen
         self._registry = registry
         self._readiness = readiness
+        self._token_usable = token_usable
         self._server: asyncio.Server | None = None
 
     @property
@@ -70,6 +74,12 @@ class AdminServer:
                 {"ready": readiness.ready, "waiting_for": readiness.waiting_for}, indent=1
             ).encode() + b"\n"
             return (200 if readiness.ready else 503), "application/json", body
+        if path.startswith(TOKENS_PATH):
+            # The native data path's watchdog: Envoy health-checks each oauth2 server's
+            # endpoint here, and sends it nothing while this is not 200 (or not answered).
+            if self._token_usable(path[len(TOKENS_PATH):]):
+                return 200, "text/plain", b"usable\n"
+            return 503, "text/plain", b"no usable token\n"
         return 404, "text/plain", b"not found\n"
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -17,6 +17,7 @@ import yaml
 from envoy_data_plane.envoy.config.accesslog.v3 import (
     AccessLog,
     AccessLogFilter,
+    ResponseFlagFilter,
     StatusCodeFilter,
 )
 from envoy_data_plane.envoy.config.accesslog.v3 import (
@@ -33,6 +34,7 @@ from envoy_data_plane.envoy.config.bootstrap.v3 import (
 )
 from envoy_data_plane.envoy.config.cluster.v3 import (
     Cluster,
+    ClusterCommonLbConfig,
     ClusterDiscoveryType,
     ClusterDnsLookupFamily,
 )
@@ -58,6 +60,7 @@ from envoy_data_plane.envoy.config.core.v3 import (
     HeaderValueOptionHeaderAppendAction,
     HealthCheck,
     HealthCheckGrpcHealthCheck,
+    HealthCheckHttpHealthCheck,
     Http1ProtocolOptions,
     Http2ProtocolOptions,
     JsonFormatOptions,
@@ -74,6 +77,7 @@ from envoy_data_plane.envoy.config.core.v3 import HttpProtocolOptions as CommonP
 from envoy_data_plane.envoy.config.endpoint.v3 import (
     ClusterLoadAssignment,
     Endpoint,
+    EndpointHealthCheckConfig,
     LbEndpoint,
     LocalityLbEndpoints,
 )
@@ -151,10 +155,11 @@ from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
     HttpProtocolOptionsExplicitHttpConfig,
 )
 from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
-from envoy_data_plane.envoy.type.v3 import HttpStatus, StatusCode
+from envoy_data_plane.envoy.type.v3 import HttpStatus, Percent, StatusCode
 from envoy_data_plane.google.protobuf import Any as AnyMessage
 from envoy_data_plane.google.protobuf import Struct
 
+from .admin import TOKENS_PATH
 from .config import Config, UpstreamAddress
 from .decision import denial_body
 from .ext_proc import EXT_PROC_NAMESPACE
@@ -227,6 +232,12 @@ ROUTE_NAMESPACE = "mcp_ext_authz"  # route metadata: the server a route is for
 NODE_KEY = "mcp_ext_authz"
 XDS_CLUSTER = "mcp_ext_authz_xds"
 TOKEN_SECRET_PREFIX = "mcp_ext_authz_token/"
+# The watchdog: each oauth2 server's endpoint is health-checked at the sidecar's admin
+# listener (GET /tokens/NAME), 200 while it holds a usable token. A dead sidecar, or a token
+# expired without a successor, makes the endpoint unhealthy within WATCHDOG_INTERVAL x
+# WATCHDOG_THRESHOLD: no request goes out with a stale token after that.
+WATCHDOG_INTERVAL = timedelta(seconds=1)
+WATCHDOG_THRESHOLD = 2
 DataPath = Literal["ext_authz", "native"]
 DATA_PATHS: tuple[DataPath, ...] = ("ext_authz", "native")
 _ADS_SOURCE = ConfigSource(ads=AggregatedConfigSource(), resource_api_version=ApiVersion.V3)
@@ -439,32 +450,11 @@ def _authz_cluster(name: str, sidecars: list[SidecarAddress], tls: SidecarTLS | 
 
 
 def _upstream_cluster(name: str, upstream: UpstreamAddress, ca_file: str | None,
-                      inject: bool = False) -> Cluster:
+                      watchdog: SidecarAddress | None = None) -> Cluster:
     cluster = _cluster(f"mcp_{name}", [HostPort(upstream.host, upstream.port)],
                        protocol="alpn" if upstream.tls else "h1")
-    if inject:
-        # The native data path: Envoy sets the server's token itself, from the secret the
-        # sidecar serves (SDS over the ADS stream) and replaces as it refreshes. A secret
-        # without a token (none fetched, or expired without a successor) fails the request
-        # with a local 401, which the listener's mapper answers as the sidecar's 503.
-        options = _protocol("alpn" if upstream.tls else "h1")
-        injector = CredentialInjector(
-            overwrite=True,  # never the caller's own Authorization
-            allow_request_without_credential=False,
-            credential=TypedExtensionConfig(
-                name="envoy.http.injected_credentials.generic",
-                typed_config=AnyMessage.pack(Generic(
-                    credential=SdsSecretConfig(name=token_secret_name(name),
-                                               sds_config=_ADS_SOURCE),
-                    header="Authorization", header_value_prefix="Bearer "))))
-        options.http_filters = [
-            HttpFilter(name="envoy.filters.http.credential_injector",
-                       typed_config=AnyMessage.pack(injector)),
-            HttpFilter(name="envoy.filters.http.upstream_codec",
-                       typed_config=AnyMessage.pack(UpstreamCodec())),
-        ]
-        cluster.typed_extension_protocol_options[
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"] = AnyMessage.pack(options)
+    if watchdog is not None:
+        _inject_token(cluster, name, upstream, watchdog)
     if upstream.tls:
         # The certificate must name the host we dial: Envoy checks no name unless told to.
         san = SubjectAltNameMatcher(
@@ -483,6 +473,49 @@ def _upstream_cluster(name: str, upstream: UpstreamAddress, ca_file: str | None,
         cluster.transport_socket = TransportSocket(name="envoy.transport_sockets.tls",
                                                    typed_config=AnyMessage.pack(context))
     return cluster
+
+
+def _inject_token(cluster: Cluster, name: str, upstream: UpstreamAddress,
+                  watchdog: SidecarAddress) -> None:
+    """The native data path: Envoy sets the server's token itself, and stops when it may
+    no longer be good.
+
+    The token is the secret the sidecar serves (SDS over the ADS stream) and replaces as
+    it refreshes; without one (none fetched, or expired without a successor) the injector
+    fails the request with a local 401, answered as the sidecar's 503. Envoy keeps the last
+    secret while the sidecar is gone, so the endpoint is also health-checked at the
+    sidecar's admin listener (the watchdog): unhealthy, no request is sent at all (503).
+    """
+    options = _protocol("alpn" if upstream.tls else "h1")
+    injector = CredentialInjector(
+        overwrite=True,  # never the caller's own Authorization
+        allow_request_without_credential=False,
+        credential=TypedExtensionConfig(
+            name="envoy.http.injected_credentials.generic",
+            typed_config=AnyMessage.pack(Generic(
+                credential=SdsSecretConfig(name=token_secret_name(name), sds_config=_ADS_SOURCE),
+                header="Authorization", header_value_prefix="Bearer "))))
+    options.http_filters = [
+        HttpFilter(name="envoy.filters.http.credential_injector",
+                   typed_config=AnyMessage.pack(injector)),
+        HttpFilter(name="envoy.filters.http.upstream_codec",
+                   typed_config=AnyMessage.pack(UpstreamCodec())),
+    ]
+    cluster.typed_extension_protocol_options[
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"] = AnyMessage.pack(options)
+    assert cluster.load_assignment is not None
+    for locality in cluster.load_assignment.endpoints:
+        for lb_endpoint in locality.lb_endpoints:
+            assert lb_endpoint.endpoint is not None
+            lb_endpoint.endpoint.health_check_config = EndpointHealthCheckConfig(
+                address=_address(watchdog))
+    cluster.health_checks = [HealthCheck(
+        timeout=WATCHDOG_INTERVAL, interval=WATCHDOG_INTERVAL,
+        no_traffic_interval=WATCHDOG_INTERVAL,  # not Envoy's 60 s while the route is idle
+        unhealthy_threshold=WATCHDOG_THRESHOLD, healthy_threshold=1,
+        http_health_check=HealthCheckHttpHealthCheck(path=f"{TOKENS_PATH}{name}"))]
+    # No healthy endpoint means no request: never Envoy's panic mode, which sends anyway.
+    cluster.common_lb_config = ClusterCommonLbConfig(healthy_panic_threshold=Percent(value=0))
 
 
 def _reads_bodies(config: Config) -> bool:
@@ -785,7 +818,8 @@ def _local_replies() -> LocalReplyConfig:
     """The native data path's answers that Envoy makes, made to be the sidecar's.
 
     RBAC's denial (a hidden server, or the catch-all) becomes the unknown server's 404; the
-    credential injector's 401 (no token to inject) becomes the sidecar's 503.
+    credential injector's 401 (no token to inject) and the watchdog's "no healthy upstream"
+    become the sidecar's 503.
     """
     # Keyed on the status: RBAC's dynamic metadata is set only after its local reply has
     # been sent (and mapped), and its response flag is not one a filter may name. No other
@@ -796,11 +830,14 @@ def _local_replies() -> LocalReplyConfig:
     no_token = AccessLogFilter(status_code_filter=StatusCodeFilter(comparison=Comparison(
         op=ComparisonOp.EQ,
         value=RuntimeUInt32(default_value=401, runtime_key="mcp_ext_authz.no_token_status"))))
+    # Only the oauth2 servers' endpoints are health-checked (the watchdog).
+    watchdog = AccessLogFilter(response_flag_filter=ResponseFlagFilter(flags=["UH"]))
     return LocalReplyConfig(mappers=[
         ResponseMapper(filter=denied, status_code=404,
                        body_format_override=_json_reply("not_found")),
-        ResponseMapper(filter=no_token, status_code=503,
-                       body_format_override=_json_reply("upstream_credentials_unavailable")),
+        *(ResponseMapper(filter=failed, status_code=503,
+                         body_format_override=_json_reply("upstream_credentials_unavailable"))
+          for failed in (no_token, watchdog)),
     ])
 
 
@@ -867,6 +904,9 @@ def _connection_manager(config: Config, upstreams: Mapping[str, UpstreamAddress]
         request_timeout=timedelta(seconds=timeouts.receive(config)),
         route_config=RouteConfiguration(
             name="mcp", virtual_hosts=_routes(config, upstreams, timeouts, native),
+            # Native: the listener may arrive while a cluster it names still warms (its first
+            # health check): not a reason to refuse the listener; such a route answers 503.
+            validate_clusters=False if native else None,
             # Envoy sets this header only on requests it deems edge requests, and passes a
             # caller's own value on every other one (all of them, once trusted_proxies turns
             # use_remote_address off). The upstream gets Envoy's view of the client instead:
@@ -947,9 +987,11 @@ class DataPlane:
     upstreams: Mapping[str, UpstreamAddress]  # --upstream: over servers.NAME.upstream
     upstream_ca: str | None = None
     timeouts: Timeouts = Timeouts()
+    sidecar_host: str = "127.0.0.1"  # where Envoy reaches the sidecar (--sidecar's host)
 
     def to_struct(self) -> dict[str, Any]:
         return {
+            "sidecar_host": self.sidecar_host,
             "listen": f"[{self.listen.host}]:{self.listen.port}" if ":" in self.listen.host
             else f"{self.listen.host}:{self.listen.port}",
             "upstreams": {name: _upstream_text(u) for name, u in sorted(self.upstreams.items())},
@@ -967,7 +1009,7 @@ class DataPlane:
             ca = data.get("upstream_ca")
             receive = data.get("receive_timeout_s")
             if not isinstance(upstreams, Mapping) or not (ca is None or isinstance(ca, str)):
-                raise TypeError
+                raise TypeError("upstreams or upstream_ca")
             return cls(
                 listen=HostPort.parse(str(data["listen"])),
                 upstreams={str(name): UpstreamAddress.parse(str(text))
@@ -975,7 +1017,8 @@ class DataPlane:
                 upstream_ca=ca,
                 timeouts=Timeouts(float(data.get("request_timeout_s") or 0),
                                   float(data.get("idle_timeout_s") or 0),
-                                  None if receive is None else float(receive)))
+                                  None if receive is None else float(receive)),
+                sidecar_host=str(data.get("sidecar_host") or "127.0.0.1"))
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"node metadata {NODE_KEY!r} is not what envoy-config writes"
                              f" ({type(exc).__name__}: {exc})") from None
@@ -1001,10 +1044,25 @@ def data_plane_resources(config: Config, plane: DataPlane, *, native: bool = Tru
             typed_config=AnyMessage.pack(manager),
         )])],
     )
+    watchdog = _watchdog_address(config, plane) if native else None
     clusters = [_upstream_cluster(name, resolved[name], plane.upstream_ca,
-                                  inject=native and config.servers[name].oauth2 is not None)
+                                  watchdog if config.servers[name].oauth2 else None)
                 for name in sorted(config.servers)]
     return listener, clusters
+
+
+def _watchdog_address(config: Config, plane: DataPlane) -> SidecarAddress:
+    """The sidecar's admin listener, as Envoy reaches it: what the watchdog checks."""
+    if config.admin is None:
+        raise ValueError("the native data path needs admin.listen: Envoy checks there that"
+                         " the sidecar still holds each server's token (the watchdog)")
+    listen = config.admin.listen
+    if listen.startswith("unix:"):
+        return UnixSocket(listen[len("unix:"):])
+    address = HostPort.parse(listen)
+    if address.host in ("0.0.0.0", "::", ""):  # every address: the one Envoy dials
+        return HostPort(plane.sidecar_host, address.port)
+    return address
 
 
 def token_secret_name(server: str) -> str:
@@ -1032,10 +1090,12 @@ def build_bootstrap(
     bootstrap holds the sidecar's clusters and says what to ask it for.
     """
     _check_tls(config, sidecar_tls)
-    plane = DataPlane(listen, dict(upstreams), upstream_ca, timeouts)
+    sidecars = sidecar_endpoints(sidecar, workers)
+    first = sidecars[0]
+    plane = DataPlane(listen, dict(upstreams), upstream_ca, timeouts,
+                      "127.0.0.1" if isinstance(first, UnixSocket) else first.host)
     native = data_path == "native"
     listener, upstream_clusters = data_plane_resources(config, plane, native=native)
-    sidecars = sidecar_endpoints(sidecar, workers)
     clusters = [_authz_cluster(AUTHZ_CLUSTER, sidecars, sidecar_tls)]
     if _reads_bodies(config) or native:  # native: a reload may bring tool rules
         clusters.append(_authz_cluster(BODIES_CLUSTER, sidecars, sidecar_tls,

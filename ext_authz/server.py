@@ -173,7 +173,8 @@ class Sidecar:
         await server.start()
         self._grpc = server
         if config.admin is not None:
-            self._admin = AdminServer(config.admin.listen, self.metrics.registry, self.readiness)
+            self._admin = AdminServer(config.admin.listen, self.metrics.registry, self.readiness,
+                                      self.token_usable)
             try:
                 await self._admin.start()
             except OSError as exc:
@@ -206,6 +207,11 @@ class Sidecar:
             await asyncio.sleep(FLUSH_INTERVAL_S)
             if self.service.decision_log is not None:
                 self.service.decision_log.flush()
+
+    def token_usable(self, server: str) -> bool:
+        """Whether this sidecar holds a usable token for the server (the native watchdog)."""
+        settings = self.config.credentials().get(server)
+        return settings is not None and self.tokens.cached(settings) is not None
 
     def readiness(self) -> Readiness:
         return Readiness(self._ready, self.tokens.unready())

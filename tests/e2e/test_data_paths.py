@@ -315,3 +315,26 @@ def test_a_bad_reload_keeps_both_serving(stack: Stack) -> None:
         assert stack.get(mode, EXTERNAL, "/mcp/priv/echo").status_code == 404
         assert stack.get(mode, INTERNAL, "/mcp/priv/echo").status_code == 200
     stack.reload(stack.config)
+
+
+def test_a_dead_sidecar_stops_native_injection_within_the_watchdog(stack: Stack) -> None:
+    """Envoy keeps the last secret it was sent, so the native path health-checks each token
+    server's endpoint at the sidecar: gone, no request goes out within ~2 s (the sidecar's
+    503); ext_authz fails closed at once. Runs last: it kills the module's sidecar."""
+    assert stack.get("native", EXTERNAL, "/mcp/gh/echo").status_code == 200
+    stack.sidecar.popen.kill()
+    stack.sidecar.popen.wait(10)
+    assert stack.get("ext_authz", EXTERNAL, "/mcp/gh/echo").status_code == 503
+    stale = 0
+    started = time.monotonic()
+    while (response := stack.get("native", EXTERNAL, "/mcp/gh/echo")).status_code == 200:
+        stale += 1
+        assert time.monotonic() - started < 10, "still injecting 10 s after the sidecar died"
+        time.sleep(0.05)
+    waited = time.monotonic() - started
+    assert response.status_code == 503
+    assert response.json() == {"error": "upstream_credentials_unavailable"}
+    print(f"native: {stale} requests with the last token in {waited:.2f} s after the kill")
+    # Servers without a token to inject do not depend on the sidecar at all.
+    assert stack.get("native", INTERNAL, "/mcp/priv/echo").status_code == 200
+    assert stack.get("native", EXTERNAL, "/mcp/priv/echo").status_code == 404
