@@ -582,3 +582,164 @@ class TestSidecarTLS:
                               "--sidecar-ca", "/x.pem")
         assert result.returncode == 2
         assert "serves plaintext" in result.stderr
+
+
+NATIVE_CONFIG = """\
+admin: {listen: "0.0.0.0:9192"}
+network:
+  internal_ranges: [10.0.0.0/8]
+  trusted_proxies: [10.9.0.0/16]
+  networks: {partners: [203.0.113.0/24]}
+servers:
+  pub: {upstream: "127.0.0.1:8001"}
+  priv: {upstream: "127.0.0.1:8002", available_on_public_internet: false,
+         visible_to: [partners]}
+  tok:
+    upstream: "https://tok.example/mcp"
+    oauth2: {token_url: "https://idp.example/token", client_id: c, client_secret: "${S}"}
+  tl: {upstream: "127.0.0.1:8003", tools: {add: {available_on_public_internet: false}}}
+"""
+
+
+def native_resources(tmp_path: Path) -> tuple[dict[str, Any], dict[str, Any],
+                                                dict[str, dict[str, Any]]]:
+    """The native bootstrap, and the listener and clusters the sidecar serves it."""
+    from envoy_data_plane.envoy.config.bootstrap.v3 import Bootstrap, BootstrapStaticResources
+
+    from ext_authz.config import parse_config
+    from ext_authz.envoy_config import NODE_KEY, DataPlane, data_plane_resources, render
+
+    path = tmp_path / "c.yaml"
+    path.write_text(NATIVE_CONFIG)
+    result = envoy_config("--config", str(path), "--data-path", "native",
+                          "--sidecar", "sidecar.local:9191")
+    assert result.returncode == 0, result.stderr
+    bootstrap = yaml.safe_load(result.stdout)
+    plane = DataPlane.from_struct(bootstrap["node"]["metadata"][NODE_KEY])
+    config = parse_config(yaml.safe_load(NATIVE_CONFIG), env={"S": "x"})
+    listener, upstream_clusters = data_plane_resources(config, plane)
+    served = yaml.safe_load(render(Bootstrap(static_resources=BootstrapStaticResources(
+        listeners=[listener], clusters=upstream_clusters))))["static_resources"]
+    [served_listener] = served["listeners"]
+    return bootstrap, served_listener, {c["name"]: c for c in served["clusters"]}
+
+
+class TestNativeDataPath:
+    def test_the_bootstrap_validates_and_asks_the_sidecar(self, tmp_path: Path) -> None:
+        bootstrap, _, _ = native_resources(tmp_path)
+        assert "listeners" not in bootstrap["static_resources"]
+        assert set(clusters(bootstrap)) == {"mcp_ext_authz", "mcp_ext_authz_bodies",
+                                            "mcp_ext_authz_xds"}
+        assert "health_checks" not in clusters(bootstrap)["mcp_ext_authz_xds"]
+        dynamic = bootstrap["dynamic_resources"]
+        assert dynamic["ads_config"]["grpc_services"] == [
+            {"envoy_grpc": {"cluster_name": "mcp_ext_authz_xds"}}]
+        assert dynamic["lds_config"] == dynamic["cds_config"] == {
+            "ads": {}, "resource_api_version": "V3"}
+        out = tmp_path / "envoy.yaml"
+        out.write_text(yaml.safe_dump(bootstrap))
+        envoy_validate(out)
+
+    def test_node_metadata_round_trips(self) -> None:
+        from ext_authz.config import UpstreamAddress
+        from ext_authz.envoy_config import DataPlane, HostPort, Timeouts
+
+        plane = DataPlane(HostPort("::", 10000),
+                          {"a": UpstreamAddress.parse("https://[2001:db8::1]:8443/mcp"),
+                           "b": UpstreamAddress.parse("b.svc:80")},
+                          "/etc/ca.pem", Timeouts(5, 0, None), "10.0.0.7")
+        assert DataPlane.from_struct(plane.to_struct()) == plane
+        with pytest.raises(ValueError, match="not what envoy-config writes"):
+            DataPlane.from_struct({"listen": "nonsense"})
+
+    def test_visibility_is_rbac_per_route(self, tmp_path: Path) -> None:
+        """Public: no rule. Internal-only: internal ranges and its networks, never a trusted
+        proxy's own address (Envoy's fallback when the XFF walk fails). Unknown: no one."""
+        _, listener, _ = native_resources(tmp_path)
+        manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        names = [f["name"] for f in manager["http_filters"]]
+        assert names[:3] == ["envoy.filters.http.header_mutation", "envoy.filters.http.rbac",
+                             "envoy.filters.http.ext_authz"]
+        assert http_filter(manager, "envoy.filters.http.rbac").keys() == {"@type"}
+        [authz] = [f for f in manager["http_filters"]
+                   if f["name"] == "envoy.filters.http.ext_authz"]
+        assert authz["disabled"] is True
+        routes = {(r["match"].get("path") or r["match"].get("prefix")): r
+                  for r in manager["route_config"]["virtual_hosts"][0]["routes"]}
+
+        def rbac(path: str) -> Any:
+            per_filter = routes[path].get("typed_per_filter_config", {})
+            rule = per_filter.get("envoy.filters.http.rbac")
+            return None if rule is None else rule["rbac"]["rules"]
+
+        assert rbac("/mcp/pub") is None
+        assert rbac("/mcp/tok") is None
+        assert rbac("/") == {}  # rules set, ALLOW (the default), no policy: no one
+        [policy] = rbac("/mcp/priv")["policies"].values()
+        seen, guard = policy["principals"][0]["and_ids"]["ids"]
+        assert [p["remote_ip"] for p in seen["or_ids"]["ids"]] == [
+            {"address_prefix": "10.0.0.0", "prefix_len": 8},
+            {"address_prefix": "::ffff:a00:0", "prefix_len": 104},
+            {"address_prefix": "203.0.113.0", "prefix_len": 24},
+            {"address_prefix": "::ffff:cb00:7100", "prefix_len": 120}]
+        assert guard["not_id"]["or_ids"]["ids"][0]["remote_ip"] == {
+            "address_prefix": "10.9.0.0", "prefix_len": 16}
+        # The sidecar is asked only where it must read: tool rules, registry, discovery.
+        asked = {path for path, r in routes.items()
+                 if "envoy.filters.http.ext_authz" in r.get("typed_per_filter_config", {})}
+        assert asked == {"/mcp/tl", "/mcp/tl/", "/mcp",
+                         "/.well-known/oauth-protected-resource/mcp/pub",
+                         "/.well-known/oauth-protected-resource/mcp/priv",
+                         "/.well-known/oauth-protected-resource/mcp/tl"}
+
+    def test_envoys_answers_are_the_sidecars(self, tmp_path: Path) -> None:
+        _, listener, _ = native_resources(tmp_path)
+        manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        mappers = manager["local_reply_config"]["mappers"]
+        unavailable = '{"error": "upstream_credentials_unavailable"}'
+        assert [(m["status_code"], m["body_format_override"]["text_format_source"]
+                 ["inline_string"]) for m in mappers] == [
+            (404, '{"error": "not_found"}'), (503, unavailable), (503, unavailable)]
+        # RBAC's 403, the injector's 401, the watchdog's "no healthy upstream".
+        assert [m["filter"] for m in mappers] == [
+            {"status_code_filter": {"comparison": {"value": {  # op EQ: the default
+                "default_value": 403, "runtime_key": "mcp_ext_authz.denied_status"}}}},
+            {"status_code_filter": {"comparison": {"value": {  # op EQ: the default
+                "default_value": 401, "runtime_key": "mcp_ext_authz.no_token_status"}}}},
+            {"response_flag_filter": {"flags": ["UH"]}}]
+        log = manager["access_log"][0]["typed_config"]["log_format"]["json_format"]
+        assert log["rbac"] == "%DYNAMIC_METADATA(envoy.filters.http.rbac:enforced_engine_result)%"
+        assert log["server"] == "%METADATA(ROUTE:mcp_ext_authz:server)%"
+
+    def test_tokens_are_injected_and_watched(self, tmp_path: Path) -> None:
+        """Only the oauth2 server's cluster injects, from the sidecar's secret, and is
+        health-checked at the sidecar's admin listener (0.0.0.0 there: the address Envoy
+        reaches the sidecar at)."""
+        _, _, served = native_resources(tmp_path)
+        tok = served["mcp_tok"]
+        options = tok["typed_extension_protocol_options"][
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+        injector, codec = options["http_filters"]
+        assert codec["name"] == "envoy.filters.http.upstream_codec"
+        settings = injector["typed_config"]
+        assert settings["overwrite"] is True
+        generic = settings["credential"]["typed_config"]
+        assert generic["credential"] == {"name": "mcp_ext_authz_token/tok",
+                                         "sds_config": {"ads": {},
+                                                        "resource_api_version": "V3"}}
+        assert generic["header_value_prefix"] == "Bearer "
+        [check] = tok["health_checks"]
+        assert check["http_health_check"] == {"path": "/tokens/tok"}
+        endpoint = tok["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+        assert endpoint["health_check_config"]["address"]["socket_address"] == {
+            "address": "sidecar.local", "port_value": 9192}
+        assert tok["common_lb_config"] == {"healthy_panic_threshold": {}}
+        for name in ("mcp_pub", "mcp_priv", "mcp_tl"):
+            assert "health_checks" not in served[name]
+
+    def test_native_needs_the_admin_listener(self, tmp_path: Path) -> None:
+        path = tmp_path / "c.yaml"
+        path.write_text("admin: null\nservers: {a: {upstream: '127.0.0.1:1'}}\n")
+        result = envoy_config("--config", str(path), "--data-path", "native")
+        assert result.returncode == 2
+        assert "needs admin.listen" in result.stderr

@@ -94,16 +94,19 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     workdir = tmp_path_factory.mktemp("data-paths")
-    ports = {name: free_port() for name in ("grpc", "admin", "upstream", *[
+    ports = {name: free_port() for name in ("grpc", "admin", "upstream", "tl", *[
         f"{mode}_{what}" for mode in DATA_PATHS for what in ("envoy", "admin")])}
     processes: list[Process] = []
     with ThreadedTokenEndpoint() as tokens:
         try:
             upstream = start_upstream("any", ports["upstream"], workdir)
             processes.append(upstream)
+            # An MCP server answers at /mcp/ITS-NAME: the tool-rule server's own.
+            processes.append(start_upstream("tl", ports["tl"], workdir))
             at = f"127.0.0.1:{ports['upstream']}"
             servers = {name: {**settings, "upstream": at} for name, settings in SERVERS.items()}
             servers["dead"] = {"upstream": f"127.0.0.1:{free_port()}"}  # nothing listens
+            servers["tl"]["upstream"] = f"127.0.0.1:{ports['tl']}"
             for name, public in TOKEN_SERVERS.items():
                 servers[name] = {"upstream": at, "available_on_public_internet": public,
                                  "oauth2": {"token_url": tokens.url, "client_id": f"{name}-id",
@@ -123,6 +126,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             sidecar = start_sidecar(config_path, workdir)
             processes.append(sidecar)
             upstream.wait_http(f"http://{at}/mcp/x/echo")
+            processes[1].wait_http(f"http://127.0.0.1:{ports['tl']}/mcp/x/echo")
             admin = f"http://127.0.0.1:{ports['admin']}"
             sidecar.wait_http(f"{admin}/readyz")
             envoys = {}
@@ -254,6 +258,28 @@ def test_native_asks_the_sidecar_only_about_tool_rules(stack: Stack) -> None:
     assert stack.checks() == before + 1
     stack.get("ext_authz", EXTERNAL, "/mcp/pub/echo")
     assert stack.checks() == before + 2
+    text = httpx.get(f"{stack.admin}/metrics").text
+    assert 'mcp_ext_authz_xds_pushes_total{type="listener"}' in text
+    assert "mcp_ext_authz_xds_rejections_total{" not in text  # Envoy took all we sent
+
+
+async def _tool_names(base: str, source: str) -> set[str]:
+    import httpx2
+    from mcp.client.client import Client
+    from mcp.client.streamable_http import streamable_http_client
+
+    transport = httpx2.AsyncHTTPTransport(local_address=source)
+    async with httpx2.AsyncClient(transport=transport) as http, Client(
+            streamable_http_client(f"{base}/mcp/tl", http_client=http)) as mcp:
+        return {tool.name for tool in (await mcp.list_tools()).tools}
+
+
+@pytest.mark.parametrize("mode", DATA_PATHS)
+async def test_tool_rules_in_both_modes(stack: Stack, mode: str) -> None:
+    """A tool-rule server is the sidecar's in both: the MCP SDK client lists `add` from
+    inside only, and its call from outside is the server's own unknown-tool answer."""
+    assert "add" in await _tool_names(stack.bases[mode], INTERNAL)
+    assert await _tool_names(stack.bases[mode], EXTERNAL) == {"whoami", "wait"}
 
 
 def test_native_access_log_says_what_rbac_did(stack: Stack) -> None:
