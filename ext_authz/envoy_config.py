@@ -1024,13 +1024,13 @@ class DataPlane:
                              f" ({type(exc).__name__}: {exc})") from None
 
 
-def data_plane_resources(config: Config, plane: DataPlane, *, native: bool = True
+def data_plane_resources(config: Config, plane: DataPlane, *, native: bool = True,
+                         watchdog: SidecarAddress | None = None
                          ) -> tuple[Listener, list[Cluster]]:
     """The listener and the upstream clusters for a config: a ValueError if it cannot have
-    them (a server without an upstream)."""
-    resolved = resolve_upstreams(config, plane.upstreams)
-    if plane.upstream_ca is not None and not any(u.tls for u in resolved.values()):
-        raise ValueError("--upstream-ca given, but no upstream is an https:// URL")
+    them (a server without an upstream; in the native data path, a watchdog address that
+    is a name, which the sidecar resolves first: `watchdog_address`)."""
+    resolved = _resolved_upstreams(config, plane)
     listen = plane.listen
     manager = _connection_manager(config, resolved, plane.timeouts, native)
     listener = Listener(
@@ -1044,15 +1044,30 @@ def data_plane_resources(config: Config, plane: DataPlane, *, native: bool = Tru
             typed_config=AnyMessage.pack(manager),
         )])],
     )
-    watchdog = _watchdog_address(config, plane) if native else None
+    if native:
+        watchdog = watchdog or watchdog_address(config, plane)
+        if isinstance(watchdog, HostPort) and not _is_ip(watchdog.host):
+            # Envoy 1.40 aborts (not a NACK: the process) on a name in an endpoint's
+            # health_check_config address.
+            raise ValueError(f"the watchdog's address {watchdog.host!r} is a name, not an IP")
+    else:
+        watchdog = None
     clusters = [_upstream_cluster(name, resolved[name], plane.upstream_ca,
                                   watchdog if config.servers[name].oauth2 else None)
                 for name in sorted(config.servers)]
     return listener, clusters
 
 
-def _watchdog_address(config: Config, plane: DataPlane) -> SidecarAddress:
-    """The sidecar's admin listener, as Envoy reaches it: what the watchdog checks."""
+def _resolved_upstreams(config: Config, plane: DataPlane) -> dict[str, UpstreamAddress]:
+    resolved = resolve_upstreams(config, plane.upstreams)
+    if plane.upstream_ca is not None and not any(u.tls for u in resolved.values()):
+        raise ValueError("--upstream-ca given, but no upstream is an https:// URL")
+    return resolved
+
+
+def watchdog_address(config: Config, plane: DataPlane) -> SidecarAddress:
+    """The sidecar's admin listener, as Envoy reaches it: what the watchdog checks (its host
+    may be a name, which Envoy cannot take there: the control plane resolves it)."""
     if config.admin is None:
         raise ValueError("the native data path needs admin.listen: Envoy checks there that"
                          " the sidecar still holds each server's token (the watchdog)")
@@ -1095,14 +1110,21 @@ def build_bootstrap(
     plane = DataPlane(listen, dict(upstreams), upstream_ca, timeouts,
                       "127.0.0.1" if isinstance(first, UnixSocket) else first.host)
     native = data_path == "native"
-    listener, upstream_clusters = data_plane_resources(config, plane, native=native)
+    listener: Listener | None = None
+    upstream_clusters: list[Cluster] = []
+    if native:
+        # Rendered by the sidecar when Envoy asks; here only what would stop it doing so.
+        _resolved_upstreams(config, plane)
+        watchdog_address(config, plane)
+    else:
+        listener, upstream_clusters = data_plane_resources(config, plane, native=False)
     clusters = [_authz_cluster(AUTHZ_CLUSTER, sidecars, sidecar_tls)]
     if _reads_bodies(config) or native:  # native: a reload may bring tool rules
         clusters.append(_authz_cluster(BODIES_CLUSTER, sidecars, sidecar_tls,
                                        timeouts.receive(config)))
     bootstrap = Bootstrap(admin=Admin(address=Address(socket_address=SocketAddress(
         address=admin.host, port_value=admin.port))))
-    if not native:
+    if listener is not None:
         bootstrap.static_resources = BootstrapStaticResources(
             listeners=[listener], clusters=[*clusters, *upstream_clusters])
         return bootstrap

@@ -16,8 +16,10 @@ the upstream refuses it (see README, "Native data path").
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import itertools
 import logging
+import socket
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -46,6 +48,24 @@ Resources = tuple[tuple[str, bytes], ...]  # (name, serialized message), in a fi
 
 class RenderError(Exception):
     """The config cannot be turned into this Envoy's listener and clusters."""
+
+
+async def _resolve(host: str) -> str:
+    """An IP for a host name (an IP stays as it is), IPv4 first as Envoy's sidecar cluster
+    prefers: Envoy takes no name in a health check's address."""
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    try:
+        found = await asyncio.get_running_loop().getaddrinfo(host, None,
+                                                             type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise RenderError(f"cannot resolve {host!r}, where Envoy reaches the sidecar's"
+                          f" admin listener for the watchdog ({exc})") from None
+    found.sort(key=lambda entry: entry[0] != socket.AF_INET)
+    return str(found[0][4][0])
 
 
 class ControlPlane:
@@ -97,7 +117,7 @@ class ControlPlane:
                 waiting.cancel()
                 wake.clear()
                 for type_url, names in list(subscribed.items()):
-                    resources = self._resources(type_url, names, node)
+                    resources = await self._resources(type_url, names, node)
                     if resources is None or sent.get(type_url) == resources:
                         continue
                     sent[type_url] = resources
@@ -138,36 +158,48 @@ class ControlPlane:
 
     # -- what a stream is sent --------------------------------------------------------
 
-    def _resources(self, type_url: str, names: tuple[str, ...],
-                   node: Mapping[str, Any]) -> Resources | None:
+    async def _resources(self, type_url: str, names: tuple[str, ...],
+                         node: Mapping[str, Any]) -> Resources | None:
         """What this Envoy is to hold of a type now; None to send nothing (yet)."""
         if type_url == SECRET_TYPE:
             return self._secrets(names)
         if type_url not in (LISTENER_TYPE, CLUSTER_TYPE):
             return ()
         try:
-            listener, clusters = self._render(node)
+            listener, clusters = await self._render(node)
         except RenderError as exc:
             log.error("cannot serve Envoy %r its %s: %s", node.get("_id", ""),
                       TYPE_NAMES[type_url], exc)
             return None
         return listener if type_url == LISTENER_TYPE else clusters
 
-    def _render(self, node: Mapping[str, Any]) -> tuple[Resources, Resources]:
-        from .envoy_config import NODE_KEY, DataPlane, data_plane_resources
+    async def _render(self, node: Mapping[str, Any]) -> tuple[Resources, Resources]:
+        from .envoy_config import (
+            NODE_KEY,
+            DataPlane,
+            HostPort,
+            data_plane_resources,
+            watchdog_address,
+        )
 
         config = self._config()
         plane_data = node.get(NODE_KEY)
         if not isinstance(plane_data, Mapping):
             raise RenderError(f"its node metadata has no {NODE_KEY!r} (a bootstrap written"
                               " by `envoy-config --data-path native` has)")
-        key = (id(config), repr(sorted(plane_data.items())))
+        try:
+            plane = DataPlane.from_struct(plane_data)
+            watchdog = watchdog_address(config, plane)
+        except ValueError as exc:
+            raise RenderError(str(exc)) from None
+        if isinstance(watchdog, HostPort):
+            watchdog = HostPort(await _resolve(watchdog.host), watchdog.port)
+        key = (id(config), repr((sorted(plane_data.items()), watchdog)))
         cached = self._rendered.get(key)
         if cached is not None and cached[0] is config:
             return cached[1], cached[2]
         try:
-            plane = DataPlane.from_struct(plane_data)
-            listener, clusters = data_plane_resources(config, plane)
+            listener, clusters = data_plane_resources(config, plane, watchdog=watchdog)
         except ValueError as exc:
             raise RenderError(str(exc)) from None
         rendered = (((listener.name, bytes(listener)),),

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ext_authz.config import UpstreamAddress, load_config
 from ext_authz.demo import DemoPorts, envoy_config, sidecar_config
-from ext_authz.envoy_config import HostPort, build_bootstrap, render
+from ext_authz.envoy_config import DATA_PATHS, HostPort, build_bootstrap, render
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_ENV = {"DEMO_SECRET_DEMO_PUBLIC": "x", "DEMO_SECRET_DEMO_INTERNAL": "x"}
@@ -23,18 +23,20 @@ def rendered() -> dict[Path, str]:
     ports = DemoPorts.from_base(10000)
     demo_sidecar = sidecar_config(ports)
     compose = load_config(ROOT / "envoy/compose/sidecar.yaml", env=COMPOSE_ENV)
-    compose_envoy = render(build_bootstrap(
+    compose_envoy = {data_path: render(build_bootstrap(
         compose,
         {"public": UpstreamAddress("mcp-public", 8000),
          "internal": UpstreamAddress("mcp-internal", 8000)},
         listen=HostPort("::", 10000),  # the compose networks are dual-stack
         admin=HostPort("0.0.0.0", 9901),
         sidecar=HostPort("sidecar", 9191),
-    ))
+        data_path=data_path,
+    )) for data_path in DATA_PATHS}
     return {
         ROOT / "envoy/demo/sidecar.yaml": demo_sidecar,
         ROOT / "envoy/demo/envoy.yaml": envoy_config(demo_sidecar, ports),
-        ROOT / "envoy/compose/envoy.yaml": compose_envoy,
+        ROOT / "envoy/compose/envoy.yaml": compose_envoy["ext_authz"],
+        ROOT / "envoy/compose/envoy-native.yaml": compose_envoy["native"],
     }
 
 

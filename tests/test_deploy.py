@@ -607,7 +607,13 @@ def native_resources(tmp_path: Path) -> tuple[dict[str, Any], dict[str, Any],
     from envoy_data_plane.envoy.config.bootstrap.v3 import Bootstrap, BootstrapStaticResources
 
     from ext_authz.config import parse_config
-    from ext_authz.envoy_config import NODE_KEY, DataPlane, data_plane_resources, render
+    from ext_authz.envoy_config import (
+        NODE_KEY,
+        DataPlane,
+        HostPort,
+        data_plane_resources,
+        render,
+    )
 
     path = tmp_path / "c.yaml"
     path.write_text(NATIVE_CONFIG)
@@ -617,7 +623,10 @@ def native_resources(tmp_path: Path) -> tuple[dict[str, Any], dict[str, Any],
     bootstrap = yaml.safe_load(result.stdout)
     plane = DataPlane.from_struct(bootstrap["node"]["metadata"][NODE_KEY])
     config = parse_config(yaml.safe_load(NATIVE_CONFIG), env={"S": "x"})
-    listener, upstream_clusters = data_plane_resources(config, plane)
+    with pytest.raises(ValueError, match=r"'sidecar\.local' is a name"):
+        data_plane_resources(config, plane)  # Envoy would abort: the sidecar resolves it
+    listener, upstream_clusters = data_plane_resources(
+        config, plane, watchdog=HostPort("10.1.2.3", 9192))
     served = yaml.safe_load(render(Bootstrap(static_resources=BootstrapStaticResources(
         listeners=[listener], clusters=upstream_clusters))))["static_resources"]
     [served_listener] = served["listeners"]
@@ -713,8 +722,8 @@ class TestNativeDataPath:
 
     def test_tokens_are_injected_and_watched(self, tmp_path: Path) -> None:
         """Only the oauth2 server's cluster injects, from the sidecar's secret, and is
-        health-checked at the sidecar's admin listener (0.0.0.0 there: the address Envoy
-        reaches the sidecar at)."""
+        health-checked at the sidecar's admin listener (by IP: the sidecar resolves the name
+        Envoy reaches it by)."""
         _, _, served = native_resources(tmp_path)
         tok = served["mcp_tok"]
         options = tok["typed_extension_protocol_options"][
@@ -732,10 +741,23 @@ class TestNativeDataPath:
         assert check["http_health_check"] == {"path": "/tokens/tok"}
         endpoint = tok["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
         assert endpoint["health_check_config"]["address"]["socket_address"] == {
-            "address": "sidecar.local", "port_value": 9192}
+            "address": "10.1.2.3", "port_value": 9192}
         assert tok["common_lb_config"] == {"healthy_panic_threshold": {}}
         for name in ("mcp_pub", "mcp_priv", "mcp_tl"):
             assert "health_checks" not in served[name]
+
+    def test_the_watchdog_is_where_envoy_reaches_the_sidecar(self) -> None:
+        """admin.listen on every address: the host Envoy dials the sidecar at (--sidecar)."""
+        from ext_authz.config import parse_config
+        from ext_authz.envoy_config import DataPlane, HostPort, UnixSocket, watchdog_address
+
+        plane = DataPlane(HostPort("::", 1), {}, sidecar_host="sidecar.local")
+        config = parse_config({"admin": {"listen": "0.0.0.0:9192"}}, env={})
+        assert watchdog_address(config, plane) == HostPort("sidecar.local", 9192)
+        config = parse_config({"admin": {"listen": "127.0.0.5:9000"}}, env={})
+        assert watchdog_address(config, plane) == HostPort("127.0.0.5", 9000)
+        config = parse_config({"admin": {"listen": "unix:/run/admin.sock"}}, env={})
+        assert watchdog_address(config, plane) == UnixSocket("/run/admin.sock")
 
     def test_native_needs_the_admin_listener(self, tmp_path: Path) -> None:
         path = tmp_path / "c.yaml"

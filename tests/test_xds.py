@@ -231,3 +231,13 @@ async def test_the_watchdog_path(sidecar: Sidecar, token_endpoint: TokenEndpoint
         assert (await http.get(f"{base}/tokens/gh")).status_code == 200
         assert (await http.get(f"{base}/tokens/pub")).status_code == 503  # none to hold
         assert (await http.get(f"{base}/tokens/nope")).status_code == 503
+
+
+async def test_the_watchdog_address_is_resolved_for_envoy() -> None:
+    """Envoy takes no name in a health check's address (1.40 aborts): the sidecar resolves."""
+    from ext_authz.xds import RenderError, _resolve
+
+    assert await _resolve("localhost") == "127.0.0.1"
+    assert await _resolve("::1") == "::1"
+    with pytest.raises(RenderError, match=r"cannot resolve 'no-such-host\.invalid'"):
+        await _resolve("no-such-host.invalid")

@@ -137,9 +137,10 @@ def _map_volumes(argv: list[str], volumes: list[str], root: Path) -> list[str]:
     return [mounts.get(arg, arg) for arg in argv]
 
 
-def _host_argv(name: str, spec: dict[str, Any], root: Path) -> tuple[str, list[str]]:
+def _host_argv(name: str, spec: dict[str, Any], root: Path,
+               env: dict[str, str]) -> tuple[str, list[str]]:
     image = str(spec.get("image", ""))
-    volumes = list(spec.get("volumes", []))
+    volumes = [_expand(str(volume), env) for volume in spec.get("volumes", [])]
     if image.startswith("envoyproxy/envoy:"):
         command = _list(spec.get("command"))
         if not command or command[0] != "envoy":
@@ -214,7 +215,7 @@ def load_compose(path: Path, env: dict[str, str], profiles: set[str]) -> Topolog
             for n, net in networks.items()}
     services = {}
     for name, spec in specs.items():
-        kind, argv = _host_argv(name, spec, root)
+        kind, argv = _host_argv(name, spec, root, env)
         attached = spec.get("networks") or {}
         if isinstance(attached, list):
             attached = {n: None for n in attached}

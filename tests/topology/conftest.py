@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from ext_authz.envoy_config import DATA_PATHS
 from tests.topology.compose import ROOT, load_compose
 from tests.topology.netns import Lab, unavailable_reason
 from tests.topology.stack import Stack
@@ -20,26 +21,34 @@ REQUIRED = os.environ.get("MCP_EXT_AUTHZ_TOPOLOGY") == "required"
 
 
 @pytest.fixture(scope="session")
-def lab() -> Iterator[Lab]:
+def namespaces_available() -> None:
     reason = unavailable_reason()
     if reason is not None:
         message = f"topology tests need root and `ip netns`: {reason}"
         if REQUIRED:
             pytest.fail(message)
         pytest.skip(message)
+
+
+@pytest.fixture(scope="session", params=DATA_PATHS)
+def compose(request: pytest.FixtureRequest, namespaces_available: None,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """docker-compose.yaml with every profile, up in namespaces; secrets at their defaults.
+
+    Once per data path, each in a lab of its own: the compose Envoy runs
+    envoy/compose/envoy.yaml, then (as `ENVOY_CONFIG=envoy-native.yaml docker compose up`
+    would) envoy-native.yaml.
+    """
+    data_path = request.param
+    env = {"ENVOY_CONFIG": "envoy-native.yaml"} if data_path == "native" else {}
+    topology = load_compose(ROOT / "docker-compose.yaml", env=env, profiles={"lb"})
     lab = Lab()
     try:
-        yield lab
+        stack = Stack(topology, lab, tmp_path_factory.mktemp(f"compose-{data_path}"),
+                      data_path)
+        try:
+            yield stack.up()
+        finally:
+            stack.down()
     finally:
         lab.close()
-
-
-@pytest.fixture(scope="session")
-def compose(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """docker-compose.yaml with every profile, up in namespaces; secrets at their defaults."""
-    topology = load_compose(ROOT / "docker-compose.yaml", env={}, profiles={"lb"})
-    stack = Stack(topology, lab, tmp_path_factory.mktemp("compose"))
-    try:
-        yield stack.up()
-    finally:
-        stack.down()

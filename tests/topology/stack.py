@@ -20,8 +20,15 @@ from typing import Any
 import yaml
 
 from tests.e2e.harness import Process
-from tests.topology.compose import Service, Topology
+from tests.topology.compose import ROOT, Service, Topology
 from tests.topology.netns import Lab, netns_exec, run_in
+
+# The compose servers whose tool rules the sidecar judges on the body: in the native data
+# path the only ones whose requests the sidecar sees.
+TOOL_SERVERS = frozenset(
+    name for name, server in yaml.safe_load(
+        (ROOT / "envoy/compose/sidecar.yaml").read_text())["servers"].items()
+    if (server or {}).get("tools"))
 
 START_TIMEOUT_S = 60
 
@@ -115,12 +122,19 @@ def _envoy_admin_port(service: Service) -> int:
 class Stack:
     """A Topology running in a Lab: namespaces, links, processes; `down()` stops them."""
 
-    def __init__(self, topology: Topology, lab: Lab, workdir: Path) -> None:
+    def __init__(self, topology: Topology, lab: Lab, workdir: Path,
+                 data_path: str = "ext_authz") -> None:
         self.topology = topology
         self.lab = lab
         self.workdir = workdir
+        self.data_path = data_path  # which envoy-config output the compose Envoy runs
         self.namespaces: dict[str, str] = {}
         self.processes: dict[str, Process] = {}
+
+    def sidecar_decides(self, server: str) -> bool:
+        """Whether the sidecar is asked about this server's requests (and logs a decision):
+        always in the ext_authz data path, in the native one only where tool rules are."""
+        return self.data_path == "ext_authz" or server in TOOL_SERVERS
 
     def up(self) -> Stack:
         """Build the networks, then start every service once its dependencies are healthy."""

@@ -31,7 +31,7 @@ import yaml
 
 from ext_authz.demo_mcp import redact_authorization
 from tests.topology.compose import ROOT, Service
-from tests.topology.stack import RawResponse, Stack, http_request
+from tests.topology.stack import TOOL_SERVERS, RawResponse, Stack, http_request
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
@@ -199,11 +199,6 @@ class Gateway:
     envoy: str
 
 
-# The compose servers whose tool rules ext_proc judges on the body.
-TOOL_SERVERS = frozenset(
-    name for name, server in yaml.safe_load(
-        (ROOT / "envoy/compose/sidecar.yaml").read_text())["servers"].items()
-    if (server or {}).get("tools"))
 # Each battery server, the compose service that serves it, and whether a token is injected.
 UPSTREAMS = {"public": "mcp-public", "internal": "mcp-internal", "open": "mcp-public"}
 INJECTS_TOKEN = {"public": True, "internal": True, "open": False}
@@ -216,11 +211,13 @@ def envoy_address(stack: Stack, client: str) -> str:
 
 def render_envoy_config(stack: Stack, config: Path, listen: str, admin: str,
                         sidecar: str) -> Path:
-    """`mcp-ext-authz envoy-config` for a sidecar config, written to the stack's workdir."""
+    """`mcp-ext-authz envoy-config` for a sidecar config and the stack's data path, written
+    to the stack's workdir."""
     service = stack.topology.services["sidecar"]
     servers = yaml.safe_load(config.read_text())["servers"]
     argv = [sys.executable, "-m", "ext_authz", "envoy-config", "--config", str(config),
-            "--listen", listen, "--admin", admin, "--sidecar", sidecar]
+            "--listen", listen, "--admin", admin, "--sidecar", sidecar,
+            "--data-path", stack.data_path]
     argv += [arg for name in servers for arg in ("--upstream", f"{name}={UPSTREAMS[name]}:8000")]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False,
                             env={**os.environ, **service.environment})
@@ -297,8 +294,13 @@ def check(stack: Stack, gateway: Gateway, case: Case) -> None:
     decisions = len(stack.json_lines(gateway.sidecar))
     response = send(stack, gateway, case)
     # One line for the check; on a server with tool rules, one more for its body (ext_proc).
-    expected = 0 if case.expect == "envoy" else 1 + (case.expect in TOOL_SERVERS)
+    # In the native data path Envoy alone decides every other request: none.
+    asked = case.expect in TOOL_SERVERS or (
+        stack.data_path == "ext_authz" and case.expect != "envoy")
+    expected = 1 + (case.expect in TOOL_SERVERS) if asked else 0
     records = stack.new_lines(gateway.sidecar, decisions, expected)
+    if not asked:
+        assert [r for r in records if r.get("phase")] == []
     received = []
     for upstream in ("mcp-public", "mcp-internal"):
         received += upstream_record(stack, case, upstream)[before[upstream]:]
@@ -307,23 +309,29 @@ def check(stack: Stack, gateway: Gateway, case: Case) -> None:
         assert response.status == case.envoy_status, response.raw[:300]
         assert received == []
         return
-    [decision] = [r for r in records if r["phase"] == "check"]
     if case.expect == "not_found":
         assert (response.status, response.body) == (404, NOT_FOUND), response.raw[:300]
         assert response.header("content-type") == "application/json"
-        assert decision["reason"] == "not_found"
+        if asked:
+            [decision] = [r for r in records if r["phase"] == "check"]
+            assert decision["reason"] == "not_found"
         assert received == []
         return
-    assert decision["reason"] == "allowed", decision
-    assert decision["server"] == case.expect
+    decision = {}
+    if asked:
+        [decision] = [r for r in records if r["phase"] == "check"]
+        assert decision["reason"] == "allowed", decision
+        assert decision["server"] == case.expect
     if case.expect in TOOL_SERVERS:
         [body] = [r for r in records if r["phase"] == "body"]
         assert (body["reason"], body["network"]) == ("allowed", decision["network"])
     upstream = UPSTREAMS[case.expect]
     [record] = received
     assert record["upstream"] == upstream.removeprefix("mcp-")
-    # Whatever origin the caller claimed, this header holds the address the sidecar judged.
-    assert record["headers"]["x-envoy-external-address"] == [decision["client_ip"]]
+    # Whatever origin the caller claimed, this header holds the address the sidecar judged
+    # (native: Envoy's own judgement, the same XFF walk).
+    if asked:
+        assert record["headers"]["x-envoy-external-address"] == [decision["client_ip"]]
     # No x-envoy-* header a caller sent reaches the upstream; only the one Envoy sets itself.
     assert {k for k in record["headers"] if k.startswith("x-envoy-")} == {
         "x-envoy-external-address"}
@@ -441,6 +449,12 @@ def dead_sidecar(bootstrap: dict[str, Any]) -> None:
 
 class TestUnsafeVariants:
     """Each Envoy setting the generator emits for safety, removed: the attack then works."""
+
+    @pytest.fixture(autouse=True)
+    def _ext_authz_only(self, compose: Stack) -> None:
+        if compose.data_path != "ext_authz":
+            pytest.skip("variants of envoy/compose/envoy.yaml (the native config's own"
+                        " safety settings are shown in tests/e2e/test_data_paths.py)")
 
     def test_without_path_normalization(self, compose: Stack, path_mode: Gateway) -> None:
         """Unnormalized, `/mcp/public/../internal` is authorized as public and handed on."""
