@@ -29,6 +29,7 @@ from mcp.shared.auth import OAuthClientInformationFull, OAuthToken
 
 from ext_authz.config import parse_config
 from ext_authz.decision import Policy
+from ext_authz.envoy_config import DATA_PATHS
 from ext_authz.network import Placement
 from tests.e2e.harness import ROOT, Process, free_port, start_envoy, start_sidecar, start_upstream
 from tests.token_endpoint import ThreadedTokenEndpoint
@@ -69,9 +70,12 @@ class Stack:
         return [json.loads(line) for line in lines if line.startswith("{")]
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    workdir = tmp_path_factory.mktemp("discovery")
+@pytest.fixture(scope="module", params=DATA_PATHS)
+def stack(request: pytest.FixtureRequest,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Once per data path: the native one decides visibility in Envoy, and asks the sidecar
+    only for the registry and the discovery documents."""
+    workdir = tmp_path_factory.mktemp(f"discovery-{request.param}")
     ports = {name: free_port() for name in ("grpc", "admin", "envoy", "envoy_admin", "pub",
                                              "billing", "rs", "as")}
     processes: list[Process] = []
@@ -109,7 +113,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             rendered = subprocess.run(
                 [sys.executable, "-m", "ext_authz", "envoy-config", "--config",
                  str(config_path), "--listen", f"127.0.0.1:{ports['envoy']}",
-                 "--admin", f"127.0.0.1:{ports['envoy_admin']}"],
+                 "--admin", f"127.0.0.1:{ports['envoy_admin']}", "--data-path", request.param],
                 capture_output=True, text=True, timeout=60, check=True)
             sidecar = start_sidecar(config_path, workdir)
             processes.append(sidecar)
