@@ -9,8 +9,8 @@ clusters rendered again from the new config) or a token replaced or expired (the
 A token that expired without a successor is sent as an empty secret, never left in place:
 Envoy's credential injector then fails the request (401, answered as our 503). Envoy keeps
 the last secret it was sent while no control plane answers (it neither expires resources
-by TTL nor drops a removed secret), so a dead sidecar leaves the last token in use until
-the upstream refuses it (see README, "Native data path").
+by TTL nor drops a removed secret): the watchdog that bounds that is Envoy's health check
+of the admin listener's /tokens/NAME (envoy_config), whose address is resolved here.
 """
 
 from __future__ import annotations

@@ -427,12 +427,19 @@ def compose() -> dict[str, Any]:
 class TestCompose:
     def test_envoy_matches_wheel_and_mounts_generated_config(self,
                                                              compose: dict[str, Any]) -> None:
-        """Envoy's image is the wheel's version and mounts envoy/compose/envoy.yaml."""
+        """Envoy's image is the wheel's version and mounts envoy/compose/envoy.yaml, or
+        envoy-native.yaml with ENVOY_CONFIG set (both generated: test_no_drift)."""
+        from tests.topology.compose import _expand
+
         envoy = compose["services"]["envoy"]
         assert envoy["image"] == f"envoyproxy/envoy:v{ENVOY_VERSION}"
-        mounts = dict(v.rsplit(":", 1)[0].split(":") for v in envoy["volumes"])
         config_path = envoy["command"][envoy["command"].index("-c") + 1]
-        assert mounts["./envoy/compose/envoy.yaml"] == config_path
+        for env, mounted in (({}, "envoy.yaml"),
+                             ({"ENVOY_CONFIG": "envoy-native.yaml"}, "envoy-native.yaml")):
+            mounts = dict(_expand(v, env).rsplit(":", 1)[0].split(":")
+                          for v in envoy["volumes"])
+            assert mounts[f"./envoy/compose/{mounted}"] == config_path
+            assert (ROOT / "envoy/compose" / mounted).exists()
         published = envoy["ports"][0].split(":")[1]
         bootstrap = yaml.safe_load((ROOT / "envoy/compose/envoy.yaml").read_text())
         listen = bootstrap["static_resources"]["listeners"][0]["address"]["socket_address"]
