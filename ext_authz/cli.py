@@ -23,6 +23,7 @@ from .config import EXAMPLE_CONFIG, Config, config_warnings, example_config, loa
 from .decision import Decision, Policy, RequestFacts, decide, decide_tools, explain
 from .errors import ConfigError, ExtAuthzError, TokenError
 from .jsonrpc import NO_BODY, Body, body_headers, read_tool_calls, request_body
+from .network import Identity
 from .tokens import TokenCache
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_CONFIG = 0, 1, 2
@@ -97,6 +98,7 @@ def check_report(decision: Decision, body: Body = NO_BODY) -> dict[str, Any]:
         "client_ip": str(client) if client is not None else None,
         "network": decision.network,
         "networks": sorted(decision.placement.members),
+        "identity": list(decision.placement.matched),  # which principal or claim matched
         "server": decision.server_name,
         "route": decision.route.kind,  # mcp, registry or discovery
         "tools_called": [call.name for call in called],
@@ -150,6 +152,26 @@ def _read_body(args: argparse.Namespace) -> bytes:
         raise UsageError(f"--body-file {args.body_file}: cannot read ({exc.strerror})") from None
 
 
+def _identity(principal: str, claims_json: str | None, policy: Policy) -> Identity:
+    """What Envoy would vouch for: --principal (the mTLS peer's URI SAN) and --jwt-claims
+    (a verified JWT's payload), read as the live path reads them."""
+    claims: list[tuple[str, tuple[str, ...]]] = []
+    if claims_json is not None:
+        try:
+            payload = json.loads(claims_json)
+        except ValueError as exc:
+            raise UsageError(f"--jwt-claims: not JSON ({exc})") from None
+        if not isinstance(payload, dict):
+            raise UsageError("--jwt-claims: give a JSON object, the JWT's payload")
+        for name in sorted(policy.networks.claim_names):
+            value = payload.get(name)
+            values = (value,) if isinstance(value, str) else tuple(
+                v for v in value if isinstance(v, str)) if isinstance(value, list) else ()
+            if values:
+                claims.append((name, values))
+    return Identity(principal, tuple(claims))
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     # Without --fetch-token no secret is used, so an unset ${VAR} need not stop a dry run.
     config = _load(args.config, secrets=args.fetch_token)
@@ -167,8 +189,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         authority=args.host,
         context_extensions=_context_extensions(args.context_extension),
         method=method,
+        identity=_identity(args.principal, args.jwt_claims, policy := Policy.from_config(config)),
     )
-    policy = Policy.from_config(config)
     # The live path's two steps, as envoy-config's config takes them: the server from the
     # headers (ext_authz), then the tool rules from the body (ext_proc, which can send a
     # hidden tool's call on under a fresh name for the server to answer).
@@ -350,6 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the request body, e.g. a JSON-RPC tools/call (for tool rules)")
     body.add_argument("--body-file", default=None, metavar="FILE",
                       help="read the request body from a file")
+    check.add_argument("--principal", default="", metavar="SPIFFE_ID",
+                       help="the mTLS peer certificate's URI SAN, as Envoy reports it")
+    check.add_argument("--jwt-claims", default=None, metavar="JSON",
+                       help="the payload of a JWT Envoy verified, as a JSON object")
     check.add_argument("--method", default=None,
                        help="HTTP method (default POST with a body, else GET)")
     check.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'",

@@ -28,7 +28,7 @@ from pydantic import (
 )
 
 from .errors import ConfigError
-from .network import EXTERNAL, INTERNAL, IPNetwork
+from .network import EXTERNAL, INTERNAL, IdentityRule, IPNetwork
 
 DEFAULT_INTERNAL_RANGES: tuple[str, ...] = (
     "10.0.0.0/8",
@@ -159,6 +159,97 @@ class AdminSettings(_Frozen):
     _check_listen = field_validator("listen")(_parse_listen)
 
 
+# A SPIFFE ID (spiffe://trust-domain/path); `*` is allowed only as a whole last segment.
+_SPIFFE_ID = re.compile(r"^spiffe://[a-z0-9._-]+(/[A-Za-z0-9._~!$&'()+,;=:@%-]+)*$")
+CLAIM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_:.-]{0,127}$")
+
+
+def _principal(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("must be a SPIFFE ID string")
+    pattern = value[:-2] if value.endswith("/*") else value
+    if "*" in pattern:
+        raise ValueError(f"{value!r}: '*' may stand only for a whole last path segment, as"
+                         " in spiffe://td/ns/NS/sa/*")
+    if not _SPIFFE_ID.match(pattern):
+        raise ValueError(f"{value!r} is not a SPIFFE ID (spiffe://trust-domain/path, the"
+                         " trust domain in lower case)")
+    return value
+
+
+SpiffePattern = Annotated[str, BeforeValidator(_principal)]
+
+
+class NetworkDefinition(_Frozen):
+    """A named network: a caller belongs when any CIDR, principal or claim matches.
+
+    Written as a list, it is CIDRs alone (as before identities existed).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+
+    cidrs: tuple[CIDR, ...] = ()
+    principals: tuple[SpiffePattern, ...] = ()
+    # A claim of a JWT Envoy verified -> the values that place a caller here: equal to a
+    # string claim, or a member of an array claim.
+    jwt_claims: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        if isinstance(data, list | tuple):
+            return {"cidrs": data}
+        if isinstance(data, dict) and isinstance(data.get("jwt_claims"), dict):
+            data = {**data, "jwt_claims": {
+                k: [v] if isinstance(v, str) else v for k, v in data["jwt_claims"].items()}}
+        return data
+
+    @field_validator("jwt_claims")
+    @classmethod
+    def _claims(cls, value: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+        for name, values in value.items():
+            if not CLAIM_NAME.match(name):
+                raise ValueError(f"claim name {name!r} must be a letter or '_' then letters,"
+                                 " digits, '_', ':', '.' or '-'")
+            if not values or any(not v for v in values):
+                raise ValueError(f"claim {name!r}: give one or more non-empty values")
+        return value
+
+    @model_validator(mode="after")
+    def _something(self) -> NetworkDefinition:
+        if not (self.cidrs or self.principals or self.jwt_claims):
+            raise ValueError("a network needs cidrs, principals or jwt_claims")
+        return self
+
+    @property
+    def identity(self) -> IdentityRule:
+        return IdentityRule.of(self.principals, self.jwt_claims)
+
+
+class JwtSettings(_Frozen):
+    """The JWT provider Envoy's jwt_authn verifies tokens with (for `jwt_claims` rules)."""
+
+    issuer: Annotated[str, Field(min_length=1)]
+    audiences: tuple[str, ...] = ()
+    jwks_uri: str | None = None  # remote JWKS, fetched by Envoy
+    jwks_file: str | None = None  # or a JWKS file where Envoy runs
+    # Where the token is: `authorization` means "Authorization: Bearer <token>".
+    header: Annotated[str, Field(pattern=r"^[a-z0-9-]{1,64}$")] = "authorization"
+    # Envoy's metadata key for the verified payload (Istio's RequestAuthentication uses the
+    # issuer).
+    payload_in_metadata: Annotated[str, Field(min_length=1, max_length=256)] = "mcp_ext_authz"
+
+    @model_validator(mode="after")
+    def _one_jwks(self) -> JwtSettings:
+        if (self.jwks_uri is None) == (self.jwks_file is None):
+            raise ValueError("give exactly one of jwks_uri (fetched by Envoy) and jwks_file")
+        if self.jwks_uri is not None:
+            if "://" not in self.jwks_uri:
+                raise ValueError(f"jwks_uri {self.jwks_uri!r} must be an http(s):// URL")
+            UpstreamAddress.parse(self.jwks_uri)
+        return self
+
+
 class NetworkSettings(_Frozen):
     model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
 
@@ -167,15 +258,14 @@ class NetworkSettings(_Frozen):
     )
     trusted_proxies: tuple[CIDR, ...] = ()
     # Named networks beyond `internal` (which is internal_ranges), for servers' visible_to.
-    networks: dict[str, tuple[CIDR, ...]] = Field(default_factory=dict)
+    networks: dict[str, NetworkDefinition] = Field(default_factory=dict)
     # Bounds on what one CheckRequest can make the sidecar read; beyond them it fails closed.
     max_xff_entries: Annotated[int, Field(ge=1, le=1000)] = 32
     max_xff_bytes: Annotated[int, Field(ge=64, le=1_048_576)] = 8192
 
     @field_validator("networks")
     @classmethod
-    def _named(cls, value: dict[str, tuple[IPNetwork, ...]]
-               ) -> dict[str, tuple[IPNetwork, ...]]:
+    def _named(cls, value: dict[str, NetworkDefinition]) -> dict[str, NetworkDefinition]:
         for name in value:
             if name in (INTERNAL, EXTERNAL):
                 raise ValueError(f"{name!r} is a built-in network name"
@@ -186,8 +276,22 @@ class NetworkSettings(_Frozen):
         return value
 
     def named(self) -> list[tuple[str, tuple[IPNetwork, ...]]]:
-        """Every named network, `internal` first, then in config order."""
-        return [(INTERNAL, self.internal_ranges), *self.networks.items()]
+        """Every named network's CIDRs, `internal` first, then in config order."""
+        return [(INTERNAL, self.internal_ranges),
+                *((name, network.cidrs) for name, network in self.networks.items())]
+
+    def identities(self) -> list[tuple[str, IdentityRule]]:
+        """The networks a caller can be in by who it is, with what says so."""
+        return [(name, network.identity) for name, network in self.networks.items()
+                if network.principals or network.jwt_claims]
+
+    @property
+    def uses_principals(self) -> bool:
+        return any(network.principals for network in self.networks.values())
+
+    @property
+    def uses_claims(self) -> bool:
+        return any(network.jwt_claims for network in self.networks.values())
 
 
 class RoutingSettings(_Frozen):
@@ -389,6 +493,7 @@ class Config(_Frozen):
     defaults: DefaultSettings = DefaultSettings()
     tokens: TokenSettings = TokenSettings()
     mcp: McpSettings = McpSettings()
+    jwt: JwtSettings | None = None  # needed by jwt_claims rules
     servers: dict[str, ServerSettings] = Field(default_factory=dict)
 
     @model_validator(mode="before")
@@ -690,8 +795,8 @@ def config_warnings(config: Config) -> list[str]:
     warnings = []
     for key, networks in (("network.trusted_proxies", config.network.trusted_proxies),
                           ("network.internal_ranges", config.network.internal_ranges),
-                          *((f"network.networks.{name}", cidrs)
-                            for name, cidrs in config.network.networks.items())):
+                          *((f"network.networks.{name}", network.cidrs)
+                            for name, network in config.network.networks.items())):
         for index, network in enumerate(networks):
             if network.prefixlen == 0:
                 meaning = ("every address may then forge X-Forwarded-For"
@@ -724,6 +829,10 @@ def parse_config(data: Any, env: Mapping[str, str] | None = None,
                      for problem in (_problem(error),)]
         raise ConfigError(problems, source) from None
     problems += _visibility_problems(config)
+    if config.network.uses_claims and config.jwt is None:
+        problems += [f"network.networks.{name}.jwt_claims: needs `jwt`, the provider whose"
+                     " tokens Envoy verifies (issuer, jwks_uri or jwks_file)"
+                     for name, network in config.network.networks.items() if network.jwt_claims]
     if secrets:
         config, file_problems = _read_files(config)
         problems += file_problems

@@ -20,8 +20,10 @@ from .jsonrpc import (
     unknown_tool_reply,
 )
 from .network import (
+    NO_IDENTITY,
     NOWHERE,
     ClientIP,
+    Identity,
     NetworkMap,
     NetworkSet,
     Placement,
@@ -89,6 +91,7 @@ class RequestFacts:
     context_extensions: Mapping[str, str] = field(default_factory=dict)
     has_http: bool = True
     method: str = ""  # "" when not known (a dry run): the registry answers it as a GET
+    identity: Identity = NO_IDENTITY  # from Envoy's mTLS and jwt_authn, never a header
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,8 +176,11 @@ class Policy:
     max_xff_entries: int
     max_xff_bytes: int
     mcp: McpSettings = field(default_factory=McpSettings)
-    decision_cache: dict[tuple[str, str | None, str | None, str | None, str, str, str],
+    decision_cache: dict[tuple[str, str | None, str | None, str | None, str, str, str,
+                               Identity],
                          Decision] = field(default_factory=dict, compare=False, repr=False)
+    # Where Envoy's jwt_authn leaves the verified payload (None: no claim rules).
+    claims_key: str | None = None
     # The registry answer per set of networks a caller is in (see registry).
     registries: dict[frozenset[str], bytes] = field(
         default_factory=dict, compare=False, repr=False)
@@ -206,7 +212,9 @@ class Policy:
     @classmethod
     def from_config(cls, config: Config) -> Policy:
         return cls(
-            networks=NetworkMap(config.network.named()),
+            networks=NetworkMap(config.network.named(), config.network.identities()),
+            claims_key=(config.jwt.payload_in_metadata
+                        if config.jwt is not None and config.network.uses_claims else None),
             trusted_proxies=NetworkSet(config.network.trusted_proxies),
             routing=config.routing,
             servers={name: ServerPolicy.from_config(name, config) for name in config.servers},
@@ -321,11 +329,12 @@ def decide(facts: RequestFacts, policy: Policy) -> Decision:
     named = facts.context_extensions.get(policy.routing.context_extension_key)
     kind = facts.context_extensions.get(KIND_EXTENSION)
     key = (facts.peer, facts.x_forwarded_for, named, kind, facts.method, facts.path,
-           facts.authority)
+           facts.authority, facts.identity)
     decision = policy.decision_cache.get(key)
     if decision is None:
         decision = _decide(facts, policy)
-        size = len(facts.x_forwarded_for or "") + len(facts.path) + len(facts.authority)
+        size = (len(facts.x_forwarded_for or "") + len(facts.path) + len(facts.authority)
+                + len(facts.identity.principal) + len(repr(facts.identity.claims)))
         if size <= DECISION_CACHE_MAX_INPUT:
             if len(policy.decision_cache) >= DECISION_CACHE_SIZE:
                 policy.decision_cache.clear()
@@ -341,7 +350,7 @@ def _decide(facts: RequestFacts, policy: Policy) -> Decision:
         max_entries=policy.max_xff_entries,
         max_bytes=policy.max_xff_bytes,
     )
-    placement = policy.networks.place(client.address)
+    placement = policy.networks.place(client.address, facts.identity)
     target = route(policy.routing, facts.context_extensions, facts.path, facts.authority)
     peer = facts.peer
     if target.kind == "registry":
@@ -465,12 +474,13 @@ def _naming(tool: str) -> Callable[[Decision], Decision]:
 
 
 def _placement(placement: Placement) -> str:
+    who = f"; identity: {', '.join(placement.matched)}" if placement.matched else ""
     if not placement.members:
         return "network: external (in no configured network)"
     if len(placement.members) == 1:
-        return f"network: {placement.name}"
+        return f"network: {placement.name}{who}"
     others = ", ".join(sorted(placement.members - {placement.name}))
-    return f"network: {placement.name} (the most specific; also in {others})"
+    return f"network: {placement.name} (the most specific; also in {others}){who}"
 
 
 def _visibility(decision: Decision, visibility: Visibility, what: str) -> str:

@@ -87,6 +87,11 @@ class DecisionLog:
         )
         if decision.detail:
             line += f',"detail":{_quote(decision.detail)}'
+        if decision.placement.matched:
+            # What placed the caller by who it is ("agents by principal spiffe://..."): a
+            # claim is named with the value that matched the rule, no other claim is logged.
+            line += f',"principal":{_quote(facts.identity.principal[:256])}'
+            line += f',"identity":{_quote("; ".join(decision.placement.matched))}'
         self._stream.write(line + "}\n")
         if time.monotonic() - self._last_flush >= FLUSH_INTERVAL_S:
             self.flush()

@@ -596,7 +596,7 @@ def _visibility_rbac(config: Config, server: str) -> Rbac | None:
         return Rbac(action=RbacAction.ALLOW, policies={})  # nobody: the unknown server's 404
     visible = list(config.network.internal_ranges)
     for name in known.visible_to:
-        visible += config.network.networks[name]
+        visible += config.network.networks[name].cidrs
     if not visible:
         return Rbac(action=RbacAction.ALLOW, policies={})
     seen = Principal(or_ids=PrincipalSet(ids=_cidrs(visible)))

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import ipaddress
 from bisect import bisect_right
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Literal
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -176,11 +176,73 @@ def resolve_client_ip(
 
 
 @dataclass(frozen=True, slots=True)
+class Identity:
+    """Who the caller is, as Envoy vouches for it: never from a header a client sets.
+
+    `principal`: the mTLS peer certificate's URI SAN (CheckRequest `source.principal`, which
+    Envoy fills only from a certificate it accepted). `claims`: the claims a network rule
+    names, of a JWT that Envoy's jwt_authn verified (its dynamic metadata), each as the
+    string values it holds: a string claim one, an array claim its string members.
+    """
+
+    principal: str = ""
+    claims: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.principal or self.claims)
+
+
+NO_IDENTITY = Identity()
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityRule:
+    """What puts a caller in one named network besides its address."""
+
+    principals: frozenset[str] = frozenset()  # exact SPIFFE IDs
+    principal_prefixes: tuple[str, ...] = ()  # `spiffe://td/ns/x/sa/*` as "spiffe://td/ns/x/sa/"
+    claims: tuple[tuple[str, frozenset[str]], ...] = ()  # claim -> values, any one matching
+
+    @classmethod
+    def of(cls, principals: Iterable[str], claims: Mapping[str, Iterable[str]]) -> IdentityRule:
+        exact = frozenset(p for p in principals if not p.endswith("/*"))
+        prefixes = tuple(sorted((p[:-1] for p in principals if p.endswith("/*")),
+                                key=len, reverse=True))
+        return cls(exact, prefixes, tuple((name, frozenset(values))
+                                          for name, values in claims.items()))
+
+    def __bool__(self) -> bool:
+        return bool(self.principals or self.principal_prefixes or self.claims)
+
+    def match(self, identity: Identity) -> tuple[int, str] | None:
+        """How specifically the identity matches (lower is more) and by what, or None:
+        an exact principal first, then a wildcard (its longest prefix first), then a claim."""
+        principal = identity.principal
+        if principal:
+            if principal in self.principals:
+                return 0, f"principal {principal}"
+            for prefix in self.principal_prefixes:
+                rest = principal[len(prefix):]
+                # The wildcard stands for exactly one last path segment.
+                if principal.startswith(prefix) and rest and "/" not in rest:
+                    return 1 + max(0, 1000 - len(prefix)), f"principal {prefix}*"
+        held = dict(identity.claims)
+        for name, accepted in self.claims:
+            matched = sorted(accepted.intersection(held.get(name, ())))
+            if matched:
+                return 10_000, f"JWT claim {name}={matched[0]}"
+        return None
+
+
+@dataclass(frozen=True, slots=True)
 class Placement:
     """Where an address sits: every named network holding it, and the one it is named by."""
 
     name: str  # the most specific network holding the address, or EXTERNAL
     members: frozenset[str]  # every network holding it (empty: external)
+    # Which identity put the caller in which network ("agents by principal spiffe://..."):
+    # said, never compared (the members decide).
+    matched: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def internal(self) -> bool:
@@ -197,10 +259,17 @@ class NetworkMap:
     one (the longest matching prefix), ties going to the network listed first.
     """
 
-    __slots__ = ("_ranked", "_sets")
+    __slots__ = ("_identities", "_ranked", "_sets", "claim_names")
 
-    def __init__(self, named: Iterable[tuple[str, Iterable[IPNetwork]]]) -> None:
+    def __init__(self, named: Iterable[tuple[str, Iterable[IPNetwork]]],
+                 identities: Iterable[tuple[str, IdentityRule]] = ()) -> None:
         named = [(name, tuple(networks)) for name, networks in named]
+        order = {name: index for index, (name, _) in enumerate(named)}
+        self._identities = tuple((order.get(name, len(order)), name, rule)
+                                 for name, rule in identities if rule)
+        # The claims any rule names: the only ones read from a request.
+        self.claim_names = frozenset(claim for _, _, rule in self._identities
+                                     for claim, _ in rule.claims)
         self._sets = tuple((name, NetworkSet(networks)) for name, networks in named)
         self._ranked = sorted(
             ((network, name, order) for order, (name, networks) in enumerate(named)
@@ -208,14 +277,34 @@ class NetworkMap:
             key=lambda entry: (-entry[0].prefixlen, entry[2]),
         )
 
-    def place(self, address: IPAddress | None) -> Placement:
-        """Place an address; no address at all is external."""
-        if address is None:
+    @property
+    def uses_identities(self) -> bool:
+        return bool(self._identities)
+
+    def place(self, address: IPAddress | None, identity: Identity = NO_IDENTITY) -> Placement:
+        """Place a caller: by address (no address at all is external) and by identity.
+
+        Named by the most specific match: an exact principal, then a wildcard principal
+        (the longest prefix first), then a JWT claim, then the longest CIDR prefix; ties go
+        to the network listed first.
+        """
+        by_identity = []
+        if identity and self._identities:
+            for order, name, rule in self._identities:
+                found = rule.match(identity)
+                if found is not None:
+                    by_identity.append((found[0], order, name, f"{name} by {found[1]}"))
+        if address is None and not by_identity:
             return NOWHERE
-        members = frozenset(name for name, networks in self._sets if address in networks)
+        members = frozenset(name for name, networks in self._sets
+                            if address is not None and address in networks)
+        if by_identity:
+            by_identity.sort()
+            return Placement(by_identity[0][2], members | {e[2] for e in by_identity},
+                             tuple(e[3] for e in by_identity))
         if not members:
             return NOWHERE
         for network, name, _ in self._ranked:
-            if address in network:
+            if address is not None and address in network:
                 return Placement(name, members)
         raise AssertionError("a member address lies in one of its networks")

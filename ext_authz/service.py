@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import grpc
+from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError
 
 from ._proto.envoy.config.core.v3 import base_pb2
@@ -36,6 +37,7 @@ from .decision_log import DecisionLog
 from .errors import TokenError
 from .jsonrpc import NO_BODY, Body, Received, body_headers, request_body
 from .metrics import Metrics, Phase
+from .network import NO_IDENTITY, Identity
 from .routing import PROTECTED_RESOURCE, TOOL_RULES_BY_EXT_PROC, TOOL_RULES_EXTENSION
 from .tokens import TokenCache
 
@@ -84,7 +86,45 @@ def parse_check_request(data: bytes) -> external_auth_pb2.CheckRequest | None:
         return None
 
 
-def extract_facts(request: external_auth_pb2.CheckRequest | None) -> RequestFacts:
+JWT_AUTHN_NAMESPACE = "envoy.filters.http.jwt_authn"
+
+
+def _strings(value: struct_pb2.Value) -> tuple[str, ...]:
+    # A claim as the strings it holds: a string claim one, an array claim its strings.
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        return (value.string_value,)
+    if kind == "list_value":
+        return tuple(item.string_value for item in value.list_value.values
+                     if item.WhichOneof("kind") == "string_value")
+    return ()
+
+
+def extract_identity(attributes: attribute_context_pb2.AttributeContext,
+                     policy: Policy) -> Identity:
+    """Who the caller is, from what Envoy alone sets (only when a network rule asks).
+
+    The principal is the mTLS peer certificate's URI SAN (`source.principal`: Envoy fills it
+    from a certificate its listener accepted, and from nothing a client sends). The claims
+    are those a rule names, of the payload jwt_authn verified (its dynamic metadata, which
+    no header reaches).
+    """
+    if not policy.networks.uses_identities:
+        return NO_IDENTITY
+    claims = []
+    metadata = attributes.metadata_context.filter_metadata
+    if policy.claims_key is not None and JWT_AUTHN_NAMESPACE in metadata:
+        payload = metadata[JWT_AUTHN_NAMESPACE].fields.get(policy.claims_key)
+        if payload is not None and payload.WhichOneof("kind") == "struct_value":
+            fields = payload.struct_value.fields
+            for name in sorted(policy.networks.claim_names):
+                if name in fields and (values := _strings(fields[name])):
+                    claims.append((name, values))
+    return Identity(attributes.source.principal, tuple(claims))
+
+
+def extract_facts(request: external_auth_pb2.CheckRequest | None,
+                  policy: Policy | None = None) -> RequestFacts:
     """Read the facts the decision needs from a CheckRequest, tolerating missing parts."""
     if request is None:
         return _NO_FACTS
@@ -104,8 +144,9 @@ def extract_facts(request: external_auth_pb2.CheckRequest | None) -> RequestFact
     headers: Mapping[str, str] = http.headers or _from_header_map(http)
     path = http.path or headers.get(":path", "")
     authority = http.host or headers.get(":authority", "")
+    identity = NO_IDENTITY if policy is None else extract_identity(attributes, policy)
     return RequestFacts(peer, headers.get(_XFF), path, authority, attributes.context_extensions,
-                        method=http.method)
+                        method=http.method, identity=identity)
 
 
 # What may stand in an origin echoed into a URL: RFC 3986's host and port characters (no
@@ -366,7 +407,7 @@ class AuthorizationService:
         decision_id = self.next_decision_id()
         facts = _NO_FACTS
         try:
-            facts = extract_facts(request)
+            facts = extract_facts(request, state.policy)
             decision = decide(facts, state.policy)
             narrowed = None
             if decision.reads_body and facts.context_extensions.get(

@@ -152,7 +152,7 @@ class TestErrors:
             ("network: {networks: {internal: [10.0.0.0/8]}}",
              "network.networks: 'internal' is a built-in network name"),
             ("network: {networks: {p: [10.0.0.1/8]}}",
-             "network.networks.p[0]: '10.0.0.1/8' is not a valid CIDR"),
+             "network.networks.p.cidrs[0]: '10.0.0.1/8' is not a valid CIDR"),
             ("network: {networks: {'9x': [10.0.0.0/8]}}", "network name '9x' must be"),
             ("servers: {a: {visible_to: [p]}}\nnetwork: {networks: {p: [10.0.0.0/8]}}",
              "servers.a.visible_to: only a server with available_on_public_internet: false"),
