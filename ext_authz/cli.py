@@ -248,6 +248,18 @@ def write_atomically(path: str, text: str) -> None:
         raise UsageError(f"--output {path}: cannot write ({exc.strerror})") from None
 
 
+def _listener_tls(args: argparse.Namespace) -> Any:
+    from .envoy_config import ListenerTLS
+
+    given = (args.listen_cert, args.listen_key, args.client_ca)
+    if not any(given):
+        return None
+    if not all(given):
+        raise ValueError("give --listen-cert, --listen-key and --client-ca together (callers"
+                         " then present certificates the CA signed)")
+    return ListenerTLS(args.listen_cert, args.listen_key, args.client_ca)
+
+
 def cmd_envoy_config(args: argparse.Namespace) -> int:
     from .config import UpstreamAddress
     from .envoy_config import (
@@ -283,6 +295,7 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
             upstream_ca=args.upstream_ca,
             timeouts=Timeouts(args.request_timeout, args.idle_timeout, args.receive_timeout),
             data_path=args.data_path,
+            listener_tls=_listener_tls(args),
         )
     except ValueError as exc:
         print(f"envoy-config: {exc}", file=sys.stderr)
@@ -429,6 +442,14 @@ def build_parser() -> argparse.ArgumentParser:
                             " itself, and the sidecar serves it listener, clusters and tokens"
                             " (xDS), deciding only requests it must read (tool rules,"
                             " registry, discovery)")
+    envoy.add_argument("--listen-cert", default=None, metavar="FILE",
+                       help="the listener's certificate: TLS for callers, who must then"
+                            " present certificates (needed by principals in network rules)")
+    envoy.add_argument("--listen-key", default=None, metavar="FILE",
+                       help="the key of --listen-cert")
+    envoy.add_argument("--client-ca", default=None, metavar="FILE",
+                       help="the CA that signs callers' certificates (their URI SANs are the"
+                            " principals rules name)")
     envoy.add_argument("--sidecar-ca", default=None, metavar="FILE",
                        help="CA that signed the sidecar's certificate (when grpc.tls is set)")
     envoy.add_argument("--sidecar-cert", default=None, metavar="FILE",

@@ -8,6 +8,7 @@ touches its betterproto2 messages.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -63,6 +64,7 @@ from envoy_data_plane.envoy.config.core.v3 import (
     HealthCheckHttpHealthCheck,
     Http1ProtocolOptions,
     Http2ProtocolOptions,
+    HttpUri,
     JsonFormatOptions,
     Metadata,
     Node,
@@ -85,6 +87,7 @@ from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Liste
 from envoy_data_plane.envoy.config.rbac.v3 import (
     Permission,
     Principal,
+    PrincipalAuthenticated,
     PrincipalSet,
     Rbac,
     RbacAction,
@@ -122,6 +125,15 @@ from envoy_data_plane.envoy.extensions.filters.http.header_mutation.v3 import (
     HeaderMutation,
     Mutations,
 )
+from envoy_data_plane.envoy.extensions.filters.http.jwt_authn.v3 import (
+    JwtAuthentication,
+    JwtHeader,
+    JwtProvider,
+    JwtRequirement,
+    JwtRequirementOrList,
+    RemoteJwks,
+    RequirementRule,
+)
 from envoy_data_plane.envoy.extensions.filters.http.lua.v3 import Lua, LuaPerRoute
 from envoy_data_plane.envoy.extensions.filters.http.rbac.v3 import Rbac as RbacFilter
 from envoy_data_plane.envoy.extensions.filters.http.rbac.v3 import RbacPerRoute
@@ -143,6 +155,7 @@ from envoy_data_plane.envoy.extensions.http.original_ip_detection.xff.v3 import 
 from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
     CertificateValidationContext,
     CommonTlsContext,
+    DownstreamTlsContext,
     SdsSecretConfig,
     SubjectAltNameMatcher,
     SubjectAltNameMatcherSanType,
@@ -154,13 +167,20 @@ from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
     HttpProtocolOptionsAutoHttpConfig,
     HttpProtocolOptionsExplicitHttpConfig,
 )
-from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
+from envoy_data_plane.envoy.type.matcher.v3 import (
+    ListMatcher,
+    MetadataMatcher,
+    MetadataMatcherPathSegment,
+    RegexMatcher,
+    StringMatcher,
+    ValueMatcher,
+)
 from envoy_data_plane.envoy.type.v3 import HttpStatus, Percent, StatusCode
 from envoy_data_plane.google.protobuf import Any as AnyMessage
-from envoy_data_plane.google.protobuf import Struct
+from envoy_data_plane.google.protobuf import Empty, Struct
 
 from .admin import TOKENS_PATH
-from .config import Config, UpstreamAddress
+from .config import Config, NetworkDefinition, UpstreamAddress
 from .decision import denial_body
 from .ext_proc import EXT_PROC_NAMESPACE
 from .routing import (
@@ -226,6 +246,9 @@ end
 """
 HEADER_MUTATION_FILTER = "envoy.filters.http.header_mutation"
 RBAC_FILTER = "envoy.filters.http.rbac"
+JWT_FILTER = "envoy.filters.http.jwt_authn"  # also the namespace of its verified payloads
+JWT_PROVIDER = "mcp_ext_authz"
+JWKS_CLUSTER = "mcp_ext_authz_jwks"
 ROUTE_NAMESPACE = "mcp_ext_authz"  # route metadata: the server a route is for
 # The native data path: Envoy's node metadata carries envoy-config's flags (DataPlane) under
 # this key; listener, clusters and token secrets come from the sidecar on one ADS stream.
@@ -342,6 +365,15 @@ class SidecarTLS:
     cert_file: str | None = None
     key_file: str | None = None
     sni: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerTLS:
+    """The listener's TLS, for callers who present certificates (principals in rules)."""
+
+    cert_file: str
+    key_file: str
+    client_ca_file: str  # the CA whose certificates name callers (their URI SANs)
 
 
 def _check_tls(config: Config, tls: SidecarTLS | None) -> None:
@@ -580,6 +612,30 @@ def _cidrs(networks: Any) -> list[Principal]:
     return principals
 
 
+def _identity_principals(network: NetworkDefinition, claims_key: str) -> list[Principal]:
+    """Who is in a network by identity, as RBAC says it: Envoy's own view of the mTLS peer
+    (`authenticated`) and jwt_authn's verified payload (dynamic metadata)."""
+    principals = []
+    for pattern in network.principals:
+        if pattern.endswith("/*"):
+            # One last path segment, as the sidecar reads the wildcard.
+            matcher = StringMatcher(safe_regex=RegexMatcher(
+                regex=re.escape(pattern[:-1]) + "[^/]+"))
+        else:
+            matcher = StringMatcher(exact=pattern)
+        principals.append(Principal(authenticated=PrincipalAuthenticated(
+            principal_name=matcher)))
+    for claim, values in network.jwt_claims.items():
+        path = [MetadataMatcherPathSegment(key=claims_key),
+                MetadataMatcherPathSegment(key=claim)]
+        for value in values:
+            exact = ValueMatcher(string_match=StringMatcher(exact=value))
+            for held in (exact, ValueMatcher(list_match=ListMatcher(one_of=exact))):
+                principals.append(Principal(metadata=MetadataMatcher(
+                    filter=JWT_FILTER, path=path, value=held)))
+    return principals
+
+
 def _visibility_rbac(config: Config, server: str) -> Rbac | None:
     """Who may reach a server's routes in the native data path: None for everyone.
 
@@ -595,16 +651,24 @@ def _visibility_rbac(config: Config, server: str) -> Rbac | None:
     if known is None:
         return Rbac(action=RbacAction.ALLOW, policies={})  # nobody: the unknown server's 404
     visible = list(config.network.internal_ranges)
+    identified: list[Principal] = []
+    claims_key = config.jwt.payload_in_metadata if config.jwt is not None else ""
     for name in known.visible_to:
-        visible += config.network.networks[name].cidrs
-    if not visible:
+        network = config.network.networks[name]
+        visible += network.cidrs
+        identified += _identity_principals(network, claims_key)
+    principals = identified
+    if visible:
+        seen = Principal(or_ids=PrincipalSet(ids=_cidrs(visible)))
+        if config.network.trusted_proxies:
+            proxy = Principal(or_ids=PrincipalSet(ids=_cidrs(config.network.trusted_proxies)))
+            seen = Principal(and_ids=PrincipalSet(ids=[seen, Principal(not_id=proxy)]))
+        principals = [seen, *identified]
+    if not principals:
         return Rbac(action=RbacAction.ALLOW, policies={})
-    seen = Principal(or_ids=PrincipalSet(ids=_cidrs(visible)))
-    if config.network.trusted_proxies:
-        proxy = Principal(or_ids=PrincipalSet(ids=_cidrs(config.network.trusted_proxies)))
-        seen = Principal(and_ids=PrincipalSet(ids=[seen, Principal(not_id=proxy)]))
     return Rbac(action=RbacAction.ALLOW, policies={
-        f"servers.{server}": RbacPolicy(permissions=[Permission(any=True)], principals=[seen])})
+        f"servers.{server}": RbacPolicy(permissions=[Permission(any=True)],
+                                        principals=principals)})
 
 
 def _answers() -> ExternalProcessor:
@@ -806,6 +870,39 @@ def _access_log(native: bool) -> AccessLog:
     return AccessLog(name="envoy.access_loggers.stdout", typed_config=AnyMessage.pack(stdout))
 
 
+def _verifies_jwts(config: Config) -> bool:
+    return config.jwt is not None and config.network.uses_claims
+
+
+def _jwt_authn(config: Config) -> JwtAuthentication:
+    """Verify a caller's JWT (signature, issuer, audience, expiry) for the claims in rules.
+
+    A missing or failing token is let through without claims (`allow_missing_or_failed`):
+    the caller is then placed by address alone, and a token meant for the upstream (a
+    server whose callers bring their own) still reaches it (`forward`).
+    """
+    jwt = config.jwt
+    assert jwt is not None
+    provider = JwtProvider(issuer=jwt.issuer, audiences=list(jwt.audiences), forward=True,
+                           payload_in_metadata=jwt.payload_in_metadata)
+    if jwt.jwks_file is not None:
+        provider.local_jwks = DataSource(filename=jwt.jwks_file)
+    else:
+        assert jwt.jwks_uri is not None
+        provider.remote_jwks = RemoteJwks(
+            http_uri=HttpUri(uri=jwt.jwks_uri, cluster=JWKS_CLUSTER,
+                             timeout=timedelta(seconds=5)),
+            cache_duration=timedelta(minutes=5))
+    if jwt.header != "authorization":
+        provider.from_headers = [JwtHeader(name=jwt.header)]
+    either = JwtRequirement(requires_any=JwtRequirementOrList(requirements=[
+        JwtRequirement(provider_name=JWT_PROVIDER),
+        JwtRequirement(allow_missing_or_failed=Empty())]))
+    return JwtAuthentication(providers={JWT_PROVIDER: provider},
+                             rules=[RequirementRule(match=RouteMatch(prefix="/"),
+                                                    requires=either)])
+
+
 def _json_reply(reason: Literal["not_found", "upstream_credentials_unavailable"]
                 ) -> SubstitutionFormatString:
     # The sidecar's own denial, byte for byte: its body and content-type.
@@ -851,6 +948,8 @@ def _connection_manager(config: Config, upstreams: Mapping[str, UpstreamAddress]
         transport_api_version=ApiVersion.V3,
         failure_mode_allow=False,  # never let a request through unchecked
         status_on_error=HttpStatus(code=StatusCode.ServiceUnavailable),
+        # The claims of a JWT jwt_authn verified: the only claims the sidecar believes.
+        metadata_context_namespaces=[JWT_FILTER] if _verifies_jwts(config) else [],
     )
     filters = [
         # A caller's own x-envoy-* headers would steer Envoy (timeouts, retries) and reach the
@@ -861,6 +960,9 @@ def _connection_manager(config: Config, upstreams: Mapping[str, UpstreamAddress]
                 remove_on_match=HeaderMutationRemoveOnMatch(
                     key_matcher=StringMatcher(prefix="x-envoy-")))])))),
     ]
+    if _verifies_jwts(config):
+        filters.append(HttpFilter(name=JWT_FILTER, typed_config=AnyMessage.pack(
+            _jwt_authn(config))))
     if native:
         # No rules here: each route that is not for everyone carries its own (RBACPerRoute).
         filters.append(HttpFilter(name=RBAC_FILTER, typed_config=AnyMessage.pack(RbacFilter())))
@@ -988,9 +1090,14 @@ class DataPlane:
     upstream_ca: str | None = None
     timeouts: Timeouts = Timeouts()
     sidecar_host: str = "127.0.0.1"  # where Envoy reaches the sidecar (--sidecar's host)
+    listener_tls: ListenerTLS | None = None
 
     def to_struct(self) -> dict[str, Any]:
+        tls = self.listener_tls
         return {
+            "listener_tls": None if tls is None else {
+                "cert_file": tls.cert_file, "key_file": tls.key_file,
+                "client_ca_file": tls.client_ca_file},
             "sidecar_host": self.sidecar_host,
             "listen": f"[{self.listen.host}]:{self.listen.port}" if ":" in self.listen.host
             else f"{self.listen.host}:{self.listen.port}",
@@ -1010,6 +1117,9 @@ class DataPlane:
             receive = data.get("receive_timeout_s")
             if not isinstance(upstreams, Mapping) or not (ca is None or isinstance(ca, str)):
                 raise TypeError("upstreams or upstream_ca")
+            tls = data.get("listener_tls")
+            if not (tls is None or isinstance(tls, Mapping)):
+                raise TypeError("listener_tls")
             return cls(
                 listen=HostPort.parse(str(data["listen"])),
                 upstreams={str(name): UpstreamAddress.parse(str(text))
@@ -1018,7 +1128,9 @@ class DataPlane:
                 timeouts=Timeouts(float(data.get("request_timeout_s") or 0),
                                   float(data.get("idle_timeout_s") or 0),
                                   None if receive is None else float(receive)),
-                sidecar_host=str(data.get("sidecar_host") or "127.0.0.1"))
+                sidecar_host=str(data.get("sidecar_host") or "127.0.0.1"),
+                listener_tls=None if tls is None else ListenerTLS(
+                    str(tls["cert_file"]), str(tls["key_file"]), str(tls["client_ca_file"])))
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"node metadata {NODE_KEY!r} is not what envoy-config writes"
                              f" ({type(exc).__name__}: {exc})") from None
@@ -1033,16 +1145,22 @@ def data_plane_resources(config: Config, plane: DataPlane, *, native: bool = Tru
     resolved = _resolved_upstreams(config, plane)
     listen = plane.listen
     manager = _connection_manager(config, resolved, plane.timeouts, native)
+    if config.network.uses_principals and plane.listener_tls is None:
+        raise ValueError("network rules name principals, which only a caller's certificate"
+                         " can show: give --listen-cert, --listen-key and --client-ca")
+    chain = FilterChain(filters=[Filter(
+        name="envoy.filters.network.http_connection_manager",
+        typed_config=AnyMessage.pack(manager),
+    )])
+    if plane.listener_tls is not None:
+        chain.transport_socket = _downstream_tls(plane.listener_tls)
     listener = Listener(
         name="mcp_ingress",
         # `--listen [::]:PORT` serves IPv4 callers too (as IPv4 peers, not v4-mapped ones).
         address=Address(socket_address=SocketAddress(address=listen.host,
                                                      port_value=listen.port,
                                                      ipv4_compat=listen.host == "::")),
-        filter_chains=[FilterChain(filters=[Filter(
-            name="envoy.filters.network.http_connection_manager",
-            typed_config=AnyMessage.pack(manager),
-        )])],
+        filter_chains=[chain],
     )
     if native:
         watchdog = watchdog or watchdog_address(config, plane)
@@ -1055,7 +1173,30 @@ def data_plane_resources(config: Config, plane: DataPlane, *, native: bool = Tru
     clusters = [_upstream_cluster(name, resolved[name], plane.upstream_ca,
                                   watchdog if config.servers[name].oauth2 else None)
                 for name in sorted(config.servers)]
+    if _verifies_jwts(config) and config.jwt is not None and config.jwt.jwks_uri is not None:
+        jwks = _upstream_cluster("", UpstreamAddress.parse(config.jwt.jwks_uri),
+                                 plane.upstream_ca)
+        jwks.name = JWKS_CLUSTER
+        assert jwks.load_assignment is not None
+        jwks.load_assignment.cluster_name = JWKS_CLUSTER
+        clusters.append(jwks)
     return listener, clusters
+
+
+def _downstream_tls(tls: ListenerTLS) -> TransportSocket:
+    """TLS for callers, each presenting a certificate the CA signed: its URI SAN is the
+    principal (`source.principal`, RBAC's `authenticated`); none, and no connection."""
+    context = DownstreamTlsContext(
+        common_tls_context=CommonTlsContext(
+            alpn_protocols=["h2", "http/1.1"],
+            tls_certificates=[TlsCertificate(
+                certificate_chain=DataSource(filename=tls.cert_file),
+                private_key=DataSource(filename=tls.key_file))],
+            validation_context=CertificateValidationContext(
+                trusted_ca=DataSource(filename=tls.client_ca_file))),
+        require_client_certificate=True)
+    return TransportSocket(name="envoy.transport_sockets.tls",
+                           typed_config=AnyMessage.pack(context))
 
 
 def _resolved_upstreams(config: Config, plane: DataPlane) -> dict[str, UpstreamAddress]:
@@ -1097,6 +1238,7 @@ def build_bootstrap(
     upstream_ca: str | None = None,
     timeouts: Timeouts = Timeouts(),
     data_path: DataPath = "ext_authz",
+    listener_tls: ListenerTLS | None = None,
 ) -> Bootstrap:
     """Build the bootstrap: one listener, the filters, a route and a cluster per server.
 
@@ -1108,13 +1250,14 @@ def build_bootstrap(
     sidecars = sidecar_endpoints(sidecar, workers)
     first = sidecars[0]
     plane = DataPlane(listen, dict(upstreams), upstream_ca, timeouts,
-                      "127.0.0.1" if isinstance(first, UnixSocket) else first.host)
+                      "127.0.0.1" if isinstance(first, UnixSocket) else first.host,
+                      listener_tls)
     native = data_path == "native"
     listener: Listener | None = None
     upstream_clusters: list[Cluster] = []
     if native:
-        # Rendered by the sidecar when Envoy asks; here only what would stop it doing so.
-        _resolved_upstreams(config, plane)
+        # Rendered by the sidecar when Envoy asks; here what would stop it doing so.
+        data_plane_resources(config, plane, watchdog=HostPort("127.0.0.1", 1))
         watchdog_address(config, plane)
     else:
         listener, upstream_clusters = data_plane_resources(config, plane, native=False)

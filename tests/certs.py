@@ -27,6 +27,8 @@ def _name(common_name: str) -> x509.Name:
 
 
 def _san(name: str) -> x509.GeneralName:
+    if name.startswith("spiffe://"):
+        return x509.UniformResourceIdentifier(name)
     try:
         return x509.IPAddress(ipaddress.ip_address(name))
     except ValueError:
@@ -39,44 +41,50 @@ def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
                                        serialization.NoEncryption()))
 
 
-def make_certs(directory: Path, names: tuple[str, ...] = ("localhost", "127.0.0.1")
-               ) -> CertFiles:
-    """A CA, and a server and a client certificate it signed, naming `names` (DNS or IP)."""
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(_name("test ca")).issuer_name(_name("test ca"))
-        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
+class Authority:
+    """A test CA that issues leaf certificates, written as PEM files."""
 
-    def leaf(name: str, usage: x509.ObjectIdentifier) -> tuple[x509.Certificate,
-                                                                 ec.EllipticCurvePrivateKey]:
+    def __init__(self, directory: Path, name: str = "test ca") -> None:
+        self.directory = directory
+        self.now = datetime.datetime.now(datetime.UTC)
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        self.cert = (
+            x509.CertificateBuilder()
+            .subject_name(_name(name)).issuer_name(_name(name))
+            .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(self.now - datetime.timedelta(minutes=5))
+            .not_valid_after(self.now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(self.key, hashes.SHA256())
+        )
+        self.path = directory / f"{name.replace(' ', '-')}.pem"
+        self.path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
+
+    def issue(self, stem: str, names: tuple[str, ...], *, client: bool) -> tuple[Path, Path]:
+        """A certificate naming `names` (DNS, IP or spiffe:// URI SANs): (cert, key) paths."""
+        usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
         key = ec.generate_private_key(ec.SECP256R1())
         cert = (
             x509.CertificateBuilder()
-            .subject_name(_name(name)).issuer_name(ca.subject)
+            .subject_name(_name(stem)).issuer_name(self.cert.subject)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
+            .not_valid_before(self.now - datetime.timedelta(minutes=5))
+            .not_valid_after(self.now + datetime.timedelta(days=1))
             .add_extension(x509.SubjectAlternativeName([_san(n) for n in names]),
                            critical=False)
             .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-            .sign(ca_key, hashes.SHA256())
+            .sign(self.key, hashes.SHA256())
         )
-        return cert, key
+        paths = self.directory / f"{stem}.pem", self.directory / f"{stem}.key"
+        paths[0].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        _write_key(key, paths[1])
+        return paths
 
-    files = CertFiles(*(directory / n for n in (
-        "ca.pem", "server.pem", "server.key", "client.pem", "client.key")))
-    files.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    server, server_key = leaf("mcp-ext-authz", ExtendedKeyUsageOID.SERVER_AUTH)
-    client, client_key = leaf("envoy", ExtendedKeyUsageOID.CLIENT_AUTH)
-    files.server_cert.write_bytes(server.public_bytes(serialization.Encoding.PEM))
-    _write_key(server_key, files.server_key)
-    files.client_cert.write_bytes(client.public_bytes(serialization.Encoding.PEM))
-    _write_key(client_key, files.client_key)
-    return files
+
+def make_certs(directory: Path, names: tuple[str, ...] = ("localhost", "127.0.0.1")
+               ) -> CertFiles:
+    """A CA, and a server and a client certificate it signed, naming `names` (DNS or IP)."""
+    authority = Authority(directory)
+    server = authority.issue("server", names, client=False)
+    client = authority.issue("client", names, client=True)
+    return CertFiles(authority.path, *server, *client)
