@@ -181,6 +181,10 @@ class Policy:
                          Decision] = field(default_factory=dict, compare=False, repr=False)
     # Where Envoy's jwt_authn leaves the verified payload (None: no claim rules).
     claims_key: str | None = None
+    # The identity read from a principal and a serialized jwt_authn payload, remembered: a
+    # caller sends the same token again and again (bounded like the decision cache).
+    identities: dict[tuple[str, bytes], Identity] = field(
+        default_factory=dict, compare=False, repr=False)
     # The registry answer per set of networks a caller is in (see registry).
     registries: dict[frozenset[str], bytes] = field(
         default_factory=dict, compare=False, repr=False)
@@ -333,8 +337,10 @@ def decide(facts: RequestFacts, policy: Policy) -> Decision:
     decision = policy.decision_cache.get(key)
     if decision is None:
         decision = _decide(facts, policy)
-        size = (len(facts.x_forwarded_for or "") + len(facts.path) + len(facts.authority)
-                + len(facts.identity.principal) + len(repr(facts.identity.claims)))
+        size = len(facts.x_forwarded_for or "") + len(facts.path) + len(facts.authority)
+        if facts.identity:
+            size += len(facts.identity.principal) + sum(
+                len(name) + sum(map(len, values)) for name, values in facts.identity.claims)
         if size <= DECISION_CACHE_MAX_INPUT:
             if len(policy.decision_cache) >= DECISION_CACHE_SIZE:
                 policy.decision_cache.clear()

@@ -91,6 +91,7 @@ from envoy_data_plane.envoy.config.rbac.v3 import (
     PrincipalSet,
     Rbac,
     RbacAction,
+    SourcedMetadata,
 )
 from envoy_data_plane.envoy.config.rbac.v3 import Policy as RbacPolicy
 from envoy_data_plane.envoy.config.route.v3 import (
@@ -631,8 +632,9 @@ def _identity_principals(network: NetworkDefinition, claims_key: str) -> list[Pr
         for value in values:
             exact = ValueMatcher(string_match=StringMatcher(exact=value))
             for held in (exact, ValueMatcher(list_match=ListMatcher(one_of=exact))):
-                principals.append(Principal(metadata=MetadataMatcher(
-                    filter=JWT_FILTER, path=path, value=held)))
+                principals.append(Principal(sourced_metadata=SourcedMetadata(
+                    metadata_matcher=MetadataMatcher(filter=JWT_FILTER, path=path,
+                                                     value=held))))
     return principals
 
 

@@ -23,6 +23,7 @@ from ._proto.envoy.config.core.v3 import base_pb2
 from ._proto.envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 from .config import Config
 from .decision import (
+    DECISION_CACHE_SIZE,
     OUTCOMES,
     Decision,
     PerDecision,
@@ -87,6 +88,7 @@ def parse_check_request(data: bytes) -> external_auth_pb2.CheckRequest | None:
 
 
 JWT_AUTHN_NAMESPACE = "envoy.filters.http.jwt_authn"
+IDENTITY_CACHE_MAX_INPUT = 4096  # a principal and a verified payload, serialized
 
 
 def _strings(value: struct_pb2.Value) -> tuple[str, ...]:
@@ -111,16 +113,27 @@ def extract_identity(attributes: attribute_context_pb2.AttributeContext,
     """
     if not policy.networks.uses_identities:
         return NO_IDENTITY
-    claims = []
     metadata = attributes.metadata_context.filter_metadata
+    verified = None
     if policy.claims_key is not None and JWT_AUTHN_NAMESPACE in metadata:
-        payload = metadata[JWT_AUTHN_NAMESPACE].fields.get(policy.claims_key)
+        verified = metadata[JWT_AUTHN_NAMESPACE]
+    key = (attributes.source.principal,
+           verified.SerializeToString(deterministic=True) if verified is not None else b"")
+    identity = policy.identities.get(key)
+    if identity is None:
+        claims = []
+        payload = verified.fields.get(policy.claims_key or "") if verified is not None else None
         if payload is not None and payload.WhichOneof("kind") == "struct_value":
             fields = payload.struct_value.fields
             for name in sorted(policy.networks.claim_names):
                 if name in fields and (values := _strings(fields[name])):
                     claims.append((name, values))
-    return Identity(attributes.source.principal, tuple(claims))
+        identity = Identity(key[0], tuple(claims))
+        if len(key[0]) + len(key[1]) <= IDENTITY_CACHE_MAX_INPUT:
+            if len(policy.identities) >= DECISION_CACHE_SIZE:
+                policy.identities.clear()
+            policy.identities[key] = identity
+    return identity
 
 
 def extract_facts(request: external_auth_pb2.CheckRequest | None,
