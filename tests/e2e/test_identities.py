@@ -78,15 +78,30 @@ class Stack:
     stranger: Issuer  # signs with a key the JWKS does not hold
     sidecar: Process
 
+    def tls(self, who: str) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(self.ca))
+        cert, key = self.clients[who]
+        context.load_cert_chain(str(cert), str(key))
+        return context
+
+    async def tools(self, mode: str, who: str) -> set[str]:
+        """The tools the official MCP SDK client lists, connecting as `who`."""
+        import httpx2
+        from mcp.client.client import Client
+        from mcp.client.streamable_http import streamable_http_client
+
+        transport = httpx2.AsyncHTTPTransport(local_address=EXTERNAL, verify=self.tls(who))
+        async with httpx2.AsyncClient(transport=transport) as http, Client(
+                streamable_http_client(f"{self.bases[mode]}/mcp/tooled",
+                                       http_client=http)) as mcp:
+            return {tool.name for tool in (await mcp.list_tools()).tools}
+
     def get(self, mode: str, path: str, who: str, token: str | None = None,
             headers: dict[str, str] | None = None) -> httpx.Response:
         sent = dict(headers or {})
         if token is not None:
             sent["authorization"] = f"Bearer {token}"
-        context = ssl.create_default_context(cafile=str(self.ca))
-        cert, key = self.clients[who]
-        context.load_cert_chain(str(cert), str(key))
-        transport = httpx.HTTPTransport(local_address=EXTERNAL, verify=context)
+        transport = httpx.HTTPTransport(local_address=EXTERNAL, verify=self.tls(who))
         with httpx.Client(transport=transport, timeout=10) as http:
             return http.get(self.bases[mode] + path, headers=sent)
 
@@ -94,7 +109,7 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     workdir = tmp_path_factory.mktemp("identities")
-    ports = {name: free_port() for name in ("grpc", "admin", "upstream", *[
+    ports = {name: free_port() for name in ("grpc", "admin", "upstream", "tooled", *[
         f"{mode}_{what}" for mode in DATA_PATHS for what in ("envoy", "admin")])}
     authority = Authority(workdir)
     server = authority.issue("gateway", ("127.0.0.1", "localhost"), client=False)
@@ -115,16 +130,23 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "pub": {"upstream": at},
             "billing": {"upstream": at, "available_on_public_internet": False,
                         "visible_to": ["agents", "partners"]},
-            "vault": {"upstream": at, "available_on_public_internet": False}},
+            "vault": {"upstream": at, "available_on_public_internet": False},
+            # A tool for agents only: judged on the body (ext_proc), from the networks the
+            # server decision placed the caller in.
+            "tooled": {"upstream": f"127.0.0.1:{ports['tooled']}",
+                       "tools": {"add": {"available_on_public_internet": False,
+                                         "visible_to": ["agents"]}}}},
     }
     config_path = workdir / "sidecar.yaml"
     config_path.write_text(yaml.safe_dump(config))
     processes: list[Process] = []
     try:
         processes.append(start_upstream("any", ports["upstream"], workdir))
+        processes.append(start_upstream("tooled", ports["tooled"], workdir))
         sidecar = start_sidecar(config_path, workdir)
         processes.append(sidecar)
         processes[0].wait_http(f"http://{at}/mcp/x/echo")
+        processes[1].wait_http(f"http://127.0.0.1:{ports['tooled']}/mcp/x/echo")
         sidecar.wait_http(f"http://127.0.0.1:{ports['admin']}/readyz")
         for mode in DATA_PATHS:
             rendered = subprocess.run(
@@ -221,6 +243,14 @@ class TestClaims:
         token = stack.issuer.token(group="partners")
         seen = stack.get(mode, "/mcp/billing/echo", "web", token).json()
         assert seen["headers"]["authorization"] == f"Bearer {token}"
+
+
+@pytest.mark.parametrize("mode", DATA_PATHS)
+async def test_tool_rules_follow_the_identity(stack: Stack, mode: str) -> None:
+    """ext_proc judges the body from the networks the server decision placed the caller in,
+    identities included: an agent lists `add`, another workload does not."""
+    assert "add" in await stack.tools(mode, "agent")
+    assert "add" not in await stack.tools(mode, "web")
 
 
 def test_the_decision_log_names_what_matched(stack: Stack) -> None:
