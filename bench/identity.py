@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from body import per_call_us  # bench/, beside this script
 from google.protobuf import json_format, struct_pb2
 
 from ext_authz._proto.envoy.service.auth.v3 import external_auth_pb2
@@ -76,15 +76,6 @@ def check(data: bytes, compiled: Policy, cold: bool) -> bytes:
     decision = decide(facts, compiled)
     assert decision.allowed, decision
     return encode_check_response(decision, None, "bench-1")
-
-
-def per_call_us(function: Callable[[], Any], seconds: float) -> float:
-    count, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        for _ in range(200):
-            function()
-        count += 200
-    return (time.perf_counter() - started) / count * 1e6
 
 
 def main() -> int:

@@ -153,26 +153,16 @@ def fetches(stack: Stack, server: str, outcome: str) -> float:
     return 0.0
 
 
-def last_decision(stack: Stack, server: str) -> dict[str, Any]:
+def last_line(process: Process, key: str, value: str) -> dict[str, Any]:
+    """The last JSON line a process printed with `key` equal to `value` (waiting a little)."""
     for _ in range(50):
         lines = [json.loads(line) for line in
-                 stack.sidecar.stdout_path.read_text().splitlines() if line.startswith("{")]
-        mine = [r for r in lines if r["server"] == server]
+                 process.stdout_path.read_text().splitlines() if line.startswith("{")]
+        mine = [r for r in lines if r.get(key) == value]
         if mine:
             return mine[-1]
         time.sleep(0.05)
-    raise AssertionError(f"no decision logged for {server}")
-
-
-def last_access(stack: Stack, path: str) -> dict[str, Any]:
-    for _ in range(50):
-        lines = [json.loads(line) for line in
-                 stack.envoy.stdout_path.read_text().splitlines() if line.startswith("{")]
-        mine = [r for r in lines if r["path"] == path]
-        if mine:
-            return mine[-1]
-        time.sleep(0.05)
-    raise AssertionError(f"no access log line for {path}")
+    raise AssertionError(f"{process.name} printed no line with {key} {value!r}")
 
 
 def _until(check: Any, timeout: float = 5) -> None:
@@ -190,14 +180,14 @@ def test_fault_then_recovery(stack: Stack, fault: Fault) -> None:
     assert response.status_code == 503
     assert response.json() == {"error": "upstream_credentials_unavailable"}
     if stack.mode == "ext_authz":
-        record = last_decision(stack, fault.name)
+        record = last_line(stack.sidecar, "server", fault.name)
         assert record["reason"] == "upstream_credentials_unavailable"
         assert fault.detail in record["detail"]
     else:
         # Envoy's access log names the server and why: the watchdog found the sidecar with
         # no token (or, before its first check, the injector had none). The sidecar's own
         # log says why it has none.
-        record = last_access(stack, f"/mcp/{fault.name}/echo")
+        record = last_line(stack.envoy, "path", f"/mcp/{fault.name}/echo")
         assert (record["status"], record["server"]) == (503, fault.name)
         assert record["details"] in ("no_healthy_upstream", "failed_to_inject_credential")
         _until(lambda: fault.detail in stack.sidecar.output())
