@@ -192,7 +192,7 @@ from .routing import (
     TOOL_RULES_EXTENSION,
     RouteKind,
 )
-from .service import EXT_AUTHZ_NAMESPACE, SERVICE_NAME
+from .service import EXT_AUTHZ_NAMESPACE, JWT_AUTHN_NAMESPACE, SERVICE_NAME
 
 AUTHZ_CLUSTER = "mcp_ext_authz"
 # The same sidecar, for the request ext_proc filter alone: its streams (headers to judged
@@ -247,7 +247,7 @@ end
 """
 HEADER_MUTATION_FILTER = "envoy.filters.http.header_mutation"
 RBAC_FILTER = "envoy.filters.http.rbac"
-JWT_FILTER = "envoy.filters.http.jwt_authn"  # also the namespace of its verified payloads
+JWT_FILTER = JWT_AUTHN_NAMESPACE  # also the namespace of its verified payloads
 JWT_PROVIDER = "mcp_ext_authz"
 JWKS_CLUSTER = "mcp_ext_authz_jwks"
 ROUTE_NAMESPACE = "mcp_ext_authz"  # route metadata: the server a route is for

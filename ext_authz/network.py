@@ -1,10 +1,12 @@
-"""Who is calling, from which network: client-IP resolution and classification (pure, no I/O).
+"""Who is calling, from which network: client-IP resolution, identities and placement
+(pure, no I/O).
 
 Trust model: Envoy puts the direct TCP peer of the downstream connection in
 `source.address`; a client controls every byte of the X-Forwarded-For header it sends.
 So XFF is read only when the peer is a configured trusted proxy, and only hop by hop
 from the right while each hop is itself trusted. Anything that does not parse stops the
-walk and the caller is treated as external: every doubt fails closed.
+walk and the caller is treated as external: every doubt fails closed. An identity (an mTLS
+principal, a verified JWT's claims) is only what Envoy itself vouches for.
 """
 
 from __future__ import annotations
@@ -236,7 +238,7 @@ class IdentityRule:
 
 @dataclass(frozen=True, slots=True)
 class Placement:
-    """Where an address sits: every named network holding it, and the one it is named by."""
+    """Where a caller sits: every named network holding it, and the one it is named by."""
 
     name: str  # the most specific network holding the address, or EXTERNAL
     members: frozenset[str]  # every network holding it (empty: external)
@@ -253,10 +255,10 @@ NOWHERE = Placement(EXTERNAL, frozenset())  # no address, or one in no configure
 
 
 class NetworkMap:
-    """Named networks (`internal` first, then config order), placing an address among them.
+    """Named networks (`internal` first, then config order), placing a caller among them.
 
-    An address is a member of every network that holds it; it is named by the most specific
-    one (the longest matching prefix), ties going to the network listed first.
+    A caller is a member of every network that holds its address or names its identity; it
+    is named by the most specific one (see `place`), ties going to the network listed first.
     """
 
     __slots__ = ("_identities", "_ranked", "_sets", "claim_names")
