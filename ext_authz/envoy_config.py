@@ -289,6 +289,9 @@ class HostPort:
     host: str
     port: int
 
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
     @classmethod
     def parse(cls, text: str) -> HostPort:
         host, sep, port = text.rpartition(":")
@@ -482,12 +485,10 @@ def _authz_cluster(name: str, sidecars: list[SidecarAddress], tls: SidecarTLS | 
     return cluster
 
 
-def _upstream_cluster(name: str, upstream: UpstreamAddress, ca_file: str | None,
-                      watchdog: SidecarAddress | None = None) -> Cluster:
-    cluster = _cluster(f"mcp_{name}", [HostPort(upstream.host, upstream.port)],
+def _upstream_cluster(name: str, upstream: UpstreamAddress, ca_file: str | None) -> Cluster:
+    """A cluster for an upstream named by URL or host:port (TLS checked against its host)."""
+    cluster = _cluster(name, [HostPort(upstream.host, upstream.port)],
                        protocol="alpn" if upstream.tls else "h1")
-    if watchdog is not None:
-        _inject_token(cluster, name, upstream, watchdog)
     if upstream.tls:
         # The certificate must name the host we dial: Envoy checks no name unless told to.
         san = SubjectAltNameMatcher(
@@ -1071,10 +1072,9 @@ def resolve_upstreams(config: Config, given: Mapping[str, UpstreamAddress]
 
 
 def _upstream_text(upstream: UpstreamAddress) -> str:
-    host = f"[{upstream.host}]" if ":" in upstream.host else upstream.host
-    if upstream.scheme is None:
-        return f"{host}:{upstream.port}"
-    return f"{upstream.scheme}://{host}:{upstream.port}{upstream.path or ''}"
+    address = str(HostPort(upstream.host, upstream.port))
+    return address if upstream.scheme is None else (
+        f"{upstream.scheme}://{address}{upstream.path or ''}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -1101,8 +1101,7 @@ class DataPlane:
                 "cert_file": tls.cert_file, "key_file": tls.key_file,
                 "client_ca_file": tls.client_ca_file},
             "sidecar_host": self.sidecar_host,
-            "listen": f"[{self.listen.host}]:{self.listen.port}" if ":" in self.listen.host
-            else f"{self.listen.host}:{self.listen.port}",
+            "listen": str(self.listen),
             "upstreams": {name: _upstream_text(u) for name, u in sorted(self.upstreams.items())},
             "upstream_ca": self.upstream_ca,
             "request_timeout_s": self.timeouts.request_s,
@@ -1172,16 +1171,16 @@ def data_plane_resources(config: Config, plane: DataPlane, *, native: bool = Tru
             raise ValueError(f"the watchdog's address {watchdog.host!r} is a name, not an IP")
     else:
         watchdog = None
-    clusters = [_upstream_cluster(name, resolved[name], plane.upstream_ca,
-                                  watchdog if config.servers[name].oauth2 else None)
-                for name in sorted(config.servers)]
-    if _verifies_jwts(config) and config.jwt is not None and config.jwt.jwks_uri is not None:
-        jwks = _upstream_cluster("", UpstreamAddress.parse(config.jwt.jwks_uri),
-                                 plane.upstream_ca)
-        jwks.name = JWKS_CLUSTER
-        assert jwks.load_assignment is not None
-        jwks.load_assignment.cluster_name = JWKS_CLUSTER
-        clusters.append(jwks)
+    clusters = []
+    for name in sorted(config.servers):
+        cluster = _upstream_cluster(f"mcp_{name}", resolved[name], plane.upstream_ca)
+        if watchdog is not None and config.servers[name].oauth2 is not None:
+            _inject_token(cluster, name, resolved[name], watchdog)
+        clusters.append(cluster)
+    jwt = config.jwt if _verifies_jwts(config) else None
+    if jwt is not None and jwt.jwks_uri is not None:
+        clusters.append(_upstream_cluster(JWKS_CLUSTER, UpstreamAddress.parse(jwt.jwks_uri),
+                                          plane.upstream_ca))
     return listener, clusters
 
 
