@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -9,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -279,3 +280,44 @@ def start_envoy(bootstrap: dict[str, Any], workdir: Path, admin_port: int,
 def client(source: str) -> httpx.Client:
     """An HTTP client whose connections come from the given loopback address."""
     return httpx.Client(transport=httpx.HTTPTransport(local_address=source), timeout=10)
+
+
+def envoy_config(config_path: Path, *argv: str) -> dict[str, Any]:
+    """`mcp-ext-authz envoy-config` for a sidecar config and these flags, as a bootstrap."""
+    rendered = subprocess.run(
+        [sys.executable, "-m", "ext_authz", "envoy-config", "--config", str(config_path),
+         *argv], capture_output=True, text=True, timeout=60, check=True)
+    return dict(yaml.safe_load(rendered.stdout))
+
+
+def until(check: Callable[[], bool], timeout: float = 5) -> float:
+    """Wait until check() holds (failing past `timeout` seconds); the seconds it took."""
+    started = time.monotonic()
+    while not check():
+        assert time.monotonic() - started < timeout, "not within the time allowed"
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+@contextlib.asynccontextmanager
+async def mcp_client(url: str, source: str, *, verify: Any = True,
+                     auth: Any = None) -> AsyncIterator[Any]:
+    """The official MCP SDK client on `url`, its connections from the `source` address."""
+    import httpx2
+    from mcp.client.client import Client
+    from mcp.client.streamable_http import streamable_http_client
+
+    transport = httpx2.AsyncHTTPTransport(local_address=source, verify=verify)
+    async with httpx2.AsyncClient(transport=transport, auth=auth) as http, Client(
+            streamable_http_client(url, http_client=http)) as mcp:
+        yield mcp
+
+
+def rpc(method: str, params: dict[str, Any] | None = None, rpc_id: Any = 1) -> dict[str, Any]:
+    """A JSON-RPC message (a notification when `rpc_id` is None)."""
+    message: dict[str, Any] = {"jsonrpc": "2.0", "method": method}
+    if rpc_id is not None:
+        message["id"] = rpc_id
+    if params is not None:
+        message["params"] = params
+    return message

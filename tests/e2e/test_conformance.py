@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from tests.e2e.harness import (
     CONFORMANCE,
     Process,
     ensure_npm,
+    envoy_config,
     free_port,
     start_envoy,
     start_sidecar,
@@ -78,14 +78,12 @@ def test_same_results_through_the_gateway(everything: tuple[Path, int],
             # A rule for a tool the suite never calls: every body is read, none is refused.
             "tools": {"never-called": {"available_on_public_internet": False}}}},
     }))
-    rendered = subprocess.run(
-        [sys.executable, "-m", "ext_authz", "envoy-config", "--config", str(config),
-         "--listen", f"127.0.0.1:{listen}", "--admin", f"127.0.0.1:{envoy_admin}"],
-        capture_output=True, text=True, timeout=60, check=True)
+    bootstrap = envoy_config(config, "--listen", f"127.0.0.1:{listen}",
+                             "--admin", f"127.0.0.1:{envoy_admin}")
     sidecar = start_sidecar(config, tmp_path)
     try:
         sidecar.wait_http(f"http://127.0.0.1:{admin}/readyz")
-        envoy = start_envoy(yaml.safe_load(rendered.stdout), tmp_path, envoy_admin)
+        envoy = start_envoy(bootstrap, tmp_path, envoy_admin)
         try:
             direct = results(modules, f"http://127.0.0.1:{port}/mcp", tmp_path / "direct")
             through = results(modules, f"http://127.0.0.1:{listen}/mcp/everything",

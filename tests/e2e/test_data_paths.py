@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,7 +26,16 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from ext_authz.envoy_config import DATA_PATHS
-from tests.e2e.harness import Process, free_port, start_envoy, start_sidecar, start_upstream
+from tests.e2e.harness import (
+    Process,
+    envoy_config,
+    free_port,
+    mcp_client,
+    start_envoy,
+    start_sidecar,
+    start_upstream,
+    until,
+)
 from tests.e2e.test_envoy import TRUSTED_PROXY_XFF
 from tests.token_endpoint import ThreadedTokenEndpoint, TokenEndpoint
 
@@ -131,14 +138,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             sidecar.wait_http(f"{admin}/readyz")
             envoys = {}
             for mode in DATA_PATHS:
-                rendered = subprocess.run(
-                    [sys.executable, "-m", "ext_authz", "envoy-config", "--config",
-                     str(config_path), "--data-path", mode,
-                     "--listen", f"[::]:{ports[f'{mode}_envoy']}",
-                     "--admin", f"127.0.0.1:{ports[f'{mode}_admin']}"],
-                    capture_output=True, text=True, timeout=60, check=True)
-                envoys[mode] = start_envoy(yaml.safe_load(rendered.stdout), workdir,
-                                           ports[f"{mode}_admin"], name=f"envoy-{mode}")
+                bootstrap = envoy_config(
+                    config_path, "--data-path", mode,
+                    "--listen", f"[::]:{ports[f'{mode}_envoy']}",
+                    "--admin", f"127.0.0.1:{ports[f'{mode}_admin']}")
+                envoys[mode] = start_envoy(bootstrap, workdir, ports[f"{mode}_admin"],
+                                           name=f"envoy-{mode}")
                 processes.append(envoys[mode])
             bases = {mode: f"http://127.0.0.1:{ports[f'{mode}_envoy']}" for mode in DATA_PATHS}
             yield Stack(bases, envoys, sidecar, admin, config_path, config, tokens)
@@ -264,13 +269,7 @@ def test_native_asks_the_sidecar_only_about_tool_rules(stack: Stack) -> None:
 
 
 async def _tool_names(base: str, source: str) -> set[str]:
-    import httpx2
-    from mcp.client.client import Client
-    from mcp.client.streamable_http import streamable_http_client
-
-    transport = httpx2.AsyncHTTPTransport(local_address=source)
-    async with httpx2.AsyncClient(transport=transport) as http, Client(
-            streamable_http_client(f"{base}/mcp/tl", http_client=http)) as mcp:
+    async with mcp_client(f"{base}/mcp/tl", source) as mcp:
         return {tool.name for tool in (await mcp.list_tools()).tools}
 
 
@@ -288,7 +287,7 @@ def test_native_access_log_says_what_rbac_did(stack: Stack) -> None:
     before = len(stack.access_log("native"))
     stack.get("native", EXTERNAL, "/mcp/priv/echo", {"x-forwarded-for": INTERNAL})
     stack.get("native", PROXY, "/mcp/priv/echo", {"x-forwarded-for": INTERNAL})
-    _until(lambda: len(stack.access_log("native")) >= before + 2)
+    until(lambda: len(stack.access_log("native")) >= before + 2)
     denied, allowed = stack.access_log("native")[before:before + 2]
     assert (denied["status"], denied["rbac"], denied["client_ip"], denied["server"]) == (
         404, "denied", EXTERNAL, "priv")
@@ -306,14 +305,6 @@ def test_no_secret_or_token_in_any_log(stack: Stack) -> None:
             assert needle not in text, f"{process.name} output holds a secret or a token"
 
 
-def _until(check: Any, timeout: float = 15) -> float:
-    started = time.monotonic()
-    while not check():
-        assert time.monotonic() - started < timeout, "not within the time allowed"
-        time.sleep(0.05)
-    return time.monotonic() - started
-
-
 def test_a_reload_reaches_both_without_a_restart(stack: Stack) -> None:
     """Make `priv` public and `pub` internal by SIGHUP: both Envoys follow; then undo it."""
     changed = json.loads(json.dumps(stack.config))
@@ -322,13 +313,15 @@ def test_a_reload_reaches_both_without_a_restart(stack: Stack) -> None:
     try:
         stack.reload(changed)
         for mode in DATA_PATHS:
-            _until(lambda m=mode: stack.get(m, EXTERNAL, "/mcp/priv/echo").status_code == 200)
+            until(lambda m=mode: stack.get(m, EXTERNAL, "/mcp/priv/echo").status_code == 200,
+                  15)
             assert stack.get(mode, EXTERNAL, "/mcp/pub/echo").status_code == 404
             assert stack.get(mode, INTERNAL, "/mcp/pub/echo").status_code == 200
     finally:
         stack.reload(stack.config)
         for mode in DATA_PATHS:
-            _until(lambda m=mode: stack.get(m, EXTERNAL, "/mcp/priv/echo").status_code == 404)
+            until(lambda m=mode: stack.get(m, EXTERNAL, "/mcp/priv/echo").status_code == 404,
+                  15)
     assert stack.get("native", EXTERNAL, "/mcp/pub/echo").status_code == 200
 
 

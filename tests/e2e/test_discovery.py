@@ -12,26 +12,31 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
-import httpx2
 import pytest
 import yaml
 from mcp.client.auth.extensions.client_credentials import ClientCredentialsOAuthProvider
-from mcp.client.client import Client
-from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.auth import OAuthClientInformationFull, OAuthToken
 
 from ext_authz.config import parse_config
 from ext_authz.decision import Policy
 from ext_authz.envoy_config import DATA_PATHS
 from ext_authz.network import Placement
-from tests.e2e.harness import ROOT, Process, free_port, start_envoy, start_sidecar, start_upstream
+from tests.e2e.harness import (
+    ROOT,
+    Process,
+    envoy_config,
+    free_port,
+    mcp_client,
+    start_envoy,
+    start_sidecar,
+    start_upstream,
+)
 from tests.token_endpoint import ThreadedTokenEndpoint
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
@@ -110,18 +115,16 @@ def stack(request: pytest.FixtureRequest,
             }
             config_path = workdir / "sidecar.yaml"
             config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-            rendered = subprocess.run(
-                [sys.executable, "-m", "ext_authz", "envoy-config", "--config",
-                 str(config_path), "--listen", f"127.0.0.1:{ports['envoy']}",
-                 "--admin", f"127.0.0.1:{ports['envoy_admin']}", "--data-path", request.param],
-                capture_output=True, text=True, timeout=60, check=True)
+            bootstrap = envoy_config(
+                config_path, "--listen", f"127.0.0.1:{ports['envoy']}",
+                "--admin", f"127.0.0.1:{ports['envoy_admin']}", "--data-path", request.param)
             sidecar = start_sidecar(config_path, workdir)
             processes.append(sidecar)
             upstream.wait_http(f"http://127.0.0.1:{ports['rs']}{PRM}/mcp/secure")
             for name in ("pub", "billing"):
                 processes[-1].wait_port(ports[name])
             sidecar.wait_http(f"http://127.0.0.1:{ports['admin']}/readyz")
-            processes.append(start_envoy(yaml.safe_load(rendered.stdout), workdir,
+            processes.append(start_envoy(bootstrap, workdir,
                                          ports["envoy_admin"]))
             yield Stack(f"http://127.0.0.1:{ports['envoy']}", config, upstream, ports["rs"],
                         ports["as"])
@@ -282,8 +285,5 @@ async def _call_with_own_token(base: str, source: str, server: str, issuer: str)
     auth = ClientCredentialsOAuthProvider(
         server_url=url, storage=_Storage(), client_id=CLIENT_ID, client_secret=CLIENT_SECRET,
         scope="mcp", issuer=issuer)
-    transport = httpx2.AsyncHTTPTransport(local_address=source)
-    async with httpx2.AsyncClient(transport=transport, auth=auth) as http, Client(
-        streamable_http_client(url, http_client=http)
-    ) as mcp:
+    async with mcp_client(url, source, auth=auth) as mcp:
         return await mcp.call_tool("whoami", {})

@@ -11,8 +11,6 @@ the same 503 from its credential injector's failure.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,7 +22,15 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from ext_authz.envoy_config import DATA_PATHS
-from tests.e2e.harness import Process, free_port, start_envoy, start_sidecar, start_upstream
+from tests.e2e.harness import (
+    Process,
+    envoy_config,
+    free_port,
+    start_envoy,
+    start_sidecar,
+    start_upstream,
+    until,
+)
 from tests.loop_thread import LoopThread
 from tests.token_endpoint import TokenEndpoint
 
@@ -128,12 +134,10 @@ def stack(request: pytest.FixtureRequest,
         admin = f"http://127.0.0.1:{ports['admin']}"
         sidecar.wait_http(f"{admin}/healthz")
         processes[0].wait_http(f"http://127.0.0.1:{ports['up']}/mcp/x/echo")
-        rendered = subprocess.run(
-            [sys.executable, "-m", "ext_authz", "envoy-config", "--config", str(path),
-             "--data-path", mode, "--listen", f"127.0.0.1:{ports['envoy']}",
-             "--admin", f"127.0.0.1:{ports['envoy_admin']}"],
-            capture_output=True, text=True, timeout=60, check=True)
-        envoy = start_envoy(yaml.safe_load(rendered.stdout), workdir, ports["envoy_admin"])
+        envoy = start_envoy(envoy_config(path, "--data-path", mode,
+                                         "--listen", f"127.0.0.1:{ports['envoy']}",
+                                         "--admin", f"127.0.0.1:{ports['envoy_admin']}"),
+                            workdir, ports["envoy_admin"])
         processes.append(envoy)
         yield Stack(mode, f"http://127.0.0.1:{ports['envoy']}", admin, sidecar, envoy,
                     endpoints)
@@ -165,13 +169,6 @@ def last_line(process: Process, key: str, value: str) -> dict[str, Any]:
     raise AssertionError(f"{process.name} printed no line with {key} {value!r}")
 
 
-def _until(check: Any, timeout: float = 5) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "not within the time allowed"
-        time.sleep(0.05)
-
-
 @pytest.mark.parametrize("fault", FAULTS, ids=[f.name for f in FAULTS])
 def test_fault_then_recovery(stack: Stack, fault: Fault) -> None:
     """503 with the reason while the endpoint is broken; 200 with a token soon after it heals."""
@@ -190,7 +187,7 @@ def test_fault_then_recovery(stack: Stack, fault: Fault) -> None:
         record = last_line(stack.envoy, "path", f"/mcp/{fault.name}/echo")
         assert (record["status"], record["server"]) == (503, fault.name)
         assert record["details"] in ("no_healthy_upstream", "failed_to_inject_credential")
-        _until(lambda: fault.detail in stack.sidecar.output())
+        until(lambda: fault.detail in stack.sidecar.output())
     assert fetches(stack, fault.name, fault.outcome) >= 1
     stack.endpoints.heal(fault.name)
     healed = time.monotonic()

@@ -39,16 +39,15 @@ import h2.config
 import h2.connection
 import h2.events
 import httpx
-import httpx2
 import pytest
 import yaml
-from mcp.client.client import Client
-from mcp.client.streamable_http import streamable_http_client
 
 from ext_authz._proto.envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
 from tests.e2e.harness import (
     Process,
     free_port,
+    mcp_client,
+    rpc,
     start_envoy,
     start_sidecar,
     start_ts_upstream,
@@ -225,15 +224,6 @@ def _render(config_path: Path, ports: dict[str, int]) -> str:
         capture_output=True, text=True, timeout=60, check=True).stdout
 
 
-def rpc(method: str, params: dict[str, Any] | None = None, rpc_id: Any = 1) -> dict[str, Any]:
-    message: dict[str, Any] = {"jsonrpc": "2.0", "method": method}
-    if rpc_id is not None:
-        message["id"] = rpc_id
-    if params is not None:
-        message["params"] = params
-    return message
-
-
 def call(tool: str, rpc_id: Any = 1, arguments: Any = None) -> dict[str, Any]:
     return rpc("tools/call", {"name": tool, "arguments": {} if arguments is None else arguments},
                rpc_id)
@@ -296,10 +286,7 @@ class TestToolsList:
 
 
 async def _list_tools(base: str, source: str, server: str) -> list[dict[str, Any]]:
-    transport = httpx2.AsyncHTTPTransport(local_address=source)
-    async with httpx2.AsyncClient(transport=transport) as http, Client(
-        streamable_http_client(f"{base}/mcp/{server}", http_client=http)
-    ) as mcp:
+    async with mcp_client(f"{base}/mcp/{server}", source) as mcp:
         result = await mcp.list_tools()
         return [tool.model_dump(mode="json") for tool in result.tools]
 

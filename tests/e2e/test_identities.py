@@ -12,8 +12,6 @@ from __future__ import annotations
 import base64
 import json
 import ssl
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,7 +26,15 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from ext_authz.envoy_config import DATA_PATHS
 from tests.certs import Authority
-from tests.e2e.harness import Process, free_port, start_envoy, start_sidecar, start_upstream
+from tests.e2e.harness import (
+    Process,
+    envoy_config,
+    free_port,
+    mcp_client,
+    start_envoy,
+    start_sidecar,
+    start_upstream,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -86,14 +92,8 @@ class Stack:
 
     async def tools(self, mode: str, who: str) -> set[str]:
         """The tools the official MCP SDK client lists, connecting as `who`."""
-        import httpx2
-        from mcp.client.client import Client
-        from mcp.client.streamable_http import streamable_http_client
-
-        transport = httpx2.AsyncHTTPTransport(local_address=EXTERNAL, verify=self.tls(who))
-        async with httpx2.AsyncClient(transport=transport) as http, Client(
-                streamable_http_client(f"{self.bases[mode]}/mcp/tooled",
-                                       http_client=http)) as mcp:
+        async with mcp_client(f"{self.bases[mode]}/mcp/tooled", EXTERNAL,
+                              verify=self.tls(who)) as mcp:
             return {tool.name for tool in (await mcp.list_tools()).tools}
 
     def get(self, mode: str, path: str, who: str, token: str | None = None,
@@ -149,16 +149,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         processes[1].wait_http(f"http://127.0.0.1:{ports['tooled']}/mcp/x/echo")
         sidecar.wait_http(f"http://127.0.0.1:{ports['admin']}/readyz")
         for mode in DATA_PATHS:
-            rendered = subprocess.run(
-                [sys.executable, "-m", "ext_authz", "envoy-config", "--config",
-                 str(config_path), "--data-path", mode,
-                 "--listen", f"127.0.0.1:{ports[f'{mode}_envoy']}",
-                 "--admin", f"127.0.0.1:{ports[f'{mode}_admin']}",
-                 "--listen-cert", str(server[0]), "--listen-key", str(server[1]),
-                 "--client-ca", str(authority.path)],
-                capture_output=True, text=True, timeout=60, check=True)
-            processes.append(start_envoy(yaml.safe_load(rendered.stdout), workdir,
-                                         ports[f"{mode}_admin"], name=f"envoy-{mode}"))
+            bootstrap = envoy_config(
+                config_path, "--data-path", mode,
+                "--listen", f"127.0.0.1:{ports[f'{mode}_envoy']}",
+                "--admin", f"127.0.0.1:{ports[f'{mode}_admin']}",
+                "--listen-cert", str(server[0]), "--listen-key", str(server[1]),
+                "--client-ca", str(authority.path))
+            processes.append(start_envoy(bootstrap, workdir, ports[f"{mode}_admin"],
+                                         name=f"envoy-{mode}"))
         bases = {mode: f"https://127.0.0.1:{ports[f'{mode}_envoy']}" for mode in DATA_PATHS}
         yield Stack(bases, authority.path, clients, issuer, stranger, sidecar)
     finally:

@@ -30,7 +30,7 @@ from mcp.client.client import Client
 from mcp.client.streamable_http import streamable_http_client
 
 from tests.certs import CertFiles, make_certs
-from tests.e2e.harness import Process, free_port, start_envoy, start_sidecar
+from tests.e2e.harness import Process, envoy_config, free_port, start_envoy, start_sidecar
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -49,15 +49,13 @@ class Remote:
     def envoy(self, name: str, *flags: str) -> tuple[Process, str]:
         """An Envoy from `envoy-config` with these flags; its base URL."""
         listen, admin = free_port(), free_port()
-        rendered = subprocess.run(
-            [sys.executable, "-m", "ext_authz", "envoy-config", "--config", str(self.config),
-             "--listen", f"127.0.0.1:{listen}", "--admin", f"127.0.0.1:{admin}",
-             "--sidecar", f"127.0.0.1:{self.sidecar_port}", "--upstream-ca",
-             str(self.certs.ca), *flags],
-            capture_output=True, text=True, timeout=60, check=True)
+        bootstrap = envoy_config(
+            self.config, "--listen", f"127.0.0.1:{listen}", "--admin", f"127.0.0.1:{admin}",
+            "--sidecar", f"127.0.0.1:{self.sidecar_port}", "--upstream-ca", str(self.certs.ca),
+            *flags)
         workdir = self.workdir / name
         workdir.mkdir()
-        return (start_envoy(yaml.safe_load(rendered.stdout), workdir, admin),
+        return (start_envoy(bootstrap, workdir, admin),
                 f"http://127.0.0.1:{listen}")
 
     def received(self) -> list[dict[str, Any]]:

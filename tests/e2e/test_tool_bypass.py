@@ -32,6 +32,7 @@ import yaml
 
 from tests.e2e.harness import (
     Process,
+    envoy_config,
     free_port,
     start_envoy,
     start_sidecar,
@@ -133,19 +134,17 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
             config_path = workdir / "sidecar.yaml"
             config_path.write_text(yaml.safe_dump(config))
             upstream_of = {"py": "py", "ts": "ts", "vault": "py", "outage": "py"}
-            rendered = subprocess.run(
-                [sys.executable, "-m", "ext_authz", "envoy-config", "--config", str(config_path),
-                 "--listen", f"127.0.0.1:{ports['envoy']}",
-                 "--admin", f"127.0.0.1:{ports['envoy_admin']}",
-                 *[arg for server, upstream in upstream_of.items()
-                   for arg in ("--upstream", f"{server}=127.0.0.1:{ports[upstream]}")]],
-                capture_output=True, text=True, timeout=60, check=True)
+            bootstrap = envoy_config(
+                config_path, "--listen", f"127.0.0.1:{ports['envoy']}",
+                "--admin", f"127.0.0.1:{ports['envoy_admin']}",
+                *[arg for server, upstream in upstream_of.items()
+                  for arg in ("--upstream", f"{server}=127.0.0.1:{ports[upstream]}")])
             sidecar = start_sidecar(config_path, workdir)
             processes.append(sidecar)
             upstreams["py"].wait_http(f"http://127.0.0.1:{ports['py']}/mcp/py/echo")
             upstreams["ts"].wait_http(f"http://127.0.0.1:{ports['ts']}/mcp/ts/echo")
             sidecar.wait_http(f"http://127.0.0.1:{ports['admin']}/readyz")
-            envoy = start_envoy(yaml.safe_load(rendered.stdout), workdir, ports["envoy_admin"])
+            envoy = start_envoy(bootstrap, workdir, ports["envoy_admin"])
             processes.append(envoy)
             yield Gateway(f"http://127.0.0.1:{ports['envoy']}", ports["envoy"], config_path,
                           f"http://127.0.0.1:{ports['ts']}", sidecar, envoy, upstreams,

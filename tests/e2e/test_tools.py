@@ -15,8 +15,6 @@ import asyncio
 import copy
 import json
 import re
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,14 +22,20 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import httpx2
 import pytest
 import yaml
-from mcp.client.client import Client
-from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
-from tests.e2e.harness import Process, free_port, start_envoy, start_sidecar, start_upstream
+from tests.e2e.harness import (
+    Process,
+    envoy_config,
+    free_port,
+    mcp_client,
+    rpc,
+    start_envoy,
+    start_sidecar,
+    start_upstream,
+)
 from tests.token_endpoint import ThreadedTokenEndpoint
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
@@ -100,19 +104,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             }
             config_path = workdir / "sidecar.yaml"
             config_path.write_text(yaml.safe_dump(config))
-            rendered = subprocess.run(
-                [sys.executable, "-m", "ext_authz", "envoy-config", "--config", str(config_path),
-                 "--listen", f"127.0.0.1:{ports['envoy']}",
-                 "--admin", f"127.0.0.1:{ports['envoy_admin']}",
-                 "--upstream", f"pub=127.0.0.1:{ports['pub']}",
-                 "--upstream", f"billing=127.0.0.1:{ports['billing']}"],
-                capture_output=True, text=True, timeout=60, check=True)
+            bootstrap = envoy_config(
+                config_path, "--listen", f"127.0.0.1:{ports['envoy']}",
+                "--admin", f"127.0.0.1:{ports['envoy_admin']}",
+                "--upstream", f"pub=127.0.0.1:{ports['pub']}",
+                "--upstream", f"billing=127.0.0.1:{ports['billing']}")
             sidecar = start_sidecar(config_path, workdir)
             processes.append(sidecar)
             for process, name in zip(processes, ("pub", "billing"), strict=False):
                 process.wait_http(f"http://127.0.0.1:{ports[name]}/mcp/{name}/echo")
             sidecar.wait_http(f"http://127.0.0.1:{ports['admin']}/readyz")
-            bootstrap = yaml.safe_load(rendered.stdout)
             processes.append(start_envoy(bootstrap, workdir, ports["envoy_admin"]))
             yield Stack(f"http://127.0.0.1:{ports['envoy']}", sidecar,
                         f"http://127.0.0.1:{ports['admin']}", bootstrap, workdir)
@@ -123,10 +124,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 async def _call(base: str, source: str, server: str, tool: str,
                 arguments: dict[str, Any]) -> Any:
-    transport = httpx2.AsyncHTTPTransport(local_address=source)
-    async with httpx2.AsyncClient(transport=transport) as http, Client(
-        streamable_http_client(f"{base}/mcp/{server}", http_client=http)
-    ) as mcp:
+    async with mcp_client(f"{base}/mcp/{server}", source) as mcp:
         return await mcp.call_tool(tool, arguments)
 
 
@@ -209,15 +207,6 @@ class TestToolsWithTheSdkClient:
         decision = stack.last_decision(before)
         assert (decision["network"], decision["rule"]) == ("partners",
                                                            "servers.billing.visible_to")
-
-
-def rpc(method: str, params: dict[str, Any] | None = None, rpc_id: Any = 1) -> dict[str, Any]:
-    message: dict[str, Any] = {"jsonrpc": "2.0", "method": method}
-    if rpc_id is not None:
-        message["id"] = rpc_id
-    if params is not None:
-        message["params"] = params
-    return message
 
 
 def tools_call(name: str, rpc_id: Any = 1) -> dict[str, Any]:
