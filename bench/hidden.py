@@ -305,7 +305,6 @@ def main() -> int:
         print(f"  {label:<16} median {statistics.median(values):6.2f}ms"
               f"  quartiles {quartiles[0]:.2f}-{quartiles[2]:.2f}ms")
     share = statistics.median(hidden) / statistics.median(missing)
-    share = statistics.median(hidden) / statistics.median(missing)
     print(f"  median hidden / missing: {share:.3f}")
     if errors:
         print(f"\n{errors} requests failed: see {workdir}", file=sys.stderr)
