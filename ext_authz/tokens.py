@@ -19,7 +19,7 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import quote_plus
 
 import httpx
@@ -297,33 +297,34 @@ class TokenCache:
             return
         if entry.timer is not None:
             entry.timer.cancel()
-        delay = max(0.0, at - self._clock())
-        entry.timer = asyncio.get_running_loop().call_later(delay, self._on_timer, entry)
+        self._arm(entry, "timer", at, self._on_timer)
+
+    def _arm(self, entry: _Entry, slot: Literal["timer", "expiry"], at: float,
+             callback: Callable[[_Entry], None], slack: float = 0.0) -> None:
+        """Call back once our clock has reached `at`, the handle kept in `entry.<slot>`.
+
+        asyncio runs a timer up to its clock resolution early; fired before `at` by our
+        clock, it is armed again. (A retry that fired early met a backoff not yet over and
+        was lost; only a check asking for the token started fetching again.)
+        """
+        def fire() -> None:
+            if self._clock() < at:
+                self._arm(entry, slot, at, callback, slack=0.001)
+                return
+            setattr(entry, slot, None)
+            callback(entry)
+
+        delay = max(0.0, at - self._clock()) + slack
+        setattr(entry, slot, asyncio.get_running_loop().call_later(delay, fire))
 
     def _on_timer(self, entry: _Entry) -> None:
-        entry.timer = None
-        if self._entries.get(entry.settings.cache_key) is not entry:
-            return
-        if entry.last_error is not None and self._clock() < entry.retry_at:
-            # asyncio runs a timer up to its clock resolution early; the backoff is not over
-            # by our clock, and _start_fetch would refuse. Without this the retry was lost,
-            # and only a check asking for the token started fetching again.
-            self._schedule(entry, entry.retry_at + 0.001)
-            return
-        self._start_fetch(entry)
+        if self._entries.get(entry.settings.cache_key) is entry:
+            self._start_fetch(entry)
 
     def _on_expiry(self, entry: _Entry) -> None:
-        # Fires at usable_until (a fresh token since would have rescheduled it), or a hair
-        # before it: asyncio runs timers up to its clock resolution early.
-        entry.expiry = None
-        if self._entries.get(entry.settings.cache_key) is not entry:
-            return
-        left = entry.usable_until - self._clock()
-        if left > 0:
-            entry.expiry = asyncio.get_running_loop().call_later(
-                left + 0.001, self._on_expiry, entry)
-            return
-        self._changed()
+        # At usable_until: a fresh token since would have armed it again.
+        if self._entries.get(entry.settings.cache_key) is entry:
+            self._changed()
 
     def _changed(self) -> None:
         if self.on_change is not None and not self._closed:
@@ -372,8 +373,7 @@ class TokenCache:
         self._schedule(entry, entry.refresh_at)
         if entry.expiry is not None:
             entry.expiry.cancel()
-        entry.expiry = asyncio.get_running_loop().call_later(
-            lifetime, self._on_expiry, entry)
+        self._arm(entry, "expiry", entry.usable_until, self._on_expiry)
         self._changed()
         waiters, entry.waiters = entry.waiters, []
         for waiter in waiters:
