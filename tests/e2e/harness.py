@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import shutil
@@ -67,6 +68,20 @@ class Process:
             list(argv), stdout=self._stdout, stderr=self._stderr, cwd=ROOT,
             env={**os.environ, **(env or {})},
         )
+
+    def json_lines(self) -> list[dict[str, Any]]:
+        """What the process printed as JSON lines on stdout (access and decision logs)."""
+        lines = self.stdout_path.read_text().splitlines()
+        return [json.loads(line) for line in lines if line.startswith("{")]
+
+    def last_line(self, key: str, value: str) -> dict[str, Any]:
+        """The last JSON line with `key` equal to `value`, waiting a little for it."""
+        for _ in range(50):
+            mine = [r for r in self.json_lines() if r.get(key) == value]
+            if mine:
+                return mine[-1]
+            time.sleep(0.05)
+        raise AssertionError(f"{self.name} printed no line with {key} {value!r}")
 
     def output(self) -> str:
         return self.stdout_path.read_text(errors="replace") + self.stderr_path.read_text(

@@ -90,8 +90,7 @@ class Stack:
                    for sample in family.samples if sample.name == "mcp_ext_authz_checks_total")
 
     def access_log(self, mode: str) -> list[dict[str, Any]]:
-        lines = self.envoys[mode].stdout_path.read_text().splitlines()
-        return [json.loads(line) for line in lines if line.startswith("{")]
+        return self.envoys[mode].json_lines()
 
     def reload(self, config: dict[str, Any]) -> None:
         self.config_path.write_text(yaml.safe_dump(config))

@@ -71,8 +71,7 @@ class Stack:
                                                                          **headers})
 
     def upstream_requests(self) -> list[dict[str, Any]]:
-        lines = self.upstream.stdout_path.read_text().splitlines()
-        return [json.loads(line) for line in lines if line.startswith("{")]
+        return self.upstream.json_lines()
 
 
 @pytest.fixture(scope="module", params=DATA_PATHS)

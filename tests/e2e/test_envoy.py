@@ -61,8 +61,7 @@ class Stack:
     def decisions(self, at_least: int = 1) -> list[dict[str, Any]]:
         """The decision log so far (it is flushed within a fraction of a second)."""
         for _ in range(50):
-            lines = self.sidecar.stdout_path.read_text().splitlines()
-            records = [json.loads(line) for line in lines if line.startswith("{")]
+            records = self.sidecar.json_lines()
             if len(records) >= at_least:
                 return records
             time.sleep(0.05)

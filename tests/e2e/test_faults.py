@@ -10,7 +10,6 @@ the same 503 from its credential injector's failure.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -157,18 +156,6 @@ def fetches(stack: Stack, server: str, outcome: str) -> float:
     return 0.0
 
 
-def last_line(process: Process, key: str, value: str) -> dict[str, Any]:
-    """The last JSON line a process printed with `key` equal to `value` (waiting a little)."""
-    for _ in range(50):
-        lines = [json.loads(line) for line in
-                 process.stdout_path.read_text().splitlines() if line.startswith("{")]
-        mine = [r for r in lines if r.get(key) == value]
-        if mine:
-            return mine[-1]
-        time.sleep(0.05)
-    raise AssertionError(f"{process.name} printed no line with {key} {value!r}")
-
-
 @pytest.mark.parametrize("fault", FAULTS, ids=[f.name for f in FAULTS])
 def test_fault_then_recovery(stack: Stack, fault: Fault) -> None:
     """503 with the reason while the endpoint is broken; 200 with a token soon after it heals."""
@@ -177,14 +164,14 @@ def test_fault_then_recovery(stack: Stack, fault: Fault) -> None:
     assert response.status_code == 503
     assert response.json() == {"error": "upstream_credentials_unavailable"}
     if stack.mode == "ext_authz":
-        record = last_line(stack.sidecar, "server", fault.name)
+        record = stack.sidecar.last_line("server", fault.name)
         assert record["reason"] == "upstream_credentials_unavailable"
         assert fault.detail in record["detail"]
     else:
         # Envoy's access log names the server and why: the watchdog found the sidecar with
         # no token (or, before its first check, the injector had none). The sidecar's own
         # log says why it has none.
-        record = last_line(stack.envoy, "path", f"/mcp/{fault.name}/echo")
+        record = stack.envoy.last_line("path", f"/mcp/{fault.name}/echo")
         assert (record["status"], record["server"]) == (503, fault.name)
         assert record["details"] in ("no_healthy_upstream", "failed_to_inject_credential")
         until(lambda: fault.detail in stack.sidecar.output())

@@ -120,9 +120,8 @@ class Stack:
 
     def upstream_posts(self, server: str) -> list[dict[str, Any]]:
         """The requests an upstream has logged so far (one JSON line each)."""
-        lines = self.upstreams[server].stdout_path.read_text().splitlines()
-        records = [json.loads(line) for line in lines if line.startswith("{")]
-        return [r for r in records if r.get("method") in ("POST", "GET", "PUT")
+        return [r for r in self.upstreams[server].json_lines()
+                if r.get("method") in ("POST", "GET", "PUT")
                 and not r.get("raw_path", "").endswith("/echo")]
 
 

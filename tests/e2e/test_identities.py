@@ -253,13 +253,7 @@ async def test_tool_rules_follow_the_identity(stack: Stack, mode: str) -> None:
 
 def test_the_decision_log_names_what_matched(stack: Stack) -> None:
     stack.get("ext_authz", "/mcp/billing/echo", "agent")
-    for _ in range(50):
-        lines = [json.loads(line) for line in stack.sidecar.stdout_path.read_text().splitlines()
-                 if line.startswith("{")]
-        mine = [r for r in lines if r.get("principal") == AGENT]
-        if mine:
-            break
-        time.sleep(0.05)
-    assert mine[-1]["identity"] == f"agents by principal {TRUST_DOMAIN}/ns/ai/sa/*"
-    assert mine[-1]["network"] == "agents"
-    assert mine[-1]["client_ip"] == EXTERNAL
+    record = stack.sidecar.last_line("principal", AGENT)
+    assert record["identity"] == f"agents by principal {TRUST_DOMAIN}/ns/ai/sa/*"
+    assert record["network"] == "agents"
+    assert record["client_ip"] == EXTERNAL

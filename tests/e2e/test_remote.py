@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import ssl
 import subprocess
 import sys
@@ -59,8 +58,7 @@ class Remote:
                 f"http://127.0.0.1:{listen}")
 
     def received(self) -> list[dict[str, Any]]:
-        lines = self.upstream.stdout_path.read_text().splitlines()
-        return [json.loads(line) for line in lines if line.startswith("{")]
+        return self.upstream.json_lines()
 
 
 @pytest.fixture(scope="module")

@@ -77,13 +77,10 @@ class Gateway:
 
     def received(self, upstream: str) -> list[dict[str, Any]]:
         """The requests an upstream logged (each prints one JSON line per request)."""
-        lines = self.upstreams[upstream].stdout_path.read_text().splitlines()
-        return [r for r in map(json.loads, filter(lambda x: x.startswith("{"), lines))
-                if "method" in r]
+        return [r for r in self.upstreams[upstream].json_lines() if "method" in r]
 
     def decisions(self) -> list[dict[str, Any]]:
-        lines = self.sidecar.stdout_path.read_text().splitlines()
-        return [json.loads(line) for line in lines if line.startswith("{")]
+        return self.sidecar.json_lines()
 
     def new_decisions(self, since: int, count: int = 1) -> list[dict[str, Any]]:
         deadline = time.monotonic() + 5
@@ -95,8 +92,7 @@ class Gateway:
         raise AssertionError(f"fewer than {count} decisions logged")
 
     def access_log(self) -> list[dict[str, Any]]:
-        lines = self.envoy.stdout_path.read_text().splitlines()
-        return [json.loads(line) for line in lines if line.startswith("{")]
+        return self.envoy.json_lines()
 
 
 @pytest.fixture(scope="module")

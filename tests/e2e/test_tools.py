@@ -63,8 +63,7 @@ class Stack:
                              headers={**MCP_HEADERS, **(headers or {})})
 
     def decisions(self) -> list[dict[str, Any]]:
-        lines = self.sidecar.stdout_path.read_text().splitlines()
-        return [json.loads(line) for line in lines if line.startswith("{")]
+        return self.sidecar.json_lines()
 
     def last_decision(self, before: int) -> dict[str, Any]:
         deadline = time.monotonic() + 5
