@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import os
+import site
 import sys
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,34 @@ settings.load_profile("ci")
 os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost,::1")
 
 ROOT = Path(__file__).resolve().parents[1]
-_BESIDE = ROOT.parent
+
+
+def readable_roots() -> tuple[Path, ...]:
+    """Where a test may read beside the repository: the interpreter, its venv and
+    site-packages, the user's packages and caches, and the temporary folder, wherever a user
+    keeps them (a venv beside the clone, ~/.local for a clone in a home directory)."""
+    home = Path.home()
+    places = [sys.prefix, sys.base_prefix, sys.exec_prefix, site.getuserbase(),
+              site.getusersitepackages(), *site.getsitepackages(),
+              os.environ.get("XDG_CACHE_HOME") or home / ".cache", tempfile.gettempdir(),
+              *(entry for entry in sys.path if entry)]
+    return tuple(Path(place).resolve() for place in places)
+
+
+def refused_path(path: Path, root: Path, readable: tuple[Path, ...]) -> bool:
+    """Whether a test reading `path` reads what a user's clone would not have: something
+    beside the repository (a sibling checkout, a shared folder) that is none of the places
+    a Python install or a user's caches may be."""
+    beside = root.parent
+    if not path.is_relative_to(beside) or path.is_relative_to(root):
+        return False
+    # A readable place that holds the repository's parent (a clone straight in the temp
+    # folder) would let every sibling through: it exempts nothing.
+    return not any(path.is_relative_to(place) for place in readable
+                   if not beside.is_relative_to(place))
+
+
+_READABLE = readable_roots()
 
 
 def _inside_the_repository(event: str, args: tuple[object, ...]) -> None:
@@ -37,7 +66,7 @@ def _inside_the_repository(event: str, args: tuple[object, ...]) -> None:
         resolved = Path(os.fsdecode(path)).resolve()
     except (OSError, ValueError):
         return
-    if resolved.is_relative_to(_BESIDE) and not resolved.is_relative_to(ROOT):
+    if refused_path(resolved, ROOT, _READABLE):
         raise PermissionError(f"tests may not read outside the repository: {resolved}")
 
 
