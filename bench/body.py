@@ -23,7 +23,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ext_authz.jsonrpc import read_tool_calls, request_body
+from ext_authz.mcp.jsonrpc import read_tool_calls, request_body
 
 HEADERS = {"content-type": ["application/json"], "mcp-method": ["tools/call"],
            "mcp-name": ["add"]}

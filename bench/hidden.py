@@ -47,9 +47,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from run import PY, Result, ensure_tools, free_port, median, ratio, wrk  # noqa: E402
 
-from ext_authz.config import Config, UpstreamAddress, load_config  # noqa: E402
 from ext_authz.demo import ProcessGroup, envoy_binary  # noqa: E402
-from ext_authz.envoy_config import (  # noqa: E402
+from ext_authz.policy.config import Config, UpstreamAddress, load_config  # noqa: E402
+from ext_authz.render.bootstrap import (  # noqa: E402
     ANSWERS_FILTER,
     HostPort,
     build_bootstrap,

@@ -26,9 +26,9 @@ from body import per_call_us  # bench/, beside this script
 from google.protobuf import json_format, struct_pb2
 
 from ext_authz._proto.envoy.service.auth.v3 import external_auth_pb2
-from ext_authz.config import parse_config
-from ext_authz.decision import Policy, decide
-from ext_authz.service import JWT_AUTHN_NAMESPACE, encode_check_response, extract_facts
+from ext_authz.edges.authz import JWT_AUTHN_NAMESPACE, encode_check_response, extract_facts
+from ext_authz.policy.config import parse_config
+from ext_authz.policy.decision import Policy, decide
 
 PARTNER_IP, CALLER_IP = "203.0.113.7", "198.51.100.9"
 AGENT = "spiffe://cluster.local/ns/partners/sa/agent"

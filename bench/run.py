@@ -58,9 +58,9 @@ from ext_authz._proto.envoy.service.auth.v3 import external_auth_pb2  # noqa: E4
 from ext_authz._proto.envoy.service.ext_proc.v3.external_processor_pb2 import (  # noqa: E402
     ProcessingRequest,
 )
-from ext_authz.config import UpstreamAddress, load_config  # noqa: E402
 from ext_authz.demo import ProcessGroup, envoy_binary  # noqa: E402
-from ext_authz.envoy_config import (  # noqa: E402
+from ext_authz.policy.config import UpstreamAddress, load_config  # noqa: E402
+from ext_authz.render.bootstrap import (  # noqa: E402
     XDS_CLUSTER,
     DataPlane,
     HostPort,

@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from . import __version__
-from .config import EXAMPLE_CONFIG, Config, config_warnings, example_config, load_config
-from .decision import Decision, Policy, RequestFacts, decide, decide_tools, explain
 from .errors import ConfigError, ExtAuthzError, TokenError
-from .jsonrpc import NO_BODY, Body, body_headers, read_tool_calls, request_body
-from .network import Identity
+from .mcp.jsonrpc import NO_BODY, Body, body_headers, read_tool_calls, request_body
+from .policy.config import EXAMPLE_CONFIG, Config, config_warnings, example_config, load_config
+from .policy.decision import Decision, Policy, RequestFacts, decide, decide_tools, explain
+from .policy.network import Identity
 from .tokens import TokenCache
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_CONFIG = 0, 1, 2
@@ -249,7 +249,7 @@ def write_atomically(path: str, text: str) -> None:
 
 
 def _listener_tls(args: argparse.Namespace) -> Any:
-    from .envoy_config import ListenerTLS
+    from .render.bootstrap import ListenerTLS
 
     given = (args.listen_cert, args.listen_key, args.client_ca)
     if not any(given):
@@ -261,8 +261,8 @@ def _listener_tls(args: argparse.Namespace) -> Any:
 
 
 def cmd_envoy_config(args: argparse.Namespace) -> int:
-    from .config import UpstreamAddress
-    from .envoy_config import (
+    from .policy.config import UpstreamAddress
+    from .render.bootstrap import (
         HostPort,
         SidecarTLS,
         Timeouts,

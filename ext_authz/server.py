@@ -13,16 +13,16 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from .admin import AdminServer, Readiness
-from .config import Config, TLSSettings, config_warnings, load_config, with_port_offset
-from .decision_log import FLUSH_INTERVAL_S, DecisionLog
+from .edges.authz import SERVICE_NAME, AuthorizationService, ServiceState
+from .edges.ext_proc import SERVICE_NAME as EXT_PROC_SERVICE_NAME
+from .edges.ext_proc import ExternalProcessingService
+from .edges.xds import ADS_SERVICE, SDS_SERVICE, ControlPlane
 from .errors import ConfigError, ExtAuthzError
-from .ext_proc import SERVICE_NAME as EXT_PROC_SERVICE_NAME
-from .ext_proc import ExternalProcessingService
-from .metrics import Metrics
-from .service import SERVICE_NAME, AuthorizationService, ServiceState
+from .ops.admin import AdminServer, Readiness
+from .ops.decision_log import FLUSH_INTERVAL_S, DecisionLog
+from .ops.metrics import Metrics
+from .policy.config import Config, TLSSettings, config_warnings, load_config, with_port_offset
 from .tokens import TokenCache
-from .xds import ADS_SERVICE, SDS_SERVICE, ControlPlane
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from urllib.parse import quote_plus
 
 import httpx
 
-from .config import OAuth2Settings, TokenSettings
 from .errors import TokenDeadlineError, TokenEndpointError, TokenError, TokenResponseError
+from .policy.config import OAuth2Settings, TokenSettings
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, settings
 
-from ext_authz.config import Config, parse_config
+from ext_authz.policy.config import Config, parse_config
 from tests.token_endpoint import TokenEndpoint
 
 # In CI the examples are derandomized (the same every run), so that a landing never hangs on

@@ -15,7 +15,7 @@ import pytest
 
 from ext_authz import __version__
 from ext_authz.cli import build_parser, main
-from ext_authz.config import example_config, parse_yaml
+from ext_authz.policy.config import example_config, parse_yaml
 from tests.token_endpoint import TokenEndpoint
 
 CONFIG = """

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from ext_authz.config import (
+from ext_authz.errors import ConfigError
+from ext_authz.policy.config import (
     DEFAULT_INTERNAL_RANGES,
     config_warnings,
     example_config,
     load_config,
     parse_yaml,
 )
-from ext_authz.errors import ConfigError
 from tests.certs import make_certs
 
 MINIMAL = """

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ext_authz.decision import (
+from ext_authz.mcp.jsonrpc import Body, request_body
+from ext_authz.policy.decision import (
     OUTCOMES,
     Decision,
     Policy,
@@ -18,7 +19,6 @@ from ext_authz.decision import (
     decide_tools,
     explain,
 )
-from ext_authz.jsonrpc import Body, request_body
 from tests.conftest import make_config
 
 POLICY = Policy.from_config(make_config(servers={
@@ -97,7 +97,7 @@ class TestDecisionCache:
 
     def test_cache_is_bounded(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """The cache never grows past its size, and long inputs are not kept."""
-        monkeypatch.setattr("ext_authz.decision.DECISION_CACHE_SIZE", 10)
+        monkeypatch.setattr("ext_authz.policy.decision.DECISION_CACHE_SIZE", 10)
         policy = Policy.from_config(make_config())
         for i in range(25):
             decide(facts("127.0.0.2", f"/mcp/pub/{i}"), policy)

@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 import pytest
 
-from ext_authz import ext_proc as ext_proc_module
+from ext_authz.edges import ext_proc as ext_proc_module
 from ext_authz._proto.envoy.service.ext_proc.v3 import (
     external_processor_pb2 as pb,
 )

@@ -17,11 +17,11 @@ import yaml
 from google.protobuf import json_format, struct_pb2
 
 from ext_authz._proto.envoy.service.auth.v3 import external_auth_pb2
-from ext_authz.config import parse_config
-from ext_authz.decision import Policy, decide
+from ext_authz.edges.authz import JWT_AUTHN_NAMESPACE, extract_facts
 from ext_authz.errors import ConfigError
-from ext_authz.network import Identity, IdentityRule, NetworkMap
-from ext_authz.service import JWT_AUTHN_NAMESPACE, extract_facts
+from ext_authz.policy.config import parse_config
+from ext_authz.policy.decision import Policy, decide
+from ext_authz.policy.network import Identity, IdentityRule, NetworkMap
 
 TD = "spiffe://cluster.local"
 JWT = {"issuer": "https://idp.example", "jwks_file": "/etc/jwks.json"}
@@ -248,13 +248,13 @@ class TestRendering:
             BootstrapStaticResources,
         )
 
-        from ext_authz.envoy_config import (
+        from ext_authz.render.bootstrap import (
             DataPlane,
             HostPort,
             ListenerTLS,
             data_plane_resources,
         )
-        from ext_authz.envoy_config import (
+        from ext_authz.render.bootstrap import (
             render as render_yaml,
         )
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ext_authz.jsonrpc import (
+from ext_authz.mcp.jsonrpc import (
     INVALID_PARAMS,
     INVALID_REQUEST,
     NO_CALLS,

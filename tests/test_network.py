@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ext_authz.config import DEFAULT_INTERNAL_RANGES
-from ext_authz.network import (
+from ext_authz.policy.config import DEFAULT_INTERNAL_RANGES
+from ext_authz.policy.network import (
     IPAddress,
     NetworkMap,
     NetworkSet,

@@ -17,7 +17,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from ext_authz._proto.envoy.service.auth.v3 import external_auth_pb2_grpc
-from ext_authz.config import load_config
+from ext_authz.policy.config import load_config
 from ext_authz.server import Sidecar
 from tests.certs import make_certs
 from tests.test_service import check_request

@@ -32,7 +32,7 @@ from typing import Any
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from ext_authz.jsonrpc import read_tool_calls, request_body
+from ext_authz.mcp.jsonrpc import read_tool_calls, request_body
 
 HIDDEN = "delete_repo"
 VISIBLE = ("list_repos", "whoami")

@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from ext_authz.config import (
+from ext_authz.policy.config import (
     DEFAULT_INTERNAL_RANGES,
     McpSettings,
     RoutingSettings,

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ext_authz.rewrite import (
+from ext_authz.mcp.rewrite import (
     EventStream,
     drop_tools,
     fresh_name,

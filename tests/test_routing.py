@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ext_authz.config import RoutingSettings
-from ext_authz.routing import route
+from ext_authz.policy.config import RoutingSettings
+from ext_authz.policy.routing import route
 
 DEFAULT = RoutingSettings()
 HOSTS = RoutingSettings(path_prefix=None, host_suffix=".mcp.example.com")

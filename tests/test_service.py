@@ -13,12 +13,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from ext_authz import decision as decision_module
+from ext_authz.policy import decision as decision_module
 from ext_authz._proto.envoy.config.core.v3 import base_pb2
 from ext_authz._proto.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
-from ext_authz.config import Config
+from ext_authz.edges.authz import SERVICE_NAME
+from ext_authz.policy.config import Config
 from ext_authz.server import Sidecar
-from ext_authz.service import SERVICE_NAME
 from tests.conftest import make_config
 from tests.token_endpoint import TokenEndpoint
 
@@ -130,7 +130,7 @@ class TestDecisions:
         """An exception inside the decision becomes a denial; the servicer never raises."""
         def broken(*args: object) -> None:
             raise RuntimeError("boom")
-        monkeypatch.setattr("ext_authz.service.decide", broken)
+        monkeypatch.setattr("ext_authz.edges.authz.decide", broken)
         response = await stub.Check(check_request())
         assert response.status.code == grpc.StatusCode.INTERNAL.value[0]
         assert response.denied_response.status.code == 500
@@ -461,6 +461,6 @@ class TestEncoding:
     @pytest.mark.parametrize("decision_id", ["a-1", "0123abcd-99999999999", "x" * 80])
     def test_unrolled_decision_id_entry(self, decision_id: str) -> None:
         """The unrolled per-check metadata entry is byte-for-byte the general encoding."""
-        from ext_authz.service import _decision_id_entry, _struct_entry
+        from ext_authz.edges.authz import _decision_id_entry, _struct_entry
 
         assert _decision_id_entry(decision_id) == _struct_entry("decision_id", decision_id)

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from ext_authz.config import OAuth2Settings, TokenSettings
 from ext_authz.errors import TokenDeadlineError, TokenEndpointError, TokenResponseError
+from ext_authz.policy.config import OAuth2Settings, TokenSettings
 from ext_authz.tokens import TokenCache, build_token_request, parse_token_response
 from tests.token_endpoint import TokenEndpoint
 

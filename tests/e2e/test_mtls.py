@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from ext_authz._proto.envoy.service.auth.v3 import external_auth_pb2_grpc
-from ext_authz.config import UpstreamAddress, load_config
+from ext_authz.policy.config import UpstreamAddress, load_config
 from ext_authz.server import Sidecar
 from tests.certs import CertFiles, make_certs
 from tests.conftest import make_config
@@ -180,7 +180,7 @@ async def test_generated_config_speaks_mtls(tmp_path: Path,
                                             mtls_sidecar: tuple[Sidecar, CertFiles]) -> None:
     """`envoy-config` output for a TLS sidecar works against it: the sidecar's own 404 body
     comes back through Envoy, so the mTLS hop carried the check."""
-    from ext_authz.envoy_config import HostPort, SidecarTLS, build_bootstrap, render
+    from ext_authz.render.bootstrap import HostPort, SidecarTLS, build_bootstrap, render
 
     sidecar, certs = mtls_sidecar
     admin, listener = free_port(), free_port()

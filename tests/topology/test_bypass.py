@@ -6,7 +6,7 @@ no oauth2 settings, rendered by the real `mcp-ext-authz envoy-config` command an
 a second sidecar and Envoy in the same namespaces.
 
 Every request is sent as raw bytes (no client library normalizing it) and carries an
-`x-case` header, so the upstream's own access log (ext_authz.demo_mcp.log_requests) shows
+`x-case` header, so the upstream's own access log (ext_authz.demo.mcp_server.log_requests) shows
 what, if anything, it received for that case. Each case must answer what the design's
 decision table says: allowed (the upstream's answer, with the server's injected token),
 `404 {"error": "not_found"}` from the sidecar, or a rejection by Envoy before any check.
@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 import yaml
 
-from ext_authz.demo_mcp import redact_authorization
+from ext_authz.demo.mcp_server import redact_authorization
 from tests.topology.compose import ROOT, Service
 from tests.topology.stack import TOOL_SERVERS, RawResponse, Stack, http_request
 

@@ -27,7 +27,7 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import ConfigError
+from ..errors import ConfigError
 from .network import EXTERNAL, INTERNAL, IdentityRule, IPNetwork
 
 DEFAULT_INTERNAL_RANGES: tuple[str, ...] = (

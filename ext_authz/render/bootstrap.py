@@ -180,11 +180,12 @@ from envoy_data_plane.envoy.type.v3 import HttpStatus, Percent, StatusCode
 from envoy_data_plane.google.protobuf import Any as AnyMessage
 from envoy_data_plane.google.protobuf import Empty, Struct
 
-from .admin import TOKENS_PATH
-from .config import Config, NetworkDefinition, UpstreamAddress
-from .decision import denial_body
-from .ext_proc import EXT_PROC_NAMESPACE
-from .routing import (
+from ..edges.authz import EXT_AUTHZ_NAMESPACE, JWT_AUTHN_NAMESPACE, SERVICE_NAME
+from ..edges.ext_proc import EXT_PROC_NAMESPACE
+from ..ops.admin import TOKENS_PATH
+from ..policy.config import Config, NetworkDefinition, UpstreamAddress
+from ..policy.decision import denial_body
+from ..policy.routing import (
     KIND_EXTENSION,
     NO_SERVER,
     PROTECTED_RESOURCE,
@@ -192,7 +193,6 @@ from .routing import (
     TOOL_RULES_EXTENSION,
     RouteKind,
 )
-from .service import EXT_AUTHZ_NAMESPACE, JWT_AUTHN_NAMESPACE, SERVICE_NAME
 
 AUTHZ_CLUSTER = "mcp_ext_authz"
 # The same sidecar, for the request ext_proc filter alone: its streams (headers to judged

@@ -42,13 +42,13 @@ from dataclasses import dataclass, field, replace
 
 import grpc
 
-from ._proto.envoy.config.core.v3 import base_pb2
-from ._proto.envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
-from ._proto.envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
-from .decision import Decision, RequestFacts, decide_tools, denial_body, resume
-from .jsonrpc import INVALID_REQUEST, body_headers, error_reply, request_body
-from .rewrite import EventStream, Path, drop_tools, fresh_name, rename, restore, set_member
-from .service import EXT_AUTHZ_NAMESPACE, AuthorizationService, ServiceState
+from .._proto.envoy.config.core.v3 import base_pb2
+from .._proto.envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from .._proto.envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
+from ..mcp.jsonrpc import INVALID_REQUEST, body_headers, error_reply, request_body
+from ..mcp.rewrite import EventStream, Path, drop_tools, fresh_name, rename, restore, set_member
+from ..policy.decision import Decision, RequestFacts, decide_tools, denial_body, resume
+from .authz import EXT_AUTHZ_NAMESPACE, AuthorizationService, ServiceState
 
 log = logging.getLogger(__name__)
 

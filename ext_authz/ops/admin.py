@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from .config import split_listen
+from ..policy.config import split_listen
 
 log = logging.getLogger(__name__)
 

@@ -26,11 +26,11 @@ from typing import Any
 import grpc
 from google.protobuf import any_pb2, json_format
 
-from ._proto.envoy.service.discovery.v3 import ads_pb2, discovery_pb2
-from ._proto.envoy.service.secret.v3 import sds_pb2
-from .config import Config
-from .metrics import Metrics
-from .tokens import TokenCache
+from .._proto.envoy.service.discovery.v3 import ads_pb2, discovery_pb2
+from .._proto.envoy.service.secret.v3 import sds_pb2
+from ..ops.metrics import Metrics
+from ..policy.config import Config
+from ..tokens import TokenCache
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ class ControlPlane:
         return listener if type_url == LISTENER_TYPE else clusters
 
     async def _render(self, node: Mapping[str, Any]) -> tuple[Resources, Resources]:
-        from .envoy_config import (
+        from ..render.bootstrap import (
             NODE_KEY,
             DataPlane,
             HostPort,
@@ -214,7 +214,7 @@ class ControlPlane:
             Secret,
         )
 
-        from .envoy_config import TOKEN_SECRET_PREFIX
+        from ..render.bootstrap import TOKEN_SECRET_PREFIX
 
         servers = self._config().servers
         secrets = []

@@ -8,8 +8,8 @@ import sys
 import time
 from typing import TextIO
 
-from .config import DecisionLogSettings
-from .decision import Decision, PerDecision, RequestFacts
+from ..policy.config import DecisionLogSettings
+from ..policy.decision import Decision, PerDecision, RequestFacts
 
 # Lines are buffered and flushed at most this long after they were written (the sidecar
 # also flushes on a timer and at shutdown): one write syscall per check would cost more

@@ -19,10 +19,14 @@ import grpc
 from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError
 
-from ._proto.envoy.config.core.v3 import base_pb2
-from ._proto.envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
-from .config import Config
-from .decision import (
+from .._proto.envoy.config.core.v3 import base_pb2
+from .._proto.envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
+from ..errors import TokenError
+from ..mcp.jsonrpc import NO_BODY, Body, Received, body_headers, request_body
+from ..ops.decision_log import DecisionLog
+from ..ops.metrics import Metrics, Phase
+from ..policy.config import Config
+from ..policy.decision import (
     DECISION_CACHE_SIZE,
     OUTCOMES,
     Decision,
@@ -34,13 +38,9 @@ from .decision import (
     decide_tools,
     denial_body,
 )
-from .decision_log import DecisionLog
-from .errors import TokenError
-from .jsonrpc import NO_BODY, Body, Received, body_headers, request_body
-from .metrics import Metrics, Phase
-from .network import NO_IDENTITY, Identity
-from .routing import PROTECTED_RESOURCE, TOOL_RULES_BY_EXT_PROC, TOOL_RULES_EXTENSION
-from .tokens import TokenCache
+from ..policy.network import NO_IDENTITY, Identity
+from ..policy.routing import PROTECTED_RESOURCE, TOOL_RULES_BY_EXT_PROC, TOOL_RULES_EXTENSION
+from ..tokens import TokenCache
 
 log = logging.getLogger(__name__)
 

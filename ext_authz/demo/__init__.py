@@ -106,7 +106,7 @@ def run_mcp_server(name: str, host: str, port: int, tls_cert: str | None = None,
     """
     import uvicorn
 
-    from .demo_mcp import build_mcp_server, log_requests
+    from .mcp_server import build_mcp_server, log_requests
 
     server = build_mcp_server(name)
     for tool in without:
@@ -185,8 +185,8 @@ servers:
 
 def envoy_config(sidecar_yaml: str, ports: DemoPorts) -> str:
     """The demo's Envoy bootstrap, rendered by the same generator as `envoy-config`."""
-    from .config import UpstreamAddress, parse_yaml
-    from .envoy_config import HostPort, build_bootstrap, render
+    from ..policy.config import UpstreamAddress, parse_yaml
+    from ..render.bootstrap import HostPort, build_bootstrap, render
 
     env = {f"DEMO_SECRET_{c.upper().replace('-', '_')}": "x" for c in DEMO_CLIENTS.values()}
     config = parse_yaml(sidecar_yaml, env=env)

@@ -7,8 +7,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Generic, Literal, TypeVar
 
-from .config import DEFAULT_TOOL, Config, McpSettings, OAuth2Settings, RoutingSettings
-from .jsonrpc import (
+from ..mcp.jsonrpc import (
     INVALID_REQUEST,
     Body,
     ToolCall,
@@ -19,6 +18,7 @@ from .jsonrpc import (
     refusal_reply,
     unknown_tool_reply,
 )
+from .config import DEFAULT_TOOL, Config, McpSettings, OAuth2Settings, RoutingSettings
 from .network import (
     NO_IDENTITY,
     NOWHERE,

@@ -1,0 +1,1 @@
+"""Operating the sidecar: the admin listener, metrics and the decision log."""

@@ -1,0 +1,1 @@
+"""The policy, pure: config, networks, routing, the compiled Policy and its decisions."""
