@@ -47,14 +47,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from run import PY, Result, ensure_tools, free_port, median, ratio, wrk  # noqa: E402
 
+from ext_authz.contract import ANSWERS_FILTER  # noqa: E402
 from ext_authz.demo import ProcessGroup, envoy_binary  # noqa: E402
 from ext_authz.policy.config import Config, UpstreamAddress, load_config  # noqa: E402
-from ext_authz.render.bootstrap import (  # noqa: E402
-    ANSWERS_FILTER,
-    HostPort,
-    build_bootstrap,
-    render,
-)
+from ext_authz.render.bootstrap import build_bootstrap, render  # noqa: E402
+from ext_authz.render.options import HostPort  # noqa: E402
 
 TOOLS_CALL = {"jsonrpc": "2.0", "id": 1, "method": "tools/call",
               "params": {"name": "whoami", "arguments": {}}}

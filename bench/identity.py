@@ -26,9 +26,11 @@ from body import per_call_us  # bench/, beside this script
 from google.protobuf import json_format, struct_pb2
 
 from ext_authz._proto.envoy.service.auth.v3 import external_auth_pb2
-from ext_authz.edges.authz import JWT_AUTHN_NAMESPACE, encode_check_response, extract_facts
+from ext_authz.contract import JWT_FILTER
+from ext_authz.edges.authz import encode_check_response, extract_facts
+from ext_authz.policy.compile import Policy
 from ext_authz.policy.config import parse_config
-from ext_authz.policy.decision import Policy, decide
+from ext_authz.policy.decision import decide
 
 PARTNER_IP, CALLER_IP = "203.0.113.7", "198.51.100.9"
 AGENT = "spiffe://cluster.local/ns/partners/sa/agent"
@@ -65,7 +67,7 @@ def request(rule: str) -> bytes:
         payload = json_format.ParseDict({"mcp_ext_authz": {
             "iss": "https://idp.example", "sub": "someone", "aud": "mcp-gateway",
             "group": ["staff", "partners"], "exp": 4102444800}}, struct_pb2.Struct())
-        attributes.metadata_context.filter_metadata[JWT_AUTHN_NAMESPACE].CopyFrom(payload)
+        attributes.metadata_context.filter_metadata[JWT_FILTER].CopyFrom(payload)
     return check.SerializeToString()
 
 

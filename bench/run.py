@@ -58,16 +58,12 @@ from ext_authz._proto.envoy.service.auth.v3 import external_auth_pb2  # noqa: E4
 from ext_authz._proto.envoy.service.ext_proc.v3.external_processor_pb2 import (  # noqa: E402
     ProcessingRequest,
 )
+from ext_authz.contract import XDS_CLUSTER  # noqa: E402
 from ext_authz.demo import ProcessGroup, envoy_binary  # noqa: E402
 from ext_authz.policy.config import UpstreamAddress, load_config  # noqa: E402
-from ext_authz.render.bootstrap import (  # noqa: E402
-    XDS_CLUSTER,
-    DataPlane,
-    HostPort,
-    build_bootstrap,
-    data_plane_resources,
-    render,
-)
+from ext_authz.render.bootstrap import build_bootstrap, render  # noqa: E402
+from ext_authz.render.native import snapshot as data_plane_resources  # noqa: E402
+from ext_authz.render.options import DataPlane, HostPort  # noqa: E402
 
 PY = sys.executable
 
@@ -212,7 +208,7 @@ def native(p: Ports, sidecar_yaml: Path) -> tuple[dict[str, Any], list[dict[str,
     config = load_config(sidecar_yaml, env={"DEMO_SECRET_DEMO_PUBLIC": "unused"})
     upstream = UpstreamAddress("127.0.0.1", p.upstream)
     plane = DataPlane(HostPort("127.0.0.1", p.native), dict.fromkeys(config.servers, upstream))
-    listener, clusters = data_plane_resources(config, plane, native=True)
+    listener, clusters = data_plane_resources(config, plane)
     from envoy_data_plane.envoy.config.bootstrap.v3 import (
         Bootstrap,
         BootstrapStaticResources,

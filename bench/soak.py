@@ -30,7 +30,8 @@ sys.path.insert(0, str(ROOT))
 from bench.run import ensure_tools, free_port  # noqa: E402
 from ext_authz.demo import ProcessGroup, envoy_binary  # noqa: E402
 from ext_authz.policy.config import UpstreamAddress, parse_yaml  # noqa: E402
-from ext_authz.render.bootstrap import HostPort, build_bootstrap, render  # noqa: E402
+from ext_authz.render.bootstrap import build_bootstrap, render  # noqa: E402
+from ext_authz.render.options import HostPort  # noqa: E402
 
 
 class TokenAuthority:

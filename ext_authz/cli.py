@@ -19,12 +19,21 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from . import __version__
+from .edges.pipeline import judge
 from .errors import ConfigError, ExtAuthzError, TokenError
-from .mcp.jsonrpc import NO_BODY, Body, body_headers, read_tool_calls, request_body
-from .policy.config import EXAMPLE_CONFIG, Config, config_warnings, example_config, load_config
-from .policy.decision import Decision, Policy, RequestFacts, decide, decide_tools, explain
-from .policy.network import Identity
-from .tokens import TokenCache
+from .mcp.jsonrpc import Body, body_headers, request_body
+from .policy.compile import Policy
+from .policy.config import (
+    EXAMPLE_CONFIG,
+    Config,
+    OAuth2Settings,
+    config_warnings,
+    example_config,
+    load_config,
+)
+from .policy.decision import Decision, RequestFacts
+from .policy.explain import check_report
+from .policy.network import Identity, identity_from_claims
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_CONFIG = 0, 1, 2
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -90,43 +99,37 @@ def _context_extensions(pairs: Sequence[str]) -> dict[str, str]:
     return result
 
 
-def check_report(decision: Decision, body: Body = NO_BODY) -> dict[str, Any]:
-    """The JSON object `check` prints for a decision."""
-    client = decision.client.address
-    called = read_tool_calls(body, len(body.data) + 1, 1_000_000).calls if body.data else ()
-    return {
-        "client_ip": str(client) if client is not None else None,
-        "network": decision.network,
-        "networks": sorted(decision.placement.members),
-        "identity": list(decision.placement.matched),  # which principal or claim matched
-        "server": decision.server_name,
-        "route": decision.route.kind,  # mcp, registry or discovery
-        "tools_called": [call.name for call in called],
-        "tool": decision.tool or None,  # the configured tool whose rule applied
-        "rule": decision.rule or None,  # the config key that decided visibility
-        "allowed": decision.allowed,
-        "http_status": decision.http_status,
-        "reason": decision.reason,
-        "inject_token": decision.oauth2 is not None,
-        "reply": decision.reply.decode() if decision.reply else None,
-        "steps": explain(decision),
-    }
+async def _judge(config: Config, policy: Policy, facts: RequestFacts, body: Body,
+                 fetch_token: bool) -> tuple[Decision, dict[str, Any] | None]:
+    """The live path's steps, as envoy-config's config takes them: the server from the
+    headers (ext_authz), the token, then the tool rules from the body (ext_proc, which can
+    send a hidden tool's call on under a fresh name for the server to answer). The decision,
+    and a report of the token fetch (with --fetch-token)."""
+    if not fetch_token:
+        decision, _ = await judge(facts, policy, body=lambda: body, can_rename=True, fetch=None)
+        return decision, None
+    from .tokens import TokenCache  # httpx: only for the command that fetches
 
-
-async def _fetch_token(config: Config, decision: Decision) -> tuple[Decision, dict[str, Any]]:
-    """Fetch the token a decision would inject: the decision as it then stands, and a report."""
-    oauth2 = decision.oauth2
-    if oauth2 is None:
-        return decision, {"fetched": False, "why": "no token would be injected"}
+    report: dict[str, Any] = {"fetched": False, "why": "no token would be injected"}
     cache = TokenCache(config.tokens)
+
+    async def fetch(oauth2: OAuth2Settings, server: str) -> str:
+        try:
+            token, lifetime = await cache.fetch_now(oauth2, server)
+        except TokenError as exc:
+            report.clear()
+            report.update({"fetched": False, "error": str(exc)})
+            raise
+        report.clear()
+        report.update({"fetched": True, "length": len(token), "cache_lifetime_s": lifetime})
+        return token
+
     try:
-        token, lifetime = await cache.fetch_now(oauth2, decision.server_name or "")
-        return decision, {"fetched": True, "length": len(token), "cache_lifetime_s": lifetime}
-    except TokenError as exc:
-        return (decision.deny("upstream_credentials_unavailable", str(exc)),
-                {"fetched": False, "error": str(exc)})
+        decision, _ = await judge(facts, policy, body=lambda: body, can_rename=True,
+                                  fetch=fetch)
     finally:
         await cache.aclose()
+    return decision, report
 
 
 def _headers(lines: Sequence[str], body: bool) -> list[tuple[str, str]]:
@@ -155,7 +158,7 @@ def _read_body(args: argparse.Namespace) -> bytes:
 def _identity(principal: str, claims_json: str | None, policy: Policy) -> Identity:
     """What Envoy would vouch for: --principal (the mTLS peer's URI SAN) and --jwt-claims
     (a verified JWT's payload), read as the live path reads them."""
-    claims: list[tuple[str, tuple[str, ...]]] = []
+    payload = None
     if claims_json is not None:
         try:
             payload = json.loads(claims_json)
@@ -163,13 +166,7 @@ def _identity(principal: str, claims_json: str | None, policy: Policy) -> Identi
             raise UsageError(f"--jwt-claims: not JSON ({exc})") from None
         if not isinstance(payload, dict):
             raise UsageError("--jwt-claims: give a JSON object, the JWT's payload")
-        for name in sorted(policy.networks.claim_names):
-            value = payload.get(name)
-            values = (value,) if isinstance(value, str) else tuple(
-                v for v in value if isinstance(v, str)) if isinstance(value, list) else ()
-            if values:
-                claims.append((name, values))
-    return Identity(principal, tuple(claims))
+    return identity_from_claims(principal, payload, policy.networks.claim_names)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -191,17 +188,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         method=method,
         identity=_identity(args.principal, args.jwt_claims, policy := Policy.from_config(config)),
     )
-    # The live path's two steps, as envoy-config's config takes them: the server from the
-    # headers (ext_authz), then the tool rules from the body (ext_proc, which can send a
-    # hidden tool's call on under a fresh name for the server to answer).
-    server_decision = decide(facts, policy)
-    decision = decide_tools(server_decision, body, policy, can_rename=True)
-    token = None
-    if args.fetch_token:
-        # As in the live path, the token comes before the tool rules have their say.
-        fetched, token = asyncio.run(_fetch_token(config, server_decision))
-        if not fetched.allowed and server_decision.allowed:
-            decision = fetched
+    decision, token = asyncio.run(_judge(config, policy, facts, body, args.fetch_token))
     report = check_report(decision, body)
     if token is not None:
         report["token"] = token
@@ -249,7 +236,7 @@ def write_atomically(path: str, text: str) -> None:
 
 
 def _listener_tls(args: argparse.Namespace) -> Any:
-    from .render.bootstrap import ListenerTLS
+    from .render.options import ListenerTLS
 
     given = (args.listen_cert, args.listen_key, args.client_ca)
     if not any(given):
@@ -262,14 +249,8 @@ def _listener_tls(args: argparse.Namespace) -> Any:
 
 def cmd_envoy_config(args: argparse.Namespace) -> int:
     from .policy.config import UpstreamAddress
-    from .render.bootstrap import (
-        HostPort,
-        SidecarTLS,
-        Timeouts,
-        build_bootstrap,
-        parse_sidecar,
-        render,
-    )
+    from .render.bootstrap import build_bootstrap, render
+    from .render.options import HostPort, SidecarTLS, Timeouts, parse_sidecar
 
     # The generator needs no secret: unset ${VAR}s and secret files are never read.
     config = _load(args.config, secrets=False)

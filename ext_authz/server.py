@@ -13,10 +13,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from .edges.authz import SERVICE_NAME, AuthorizationService, ServiceState
-from .edges.ext_proc import SERVICE_NAME as EXT_PROC_SERVICE_NAME
+from .contract import ADS_SERVICE, AUTHZ_SERVICE, EXT_PROC_SERVICE, SDS_SERVICE
+from .edges.authz import AuthorizationService
 from .edges.ext_proc import ExternalProcessingService
-from .edges.xds import ADS_SERVICE, SDS_SERVICE, ControlPlane
+from .edges.generation import Generation, Serving
+from .edges.xds import ControlPlane, Snapshots
 from .errors import ConfigError, ExtAuthzError
 from .ops.admin import AdminServer, Readiness
 from .ops.decision_log import FLUSH_INTERVAL_S, DecisionLog
@@ -96,6 +97,12 @@ def _open_decision_log(config: Config) -> DecisionLog | None:
                             f" appending ({exc.strerror})") from None
 
 
+def _snapshots() -> Snapshots:
+    from .render.native import Snapshots as NativeSnapshots
+
+    return NativeSnapshots()
+
+
 class Sidecar:
     """One serving process: built from a config, then start()ed and stop()ped."""
 
@@ -108,13 +115,13 @@ class Sidecar:
         self.metrics = Metrics()
         self.tokens = TokenCache(config.tokens, on_fetch=self.metrics.count_token_fetch)
         self.metrics.watch_token_ages(self.tokens.ages)
-        self.service = AuthorizationService(
-            ServiceState.build(config, 1), self.tokens, self.metrics,
-            _open_decision_log(config),
-        )
-        self.ext_proc = ExternalProcessingService(self.service)
+        self.serving = Serving(Generation.build(config, 1), self.metrics,
+                               _open_decision_log(config))
+        self.service = AuthorizationService(self.serving, self.tokens)
+        self.ext_proc = ExternalProcessingService(self.serving)
         # The native data path's control plane: told of every reload and token change.
-        self.control_plane = ControlPlane(lambda: self.config, self.tokens, self.metrics)
+        self.control_plane = ControlPlane(lambda: self.config, self.tokens, self.metrics,
+                                          _snapshots)
         self.tokens.on_change = self.control_plane.changed
         self.health = health.aio.HealthServicer()
         self._receive_limit = receive_limit(config)
@@ -130,7 +137,7 @@ class Sidecar:
 
     @property
     def config(self) -> Config:
-        return self.service.state.config
+        return self.serving.state.config
 
     @property
     def admin_port(self) -> int | None:
@@ -152,11 +159,11 @@ class Sidecar:
                                          *self.control_plane.handlers()))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, EXT_PROC_SERVICE_NAME, ADS_SERVICE, SDS_SERVICE, health.SERVICE_NAME,
+            (AUTHZ_SERVICE, EXT_PROC_SERVICE, ADS_SERVICE, SDS_SERVICE, health.SERVICE_NAME,
              reflection.SERVICE_NAME),
             server,
         )
-        for name in ("", SERVICE_NAME):
+        for name in ("", AUTHZ_SERVICE):
             await self.health.set(name, NOT_SERVING)
         try:
             if config.grpc.tls is None:
@@ -197,7 +204,7 @@ class Sidecar:
         # in hand would turn every first request into a cold fetch racing that timeout.
         await self.tokens.wait_ready()
         self._ready = True
-        for name in ("", SERVICE_NAME):
+        for name in ("", AUTHZ_SERVICE):
             await self.health.set(name, SERVING)
         log.info("all tokens warm: health SERVING")
 
@@ -205,8 +212,8 @@ class Sidecar:
         # Lines are buffered on the hot path; this bounds how stale the file can get.
         while True:
             await asyncio.sleep(FLUSH_INTERVAL_S)
-            if self.service.decision_log is not None:
-                self.service.decision_log.flush()
+            if self.serving.decision_log is not None:
+                self.serving.decision_log.flush()
 
     def token_usable(self, server: str) -> bool:
         """Whether this sidecar holds a usable token for the server (the native watchdog)."""
@@ -249,7 +256,7 @@ class Sidecar:
                 loaded = await asyncio.to_thread(load_config, self.config_path)
                 config = with_port_offset(loaded, self.worker)
                 self._check_reloadable(config)
-                decision_log = self.service.decision_log
+                decision_log = self.serving.decision_log
                 if config.decision_log != self.config.decision_log:
                     decision_log = _open_decision_log(config)
                 if config.grpc.tls is not None and self._certificates is not None:
@@ -257,15 +264,15 @@ class Sidecar:
             except (ConfigError, ExtAuthzError, OSError) as exc:
                 problems = exc.problems if isinstance(exc, ConfigError) else [str(exc)]
                 log.error("config reload rejected, still serving generation %d: %s",
-                          self.service.state.generation, "; ".join(problems))
+                          self.serving.state.generation, "; ".join(problems))
                 self.metrics.config_reloads.labels("rejected").inc()
                 self.metrics.config_last_reload_ok.set(0)
                 return False
-            generation = self.service.state.generation + 1
-            if decision_log is not self.service.decision_log and self.service.decision_log:
-                self.service.decision_log.close()
-            self.service.decision_log = decision_log
-            self.service.state = ServiceState.build(config, generation)
+            generation = self.serving.state.generation + 1
+            if decision_log is not self.serving.decision_log and self.serving.decision_log:
+                self.serving.decision_log.close()
+            self.serving.decision_log = decision_log
+            self.serving.state = Generation.build(config, generation)
             self.tokens.settings = config.tokens
             self.tokens.retain(config.credentials())
             self.control_plane.changed()
@@ -311,8 +318,8 @@ class Sidecar:
         if self._admin is not None:
             await self._admin.close()
         await self.tokens.aclose()
-        if self.service.decision_log is not None:
-            self.service.decision_log.close()
+        if self.serving.decision_log is not None:
+            self.serving.decision_log.close()
         log.info("stopped")
 
     async def run(self) -> None:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from ext_authz.demo import DemoPorts, envoy_config, sidecar_config
 from ext_authz.policy.config import UpstreamAddress, load_config
-from ext_authz.render.bootstrap import DATA_PATHS, HostPort, build_bootstrap, render
+from ext_authz.render.bootstrap import build_bootstrap, render
+from ext_authz.render.options import DATA_PATHS, HostPort
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_ENV = {"DEMO_SECRET_DEMO_PUBLIC": "x", "DEMO_SECRET_DEMO_INTERNAL": "x"}

@@ -10,15 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ext_authz.mcp.jsonrpc import Body, request_body
-from ext_authz.policy.decision import (
-    OUTCOMES,
-    Decision,
-    Policy,
-    RequestFacts,
-    decide,
-    decide_tools,
-    explain,
-)
+from ext_authz.policy.compile import Policy
+from ext_authz.policy.decision import Decision, RequestFacts, decide, decide_tools
+from ext_authz.policy.explain import explain
+from ext_authz.policy.outcomes import OUTCOMES
 from tests.conftest import make_config
 
 POLICY = Policy.from_config(make_config(servers={
@@ -97,7 +92,7 @@ class TestDecisionCache:
 
     def test_cache_is_bounded(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """The cache never grows past its size, and long inputs are not kept."""
-        monkeypatch.setattr("ext_authz.policy.decision.DECISION_CACHE_SIZE", 10)
+        monkeypatch.setattr("ext_authz.policy.compile.DECISION_CACHE_SIZE", 10)
         policy = Policy.from_config(make_config())
         for i in range(25):
             decide(facts("127.0.0.2", f"/mcp/pub/{i}"), policy)

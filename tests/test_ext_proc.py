@@ -14,13 +14,13 @@ from typing import Any
 import grpc
 import pytest
 
-from ext_authz.edges import ext_proc as ext_proc_module
 from ext_authz._proto.envoy.service.ext_proc.v3 import (
     external_processor_pb2 as pb,
 )
 from ext_authz._proto.envoy.service.ext_proc.v3 import (
     external_processor_pb2_grpc as pb_grpc,
 )
+from ext_authz.edges import ext_proc as ext_proc_module
 from ext_authz.server import Sidecar
 from tests.conftest import make_config
 

@@ -17,10 +17,12 @@ import yaml
 from google.protobuf import json_format, struct_pb2
 
 from ext_authz._proto.envoy.service.auth.v3 import external_auth_pb2
-from ext_authz.edges.authz import JWT_AUTHN_NAMESPACE, extract_facts
+from ext_authz.contract import JWT_FILTER as JWT_AUTHN_NAMESPACE
+from ext_authz.edges.authz import extract_facts
 from ext_authz.errors import ConfigError
+from ext_authz.policy.compile import Policy
 from ext_authz.policy.config import parse_config
-from ext_authz.policy.decision import Policy, decide
+from ext_authz.policy.decision import decide
 from ext_authz.policy.network import Identity, IdentityRule, NetworkMap
 
 TD = "spiffe://cluster.local"
@@ -248,15 +250,9 @@ class TestRendering:
             BootstrapStaticResources,
         )
 
-        from ext_authz.render.bootstrap import (
-            DataPlane,
-            HostPort,
-            ListenerTLS,
-            data_plane_resources,
-        )
-        from ext_authz.render.bootstrap import (
-            render as render_yaml,
-        )
+        from ext_authz.render.bootstrap import render as render_yaml
+        from ext_authz.render.native import snapshot as data_plane_resources
+        from ext_authz.render.options import DataPlane, HostPort, ListenerTLS
 
         loaded = parse_config({**config({
             "agents": {"principals": [f"{TD}/ns/ai/sa/*", f"{TD}/ns/x/sa/y"]},

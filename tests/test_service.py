@@ -13,10 +13,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from ext_authz.policy import decision as decision_module
 from ext_authz._proto.envoy.config.core.v3 import base_pb2
 from ext_authz._proto.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
-from ext_authz.edges.authz import SERVICE_NAME
+from ext_authz.contract import AUTHZ_SERVICE as SERVICE_NAME
+from ext_authz.policy import decision as decision_module
 from ext_authz.policy.config import Config
 from ext_authz.server import Sidecar
 from tests.conftest import make_config
@@ -461,6 +461,7 @@ class TestEncoding:
     @pytest.mark.parametrize("decision_id", ["a-1", "0123abcd-99999999999", "x" * 80])
     def test_unrolled_decision_id_entry(self, decision_id: str) -> None:
         """The unrolled per-check metadata entry is byte-for-byte the general encoding."""
-        from ext_authz.edges.authz import _decision_id_entry, _struct_entry
+        from ext_authz.edges.metadata import decision_id_entry as _decision_id_entry
+        from ext_authz.edges.wire import struct_entry as _struct_entry
 
         assert _decision_id_entry(decision_id) == _struct_entry("decision_id", decision_id)

@@ -25,9 +25,10 @@ from google.protobuf import json_format, struct_pb2
 from ext_authz._proto.envoy.service.discovery.v3 import ads_pb2_grpc
 from ext_authz._proto.envoy.service.discovery.v3 import discovery_pb2 as pb
 from ext_authz._proto.envoy.service.secret.v3 import sds_pb2_grpc
+from ext_authz.contract import NODE_KEY, token_secret_name
 from ext_authz.edges.xds import CLUSTER_TYPE, LISTENER_TYPE, SECRET_TYPE
 from ext_authz.policy.config import load_config
-from ext_authz.render.bootstrap import NODE_KEY, DataPlane, HostPort, token_secret_name
+from ext_authz.render.options import DataPlane, HostPort
 from ext_authz.server import Sidecar
 from tests.token_endpoint import TokenEndpoint
 
@@ -235,7 +236,7 @@ async def test_the_watchdog_path(sidecar: Sidecar, token_endpoint: TokenEndpoint
 
 async def test_the_watchdog_address_is_resolved_for_envoy() -> None:
     """Envoy takes no name in a health check's address (1.40 aborts): the sidecar resolves."""
-    from ext_authz.edges.xds import RenderError, _resolve
+    from ext_authz.render.native import RenderError, _resolve
 
     assert await _resolve("localhost") == "127.0.0.1"
     assert await _resolve("::1") == "::1"

@@ -186,7 +186,8 @@ servers:
 def envoy_config(sidecar_yaml: str, ports: DemoPorts) -> str:
     """The demo's Envoy bootstrap, rendered by the same generator as `envoy-config`."""
     from ..policy.config import UpstreamAddress, parse_yaml
-    from ..render.bootstrap import HostPort, build_bootstrap, render
+    from ..render.bootstrap import build_bootstrap, render
+    from ..render.options import HostPort
 
     env = {f"DEMO_SECRET_{c.upper().replace('-', '_')}": "x" for c in DEMO_CLIENTS.values()}
     config = parse_yaml(sidecar_yaml, env=env)

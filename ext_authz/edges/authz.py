@@ -7,46 +7,38 @@ an Envoy configured with `failure_mode_allow: true`.
 
 from __future__ import annotations
 
-import itertools
 import logging
-import os
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 
 import grpc
-from google.protobuf import struct_pb2
+from google.protobuf import json_format, struct_pb2
 from google.protobuf.message import DecodeError
 
 from .._proto.envoy.config.core.v3 import base_pb2
 from .._proto.envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
-from ..errors import TokenError
-from ..mcp.jsonrpc import NO_BODY, Body, Received, body_headers, request_body
-from ..ops.decision_log import DecisionLog
-from ..ops.metrics import Metrics, Phase
-from ..policy.config import Config
-from ..policy.decision import (
-    DECISION_CACHE_SIZE,
-    OUTCOMES,
-    Decision,
-    PerDecision,
-    Policy,
-    Reason,
-    RequestFacts,
-    decide,
-    decide_tools,
-    denial_body,
+from ..contract import (
+    AUTHZ_SERVICE,
+    JWT_FILTER,
+    PROTECTED_RESOURCE,
+    TOOL_RULES_BY_EXT_PROC,
+    TOOL_RULES_EXTENSION,
 )
+from ..mcp.jsonrpc import NO_BODY, Body, Received, body_headers, request_body
+from ..policy.compile import Policy
+from ..policy.decision import Decision, RequestFacts
+from ..policy.memo import PerDecision
 from ..policy.network import NO_IDENTITY, Identity
-from ..policy.routing import PROTECTED_RESOURCE, TOOL_RULES_BY_EXT_PROC, TOOL_RULES_EXTENSION
+from ..policy.outcomes import OUTCOMES, Reason, denial_body
 from ..tokens import TokenCache
+from .generation import Generation, Serving
+from .metadata import authz_entries, decision_id_entry, discovery_entries
+from .pipeline import judge
+from .wire import length_delimited, varint
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = "envoy.service.auth.v3.Authorization"
-# The namespace of the dynamic metadata Envoy keeps from our answers (the filter's name).
-EXT_AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
 
 # Leave Envoy this much of its ext_authz timeout to receive our 503 before it gives up
 # and answers its own generic 403.
@@ -87,19 +79,12 @@ def parse_check_request(data: bytes) -> external_auth_pb2.CheckRequest | None:
         return None
 
 
-JWT_AUTHN_NAMESPACE = "envoy.filters.http.jwt_authn"
-IDENTITY_CACHE_MAX_INPUT = 4096  # a principal and a verified payload, serialized
-
-
-def _strings(value: struct_pb2.Value) -> tuple[str, ...]:
-    # A claim as the strings it holds: a string claim one, an array claim its strings.
-    kind = value.WhichOneof("kind")
-    if kind == "string_value":
-        return (value.string_value,)
-    if kind == "list_value":
-        return tuple(item.string_value for item in value.list_value.values
-                     if item.WhichOneof("kind") == "string_value")
-    return ()
+def _payload(verified: struct_pb2.Struct | None, key: str | None
+             ) -> dict[str, object] | None:
+    payload = verified.fields.get(key or "") if verified is not None else None
+    if payload is None or payload.WhichOneof("kind") != "struct_value":
+        return None
+    return json_format.MessageToDict(payload.struct_value)
 
 
 def extract_identity(attributes: attribute_context_pb2.AttributeContext,
@@ -115,25 +100,11 @@ def extract_identity(attributes: attribute_context_pb2.AttributeContext,
         return NO_IDENTITY
     metadata = attributes.metadata_context.filter_metadata
     verified = None
-    if policy.claims_key is not None and JWT_AUTHN_NAMESPACE in metadata:
-        verified = metadata[JWT_AUTHN_NAMESPACE]
-    key = (attributes.source.principal,
-           verified.SerializeToString(deterministic=True) if verified is not None else b"")
-    identity = policy.identities.get(key)
-    if identity is None:
-        claims = []
-        payload = verified.fields.get(policy.claims_key or "") if verified is not None else None
-        if payload is not None and payload.WhichOneof("kind") == "struct_value":
-            fields = payload.struct_value.fields
-            for name in sorted(policy.networks.claim_names):
-                if name in fields and (values := _strings(fields[name])):
-                    claims.append((name, values))
-        identity = Identity(key[0], tuple(claims))
-        if len(key[0]) + len(key[1]) <= IDENTITY_CACHE_MAX_INPUT:
-            if len(policy.identities) >= DECISION_CACHE_SIZE:
-                policy.identities.clear()
-            policy.identities[key] = identity
-    return identity
+    if policy.claims_key is not None and JWT_FILTER in metadata:
+        verified = metadata[JWT_FILTER]
+    serialized = verified.SerializeToString(deterministic=True) if verified is not None else b""
+    return policy.identity(attributes.source.principal, serialized,
+                           lambda: _payload(verified, policy.claims_key))
 
 
 def extract_facts(request: external_auth_pb2.CheckRequest | None,
@@ -241,43 +212,6 @@ _TEMPLATE_BYTES = {reason: template.SerializeToString() for reason, template in 
 _OK_RESPONSE_FIELD = 3
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _length_delimited(field_number: int, payload: bytes) -> bytes:
-    return _varint(field_number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _struct_entry(key: str, value: str) -> bytes:
-    # google.protobuf.Struct: map<string, Value> fields = 1; Value.string_value = 3.
-    entry = _length_delimited(1, key.encode()) + _length_delimited(
-        2, _length_delimited(3, value.encode()))
-    return _length_delimited(1, entry)
-
-
-def _metadata_entries(decision: Decision) -> bytes:
-    client = decision.client.address
-    entries = [
-        _struct_entry("server", decision.server_name or ""),
-        _struct_entry("network", decision.network),
-        _struct_entry("client_ip", str(client) if client is not None else ""),
-        _struct_entry("reason", decision.reason),
-    ]
-    if decision.tool:
-        entries.append(_struct_entry("tool", decision.tool))
-    if decision.reads_body:
-        # For ext_proc, which judges the tool rules where this check placed the caller.
-        entries.append(_struct_entry("networks", ",".join(sorted(decision.placement.members))))
-    return b"".join(entries)
-
-
-_METADATA = PerDecision(_metadata_entries)
 _bearer_cache: dict[str, bytes] = {}
 
 
@@ -293,24 +227,11 @@ def _bearer(token: str) -> bytes:
         )
         header.append.value = False
         ok = external_auth_pb2.OkHttpResponse(headers=[header])
-        encoded = _length_delimited(_OK_RESPONSE_FIELD, ok.SerializeToString())
+        encoded = length_delimited(_OK_RESPONSE_FIELD, ok.SerializeToString())
         if len(_bearer_cache) >= 64:  # tokens change rarely; a handful are live at once
             _bearer_cache.clear()
         _bearer_cache[token] = encoded
     return encoded
-
-
-_DECISION_ID_KEY = b"\x0a\x0bdecision_id\x12"  # MapEntry.key = "decision_id", then .value
-
-
-def _decision_id_entry(decision_id: str) -> bytes:
-    # _struct_entry("decision_id", decision_id) unrolled for the one per-check field: ids are
-    # short ASCII (8 hex digits, "-", a counter), so every length fits in one varint byte.
-    value = decision_id.encode()
-    size = len(value)
-    assert size < 100, "decision ids are short"
-    return (b"\x0a" + bytes((size + 17,)) + _DECISION_ID_KEY + bytes((size + 2,)) + b"\x1a"
-            + bytes((size,)) + value)
 
 
 def _answer(decision: Decision) -> bytes:
@@ -341,7 +262,7 @@ def request_metadata(decision: Decision, request: external_auth_pb2.CheckRequest
     that an OAuth discovery document must name (see envoy_config; a challenge's URL is
     Envoy's own work, so that both data paths name the same)."""
     server = decision.server
-    if (not decision.allowed or server is None or server.oauth2 is not None
+    if (not decision.allowed or server is None or not server.caller_brings_token
             or decision.route.kind != "discovery"):
         return b""
     origin = request_origin(request)
@@ -350,56 +271,38 @@ def request_metadata(decision: Decision, request: external_auth_pb2.CheckRequest
     # RFC 9728: the metadata of https://gw/mcp/x is at /.well-known/...-resource/mcp/x,
     # and names https://gw/mcp/x as its resource.
     resource = path.partition("?")[0][len(PROTECTED_RESOURCE):] or "/"
-    return _struct_entry("rewrite", "resource") + _struct_entry("resource", origin + resource)
+    return discovery_entries(origin + resource)
 
 
 def encode_check_response(decision: Decision, token: str | None, decision_id: str,
                           extra_metadata: bytes = b"") -> bytes:
     """Write a decision (and the bearer token to inject, if any) as CheckResponse bytes."""
-    metadata = _METADATA[decision] + _decision_id_entry(decision_id) + extra_metadata
+    metadata = authz_entries[decision] + decision_id_entry(decision_id) + extra_metadata
     response = (_answer(decision) + b"\x22"  # dynamic_metadata = 4, LEN
-                + _varint(len(metadata)) + metadata)
+                + varint(len(metadata)) + metadata)
     if token is not None and decision.allowed:
         response += _bearer(token)
     return response
 
 
-@dataclass(frozen=True, slots=True)
-class ServiceState:
-    """One config generation, compiled; swapped whole on reload."""
-
-    config: Config
-    policy: Policy
-    generation: int
-
-    @classmethod
-    def build(cls, config: Config, generation: int) -> ServiceState:
-        return cls(config, Policy.from_config(config), generation)
-
-
 class AuthorizationService:
     """The grpc.aio servicer for envoy.service.auth.v3.Authorization."""
 
-    def __init__(
-        self,
-        state: ServiceState,
-        tokens: TokenCache,
-        metrics: Metrics,
-        decision_log: DecisionLog | None = None,
-        clock: Callable[[], float] = time.perf_counter,
-    ) -> None:
-        self.state = state
+    def __init__(self, serving: Serving, tokens: TokenCache,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        self.serving = serving
         self.tokens = tokens
-        self.metrics = metrics
-        self.decision_log = decision_log
         self._clock = clock
-        self._prefix = os.urandom(4).hex()
-        self._ids = itertools.count(1)
+
+    @property
+    def state(self) -> Generation:
+        """The config generation being served."""
+        return self.serving.state
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The generic handler to register on a grpc.aio server."""
         return grpc.method_handlers_generic_handler(
-            SERVICE_NAME,
+            AUTHZ_SERVICE,
             {
                 "Check": grpc.unary_unary_rpc_method_handler(
                     self.Check,
@@ -416,32 +319,21 @@ class AuthorizationService:
             external_auth_pb2.CheckRequest, external_auth_pb2.CheckResponse]
     ) -> bytes:
         started = self._clock()
-        state = self.state  # a check finishes on the config it started with
-        decision_id = self.next_decision_id()
+        serving = self.serving
+        state = serving.state  # a check finishes on the config it started with
+        decision_id = serving.next_decision_id()
         facts = _NO_FACTS
         try:
             facts = extract_facts(request, state.policy)
-            decision = decide(facts, state.policy)
-            narrowed = None
-            if decision.reads_body and facts.context_extensions.get(
-                    TOOL_RULES_EXTENSION) != TOOL_RULES_BY_EXT_PROC:
-                narrowed = decide_tools(decision, extract_body(request), state.policy)
-            token = None
-            oauth2 = decision.oauth2
-            if oauth2 is not None:
-                # Fetched before the tool rules have their say: while the token endpoint is
-                # down, a hidden tool must get the 503 that a missing tool gets.
-                token = self.tokens.cached(oauth2)
-                if token is None:
-                    try:
-                        token = await self.tokens.token(
-                            oauth2, decision.server_name or "", self._fetch_budget(state, context)
-                        )
-                    except TokenError as exc:
-                        decision = decision.deny("upstream_credentials_unavailable", str(exc))
-                        narrowed = None
-            if narrowed is not None:
-                decision = narrowed
+            # The body is read here only where no ext_proc filter reads it (Istio).
+            by_ext_proc = facts.context_extensions.get(
+                TOOL_RULES_EXTENSION) == TOOL_RULES_BY_EXT_PROC
+            decision, token = await judge(
+                facts, state.policy,
+                body=None if by_ext_proc else lambda: extract_body(request),
+                can_rename=False, cached=self.tokens.cached,
+                fetch=lambda oauth2, server: self.tokens.token(
+                    oauth2, server, self._fetch_budget(state, context)))
             response = encode_check_response(decision, token, decision_id,
                                              request_metadata(decision, request, facts.path))
         except Exception:
@@ -449,11 +341,11 @@ class AuthorizationService:
             decision = Decision("internal_error", detail="internal error (see the service log)",
                                 peer=facts.peer)
             response = encode_check_response(decision, None, decision_id)
-        self.record(decision, decision_id, facts, self._clock() - started)
+        serving.record(decision, decision_id, facts, self._clock() - started)
         return response
 
     def _fetch_budget(
-        self, state: ServiceState, context: grpc.aio.ServicerContext[
+        self, state: Generation, context: grpc.aio.ServicerContext[
             external_auth_pb2.CheckRequest, external_auth_pb2.CheckResponse]
     ) -> float:
         budget = state.config.tokens.timeout_s
@@ -461,21 +353,3 @@ class AuthorizationService:
         if remaining is not None:
             budget = min(budget, remaining - DEADLINE_MARGIN_S)
         return budget
-
-    def next_decision_id(self) -> str:
-        """A decision id unique to this process: its random prefix and a counter."""
-        return f"{self._prefix}-{next(self._ids)}"
-
-    def record(
-        self, decision: Decision, decision_id: str, facts: RequestFacts, seconds: float,
-        phase: Phase = "check",
-    ) -> None:
-        """Count a decision in the metrics and write it to the decision log (if sampled)."""
-        try:
-            self.metrics.count_check(
-                decision.server_name or "", decision.network, decision.reason, decision.tool,
-                seconds, phase)
-            if self.decision_log is not None and self.decision_log.wants(decision):
-                self.decision_log.write(decision, decision_id, facts, seconds, phase)
-        except Exception:  # observability must never turn an answer into an RPC error
-            log.exception("recording check %s failed", decision_id)

@@ -34,7 +34,6 @@ answer is sent, the stream ends (OK): a tool call running for minutes holds noth
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -45,16 +44,16 @@ import grpc
 from .._proto.envoy.config.core.v3 import base_pb2
 from .._proto.envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from .._proto.envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
+from ..contract import EXT_PROC_SERVICE
 from ..mcp.jsonrpc import INVALID_REQUEST, body_headers, error_reply, request_body
 from ..mcp.rewrite import EventStream, Path, drop_tools, fresh_name, rename, restore, set_member
-from ..policy.decision import Decision, RequestFacts, decide_tools, denial_body, resume
-from .authz import EXT_AUTHZ_NAMESPACE, AuthorizationService, ServiceState
+from ..policy.decision import Decision, RequestFacts, decide_tools, resume
+from ..policy.outcomes import denial_body
+from .generation import Generation, Serving
+from .metadata import AuthzVerdict, ext_proc_response, read_answer_plan, write_answer_plan
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
-# The namespace this service's dynamic metadata is written to (for Envoy's access log).
-EXT_PROC_NAMESPACE = "envoy.filters.http.ext_proc"
 # An answer held back to be rewritten (a JSON body, one SSE event) may be at most this big:
 # past it the answer cannot be checked, and is cut off rather than passed unread.
 MAX_ANSWER_BYTES = 16 * 1024 * 1024
@@ -112,7 +111,7 @@ class _Answer:
 class _Request:
     """What one stream has learnt of its HTTP request (or of its answer) so far."""
 
-    state: ServiceState
+    state: Generation
     decision: Decision | None = None
     method: str = ""
     headers: dict[str, list[str]] = field(default_factory=dict)
@@ -125,29 +124,14 @@ class _Request:
     answer: _Answer | None = None  # an answers-filter stream: how its answer is rewritten
 
 
-def _metadata(request: ext_proc_pb2.ProcessingRequest, namespace: str) -> dict[str, str]:
-    found = request.metadata_context.filter_metadata.get(namespace)
-    if found is None:
-        return {}
-    return {key: value.string_value for key, value in found.fields.items()}
-
-
 def _header_pairs(headers: ext_proc_pb2.HttpHeaders) -> list[tuple[str, str]]:
     return [(header.key, header.raw_value.decode("utf-8", "replace") if header.raw_value
              else header.value) for header in headers.headers.headers]
 
 
-def _with_metadata(decision: Decision, decision_id: str) -> ext_proc_pb2.ProcessingResponse:
-    response = ext_proc_pb2.ProcessingResponse()
-    metadata = response.dynamic_metadata.fields[EXT_PROC_NAMESPACE].struct_value
-    metadata.update({"decision_id": decision_id, "reason": decision.reason,
-                     "tool": decision.tool})
-    return response
-
-
 def _refusal(decision: Decision, decision_id: str) -> bytes:
     """Answer a refused request in Envoy's place: the decision's status and body."""
-    response = _with_metadata(decision, decision_id)
+    response = ext_proc_response(decision, decision_id)
     immediate = response.immediate_response
     immediate.status.code = decision.http_status  # type: ignore[assignment]
     immediate.details = decision.reason
@@ -180,19 +164,19 @@ def _internal_error() -> bytes:
 class ExternalProcessingService:
     """The grpc.aio servicer for envoy.service.ext_proc.v3.ExternalProcessor.
 
-    Shares the Authorization service's config generation, decision ids, metrics and
-    decision log: a body decision is one more line of the same record.
+    Serves the same config generation as the Authorization service, under the same
+    decision ids and record: a body decision is one more line of it.
     """
 
-    def __init__(self, authz: AuthorizationService,
+    def __init__(self, serving: Serving,
                  clock: Callable[[], float] = time.perf_counter) -> None:
-        self.authz = authz
+        self.serving = serving
         self._clock = clock
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The generic handler to register on a grpc.aio server."""
         return grpc.method_handlers_generic_handler(
-            SERVICE_NAME,
+            EXT_PROC_SERVICE,
             {
                 "Process": grpc.stream_stream_rpc_method_handler(
                     self.Process,
@@ -208,7 +192,7 @@ class ExternalProcessingService:
     ) -> None:
         # context.read()/write() rather than iterating and yielding: measured 1.3x to 1.6x
         # the messages per second of the async-generator style (bench: direct ext_proc).
-        request = _Request(self.authz.state)  # a request is judged on one config generation
+        request = _Request(self.serving.state)  # a request is judged on one config generation
         while not request.done:
             message = await context.read()
             if not isinstance(message, ext_proc_pb2.ProcessingRequest):
@@ -280,14 +264,14 @@ class ExternalProcessingService:
     def _resumed(self, request: _Request, message: ext_proc_pb2.ProcessingRequest
                  ) -> Decision | None:
         """ext_authz's decision for this request, from its metadata; None if there is none."""
-        metadata = _metadata(message, EXT_AUTHZ_NAMESPACE)
-        if metadata.get("reason") != "allowed" or "server" not in metadata:
+        verdict = AuthzVerdict.read(message)
+        if verdict.reason != "allowed" or verdict.server is None:
             # ext_proc runs after ext_authz; without its verdict the route is misconfigured.
             log.error("ext_proc: no allowed ext_authz decision in the request's metadata"
                       " (is ext_authz before ext_proc, and forwarding_namespaces set?)")
             return None
-        return resume(request.state.policy, metadata["server"], metadata.get("network", ""),
-                      metadata.get("networks", ""), metadata.get("client_ip", ""))
+        return resume(request.state.policy, verdict.server, verdict.network, verdict.networks,
+                      verdict.client_ip)
 
     def _judge(self, request: _Request, data: bytes | None) -> list[bytes]:
         """Decide on the whole body (None: the request has none) and answer for it."""
@@ -297,13 +281,13 @@ class ExternalProcessingService:
         if decision.allowed:
             body = request_body(data or b"", request.method, request.headers)
             decision = decide_tools(decision, body, request.state.policy, can_rename=True)
-        decision_id = self.authz.next_decision_id()
+        decision_id = self.serving.next_decision_id()
         request.judged = request.done = True
         if decision.allowed:
             answers = _go_on(request, decision, decision_id, data)
         else:
             answers = [_refusal(decision, decision_id)]
-        self.authz.record(decision, decision_id, request.facts, self._clock() - started, "body")
+        self.serving.record(decision, decision_id, request.facts, self._clock() - started, "body")
         return answers
 
     # -- the answer (the answers filter's streams) --------------------------------------
@@ -313,22 +297,20 @@ class ExternalProcessingService:
         request.judged = True  # headers answered now or with the body; never unanswered
         response = ext_proc_pb2.ProcessingResponse()
         response.response_headers.SetInParent()
-        said = _metadata(message, EXT_PROC_NAMESPACE)
-        rewrite = said.get("answer", "")
+        rewrite, renamed = read_answer_plan(message)
         headers = dict(_header_pairs(message.response_headers))
         media = headers.get("content-type", "").split(";")[0].strip().lower()
-        authz = _metadata(message, EXT_AUTHZ_NAMESPACE)
-        if authz.get("rewrite") == "resource":
+        resource = AuthzVerdict.read(message).resource
+        if resource:
             # A discovery route: the server's metadata document, to name the gateway.
             if (headers.get(":status") != "200" or media != "application/json"
                     or message.response_headers.end_of_stream):
                 request.done = True
                 return [response.SerializeToString()]
             request.answer = _Answer({}, None, length_given="content-length" in headers,
-                                     resource=authz.get("resource", ""))
+                                     resource=resource)
             response.mode_override.CopyFrom(_WHOLE)
             return [response.SerializeToString()]
-        renamed = json.loads(said.get("renamed", "{}"))
         plain = media not in ("application/json", "text/event-stream")
         # No client reads a tools/list out of another media type; but a fresh name, in any
         # answer, would tell a hidden tool from a missing one (and so would the time taken
@@ -406,7 +388,7 @@ def _go_on(request: _Request, decision: Decision, decision_id: str,
            data: bytes | None) -> list[bytes]:
     """Let the request go on: its headers, then its body, renamed where a tool is hidden;
     and tell the answers filter (in Envoy's metadata) what to do with the answer."""
-    response = _with_metadata(decision, decision_id)
+    response = ext_proc_response(decision, decision_id)
     response.request_headers.SetInParent()
     common = response.request_headers.response
     renamed: dict[str, str] = {}
@@ -424,9 +406,7 @@ def _go_on(request: _Request, decision: Decision, decision_id: str,
         # Set for every call, renamed or not: the same work, so the same time.
         common.header_mutation.set_headers.append(_header("content-length", str(len(data))))
     if decision.lists_tools or decision.calls_tools:
-        said = response.dynamic_metadata.fields[EXT_PROC_NAMESPACE].struct_value
-        said.update({"answer": "list" if decision.lists_tools else "call",
-                     "renamed": json.dumps(renamed)})
+        write_answer_plan(response, decision.lists_tools, renamed)
         # A compressed answer could not be rewritten: ask for it plain.
         common.header_mutation.remove_headers.append("accept-encoding")
     answers = [response.SerializeToString()]

@@ -10,32 +10,32 @@ A token that expired without a successor is sent as an empty secret, never left 
 Envoy's credential injector then fails the request (401, answered as our 503). Envoy keeps
 the last secret it was sent while no control plane answers (it neither expires resources
 by TTL nor drops a removed secret): the watchdog that bounds that is Envoy's health check
-of the admin listener's /tokens/NAME (envoy_config), whose address is resolved here.
+of the admin listener's /tokens/NAME (render/native.py).
+
+What each stream is sent is built by render.native.Snapshots (go-control-plane's snapshot);
+this module keeps the streams' bookkeeping only (versions, nonces, ACKs and NACKs).
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import itertools
 import logging
-import socket
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from google.protobuf import any_pb2, json_format
 
 from .._proto.envoy.service.discovery.v3 import ads_pb2, discovery_pb2
 from .._proto.envoy.service.secret.v3 import sds_pb2
+from ..contract import ADS_SERVICE, SDS_SERVICE, TOKEN_SECRET_PREFIX
 from ..ops.metrics import Metrics
 from ..policy.config import Config
 from ..tokens import TokenCache
 
 log = logging.getLogger(__name__)
 
-ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
-SDS_SERVICE = "envoy.service.secret.v3.SecretDiscoveryService"
 LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
 CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
@@ -46,38 +46,30 @@ TYPE_NAMES = {LISTENER_TYPE: "listener", CLUSTER_TYPE: "cluster", SECRET_TYPE: "
 Resources = tuple[tuple[str, bytes], ...]  # (name, serialized message), in a fixed order
 
 
-class RenderError(Exception):
-    """The config cannot be turned into this Envoy's listener and clusters."""
+class Snapshots(Protocol):
+    """What the control plane serves, built elsewhere (render.native.Snapshots): this module
+    keeps the streams' bookkeeping only."""
 
+    async def resources(self, config: Config, node: Mapping[str, Any]
+                        ) -> tuple[Resources, Resources]:
+        """The listener and the clusters for an Envoy; a ValueError saying why not."""
 
-async def _resolve(host: str) -> str:
-    """An IP for a host name (an IP stays as it is), IPv4 first as Envoy's sidecar cluster
-    prefers: Envoy takes no name in a health check's address."""
-    try:
-        ipaddress.ip_address(host)
-        return host
-    except ValueError:
-        pass
-    try:
-        found = await asyncio.get_running_loop().getaddrinfo(host, None,
-                                                             type=socket.SOCK_STREAM)
-    except OSError as exc:
-        raise RenderError(f"cannot resolve {host!r}, where Envoy reaches the sidecar's"
-                          f" admin listener for the watchdog ({exc})") from None
-    found.sort(key=lambda entry: entry[0] != socket.AF_INET)
-    return str(found[0][4][0])
+    def secret(self, name: str, token: str) -> bytes:
+        """A token as a serialized SDS secret ("" : none)."""
 
 
 class ControlPlane:
     """Serves every connected Envoy what the current config and tokens make of it."""
 
     def __init__(self, config: Callable[[], Config], tokens: TokenCache,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, snapshots: Callable[[], Snapshots]) -> None:
         self._config = config
+        # Made when an Envoy first asks: the renderer is loaded only where one does.
+        self._make_snapshots = snapshots
+        self._built: Snapshots | None = None
         self._tokens = tokens
         self._metrics = metrics
         self._wakes: set[asyncio.Event] = set()
-        self._rendered: dict[tuple[int, str], tuple[Config, Resources, Resources]] = {}
         self._nonces = itertools.count(1)
 
     def changed(self) -> None:
@@ -166,56 +158,19 @@ class ControlPlane:
         if type_url not in (LISTENER_TYPE, CLUSTER_TYPE):
             return ()
         try:
-            listener, clusters = await self._render(node)
-        except RenderError as exc:
+            listener, clusters = await self._snapshots().resources(self._config(), node)
+        except ValueError as exc:
             log.error("cannot serve Envoy %r its %s: %s", node.get("_id", ""),
                       TYPE_NAMES[type_url], exc)
             return None
         return listener if type_url == LISTENER_TYPE else clusters
 
-    async def _render(self, node: Mapping[str, Any]) -> tuple[Resources, Resources]:
-        from ..render.bootstrap import (
-            NODE_KEY,
-            DataPlane,
-            HostPort,
-            data_plane_resources,
-            watchdog_address,
-        )
-
-        config = self._config()
-        plane_data = node.get(NODE_KEY)
-        if not isinstance(plane_data, Mapping):
-            raise RenderError(f"its node metadata has no {NODE_KEY!r} (a bootstrap written"
-                              " by `envoy-config --data-path native` has)")
-        try:
-            plane = DataPlane.from_struct(plane_data)
-            watchdog = watchdog_address(config, plane)
-        except ValueError as exc:
-            raise RenderError(str(exc)) from None
-        if isinstance(watchdog, HostPort):
-            watchdog = HostPort(await _resolve(watchdog.host), watchdog.port)
-        key = (id(config), repr((sorted(plane_data.items()), watchdog)))
-        cached = self._rendered.get(key)
-        if cached is not None and cached[0] is config:
-            return cached[1], cached[2]
-        try:
-            listener, clusters = data_plane_resources(config, plane, watchdog=watchdog)
-        except ValueError as exc:
-            raise RenderError(str(exc)) from None
-        rendered = (((listener.name, bytes(listener)),),
-                    tuple((c.name, bytes(c)) for c in clusters))
-        self._rendered = {key: (config, *rendered)}  # one config is served at a time
-        return rendered
+    def _snapshots(self) -> Snapshots:
+        if self._built is None:
+            self._built = self._make_snapshots()
+        return self._built
 
     def _secrets(self, names: tuple[str, ...]) -> Resources:
-        from envoy_data_plane.envoy.config.core.v3 import DataSource
-        from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
-            GenericSecret,
-            Secret,
-        )
-
-        from ..render.bootstrap import TOKEN_SECRET_PREFIX
-
         servers = self._config().servers
         secrets = []
         for name in names:
@@ -225,7 +180,5 @@ class ControlPlane:
                 token = self._tokens.cached(server.oauth2)
             # No token (none yet, or expired without a successor), or a name we do not
             # know: an empty secret, with which Envoy injects nothing and fails the request.
-            secret = Secret(name=name, generic_secret=GenericSecret(
-                secret=DataSource(inline_string=token or "")))
-            secrets.append((name, bytes(secret)))
+            secrets.append((name, self._snapshots().secret(name, token or "")))
         return tuple(secrets)

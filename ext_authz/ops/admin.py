@@ -11,12 +11,12 @@ from dataclasses import dataclass
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from ..contract import TOKENS_PATH
 from ..policy.config import split_listen
 
 log = logging.getLogger(__name__)
 
 _MAX_REQUEST_HEAD = 8192
-TOKENS_PATH = "/tokens/"  # + a server name: 200 while the sidecar holds a usable token
 _READ_TIMEOUT_S = 5.0
 
 

@@ -9,7 +9,8 @@ import time
 from typing import TextIO
 
 from ..policy.config import DecisionLogSettings
-from ..policy.decision import Decision, PerDecision, RequestFacts
+from ..policy.decision import Decision, RequestFacts
+from ..policy.memo import PerDecision
 
 # Lines are buffered and flushed at most this long after they were written (the sidecar
 # also flushes on a timer and at shutdown): one write syscall per check would cost more

@@ -197,6 +197,22 @@ class Identity:
 NO_IDENTITY = Identity()
 
 
+def identity_from_claims(principal: str, payload: Mapping[str, object] | None,
+                         claim_names: Iterable[str]) -> Identity:
+    """An identity from what Envoy vouches for: the mTLS principal, and the named claims of a
+    verified JWT payload, each as the strings it holds (a string claim one, an array claim
+    its string members; any other value none)."""
+    claims = []
+    if payload is not None:
+        for name in sorted(claim_names):
+            value = payload.get(name)
+            values = (value,) if isinstance(value, str) else tuple(
+                v for v in value if isinstance(v, str)) if isinstance(value, list) else ()
+            if values:
+                claims.append((name, values))
+    return Identity(principal, tuple(claims))
+
+
 @dataclass(frozen=True, slots=True)
 class IdentityRule:
     """What puts a caller in one named network besides its address."""
@@ -204,14 +220,19 @@ class IdentityRule:
     principals: frozenset[str] = frozenset()  # exact SPIFFE IDs
     principal_prefixes: tuple[str, ...] = ()  # `spiffe://td/ns/x/sa/*` as "spiffe://td/ns/x/sa/"
     claims: tuple[tuple[str, frozenset[str]], ...] = ()  # claim -> values, any one matching
+    # As the config lists them, for the renderer (Envoy's RBAC says the same rules).
+    patterns: tuple[str, ...] = field(default=(), compare=False)
+    claim_values: tuple[tuple[str, tuple[str, ...]], ...] = field(default=(), compare=False)
 
     @classmethod
     def of(cls, principals: Iterable[str], claims: Mapping[str, Iterable[str]]) -> IdentityRule:
+        principals = tuple(principals)
         exact = frozenset(p for p in principals if not p.endswith("/*"))
         prefixes = tuple(sorted((p[:-1] for p in principals if p.endswith("/*")),
                                 key=len, reverse=True))
-        return cls(exact, prefixes, tuple((name, frozenset(values))
-                                          for name, values in claims.items()))
+        listed = tuple((name, tuple(values)) for name, values in claims.items())
+        return cls(exact, prefixes, tuple((name, frozenset(values)) for name, values in listed),
+                   principals, listed)
 
     def __bool__(self) -> bool:
         return bool(self.principals or self.principal_prefixes or self.claims)
@@ -261,20 +282,23 @@ class NetworkMap:
     is named by the most specific one (see `place`), ties going to the network listed first.
     """
 
-    __slots__ = ("_identities", "_ranked", "_sets", "claim_names")
+    __slots__ = ("_cidrs", "_identities", "_ranked", "_rules", "_sets", "claim_names")
 
     def __init__(self, named: Iterable[tuple[str, Iterable[IPNetwork]]],
                  identities: Iterable[tuple[str, IdentityRule]] = ()) -> None:
-        named = [(name, tuple(networks)) for name, networks in named]
-        order = {name: index for index, (name, _) in enumerate(named)}
+        listed = [(name, tuple(networks)) for name, networks in named]
+        rules = tuple(identities)
+        self._cidrs = dict(listed)
+        self._rules = dict(rules)
+        order = {name: index for index, (name, _) in enumerate(listed)}
         self._identities = tuple((order.get(name, len(order)), name, rule)
-                                 for name, rule in identities if rule)
+                                 for name, rule in rules if rule)
         # The claims any rule names: the only ones read from a request.
         self.claim_names = frozenset(claim for _, _, rule in self._identities
                                      for claim, _ in rule.claims)
-        self._sets = tuple((name, NetworkSet(networks)) for name, networks in named)
+        self._sets = tuple((name, NetworkSet(networks)) for name, networks in listed)
         self._ranked = sorted(
-            ((network, name, order) for order, (name, networks) in enumerate(named)
+            ((network, name, order) for order, (name, networks) in enumerate(listed)
              for network in networks),
             key=lambda entry: (-entry[0].prefixlen, entry[2]),
         )
@@ -282,6 +306,14 @@ class NetworkMap:
     @property
     def uses_identities(self) -> bool:
         return bool(self._identities)
+
+    def cidrs(self, name: str) -> tuple[IPNetwork, ...]:
+        """The CIDRs of a named network, as configured (none for an unknown name)."""
+        return self._cidrs.get(name, ())
+
+    def identity_rule(self, name: str) -> IdentityRule:
+        """What places a caller in a named network by who it is (empty: nothing)."""
+        return self._rules.get(name, IdentityRule())
 
     def place(self, address: IPAddress | None, identity: Identity = NO_IDENTITY) -> Placement:
         """Place a caller: by address (no address at all is external) and by identity.

@@ -10,20 +10,21 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 
-from .config import RoutingSettings, ServerSettings
+from .config import ServerSettings
+from .routing import ServerAddress
 
 
-def entry(name: str, server: ServerSettings, routing: RoutingSettings) -> dict[str, str]:
+def entry(name: str, server: ServerSettings, address: ServerAddress) -> dict[str, str]:
     """What the registry says of one server: its name, title, description and where it is."""
     listed = {"name": name}
     if server.title is not None:
         listed["title"] = server.title
     if server.description is not None:
         listed["description"] = server.description
-    if routing.path_prefix is not None:
-        listed["path"] = f"{routing.path_prefix}{name}"
+    if address.path is not None:
+        listed["path"] = address.path
     else:
-        listed["host"] = f"{name}{routing.host_suffix or ''}"
+        listed["host"] = address.host
     return listed
 
 

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+from ..contract import KIND_EXTENSION, PROTECTED_RESOURCE
 from .config import RoutingSettings
 
 RouteSource = Literal["context_extension", "path", "host", "none"]
@@ -13,23 +14,20 @@ RouteSource = Literal["context_extension", "path", "host", "none"]
 # OAuth protected-resource metadata (RFC 9728).
 RouteKind = Literal["mcp", "registry", "discovery"]
 
-# A context extension with this value names no server: `envoy-config` puts it on the
-# catch-all route, so whatever Envoy itself would not route is answered not_found.
-NO_SERVER = ""
 
-# `envoy-config` marks the routes whose tool rules its ext_proc filter judges: ext_authz then
-# decides the server alone, before Envoy buffers any body, so a hidden server answers exactly
-# as an unknown one whatever the body. Without the mark, ext_authz needs the body itself.
-TOOL_RULES_EXTENSION = "mcp_tool_rules"
-TOOL_RULES_BY_EXT_PROC = "ext_proc"
 
-# `envoy-config` marks its registry and discovery routes with this context extension; without
-# it (Istio), the path says.
-KIND_EXTENSION = "mcp_route"
-# RFC 9728's well-known prefix: the metadata of `https://host/mcp/x` is at
-# `https://host/.well-known/oauth-protected-resource/mcp/x` (or, for `https://host`, at
-# the prefix itself).
-PROTECTED_RESOURCE = "/.well-known/oauth-protected-resource"
+@dataclass(frozen=True, slots=True)
+class ServerAddress:
+    """Where callers reach a server at the gateway: a path, or a host (`routing`)."""
+
+    path: str | None  # path_prefix + name; None when servers are named by host
+    host: str  # name + host_suffix (what a host-routed caller addresses)
+
+    @classmethod
+    def of(cls, settings: RoutingSettings, name: str) -> ServerAddress:
+        prefix = settings.path_prefix
+        return cls(None if prefix is None else f"{prefix}{name}",
+                   f"{name}{settings.host_suffix or ''}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,7 +25,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from ext_authz.render.bootstrap import DATA_PATHS
+from ext_authz.render.options import DATA_PATHS
 from tests.e2e.harness import (
     Process,
     envoy_config,

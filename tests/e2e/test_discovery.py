@@ -23,10 +23,10 @@ import yaml
 from mcp.client.auth.extensions.client_credentials import ClientCredentialsOAuthProvider
 from mcp.shared.auth import OAuthClientInformationFull, OAuthToken
 
+from ext_authz.policy.compile import Policy
 from ext_authz.policy.config import parse_config
-from ext_authz.policy.decision import Policy
 from ext_authz.policy.network import Placement
-from ext_authz.render.bootstrap import DATA_PATHS
+from ext_authz.render.options import DATA_PATHS
 from tests.e2e.harness import (
     ROOT,
     Process,

@@ -180,7 +180,8 @@ async def test_generated_config_speaks_mtls(tmp_path: Path,
                                             mtls_sidecar: tuple[Sidecar, CertFiles]) -> None:
     """`envoy-config` output for a TLS sidecar works against it: the sidecar's own 404 body
     comes back through Envoy, so the mTLS hop carried the check."""
-    from ext_authz.render.bootstrap import HostPort, SidecarTLS, build_bootstrap, render
+    from ext_authz.render.bootstrap import build_bootstrap, render
+    from ext_authz.render.options import HostPort, SidecarTLS
 
     sidecar, certs = mtls_sidecar
     admin, listener = free_port(), free_port()

@@ -54,14 +54,10 @@ def render(name: str, data_path: str, tmp_path: Path,
 
 def served(bootstrap: dict[str, Any], config_path: Path) -> str:
     """The listener and clusters the sidecar serves a native bootstrap's Envoy over ADS."""
+    from ext_authz.contract import NODE_KEY
     from ext_authz.policy.config import load_config
-    from ext_authz.render.bootstrap import (
-        NODE_KEY,
-        DataPlane,
-        HostPort,
-        data_plane_resources,
-        watchdog_address,
-    )
+    from ext_authz.render.native import snapshot as data_plane_resources
+    from ext_authz.render.options import DataPlane, HostPort, watchdog_address
 
     config = load_config(config_path, env={}, secrets=False)
     plane = DataPlane.from_struct(bootstrap["node"]["metadata"][NODE_KEY])

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from ext_authz.render.bootstrap import DATA_PATHS
+from ext_authz.render.options import DATA_PATHS
 from tests.topology.compose import ROOT, load_compose
 from tests.topology.netns import Lab, unavailable_reason
 from tests.topology.stack import Stack

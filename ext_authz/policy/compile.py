@@ -1,0 +1,192 @@
+"""A config compiled once for the hot path: the Policy every edge and the renderer read."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+from ..mcp.jsonrpc import UnknownToolAnswer
+from .config import DEFAULT_TOOL, Config, McpSettings, OAuth2Settings, RoutingSettings
+from .memo import Memo, PerDecision
+from .network import Identity, NetworkMap, NetworkSet, Placement, identity_from_claims
+from .registry import entry, registry_body
+from .routing import ServerAddress
+
+if TYPE_CHECKING:
+    from .decision import Decision
+
+
+@dataclass(frozen=True, slots=True)
+class Visibility:
+    """Who sees a server or a tool, and the config key that says so."""
+
+    public: bool
+    visible_to: frozenset[str]
+    key: str  # e.g. "servers.github" or "servers.github.tools.delete_repo"
+    audience: tuple[str, ...] = field(default=(), compare=False)  # visible_to, in config order
+
+    def judge(self, placement: Placement) -> tuple[bool, str]:
+        """Whether a caller so placed sees it, and the config key that decided."""
+        if self.public:
+            return True, f"{self.key}.available_on_public_internet"
+        if placement.internal:
+            return True, "network.internal_ranges"
+        if not self.visible_to.isdisjoint(placement.members):
+            return True, f"{self.key}.visible_to"
+        setting = "visible_to" if self.visible_to else "available_on_public_internet"
+        return False, f"{self.key}.{setting}"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerPolicy:
+    """One configured server, as the hot path needs it."""
+
+    name: str
+    visibility: Visibility
+    oauth2: OAuth2Settings | None
+    tools: Mapping[str, Visibility] = field(default_factory=dict)  # "*": the tools unlisted
+    unknown_tool_reply: UnknownToolAnswer = "server"
+    server_info: tuple[str, str] = ("", "")  # the name and version the MCP server reports
+    listed: Mapping[str, str] = field(default_factory=dict)  # its registry entry
+    address: ServerAddress | None = None  # where callers reach it at the gateway
+
+    @property
+    def public(self) -> bool:
+        return self.visibility.public
+
+    @property
+    def has_tool_rules(self) -> bool:
+        """Whether a request's body decides what it may call (the server has `tools`)."""
+        return bool(self.tools)
+
+    @property
+    def caller_brings_token(self) -> bool:
+        """Whether callers bring their own token (no oauth2: the gateway injects none, and
+        OAuth discovery and the upstream's challenges are passed on, naming the gateway)."""
+        return self.oauth2 is None
+
+    def tool_rule(self, name: str) -> tuple[str, Visibility] | None:
+        """The rule of a tool, and its key: its own, else the default "*", else none (the
+        server's own rule holds)."""
+        if name in self.tools and name != DEFAULT_TOOL:
+            return name, self.tools[name]
+        default = self.tools.get(DEFAULT_TOOL)
+        return (DEFAULT_TOOL, default) if default is not None else None
+
+    def tool_visible(self, name: str, placement: Placement) -> bool:
+        """Whether a caller so placed may call (and see listed) the tool of this name."""
+        rule = self.tool_rule(name)
+        return rule is None or rule[1].judge(placement)[0]
+
+    @classmethod
+    def from_config(cls, name: str, config: Config) -> ServerPolicy:
+        server = config.servers[name]
+        key = f"servers.{name}"
+        address = ServerAddress.of(config.routing, name)
+        tools = {tool: Visibility(rule.available_on_public_internet,
+                                  frozenset(rule.visible_to), f"{key}.tools.{tool}",
+                                  rule.visible_to)
+                 for tool, rule in server.tools.items()}
+        info = server.server_info
+        return cls(name, Visibility(server.available_on_public_internet,
+                                    frozenset(server.visible_to), key, server.visible_to),
+                   server.oauth2, tools, server.unknown_tool_reply,
+                   (info.name, info.version) if info is not None else (name, ""),
+                   entry(name, server, address), address)
+
+# Decisions are remembered per (peer, X-Forwarded-For, route inputs): the same few callers
+# ask about the same few servers again and again, and a Policy never changes (a reload
+# builds a new one). Bounded: cleared when full; requests with long inputs are not kept.
+DECISION_CACHE_SIZE = 16384
+DECISION_CACHE_MAX_INPUT = 512
+IDENTITY_CACHE_MAX_INPUT = 4096  # a principal and a verified payload, serialized
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """A config compiled once for the hot path: network sets built, servers in a dict."""
+
+    networks: NetworkMap
+    trusted_proxies: NetworkSet
+    routing: RoutingSettings
+    servers: Mapping[str, ServerPolicy]
+    max_xff_entries: int
+    max_xff_bytes: int
+    mcp: McpSettings = field(default_factory=McpSettings)
+    # Where Envoy's jwt_authn leaves the verified payload (None: no claim rules).
+    claims_key: str | None = None
+    # Per configured tool: a server decision -> the same decision naming the tool, remembered
+    # so that an allowed tools/call keeps the identity PerDecision looks values up by.
+    tool_decisions: Mapping[str, PerDecision[Decision]] = field(
+        default_factory=dict, compare=False, repr=False)
+    # What the hot path derives, remembered per Policy (a reload builds a new one): each a
+    # bounded memo (see memo.py).
+    decision_cache: Memo[tuple[str, str | None, str | None, str | None, str, str, str,
+                               Identity], Decision] = field(
+        default_factory=lambda: Memo(DECISION_CACHE_SIZE), compare=False, repr=False)
+    # The identity read from a principal and a serialized jwt_authn payload: a caller sends
+    # the same token again and again.
+    identities: Memo[tuple[str, bytes], Identity] = field(
+        default_factory=lambda: Memo(DECISION_CACHE_SIZE), compare=False, repr=False)
+    # The registry answer per set of networks a caller is in (see registry).
+    registries: Memo[frozenset[str], bytes] = field(
+        default_factory=lambda: Memo(DECISION_CACHE_SIZE), compare=False, repr=False)
+    # ext_authz's decisions as ext_proc takes them up, by what ext_authz said (see resume).
+    resumed: Memo[tuple[str, str, str, str], Decision] = field(
+        default_factory=lambda: Memo(DECISION_CACHE_SIZE), compare=False, repr=False)
+    # A server decision -> the same for a body that calls tools (and no configured one), or
+    # that lists them: what ext_proc needs to know of the answer it is to rewrite.
+    calling: PerDecision[Decision] = field(
+        default_factory=lambda: PerDecision(lambda d: replace(d, calls_tools=True),
+                                            DECISION_CACHE_SIZE), compare=False, repr=False)
+    listing: PerDecision[Decision] = field(
+        default_factory=lambda: PerDecision(lambda d: replace(d, lists_tools=True),
+                                            DECISION_CACHE_SIZE), compare=False, repr=False)
+
+    def registry(self, placement: Placement) -> bytes:
+        """The registry a caller so placed gets: the servers it may see, and only those."""
+        body = self.registries.get(placement.members)
+        if body is None:
+            body = self.registries.keep(placement.members, registry_body(
+                server.listed for server in self.servers.values()
+                if server.visibility.judge(placement)[0]))
+        return body
+
+    def identity(self, principal: str, verified: bytes,
+                 payload: Callable[[], Mapping[str, object] | None]) -> Identity:
+        """Who a caller is: its principal, and the claims a rule names of the JWT payload
+        Envoy verified (`verified`, its serialized form, keys the memo; `payload` reads it
+        only when it is not remembered). Callers whose inputs are huge are not remembered."""
+        key = (principal, verified)
+        identity = self.identities.get(key)
+        if identity is None:
+            identity = identity_from_claims(principal, payload(), self.networks.claim_names)
+            if len(principal) + len(verified) <= IDENTITY_CACHE_MAX_INPUT:
+                self.identities.keep(key, identity)
+        return identity
+
+    @classmethod
+    def from_config(cls, config: Config) -> Policy:
+        return cls(
+            networks=NetworkMap(config.network.named(), config.network.identities()),
+            claims_key=(config.jwt.payload_in_metadata
+                        if config.jwt is not None and config.network.uses_claims else None),
+            trusted_proxies=NetworkSet(config.network.trusted_proxies),
+            routing=config.routing,
+            servers={name: ServerPolicy.from_config(name, config) for name in config.servers},
+            max_xff_entries=config.network.max_xff_entries,
+            max_xff_bytes=config.network.max_xff_bytes,
+            mcp=config.mcp,
+            tool_decisions={tool: PerDecision(_naming(tool), DECISION_CACHE_SIZE)
+                            for server in config.servers.values() for tool in server.tools},
+        )
+
+
+def _naming(tool: str) -> Callable[[Decision], Decision]:
+    def derive(decision: Decision) -> Decision:
+        assert decision.server is not None
+        _, rule = decision.server.tools[tool].judge(decision.placement)
+        return replace(decision, tool=tool, rule=rule, calls_tools=True)
+
+    return derive

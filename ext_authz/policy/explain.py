@@ -1,0 +1,103 @@
+"""A decision in words: the steps `check` prints, and its JSON report."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ..contract import NO_SERVER
+from ..mcp.jsonrpc import NO_BODY, Body, read_tool_calls
+from .compile import Visibility
+from .decision import Decision
+from .network import Placement
+
+
+def _placement(placement: Placement) -> str:
+    who = f"; identity: {', '.join(placement.matched)}" if placement.matched else ""
+    if not placement.members:
+        return "network: external (in no configured network)"
+    if len(placement.members) == 1:
+        return f"network: {placement.name}{who}"
+    others = ", ".join(sorted(placement.members - {placement.name}))
+    return f"network: {placement.name} (the most specific; also in {others}){who}"
+
+
+def _visibility(decision: Decision, visibility: Visibility, what: str) -> str:
+    if visibility.public:
+        return f"{what} is available on the public internet"
+    audience = ", ".join(sorted(visibility.visible_to))
+    limited = f"{what} is internal-only" + (f" (also visible to {audience})" if audience else "")
+    if decision.placement.internal:
+        return f"{limited}; the caller is internal"
+    seen_by = sorted(visibility.visible_to & decision.placement.members)
+    if seen_by:
+        return f"{limited}; the caller is in {', '.join(seen_by)}"
+    return f"{limited}; the caller is {decision.network}"
+
+
+def explain(decision: Decision) -> list[str]:
+    """Describe each step of a decision in words, for `check` and for debugging."""
+    if decision.reason == "bad_request":
+        return [decision.detail]
+    steps = [decision.client.explain(), _placement(decision.placement)]
+    target = decision.route
+    if target.kind == "registry":
+        steps.append("the registry (routing.registry_path): it lists the servers this caller"
+                     " may see")
+    elif target.name is None:
+        steps.append("no server named by context extension, path or host")
+    elif target.name == NO_SERVER:
+        steps.append("the route names no server (Envoy's catch-all route)")
+    else:
+        steps.append(f"server {target.name!r} named by {target.source.replace('_', ' ')}")
+    if target.kind == "discovery":
+        steps.append("OAuth protected-resource metadata (RFC 9728) of that server: its"
+                     " `resource` is rewritten to the gateway's URL")
+    server = decision.server
+    if server is None:
+        if target.name:
+            steps.append(f"server {target.name!r} is not configured")
+    else:
+        steps.append(_visibility(decision, server.visibility, f"server {server.name!r}"))
+        if decision.tool:
+            tool = server.tools[decision.tool]
+            steps.append(_visibility(decision, tool, f"tool {decision.tool!r}"))
+    if decision.reason == "registry":
+        listed = json.loads(decision.reply)["servers"]
+        steps.append("lists: " + (", ".join(s["name"] for s in listed) or "no server"))
+    elif decision.oauth2 is not None:
+        steps.append(f"token for client_id {decision.oauth2.client_id!r} would be injected")
+    elif decision.allowed:
+        steps.append("server has no oauth2 settings: nothing injected")
+    if decision.detail:
+        steps.append(decision.detail)
+    if decision.reason == "tool_hidden":
+        steps.append("the call goes on under a fresh name, for the server to answer as the"
+                     " unknown tool it then is (unknown_tool_reply: server)")
+    if decision.rule:
+        steps.append(f"decided by {decision.rule}")
+    steps.append(f"decision: {decision.reason} (HTTP {decision.http_status})")
+    return steps
+
+
+def check_report(decision: Decision, body: Body = NO_BODY) -> dict[str, Any]:
+    """The JSON object `check` prints for a decision."""
+    client = decision.client.address
+    called = read_tool_calls(body, len(body.data) + 1, 1_000_000).calls if body.data else ()
+    return {
+        "client_ip": str(client) if client is not None else None,
+        "network": decision.network,
+        "networks": sorted(decision.placement.members),
+        "identity": list(decision.placement.matched),  # which principal or claim matched
+        "server": decision.server_name,
+        "route": decision.route.kind,  # mcp, registry or discovery
+        "tools_called": [call.name for call in called],
+        "tool": decision.tool or None,  # the configured tool whose rule applied
+        "rule": decision.rule or None,  # the config key that decided visibility
+        "allowed": decision.allowed,
+        "http_status": decision.http_status,
+        "reason": decision.reason,
+        "inject_token": decision.oauth2 is not None,
+        "reply": decision.reply.decode() if decision.reply else None,
+        "steps": explain(decision),
+    }
