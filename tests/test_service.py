@@ -130,7 +130,7 @@ class TestDecisions:
         """An exception inside the decision becomes a denial; the servicer never raises."""
         def broken(*args: object) -> None:
             raise RuntimeError("boom")
-        monkeypatch.setattr("ext_authz.edges.authz.decide", broken)
+        monkeypatch.setattr("ext_authz.edges.pipeline.decide", broken)
         response = await stub.Check(check_request())
         assert response.status.code == grpc.StatusCode.INTERNAL.value[0]
         assert response.denied_response.status.code == 500

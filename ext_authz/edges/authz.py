@@ -28,7 +28,7 @@ from ..contract import (
 from ..mcp.jsonrpc import NO_BODY, Body, Received, body_headers, request_body
 from ..policy.compile import Policy
 from ..policy.decision import Decision, RequestFacts
-from ..policy.memo import PerDecision
+from ..policy.memo import Memo, PerDecision
 from ..policy.network import NO_IDENTITY, Identity
 from ..policy.outcomes import OUTCOMES, Reason, denial_body
 from ..tokens import TokenCache
@@ -212,7 +212,7 @@ _TEMPLATE_BYTES = {reason: template.SerializeToString() for reason, template in 
 _OK_RESPONSE_FIELD = 3
 
 
-_bearer_cache: dict[str, bytes] = {}
+_bearer_cache: Memo[str, bytes] = Memo(64)  # tokens change rarely; a handful are live at once
 
 
 def _bearer(token: str) -> bytes:
@@ -228,9 +228,7 @@ def _bearer(token: str) -> bytes:
         header.append.value = False
         ok = external_auth_pb2.OkHttpResponse(headers=[header])
         encoded = length_delimited(_OK_RESPONSE_FIELD, ok.SerializeToString())
-        if len(_bearer_cache) >= 64:  # tokens change rarely; a handful are live at once
-            _bearer_cache.clear()
-        _bearer_cache[token] = encoded
+        _bearer_cache.keep(token, encoded)
     return encoded
 
 
