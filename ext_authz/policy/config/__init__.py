@@ -1,0 +1,48 @@
+"""Typed, immutable configuration: YAML loading, `${VAR}` and `*_file` secrets, key-path errors.
+
+The package's public names, from its modules: models (the settings), networks, base
+(addresses), load, problems and example.
+"""
+
+from .base import UpstreamAddress, split_listen
+from .example import EXAMPLE_CONFIG, example_config
+from .load import load_config, parse_config, parse_yaml
+from .models import (
+    DEFAULT_TOOL,
+    SERVER_NAME,
+    TOOL_NAME,
+    AdminSettings,
+    Config,
+    DecisionLogSettings,
+    DefaultSettings,
+    GrpcSettings,
+    McpSettings,
+    OAuth2Settings,
+    ReloadSettings,
+    RoutingSettings,
+    ServerInfo,
+    ServerSettings,
+    TLSSettings,
+    TokenSettings,
+    ToolSettings,
+    with_port_offset,
+)
+from .networks import (
+    CLAIM_NAME,
+    DEFAULT_INTERNAL_RANGES,
+    NETWORK_NAME,
+    JwtSettings,
+    NetworkDefinition,
+    NetworkSettings,
+)
+from .problems import config_warnings
+
+__all__ = [
+    "CLAIM_NAME", "DEFAULT_INTERNAL_RANGES", "DEFAULT_TOOL", "EXAMPLE_CONFIG", "NETWORK_NAME",
+    "SERVER_NAME", "TOOL_NAME", "AdminSettings", "Config", "DecisionLogSettings",
+    "DefaultSettings", "GrpcSettings", "JwtSettings", "McpSettings", "NetworkDefinition",
+    "NetworkSettings", "OAuth2Settings", "ReloadSettings", "RoutingSettings", "ServerInfo",
+    "ServerSettings", "TLSSettings", "TokenSettings", "ToolSettings", "UpstreamAddress",
+    "config_warnings", "example_config", "load_config", "parse_config", "parse_yaml",
+    "split_listen", "with_port_offset",
+]

@@ -1,0 +1,320 @@
+"""The config: typed, immutable settings models (pydantic), one per section."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    Field,
+    SecretStr,
+    StrictBool,
+    field_validator,
+    model_validator,
+)
+
+from .base import FrozenModel, UpstreamAddress, parse_listen, split_listen
+from .networks import JwtSettings, NetworkSettings
+
+SERVER_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,62}[A-Za-z0-9_])?$")
+
+TOOL_NAME = re.compile(r"^[A-Za-z0-9_./-]{1,128}$")  # MCP's tool-name alphabet
+
+DEFAULT_TOOL = "*"  # the rule of every tool a server's `tools` does not list
+
+
+class TLSSettings(FrozenModel):
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path | None = None
+
+
+class GrpcSettings(FrozenModel):
+    listen: str = "127.0.0.1:9191"
+    tls: TLSSettings | None = None
+
+    _check_listen = field_validator("listen")(parse_listen)
+
+
+class AdminSettings(FrozenModel):
+    listen: str = "127.0.0.1:9192"
+
+    _check_listen = field_validator("listen")(parse_listen)
+
+
+class RoutingSettings(FrozenModel):
+    context_extension_key: str = "mcp_server"
+    path_prefix: str | None = "/mcp/"
+    host_suffix: str | None = None
+    # GET here lists the servers the caller may see (None: no registry).
+    registry_path: str | None = "/mcp"
+
+    @field_validator("registry_path")
+    @classmethod
+    def _registry_path(cls, value: str | None) -> str | None:
+        if value is not None and (not value.startswith("/") or any(c in value for c in "?#;")
+                                  or value.startswith("/.well-known/")):
+            raise ValueError(f"{value!r} must be a path starting with '/' (no '?', '#' or ';',"
+                             " not under /.well-known/)")
+        return value
+
+    @model_validator(mode="after")
+    def _registry_apart(self) -> RoutingSettings:
+        path, prefix = self.registry_path, self.path_prefix
+        if path is not None and prefix is not None and path.startswith(prefix):
+            raise ValueError(f"registry_path {path!r} is under path_prefix {prefix!r}, where"
+                             " server names go")
+        return self
+
+    @field_validator("path_prefix")
+    @classmethod
+    def _slashes(cls, value: str | None) -> str | None:
+        if value is not None and not (value.startswith("/") and value.endswith("/")):
+            raise ValueError(f"{value!r} must start and end with '/'")
+        return value
+
+    @field_validator("host_suffix")
+    @classmethod
+    def _suffix(cls, value: str | None) -> str | None:
+        if value is not None and (not value or ":" in value):
+            raise ValueError(f"{value!r} must be a non-empty host suffix without a port")
+        return value.lower() if value else value
+
+
+class DefaultSettings(FrozenModel):
+    available_on_public_internet: StrictBool = True
+
+# Upper bounds say what is sane, and keep every derived Envoy timeout one Envoy accepts.
+PositiveSeconds = Annotated[float, Field(gt=0, le=86400)]
+
+
+class TokenSettings(FrozenModel):
+    expiry_buffer_s: Annotated[float, Field(ge=0, le=86400)] = 60
+    min_ttl_s: PositiveSeconds = 10
+    default_ttl_s: PositiveSeconds = 300
+    # One token request; Envoy's ext_authz waits this long plus 0.5 s.
+    timeout_s: Annotated[float, Field(gt=0, le=300)] = 5
+    retry_initial_s: PositiveSeconds = 1
+    retry_max_s: PositiveSeconds = 60
+
+
+class OAuth2Settings(FrozenModel):
+    token_url: str
+    client_id: str = Field(min_length=1)
+    client_secret: SecretStr | None = None
+    client_secret_file: Path | None = None
+    scopes: tuple[str, ...] = ()
+    audience: str | None = None
+    resource: str | None = None
+    auth_method: Literal["client_secret_basic", "client_secret_post"] = "client_secret_basic"
+
+    @field_validator("token_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        match = re.match(r"^https?://([^/?#\s]+)", value)
+        if not match:
+            raise ValueError(f"{value!r} is not an http(s) URL")
+        if "@" in match.group(1):
+            raise ValueError("must not carry credentials; use client_id and client_secret")
+        return value
+
+    @property
+    def display_url(self) -> str:
+        """The token URL without its query string, fit for logs and error messages."""
+        return self.token_url.split("?", 1)[0].split("#", 1)[0]
+
+    @field_validator("scopes")
+    @classmethod
+    def _scopes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for scope in value:
+            if not scope or any(c.isspace() for c in scope):
+                raise ValueError(f"scope {scope!r} must be non-empty and contain no spaces")
+        return value
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> OAuth2Settings:
+        if (self.client_secret is None) == (self.client_secret_file is None):
+            raise ValueError("set exactly one of client_secret and client_secret_file")
+        if self.client_secret is not None and not self.client_secret.get_secret_value():
+            raise ValueError("client_secret is empty")
+        return self
+
+    def secret(self) -> str:
+        """Return the client secret (a `client_secret_file` has been read at load time)."""
+        assert self.client_secret is not None, "load_config reads client_secret_file"
+        return self.client_secret.get_secret_value()
+
+    @cached_property
+    def cache_key(self) -> tuple[str, ...]:
+        """Identify a credential without holding its secret: a rotated secret is a new key."""
+        digest = hashlib.sha256(self.secret().encode()).hexdigest()
+        return (
+            self.token_url,
+            self.client_id,
+            digest,
+            self.auth_method,
+            " ".join(self.scopes),
+            self.audience or "",
+            self.resource or "",
+        )
+
+
+class ToolSettings(FrozenModel):
+    # Defaults to its server's value (filled in by Config). A tool only narrows its server.
+    available_on_public_internet: StrictBool
+    visible_to: tuple[str, ...] = ()
+
+
+class ServerInfo(FrozenModel):
+    name: str
+    version: str = ""
+
+
+class ServerSettings(FrozenModel):
+    # A security boolean: true or false, never "yes", 1 or "off" coerced.
+    available_on_public_internet: StrictBool
+    # What the registry shows of the server, to the callers who may see it.
+    title: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+    description: Annotated[str, Field(min_length=1, max_length=2000)] | None = None
+    # Networks (names from network.networks) that see an internal-only server too.
+    visible_to: tuple[str, ...] = ()
+    oauth2: OAuth2Settings | None = None
+    # Where `envoy-config` sends this server's requests (`--upstream` overrides it).
+    upstream: str | None = None
+    tools: dict[str, ToolSettings] = Field(default_factory=dict)
+    # Who answers a tools/call of a hidden tool. `server` (the default): the server itself,
+    # asked for a fresh name it cannot have, so the answer is its own for an unknown tool,
+    # byte for byte (needs the ext_proc filter envoy-config sets up; where there is none,
+    # as under Istio, the sidecar answers as `tool_error`). Or the sidecar, imitating one:
+    # `tool_error` (a result with isError, as the official Python SDK does) or
+    # `jsonrpc_error` (error -32602, as the MCP specification's example does).
+    unknown_tool_reply: Literal["server", "tool_error", "jsonrpc_error"] = "server"
+    # The name and version the MCP server reports (results of MCP 2026-07-28 carry them, so a
+    # hidden tool's answer must too). Unset: the configured name and an empty version.
+    server_info: ServerInfo | None = None
+
+    @field_validator("upstream")
+    @classmethod
+    def _upstream(cls, value: str | None) -> str | None:
+        if value is not None:
+            UpstreamAddress.parse(value)
+        return value
+
+    @field_validator("tools")
+    @classmethod
+    def _tool_names(cls, value: dict[str, ToolSettings]) -> dict[str, ToolSettings]:
+        for name in value:
+            if name != DEFAULT_TOOL and not TOOL_NAME.match(str(name)):
+                raise ValueError(f"tool name {name!r} must be 1-128 letters, digits,"
+                                 " '_', '-', '.' or '/', or \"*\" for every tool not listed")
+        return value
+
+
+class McpSettings(FrozenModel):
+    # Bounds on the JSON-RPC bodies read for tool rules (servers with `tools`). Envoy
+    # refuses a bigger body itself (413); a batch of more messages is a 400.
+    max_body_bytes: Annotated[int, Field(ge=1024, le=16 * 1024 * 1024)] = 1024 * 1024
+    max_batch_messages: Annotated[int, Field(ge=1, le=1000)] = 32
+
+
+class DecisionLogSettings(FrozenModel):
+    enabled: StrictBool = True
+    path: Path | None = None  # None: stdout
+    # Denials are always written; allowed checks with this probability.
+    sample_allowed: Annotated[float, Field(ge=0, le=1)] = 1.0
+
+
+class ReloadSettings(FrozenModel):
+    # Poll the config file (and the secret and TLS files it names) for changes.
+    watch: StrictBool = True
+    poll_interval_s: PositiveSeconds = 2.0
+
+
+class Config(FrozenModel):
+    grpc: GrpcSettings = GrpcSettings()
+    admin: AdminSettings | None = AdminSettings()
+    decision_log: DecisionLogSettings = DecisionLogSettings()
+    reload: ReloadSettings = ReloadSettings()
+    network: NetworkSettings = NetworkSettings()
+    routing: RoutingSettings = RoutingSettings()
+    defaults: DefaultSettings = DefaultSettings()
+    tokens: TokenSettings = TokenSettings()
+    mcp: McpSettings = McpSettings()
+    jwt: JwtSettings | None = None  # needed by jwt_claims rules
+    servers: dict[str, ServerSettings] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_defaults(cls, data: Any) -> Any:
+        # Each server inherits `defaults.available_on_public_internet` unless it sets its own,
+        # so the resolved value is visible in one place (ServerSettings) after loading.
+        if not isinstance(data, dict) or not isinstance(data.get("servers"), dict):
+            return data
+        defaults = data.get("defaults")
+        public = True
+        if isinstance(defaults, dict) and isinstance(
+            defaults.get("available_on_public_internet"), bool
+        ):
+            public = defaults["available_on_public_internet"]
+        servers = {}
+        for name, server in data["servers"].items():
+            if server is None:
+                server = {}
+            if isinstance(server, dict):
+                server = {"available_on_public_internet": public, **server}
+                server_public = server["available_on_public_internet"]
+                if isinstance(server.get("tools"), dict):
+                    # ... and each tool its server's value.
+                    server["tools"] = {
+                        tool: {"available_on_public_internet": server_public, **(rule or {})}
+                        if isinstance(rule, dict | None) else rule
+                        for tool, rule in server["tools"].items()}
+            servers[name] = server
+        return {**data, "servers": servers}
+
+    def credentials(self) -> dict[str, OAuth2Settings]:
+        """The client-credentials settings of every server that has them."""
+        return {n: s.oauth2 for n, s in self.servers.items() if s.oauth2 is not None}
+
+    def watched_files(self) -> tuple[Path, ...]:
+        """Files besides the config itself whose change should trigger a reload."""
+        files: list[Path] = []
+        for server in self.servers.values():
+            if server.oauth2 is not None and server.oauth2.client_secret_file is not None:
+                files.append(server.oauth2.client_secret_file)
+        if self.grpc.tls is not None:
+            tls = self.grpc.tls
+            files += [f for f in (tls.cert_file, tls.key_file, tls.client_ca_file) if f]
+        return tuple(files)
+
+    @field_validator("servers")
+    @classmethod
+    def _names(cls, value: dict[str, ServerSettings]) -> dict[str, ServerSettings]:
+        for name in value:
+            if not SERVER_NAME.match(str(name)):
+                raise ValueError(
+                    f"server name {name!r} must be 1-64 letters, digits, '.', '_' or '-'"
+                    " and start and end with a letter or digit"
+                )
+        return value
+
+
+def _shift(listen: str, offset: int) -> str:
+    if listen.startswith("unix:"):
+        return f"{listen}.{offset}"
+    host, port = split_listen(listen)
+    return f"{host}:{port + offset}" if port else listen
+
+
+def with_port_offset(config: Config, offset: int) -> Config:
+    """The config of worker `offset`: gRPC and admin ports shifted by it (unix paths suffixed)."""
+    if offset == 0:
+        return config
+    grpc = config.grpc.model_copy(update={"listen": _shift(config.grpc.listen, offset)})
+    admin = config.admin
+    if admin is not None:
+        admin = admin.model_copy(update={"listen": _shift(admin.listen, offset)})
+    return config.model_copy(update={"grpc": grpc, "admin": admin})

@@ -1,0 +1,175 @@
+"""What is wrong with a config, in words that name the key: validation errors, cross-key
+problems, unreadable files, and warnings for what is valid but almost certainly a mistake."""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+from typing import Any
+
+from pydantic import SecretStr
+
+from ..network import INTERNAL
+from .models import Config, TLSSettings
+
+
+def key_path(loc: tuple[int | str, ...]) -> str:
+    parts: list[str] = []
+    for part in loc:
+        if isinstance(part, int):
+            parts.append(f"[{part}]")
+        elif part.startswith(("function-", "tagged-union")) or part in {"list[...]"}:
+            continue
+        else:
+            parts.append(("." if parts else "") + part)
+    return "".join(parts) or "(top level)"
+
+# pydantic's messages for the common mistakes, in our words.
+_MESSAGES = {
+    "missing": "is required",
+    "extra_forbidden": "is not a setting here (misspelt, or in the wrong section?)",
+    "bool_type": "must be true or false",
+    "bool_parsing": "must be true or false",
+    "int_type": "must be a whole number",
+    "int_parsing": "must be a whole number",
+    "int_from_float": "must be a whole number",
+    "float_type": "must be a number",
+    "float_parsing": "must be a number",
+    "string_type": "must be a string",
+    "string_too_short": "must not be empty",
+    "tuple_type": "must be a list",
+    "list_type": "must be a list",
+    "dict_type": "must be a mapping",
+    "model_type": "must be a mapping",
+    "model_attributes_type": "must be a mapping",
+    "finite_number": "must be a finite number",
+}
+
+# Where a setting's value may be shown back (never a secret's).
+_SHOWN_TYPES = frozenset(("bool_type", "bool_parsing", "int_type", "int_parsing",
+                          "int_from_float", "float_type", "float_parsing", "literal_error",
+                          "greater_than", "greater_than_equal", "less_than",
+                          "less_than_equal"))
+
+
+def describe_error(error: Any) -> str:
+    """One pydantic error as `key.path: what is wrong`, in our words."""
+    path = key_path(error["loc"])
+    kind, context = error["type"], error.get("ctx") or {}
+    if kind == "value_error":
+        message = str(context.get("error", error["msg"]))
+    elif kind == "literal_error":
+        message = f"must be one of {context.get('expected')}"
+    elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        bound = next(iter(context.values()), "")
+        words = {"greater_than": "more than", "greater_than_equal": "at least",
+                 "less_than": "less than", "less_than_equal": "at most"}[kind]
+        message = f"must be {words} {bound}"
+    else:
+        message = _MESSAGES.get(kind, error["msg"])
+    if kind in _SHOWN_TYPES and "secret" not in path and not isinstance(
+            error.get("input"), dict | list):
+        message += f" (got {error['input']!r})"
+    return f"{path}: {message}"
+
+
+def visibility_problems(config: Config) -> list[str]:
+    """Check every visible_to against the named networks, and that tools only narrow."""
+    known = [name for name, _ in config.network.named()]
+    problems = []
+
+    def unknown(key: str, names: tuple[str, ...]) -> None:
+        for index, name in enumerate(names):
+            if name not in known:
+                problems.append(f"{key}[{index}]: unknown network {name!r}"
+                                f" (known: {', '.join(known)})")
+
+    for server_name, server in config.servers.items():
+        key = f"servers.{server_name}"
+        if server.visible_to and server.available_on_public_internet:
+            problems.append(f"{key}.visible_to: only a server with"
+                            " available_on_public_internet: false takes visible_to"
+                            " (a public server is visible to every network)")
+        unknown(f"{key}.visible_to", server.visible_to)
+        for tool_name, tool in server.tools.items():
+            tool_key = f"{key}.tools.{tool_name}"
+            if tool.available_on_public_internet and not server.available_on_public_internet:
+                problems.append(f"{tool_key}.available_on_public_internet: a tool of an"
+                                " internal-only server cannot be public (a tool only narrows"
+                                " what its server allows)")
+            if tool.visible_to and tool.available_on_public_internet:
+                problems.append(f"{tool_key}.visible_to: only a tool with"
+                                " available_on_public_internet: false takes visible_to")
+            unknown(f"{tool_key}.visible_to", tool.visible_to)
+            if not server.available_on_public_internet:
+                for index, name in enumerate(tool.visible_to):
+                    if name in known and name not in (INTERNAL, *server.visible_to):
+                        problems.append(
+                            f"{tool_key}.visible_to[{index}]: network {name!r} cannot see"
+                            f" server {server_name!r} (add it to {key}.visible_to first:"
+                            " a tool only narrows what its server allows)")
+    return problems
+
+
+def read_files(config: Config) -> tuple[Config, list[str]]:
+    """Read every `client_secret_file` into `client_secret`; check the TLS files load."""
+    problems = []
+    servers = dict(config.servers)
+    for name, server in config.servers.items():
+        oauth2 = server.oauth2
+        if oauth2 is None or oauth2.client_secret_file is None:
+            continue
+        key = f"servers.{name}.oauth2.client_secret_file"
+        try:
+            secret = oauth2.client_secret_file.read_text().rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            problems.append(f"{key}: cannot read {str(oauth2.client_secret_file)!r} ({exc})")
+            continue
+        if not secret:
+            problems.append(f"{key}: {str(oauth2.client_secret_file)!r} is empty")
+            continue
+        resolved = oauth2.model_copy(update={"client_secret": SecretStr(secret)})
+        servers[name] = server.model_copy(update={"oauth2": resolved})
+    if config.grpc.tls is not None:
+        problems += _tls_problems(config.grpc.tls)
+    return config.model_copy(update={"servers": servers}), problems
+
+
+def _tls_problems(tls: TLSSettings) -> list[str]:
+    # Load them as the gRPC listener will, so that a key that does not match its certificate
+    # is said so here, not as "cannot listen" at start nor as a successful reload.
+    missing = [f"grpc.tls.{key}: {str(path)!r} is not a readable file"
+               for key in ("cert_file", "key_file", "client_ca_file")
+               if (path := getattr(tls, key)) is not None and not Path(path).is_file()]
+    if missing:
+        return missing
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(tls.cert_file, tls.key_file)
+    except ssl.SSLError as exc:
+        reason = "does not match grpc.tls.cert_file" if "KEY_VALUES_MISMATCH" in str(
+            exc) else f"cannot be loaded with grpc.tls.cert_file ({exc.reason or exc})"
+        return [f"grpc.tls.key_file: {str(tls.key_file)!r} {reason}"]
+    if tls.client_ca_file is not None:
+        try:
+            context.load_verify_locations(tls.client_ca_file)
+        except ssl.SSLError as exc:
+            return [f"grpc.tls.client_ca_file: {str(tls.client_ca_file)!r} holds no usable"
+                    f" CA certificate ({exc.reason or exc})"]
+    return []
+
+
+def config_warnings(config: Config) -> list[str]:
+    """What is valid but almost certainly a mistake: said on stderr and in the service log."""
+    warnings = []
+    for key, networks in (("network.trusted_proxies", config.network.trusted_proxies),
+                          ("network.internal_ranges", config.network.internal_ranges),
+                          *((f"network.networks.{name}", network.cidrs)
+                            for name, network in config.network.networks.items())):
+        for index, network in enumerate(networks):
+            if network.prefixlen == 0:
+                meaning = ("every address may then forge X-Forwarded-For"
+                           if key == "network.trusted_proxies" else
+                           "every caller, the whole internet, is then in it")
+                warnings.append(f"{key}[{index}]: {network} holds every address: {meaning}")
+    return warnings
