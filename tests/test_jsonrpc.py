@@ -21,8 +21,8 @@ from ext_authz.mcp.jsonrpc import (
     fold_key,
     read_tool_calls,
     request_body,
-    unknown_tool_reply,
 )
+from ext_authz.mcp.replies import unknown_tool_reply
 
 MAX_BYTES, MAX_BATCH = 65536, 8
 JSON = {"content-type": ["application/json"]}

@@ -45,7 +45,8 @@ from .._proto.envoy.config.core.v3 import base_pb2
 from .._proto.envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from .._proto.envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
 from ..contract import EXT_PROC_SERVICE
-from ..mcp.jsonrpc import INVALID_REQUEST, body_headers, error_reply, request_body
+from ..mcp.jsonrpc import INVALID_REQUEST, body_headers, request_body
+from ..mcp.replies import error_reply
 from ..mcp.rewrite import EventStream, Path, drop_tools, fresh_name, rename, restore, set_member
 from ..policy.decision import Decision, RequestFacts, decide_tools, resume
 from ..policy.outcomes import denial_body

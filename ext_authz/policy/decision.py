@@ -6,16 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from ..contract import KIND_EXTENSION
-from ..mcp.jsonrpc import (
-    INVALID_REQUEST,
-    Body,
-    ToolCall,
-    UnknownToolReply,
-    error_reply,
-    read_tool_calls,
-    refusal_reply,
-    unknown_tool_reply,
-)
+from ..mcp.jsonrpc import INVALID_REQUEST, Body, ToolCall, UnknownToolReply, read_tool_calls
+from ..mcp.replies import error_reply, refusal_reply, unknown_tool_reply
 from .compile import DECISION_CACHE_MAX_INPUT, Policy, ServerPolicy
 from .config import OAuth2Settings
 from .network import (
