@@ -12,6 +12,7 @@ principal, a verified JWT's claims) is only what Envoy itself vouches for.
 from __future__ import annotations
 
 import ipaddress
+import re
 from bisect import bisect_right
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -236,6 +237,12 @@ class IdentityRule:
 
     def __bool__(self) -> bool:
         return bool(self.principals or self.principal_prefixes or self.claims)
+
+    def principal_matchers(self) -> list[tuple[Literal["exact", "regex"], str]]:
+        """The principals as Envoy's RBAC matches them, in config order: an exact SPIFFE ID,
+        or a regular expression for a wildcard (one last path segment, as `match` reads it)."""
+        return [("regex", re.escape(pattern[:-1]) + "[^/]+") if pattern.endswith("/*")
+                else ("exact", pattern) for pattern in self.patterns]
 
     def match(self, identity: Identity) -> tuple[int, str] | None:
         """How specifically the identity matches (lower is more) and by what, or None:

@@ -7,7 +7,6 @@ and identity rule, as the sidecar judges them.
 from __future__ import annotations
 
 import ipaddress
-import re
 from collections.abc import Iterable
 
 from envoy_data_plane.envoy.config.core.v3 import CidrRange
@@ -71,13 +70,9 @@ def _identity_principals(rule: IdentityRule, claims_key: str) -> list[Principal]
     """Who is in a network by identity, as RBAC says it: Envoy's own view of the mTLS peer
     (`authenticated`) and jwt_authn's verified payload (dynamic metadata)."""
     principals = []
-    for pattern in rule.patterns:
-        if pattern.endswith("/*"):
-            # One last path segment, as the sidecar reads the wildcard.
-            matcher = StringMatcher(safe_regex=RegexMatcher(
-                regex=re.escape(pattern[:-1]) + "[^/]+"))
-        else:
-            matcher = StringMatcher(exact=pattern)
+    for kind, value in rule.principal_matchers():
+        matcher = (StringMatcher(safe_regex=RegexMatcher(regex=value)) if kind == "regex"
+                   else StringMatcher(exact=value))
         principals.append(Principal(authenticated=PrincipalAuthenticated(
             principal_name=matcher)))
     for claim, values in rule.claim_values:
