@@ -148,6 +148,9 @@ def busy_port(ports: DemoPorts) -> str | None:
     """The first of the demo's ports that is already taken on 127.0.0.1, named; or None."""
     for name, port in vars(ports).items():
         with socket.socket() as sock:
+            # As the servers bind: a port whose last connection sits in TIME_WAIT (a demo
+            # just stopped) is free to them, so it is free here.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:
