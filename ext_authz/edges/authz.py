@@ -257,7 +257,7 @@ _REGISTRY_ANSWERS = PerDecision(_with_reply)
 def request_metadata(decision: Decision, request: external_auth_pb2.CheckRequest | None,
                      path: str) -> bytes:
     """Dynamic metadata for this one request, beyond the decision's own: the gateway URL
-    that an OAuth discovery document must name (see envoy_config; a challenge's URL is
+    that an OAuth discovery document must name (see render/routes.py; a challenge's URL is
     Envoy's own work, so that both data paths name the same)."""
     server = decision.server
     if (not decision.allowed or server is None or not server.caller_brings_token

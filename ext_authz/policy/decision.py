@@ -25,7 +25,7 @@ from .routing import Route, route
 
 @dataclass(frozen=True, slots=True)
 class RequestFacts:
-    """What a CheckRequest says, as plain values (service.py extracts them)."""
+    """What a CheckRequest says, as plain values (the edges extract them)."""
 
     peer: str
     x_forwarded_for: str | None

@@ -7,7 +7,7 @@ from .models import Config
 
 EXAMPLE_CONFIG = """\
 # The built-in example config: what `mcp-ext-authz serve` serves without --config, and what
-# `mcp-ext-authz example-config` prints. Copy it, then make it yours; README "Configure"
+# `mcp-ext-authz example-config` prints. Copy it, then make it yours; docs/configuration.md
 # lists every key.
 grpc:
   listen: 127.0.0.1:9191          # where Envoy's ext_authz (and ext_proc) filter reaches us
