@@ -61,6 +61,7 @@ def http_filter(manager: dict[str, Any], name: str) -> dict[str, Any]:
     return dict(found)
 
 
+@pytest.mark.slow  # a real Envoy or Python process per test
 class TestGenerator:
     @pytest.mark.parametrize(
         ("extra", "argv"),
@@ -358,6 +359,7 @@ class TestGenerator:
         assert message in result.stderr
 
 
+@pytest.mark.slow  # a real Envoy or Python process per test
 class TestCheckedInConfigs:
     def test_no_drift(self) -> None:
         """envoy/ holds exactly what the generator renders."""
@@ -544,6 +546,7 @@ class TestDockerfile:
         assert __version__ in (ROOT / "envoy/istio/deployment.yaml").read_text()
 
 
+@pytest.mark.slow  # a real Envoy or Python process per test
 class TestSidecarTLS:
     def tls_config(self, tmp_path: Path) -> tuple[Path, Any]:
         from tests.certs import make_certs
@@ -648,6 +651,7 @@ def native_resources(tmp_path: Path) -> tuple[dict[str, Any], dict[str, Any],
     return bootstrap, served_listener, {c["name"]: c for c in served["clusters"]}
 
 
+@pytest.mark.slow  # a real Envoy or Python process per test
 class TestNativeDataPath:
     def test_the_bootstrap_validates_and_asks_the_sidecar(self, tmp_path: Path) -> None:
         bootstrap, _, _ = native_resources(tmp_path)

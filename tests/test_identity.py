@@ -196,6 +196,7 @@ def render(tmp_path: Path, data: dict[str, Any], *argv: str) -> subprocess.Compl
                           capture_output=True, text=True, timeout=60, check=False)
 
 
+@pytest.mark.slow  # a real Envoy or Python process per test
 class TestRendering:
     TLS = ("--listen-cert", "/c.pem", "--listen-key", "/c.key", "--client-ca", "/ca.pem")
 

@@ -187,6 +187,7 @@ class TestDecisionLog:
         assert [r["reason"] for r in records] == ["not_found"]
 
 
+@pytest.mark.slow  # a real Envoy or Python process per test
 class TestReload:
     async def test_reload_under_load(self, tmp_path: Path,
                                      token_endpoint: TokenEndpoint) -> None:
@@ -329,6 +330,7 @@ class TestReload:
             await sidecar.stop()
 
 
+@pytest.mark.slow  # a real Envoy or Python process per test
 class TestShutdown:
     async def test_sigterm_during_burst_answers_every_check(
         self, tmp_path: Path, token_endpoint: TokenEndpoint
@@ -364,6 +366,7 @@ class TestShutdown:
             f"Bearer {token_endpoint.issued[0]}"}
 
 
+@pytest.mark.slow  # a real Envoy or Python process per test
 class TestWorkers:
     async def test_two_workers_on_consecutive_ports(self, tmp_path: Path,
                                                     token_endpoint: TokenEndpoint) -> None:

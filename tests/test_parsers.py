@@ -29,6 +29,7 @@ import unicodedata
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -297,6 +298,7 @@ def requests(draw: st.DrawFn) -> tuple[bytes, dict[str, list[str]]]:
 
 # -- the property ------------------------------------------------------------------------
 
+@pytest.mark.slow  # a large property search
 class TestDifferential:
     @settings(max_examples=1500)
     @given(request=requests())
