@@ -27,7 +27,8 @@ from google.protobuf import json_format, struct_pb2
 
 from ext_authz._proto.envoy.service.auth.v3 import external_auth_pb2
 from ext_authz.contract import JWT_FILTER
-from ext_authz.edges.authz import encode_check_response, extract_facts
+from ext_authz.edges.check_request import extract_facts
+from ext_authz.edges.check_response import encode_check_response
 from ext_authz.policy.compile import Policy
 from ext_authz.policy.config import parse_config
 from ext_authz.policy.decision import decide

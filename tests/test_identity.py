@@ -18,7 +18,7 @@ from google.protobuf import json_format, struct_pb2
 
 from ext_authz._proto.envoy.service.auth.v3 import external_auth_pb2
 from ext_authz.contract import JWT_FILTER as JWT_AUTHN_NAMESPACE
-from ext_authz.edges.authz import extract_facts
+from ext_authz.edges.check_request import extract_facts
 from ext_authz.errors import ConfigError
 from ext_authz.policy.compile import Policy
 from ext_authz.policy.config import parse_config
