@@ -17,14 +17,12 @@ from envoy_data_plane.google.protobuf import Any as AnyMessage
 from envoy_data_plane.google.protobuf import Struct
 
 from ..policy.routing import RouteKind
-from .options import DataPath
 from .plan import Plan, ServerPlan
 
 
 class BySidecar:
     """The ext_authz data path: the sidecar decides, on every route."""
 
-    data_path: DataPath = "ext_authz"
     authz_disabled = False  # ext_authz on every route
     validate_clusters: bool | None = None  # Envoy's default: every route's cluster exists
 

@@ -89,7 +89,6 @@ ADS_SOURCE = ConfigSource(ads=AggregatedConfigSource(), resource_api_version=Api
 class ByEnvoy(BySidecar):
     """The native data path: Envoy decides visibility and sets tokens itself."""
 
-    data_path = "native"
     # Only on the routes that name it (tool rules, the registry, discovery documents).
     authz_disabled = True
     # The listener may arrive while a cluster it names still warms (its first health
