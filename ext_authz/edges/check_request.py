@@ -17,9 +17,7 @@ from ..policy.decision import RequestFacts
 from ..policy.network import NO_IDENTITY, Identity
 
 _XFF = "x-forwarded-for"
-
 _PARTIAL_BODY = "x-envoy-auth-partial-body"
-
 NO_FACTS = RequestFacts("", None, "", "", has_http=False)
 
 

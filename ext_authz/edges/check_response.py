@@ -20,7 +20,6 @@ from .metadata import authz_entries, decision_id_entry, discovery_entries
 from .wire import length_delimited, varint
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
-
 _JSON = base_pb2.HeaderValueOption(
     header=base_pb2.HeaderValue(key="content-type", value="application/json"),
     append_action=_OVERWRITE,
@@ -42,9 +41,7 @@ def _template(reason: Reason) -> external_auth_pb2.CheckResponse:
     return response
 
 _TEMPLATES = {reason: _template(reason) for reason in OUTCOMES}
-
 _TEMPLATE_BYTES = {reason: template.SerializeToString() for reason, template in _TEMPLATES.items()}
-
 _OK_RESPONSE_FIELD = 3
 
 _bearer_cache: Memo[str, bytes] = Memo(64)  # tokens change rarely; a handful are live at once

@@ -37,7 +37,6 @@ class RequestFacts:
     identity: Identity = NO_IDENTITY  # from Envoy's mTLS and jwt_authn, never a header
 
 _NO_CLIENT = ClientIP(None, "no_peer")
-
 _NO_ROUTE = Route(None, "none")
 
 

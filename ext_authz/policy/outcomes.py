@@ -22,7 +22,6 @@ Reason = Literal[
 
 # gRPC status codes by number (grpc.StatusCode carries tuples, the wire wants ints).
 GRPC_OK, GRPC_INVALID_ARGUMENT, GRPC_PERMISSION_DENIED = 0, 3, 7
-
 GRPC_INTERNAL, GRPC_UNAVAILABLE = 13, 14
 
 # One table: each stable reason code -> (CheckResponse gRPC status, HTTP status to the client).

@@ -21,6 +21,7 @@ from .problems import describe_error, key_path, read_files, visibility_problems
 # refused (a shell would read "$S" as a variable, we would have kept it as text).
 _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$")
 
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """A SafeLoader that refuses duplicate mapping keys instead of keeping the last one."""
 

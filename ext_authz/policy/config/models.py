@@ -20,9 +20,7 @@ from .base import FrozenModel, UpstreamAddress, parse_listen, split_listen
 from .networks import JwtSettings, NetworkSettings
 
 SERVER_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,62}[A-Za-z0-9_])?$")
-
 TOOL_NAME = re.compile(r"^[A-Za-z0-9_./-]{1,128}$")  # MCP's tool-name alphabet
-
 DEFAULT_TOOL = "*"  # the rule of every tool a server's `tools` does not list
 
 

@@ -35,12 +35,12 @@ def _parse_cidr(value: Any) -> IPNetwork:
     except ValueError as exc:
         raise ValueError(f"{value!r} is not a valid CIDR ({exc})") from None
 
+
 # One CIDR of a list: an error names its index (`network.internal_ranges[1]`).
 CIDR = Annotated[IPNetwork, BeforeValidator(_parse_cidr)]
 
 # A SPIFFE ID (spiffe://trust-domain/path); `*` is allowed only as a whole last segment.
 _SPIFFE_ID = re.compile(r"^spiffe://[a-z0-9._-]+(/[A-Za-z0-9._~!$&'()+,;=:@%-]+)*$")
-
 CLAIM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_:.-]{0,127}$")
 
 
