@@ -33,7 +33,8 @@ MAX_RESPONSE_BYTES = 64 * 1024
 REFRESH_AT_FRACTION = 0.8
 # RFC 6750 b64token, loosened to any visible ASCII: what can travel in a header value
 # without letting a token endpoint smuggle a CR/LF or a second header upstream.
-_HEADER_SAFE_TOKEN = re.compile(r"^[\x21-\x7e]+$")
+# Matched whole (fullmatch): `$` would also match before a trailing newline.
+_HEADER_SAFE_TOKEN = re.compile(r"[\x21-\x7e]+")
 _OAUTH_ERROR_CODE = re.compile(r"^[a-z_]{1,64}$")
 
 FetchObserver = Callable[[str, str, float], None]
@@ -118,7 +119,7 @@ def parse_token_response(server: str, status: int, body: bytes) -> tuple[str, fl
     token = payload.get("access_token")
     if not isinstance(token, str) or not token:
         raise TokenResponseError(server, f"{where} without an access_token")
-    if not _HEADER_SAFE_TOKEN.match(token):
+    if not _HEADER_SAFE_TOKEN.fullmatch(token):
         raise TokenResponseError(server, f"{where} with an access_token unsafe in a header")
     token_type = payload.get("token_type", "Bearer")
     if not isinstance(token_type, str) or token_type.lower() != "bearer":

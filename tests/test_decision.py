@@ -158,6 +158,22 @@ class TestNamedNetworks:
         assert (decision.reason, decision.network, decision.rule) == (reason, network, rule)
 
 
+    def test_visible_to_a_less_specific_network_the_caller_is_in(self) -> None:
+        """Membership decides, not the name: a caller named by a more specific network sees
+        what a network it is also in may see (a server's, and a tool's, visible_to)."""
+        policy = Policy.from_config(make_config(
+            network={"internal_ranges": ["10.0.0.0/8"],
+                     "networks": {"partners": ["192.0.2.0/24"], "desk": ["192.0.2.128/25"]}},
+            servers={"billing": {"available_on_public_internet": False,
+                                 "visible_to": ["partners"],
+                                 "tools": {"refund": {"available_on_public_internet": False,
+                                                      "visible_to": ["partners"]}}}}))
+        decision = decide_call("192.0.2.200", "billing", "refund", policy=policy)
+        assert (decision.reason, decision.network, decision.tool) == (
+            "allowed", "desk", "refund")
+        assert decision.rule == "servers.billing.tools.refund.visible_to"
+
+
 class TestToolRules:
     @pytest.mark.parametrize(
         ("peer", "server", "tools", "reason", "tool"),

@@ -122,6 +122,24 @@ class TestResolveClientIP:
         assert result.address is None
         assert result.source == "xff_too_long"
 
+    @pytest.mark.parametrize("max_entries", [1, 2, 32])
+    def test_exactly_max_entries_are_read(self, max_entries: int) -> None:
+        """A chain of exactly max_entries entries is read whole (its leftmost, untrusted,
+        is the client); one entry more and it is not believed."""
+        chain = ["198.51.100.7", *["10.0.0.9"] * (max_entries - 1)]
+        result = resolve_client_ip("10.0.0.1", ", ".join(chain), PROXIES,
+                                   max_entries=max_entries)
+        assert (result.address, result.source) == (ipaddress.ip_address("198.51.100.7"), "xff")
+        assert result.hops_read == max_entries
+        beyond = ["198.51.100.7", *["10.0.0.9"] * max_entries]  # the client one entry further
+        longer = resolve_client_ip("10.0.0.1", ", ".join(beyond), PROXIES,
+                                   max_entries=max_entries)
+        assert (longer.address, longer.source) == (None, "xff_too_long")
+        trusted = resolve_client_ip("10.0.0.1", ", ".join(["10.0.0.8"] * max_entries),
+                                    PROXIES, max_entries=max_entries)
+        assert (trusted.address, trusted.source) == (ipaddress.ip_address("10.0.0.8"),
+                                                     "xff_leftmost")
+
     def test_untrusted_hop_within_limit_is_found_in_long_chain(self) -> None:
         """A long chain is fine when the first untrusted hop is within the limit."""
         xff = ", ".join(["127.0.0.1"] * 500 + ["198.51.100.7", "10.0.0.2"])

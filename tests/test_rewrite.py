@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pytest
@@ -135,6 +136,16 @@ class TestRenames:
         assert json.loads(rename(body, {("params", "name"): fresh}))["params"]["name"] == fresh
 
 
+    def test_every_result_of_a_batch_is_filtered(self) -> None:
+        """A batch's later tools/list results lose their hidden tools even when an earlier
+        one drops nothing."""
+        batch = [listing(["whoami"]), {"jsonrpc": "2.0", "id": 2, "result": {}},
+                 listing(["search", "delete_repo"])]
+        dumps = DUMPS["compact"]
+        assert drop_tools(dumps(batch), visible) == dumps(
+            [listing(["whoami"]), batch[1], without(listing(["search", "delete_repo"]))])
+
+
 def sse(*events: tuple[str | None, dict[str, Any]], ending: str = "\r\n") -> bytes:
     out = ""
     for event_id, data in events:
@@ -175,6 +186,22 @@ class TestEventStream:
         out += events.feed(stream[previous:]) + events.finish()
         assert out == sse((None, without(listing(["add", "whoami", "search"]))),
                           ("7", without(listing(["delete_repo"]))))
+
+    @pytest.mark.parametrize("ending", ["\r\n", "\n"])
+    def test_json_over_several_data_lines_stays_readable(self, ending: str) -> None:
+        """An event whose JSON spans several `data:` lines (legal SSE: a client joins them
+        with newlines) comes out as data lines a client joins into the filtered JSON, and
+        none of the original lines is left behind."""
+        text = json.dumps(listing(["whoami", "add", "search"]), indent=1)
+        event = "".join(f"data: {line}{ending}" for line in text.split("\n")) + ending
+        events = EventStream(filtered, limit=1 << 20)
+        out = (events.feed(event.encode()) + events.finish()).decode()
+        lines = re.split(r"\r\n|\r|\n", out)  # as an SSE client reads lines
+        assert lines[-2:] == ["", ""]  # the event ends with its blank line
+        assert all(line.startswith("data: ") for line in lines[:-2])
+        data = "\n".join(line[len("data: "):] for line in lines[:-2])
+        assert json.loads(data) == without(listing(["whoami", "add", "search"]))
+        assert "add" not in out.replace('"jsonrpc"', "")
 
     def test_an_event_past_the_limit_is_an_error(self) -> None:
         """An event longer than the limit cannot be checked: an error, never passed unread."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import base64
 import time
 from typing import Any
@@ -184,6 +185,15 @@ FAULTS = [
     ("ok", {"expires_in": 0}, TokenResponseError, "expires_in is not positive"),
     ("ok", {"expires_in": "soon"}, TokenResponseError, "expires_in is not a number"),
 ]
+
+
+@pytest.mark.parametrize("token", ["abc\n", "abc\r\n", "a\nb", "abc def", "", "t\u00e9"])
+def test_a_token_unsafe_in_a_header_is_refused(token: str) -> None:
+    """Only visible ASCII, whole: a trailing newline (which a `$` would let through) could
+    end the Authorization header and start another."""
+    body = json.dumps({"access_token": token, "token_type": "Bearer"}).encode()
+    with pytest.raises(TokenResponseError):
+        parse_token_response("github", 200, body)
 
 
 class TestFaults:

@@ -229,10 +229,14 @@ class EventStream:
         rewritten = self.rewrite(payload.decode("utf-8", "surrogateescape"))
         if rewritten is None:
             return event
-        # One data line where the first was, with its line ending; the others go.
+        # The new data where the first data line was, a `data:` line for each of its lines
+        # (a client joins them with newlines again), with the first's line ending; the old
+        # data lines go.
         first = lines[data[0]]
         ending = first[len(first.rstrip(b"\r\n")):]
-        lines[data[0]] = b"data: " + rewritten.encode("utf-8", "surrogateescape") + ending
+        lines[data[0]] = b"".join(
+            b"data: " + part + ending
+            for part in rewritten.encode("utf-8", "surrogateescape").split(b"\n"))
         return b"".join(line for i, line in enumerate(lines) if i not in data[1:])
 
 
