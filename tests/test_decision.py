@@ -205,6 +205,24 @@ class TestToolRules:
         steps = explain(decision)
         assert "decided by servers.github.tools.delete_repo.available_on_public_internet" in steps
 
+    def test_a_callers_tool_name_is_never_in_the_decision(self) -> None:
+        """Under a "*" rule a hidden name is whatever the caller sent: the decision (and so
+        the decision log) names the rule, never the name, nor anything of its length."""
+        policy = Policy.from_config(make_config(servers={"s": {"tools": {
+            "*": {"available_on_public_internet": False}}}}))
+        name = "x" * 100_000
+        for can_rename in (True, False):
+            decision = decide_tools(decide(facts("198.51.100.1", "/mcp/s"), policy),
+                                    json_body(json.dumps({"jsonrpc": "2.0", "id": 1,
+                                              "method": "tools/call",
+                                              "params": {"name": name}}).encode()),
+                                    policy, can_rename=can_rename)
+            assert decision.reason in ("tool_hidden", "tool_not_found")
+            assert "xxx" not in decision.detail
+            assert decision.detail == (
+                'a tool under the "*" rule is hidden from the external network')
+            assert decision.tool == "*"
+
     def test_allowed_tool_decisions_keep_their_identity(self) -> None:
         """The same allowed call gives the same Decision object (encodings are cached by it)."""
         first = decide_call("10.1.1.1", "github", "delete_repo")

@@ -9,7 +9,7 @@ from ..contract import KIND_EXTENSION
 from ..mcp.jsonrpc import INVALID_REQUEST, Body, ToolCall, UnknownToolReply, read_tool_calls
 from ..mcp.replies import error_reply, refusal_reply, unknown_tool_reply
 from .compile import DECISION_CACHE_MAX_INPUT, Policy, ServerPolicy
-from .config import OAuth2Settings
+from .config import DEFAULT_TOOL, OAuth2Settings
 from .network import (
     NO_IDENTITY,
     NOWHERE,
@@ -230,7 +230,10 @@ def _hidden_tools(decision: Decision, server: ServerPolicy,
                   hidden: list[tuple[ToolCall, str, str]], batch: bool,
                   can_rename: bool) -> Decision:
     call, key, rule = hidden[0]
-    detail = f"tool {call.name!r} is hidden from the {decision.network} network"
+    # The configured rule, never the caller's name: under "*" that is any text a caller
+    # sends, and only configured names may reach the decision log.
+    hidden_tool = "a tool under the \"*\" rule" if key == DEFAULT_TOOL else f"tool {key!r}"
+    detail = f"{hidden_tool} is hidden from the {decision.network} network"
     if server.unknown_tool_reply == "server" and can_rename:
         return replace(decision, reason="tool_hidden", rule=rule, tool=key, detail=detail,
                        hidden=tuple(c for c, _, _ in hidden))
