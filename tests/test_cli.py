@@ -79,7 +79,7 @@ class TestCheck:
     def test_discovery(self, config: Path, capsys: pytest.CaptureFixture[str], peer: str,
                        reason: str) -> None:
         """A server's RFC 9728 metadata path: visible or the unknown server's 404."""
-        report = check(capsys, "--config", str(config), "--peer", peer,
+        report = check(capsys, "--config", str(config), "--peer", peer, "--host", "gw.example",
                        "--path", "/.well-known/oauth-protected-resource/mcp/priv")
         assert (report["reason"], report["route"], report["server"]) == (
             reason, "discovery", "priv")

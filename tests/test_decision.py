@@ -399,10 +399,11 @@ class TestRegistry:
         assert steps[-1] == "decision: registry (HTTP 200)"
 
 
-def discover(peer: str, server: str, extensions: dict[str, str] | None = None) -> Decision:
+def discover(peer: str, server: str, extensions: dict[str, str] | None = None,
+             origin: str | None = "http://gw") -> Decision:
     path = f"/.well-known/oauth-protected-resource/mcp/{server}"
-    return decide(RequestFacts(peer, None, path, "gw", extensions or {}, method="GET"),
-                  DISCOVERY)
+    return decide(RequestFacts(peer, None, path, "gw", extensions or {}, method="GET",
+                               origin=origin), DISCOVERY)
 
 
 class TestDiscovery:
@@ -425,8 +426,18 @@ class TestDiscovery:
         """From Envoy's route, the path is not read (a different one names nothing)."""
         decision = decide(RequestFacts(
             CALLERS["external"], None, "/.well-known/oauth-protected-resource/mcp/vault", "gw",
-            {"mcp_server": "github", "mcp_route": "discovery"}, method="GET"), DISCOVERY)
+            {"mcp_server": "github", "mcp_route": "discovery"}, method="GET",
+            origin="http://gw"), DISCOVERY)
         assert (decision.reason, decision.server_name) == ("allowed", "github")
+
+    @pytest.mark.parametrize("caller", ["internal", "external", "partner"])
+    def test_no_origin_no_document(self, caller: str) -> None:
+        """Where the gateway URL the caller used cannot be said, a visible server's
+        document is the unknown server's 404: the upstream's own URLs are never shown."""
+        decision = discover(CALLERS[caller], "github", origin=None)
+        unknown = discover(CALLERS[caller], "nope", origin=None)
+        assert (decision.reason, decision.http_status) == (unknown.reason, unknown.http_status)
+        assert decision.reason == "not_found"
 
     def test_hidden_and_unknown_are_one_answer(self) -> None:
         hidden, unknown = discover(CALLERS["external"], "vault"), discover(

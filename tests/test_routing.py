@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ext_authz.policy.config import RoutingSettings
-from ext_authz.policy.routing import route
+from ext_authz.policy.routing import origin, route
 
 DEFAULT = RoutingSettings()
 HOSTS = RoutingSettings(path_prefix=None, host_suffix=".mcp.example.com")
@@ -44,3 +44,23 @@ def test_route(settings: RoutingSettings, extensions: dict[str, str], path: str,
     """Context extension first (authoritative), then path prefix, then host suffix."""
     found = route(settings, extensions, path, authority)
     assert (found.name, found.source) == (name, source)
+
+
+@pytest.mark.parametrize(("authority", "forwarded", "scheme", "expected"), [
+    ("gw.example:8080", "", "http", "http://gw.example:8080"),
+    ("gw.example", "https", "http", "https://gw.example"),
+    ("gw.example", "HTTPS, http", "", "https://gw.example"),
+    ("[2001:db8::1]:443", "", "https", "https://[2001:db8::1]:443"),
+    ("gw.example", "", "", "http://gw.example"),
+    ("gw.example", "ftp", "http", None),  # no scheme a URL of ours may have
+    ("gw%2eexample", "", "http", None),  # another host, percent-encoded
+    ("user@gw", "", "http", None),  # userinfo: another host
+    ("a,b", "", "http", None),  # a list, and a comma in a header parameter
+    ('gw"x', "", "http", None),  # would close a quoted parameter
+    ("gw example", "", "http", None),
+    ("", "", "http", None),
+    ("g" * 256, "", "http", None),  # longer than any host
+])
+def test_origin(authority: str, forwarded: str, scheme: str, expected: str | None) -> None:
+    """The gateway URL's origin as the caller addressed it, or None where it cannot be said."""
+    assert origin(authority, forwarded, scheme) == expected

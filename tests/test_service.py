@@ -425,14 +425,21 @@ class TestDiscovery:
         meta = metadata(response)
         assert (meta["rewrite"], meta["resource"]) == ("resource", resource)
 
-    @pytest.mark.parametrize("host", ['gw"x', "gw example", "gw\\x", ""])
-    async def test_an_origin_that_cannot_be_echoed_is_left_out(self, stub: Any,
-                                                               host: str) -> None:
-        """A Host that would break out of a quoted header parameter is never echoed."""
+    @pytest.mark.parametrize("host", ['gw"x', "gw example", "gw\\x", "", "gw%2eexample",
+                                      "user@gw", "a,b", "g" * 300])
+    async def test_an_origin_that_cannot_be_said_is_the_unknown_servers_404(
+            self, stub: Any, host: str) -> None:
+        """A Host that cannot be echoed (it would break out of a quoted parameter, or say
+        another host) gets no document at all: the unknown server's 404, never the
+        upstream's own document with its internal URLs."""
         response = await stub.Check(self.get(
             "127.0.0.2", "/.well-known/oauth-protected-resource/mcp/pub", host,
             mcp_server="pub", mcp_route="discovery"))
-        assert response.status.code == 0
+        unknown = await stub.Check(self.get(
+            "127.0.0.2", "/.well-known/oauth-protected-resource/mcp/nope", host,
+            mcp_server="nope", mcp_route="discovery"))
+        assert response.denied_response.status.code == 404
+        assert response.denied_response.body == unknown.denied_response.body
         assert "resource" not in metadata(response)
 
     async def test_mcp_requests_carry_no_origin(self, stub: Any) -> None:

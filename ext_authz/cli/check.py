@@ -18,6 +18,7 @@ from ..policy.config import Config, OAuth2Settings
 from ..policy.decision import Decision, RequestFacts
 from ..policy.explain import check_report
 from ..policy.network import Identity, identity_from_claims
+from ..policy.routing import origin
 from .common import CONFIG_HELP, EXIT_FAILED, EXIT_OK, Commands, UsageError, load
 
 
@@ -104,6 +105,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     method = args.method or ("POST" if has_body else "GET")
     headers = _headers(args.header, has_body)
     forwarded = [value for name, value in headers if name == "x-forwarded-for"]
+    proto = ",".join(value for name, value in headers if name == "x-forwarded-proto")
     body = request_body(data, method, body_headers(headers))
     facts = RequestFacts(
         peer=args.peer,
@@ -114,6 +116,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         context_extensions=_context_extensions(args.context_extension),
         method=method,
         identity=_identity(args.principal, args.jwt_claims, policy := Policy.from_config(config)),
+        origin=origin(args.host, proto, "http"),
     )
     decision, token = asyncio.run(_judge(config, policy, facts, body, args.fetch_token))
     report = check_report(decision, body)

@@ -79,7 +79,7 @@ class AuthorizationService:
                 fetch=lambda oauth2, server: self.tokens.token(
                     oauth2, server, self._fetch_budget(state, context)))
             response = encode_check_response(decision, token, decision_id,
-                                             request_metadata(decision, request, facts.path))
+                                             request_metadata(decision, facts))
         except Exception:
             log.exception("check %s failed; denying", decision_id)
             decision = Decision("internal_error", detail="internal error (see the service log)",

@@ -3,7 +3,6 @@ Envoy vouches for, the body (where the Check carries it) and the origin the call
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator, Mapping
 
 from google.protobuf import json_format, struct_pb2
@@ -15,6 +14,7 @@ from ..mcp.jsonrpc import NO_BODY, Body, Received, body_headers, request_body
 from ..policy.compile import Policy
 from ..policy.decision import RequestFacts
 from ..policy.network import NO_IDENTITY, Identity
+from ..policy.routing import origin
 
 _XFF = "x-forwarded-for"
 _PARTIAL_BODY = "x-envoy-auth-partial-body"
@@ -80,30 +80,9 @@ def extract_facts(request: external_auth_pb2.CheckRequest | None,
     authority = http.host or headers.get(":authority", "")
     identity = NO_IDENTITY if policy is None else extract_identity(attributes, policy)
     return RequestFacts(peer, headers.get(_XFF), path, authority, attributes.context_extensions,
-                        method=http.method, identity=identity)
-
-# What may stand in an origin echoed into a URL: RFC 3986's host and port characters (no
-# quote, space or backslash that would break out of the header parameter or JSON string).
-_AUTHORITY = re.compile(r"[A-Za-z0-9.\-_~:\[\]]{1,255}")
-
-
-def request_origin(request: external_auth_pb2.CheckRequest | None) -> str | None:
-    """`scheme://authority` as the caller addressed the gateway; None if it cannot be said.
-
-    The caller's own Host and X-Forwarded-Proto, echoed back to that caller only (in the
-    URLs of OAuth discovery): a client that forges them misleads no one but itself.
-    """
-    if request is None:
-        return None
-    http = request.attributes.request.http
-    headers: Mapping[str, str] = http.headers or {}
-    authority = http.host or headers.get(":authority", "")
-    forwarded = headers.get("x-forwarded-proto", "").partition(",")[0].strip().lower()
-    scheme = forwarded or http.scheme.lower() or "http"
-    if scheme not in ("http", "https") or not _AUTHORITY.fullmatch(authority):
-        return None
-    return f"{scheme}://{authority}"
-
+                        method=http.method, identity=identity,
+                        origin=origin(authority, headers.get("x-forwarded-proto", ""),
+                                      http.scheme))
 
 def extract_body(request: external_auth_pb2.CheckRequest | None) -> Body:
     """Read the body, and the headers that say how to read it (for tool rules only)."""
@@ -134,7 +113,7 @@ def _header_pairs(http: attribute_context_pb2.AttributeContext.HttpRequest
         yield header.key, (header.raw_value.decode("utf-8", "replace") if header.raw_value
                            else header.value)
 
-_WANTED = frozenset((_XFF, ":path", ":authority"))
+_WANTED = frozenset((_XFF, ":path", ":authority", "x-forwarded-proto"))
 
 
 def _from_header_map(http: attribute_context_pb2.AttributeContext.HttpRequest

@@ -12,10 +12,9 @@ from __future__ import annotations
 from .._proto.envoy.config.core.v3 import base_pb2
 from .._proto.envoy.service.auth.v3 import external_auth_pb2
 from ..contract import PROTECTED_RESOURCE
-from ..policy.decision import Decision
+from ..policy.decision import Decision, RequestFacts
 from ..policy.memo import Memo, PerDecision
 from ..policy.outcomes import OUTCOMES, Reason, denial_body
-from .check_request import request_origin
 from .metadata import authz_entries, decision_id_entry, discovery_entries
 from .wire import length_delimited, varint
 
@@ -85,22 +84,18 @@ def _with_reply(decision: Decision) -> bytes:
 _REGISTRY_ANSWERS = PerDecision(_with_reply)
 
 
-def request_metadata(decision: Decision, request: external_auth_pb2.CheckRequest | None,
-                     path: str) -> bytes:
+def request_metadata(decision: Decision, facts: RequestFacts) -> bytes:
     """Dynamic metadata for this one request, beyond the decision's own: the gateway URL
     that an OAuth discovery document must name (see render/routes.py; a challenge's URL is
     Envoy's own work, so that both data paths name the same)."""
     server = decision.server
     if (not decision.allowed or server is None or not server.caller_brings_token
-            or decision.route.kind != "discovery"):
-        return b""
-    origin = request_origin(request)
-    if origin is None:
+            or decision.route.kind != "discovery" or facts.origin is None):
         return b""
     # RFC 9728: the metadata of https://gw/mcp/x is at /.well-known/...-resource/mcp/x,
     # and names https://gw/mcp/x as its resource.
-    resource = path.partition("?")[0][len(PROTECTED_RESOURCE):] or "/"
-    return discovery_entries(origin + resource)
+    resource = facts.path.partition("?")[0][len(PROTECTED_RESOURCE):] or "/"
+    return discovery_entries(facts.origin + resource)
 
 
 def encode_check_response(decision: Decision, token: str | None, decision_id: str,

@@ -35,6 +35,9 @@ class RequestFacts:
     has_http: bool = True
     method: str = ""  # "" when not known (a dry run): the registry answers it as a GET
     identity: Identity = NO_IDENTITY  # from Envoy's mTLS and jwt_authn, never a header
+    # The gateway URL's origin as the caller addressed it (routing.origin); None when it
+    # cannot be said, and then no discovery document is answered.
+    origin: str | None = None
 
 _NO_CLIENT = ClientIP(None, "no_peer")
 _NO_ROUTE = Route(None, "none")
@@ -112,7 +115,7 @@ def decide(facts: RequestFacts, policy: Policy) -> Decision:
     named = facts.context_extensions.get(policy.routing.context_extension_key)
     kind = facts.context_extensions.get(KIND_EXTENSION)
     key = (facts.peer, facts.x_forwarded_for, named, kind, facts.method, facts.path,
-           facts.authority, facts.identity)
+           facts.authority, facts.identity, facts.origin)
     decision = policy.decision_cache.get(key)
     if decision is None:
         decision = _decide(facts, policy)
@@ -155,6 +158,11 @@ def _decide(facts: RequestFacts, policy: Policy) -> Decision:
         return Decision("not_found", client, placement, target, server, peer=peer,
                         rule=f"servers.{server.name}.oauth2",
                         detail="the gateway injects this server's token: no discovery")
+    if target.kind == "discovery" and facts.origin is None:
+        # The document must name the gateway, which this request does not say (a Host that
+        # cannot be echoed): the upstream's own, with its internal URLs, is never shown.
+        return Decision("not_found", client, placement, target, server, peer=peer, rule=rule,
+                        detail="the gateway URL the caller used cannot be said: no discovery")
     return Decision("allowed", client, placement, target, server, peer=peer, rule=rule)
 
 

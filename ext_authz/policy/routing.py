@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -14,6 +15,26 @@ RouteSource = Literal["context_extension", "path", "host", "none"]
 # OAuth protected-resource metadata (RFC 9728).
 RouteKind = Literal["mcp", "registry", "discovery"]
 
+
+
+# What may stand in an origin echoed into a URL: RFC 3986's host and port characters (no
+# quote, space, comma or backslash that would break out of a header parameter or a JSON
+# string; no `%` or `@`, which would say another host).
+_AUTHORITY = re.compile(r"[A-Za-z0-9.\-_~:\[\]]{1,255}")
+
+
+def origin(authority: str, forwarded_proto: str, scheme: str) -> str | None:
+    """`scheme://authority` as the caller addressed the gateway; None if it cannot be said.
+
+    The caller's own Host and X-Forwarded-Proto (its first value), echoed back to that
+    caller only (in the URLs of OAuth discovery): a client that forges them misleads no one
+    but itself.
+    """
+    forwarded = forwarded_proto.partition(",")[0].strip().lower()
+    chosen = forwarded or scheme.lower() or "http"
+    if chosen not in ("http", "https") or not _AUTHORITY.fullmatch(authority):
+        return None
+    return f"{chosen}://{authority}"
 
 
 @dataclass(frozen=True, slots=True)

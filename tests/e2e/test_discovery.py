@@ -220,6 +220,34 @@ class TestDiscoveryFlow:
         assert through.json()["resource"] == f"http://localhost:{port}/mcp/secure"
 
 
+# Hosts whose origin cannot be said (routing.origin): another host in disguise, a list, too
+# long. The SDK server's DNS-rebinding check would refuse them: these go to its metadata path.
+UNSAYABLE_HOSTS = ["gw%2eexample", "user@gw", "a,b", "g" * 300]
+
+
+class TestUnsayableOrigins:
+    @pytest.mark.parametrize("host", UNSAYABLE_HOSTS, ids=["percent", "userinfo", "comma", "long"])
+    def test_no_document_names_the_upstream(self, stack: Stack, host: str) -> None:
+        """Where the gateway URL the caller used cannot be said, a visible server's metadata
+        is the unknown server's answer: never the upstream's document, which names its own
+        internal URLs."""
+        visible = stack.get(INTERNAL, f"{PRM}/mcp/secure", headers={"host": host})
+        unknown = stack.get(INTERNAL, f"{PRM}/mcp/nope", headers={"host": host})
+        assert visible.status_code == unknown.status_code
+        assert visible.status_code in (400, 404)  # Envoy may refuse the Host itself
+        assert visible.content == unknown.content
+        assert f":{stack.rs_port}" not in visible.text
+        assert f":{stack.as_port}" not in visible.text
+
+    def test_a_challenge_without_an_origin_has_no_dangling_comma(self, stack: Stack) -> None:
+        """An upstream's 401 where the origin cannot be said: its metadata URL is dropped
+        with the comma that joined it, and every other parameter stays."""
+        response = stack.post(INTERNAL, "/mcp/secure", INITIALIZE, host="a,b")
+        assert response.status_code == 401
+        assert response.headers["www-authenticate"] == (
+            'Bearer error="invalid_token", error_description="Authentication required"')
+
+
 HIDDEN_PATHS = [
     f"{PRM}/mcp/{{server}}", f"{PRM}/mcp/{{server}}/", f"{PRM}/mcp/{{server}}?x=1",
     f"{PRM}/mcp/{{server}}/mcp", "/.well-known/oauth-authorization-server/mcp/{server}",

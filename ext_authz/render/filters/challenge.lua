@@ -12,6 +12,13 @@ function envoy_on_request(handle)
   end
 end
 
+-- Without a URL to name, the parameter goes with the comma that joined it to the others.
+local function without_metadata(value)
+  value = value:gsub('%s*,%s*resource_metadata="[^"]*"', "")
+  value = value:gsub('resource_metadata="[^"]*"%s*,?%s*', "")
+  return (value:gsub("%s+$", ""))
+end
+
 function envoy_on_response(handle)
   local headers = handle:headers()
   local count = headers:getNumValues("www-authenticate")
@@ -26,7 +33,11 @@ function envoy_on_response(handle)
   local challenges = {}
   for i = 0, count - 1 do
     local value = headers:getAtIndex("www-authenticate", i)
-    challenges[#challenges + 1] = (value:gsub('resource_metadata="[^"]*"', replacement))
+    if replacement == "" then
+      challenges[#challenges + 1] = without_metadata(value)
+    else
+      challenges[#challenges + 1] = (value:gsub('resource_metadata="[^"]*"', replacement))
+    end
   end
   headers:remove("www-authenticate")
   for _, value in ipairs(challenges) do
