@@ -241,17 +241,37 @@ class TestAnswers:
                 common.header_mutation.set_headers] == [
             ("content-length", str(len(common.body_mutation.body)).encode())]
 
-    @pytest.mark.parametrize("content_type", ["application/json", "text/event-stream"])
-    async def test_an_unreadable_tools_list_is_a_500(self, sidecar: Sidecar,
-                                                     content_type: str) -> None:
-        """What the sidecar cannot read, a lenient client might: never passed unfiltered."""
-        data = b'{"result":{"tools":[{"name":"delete_repo"}'
-        if content_type == "text/event-stream":
-            data = b"data: " + data + b"\n\n"
+    @pytest.mark.parametrize(("content_type", "data"), [
+        ("application/json", b'{"result":{"tools":[{"name":"delete_repo"}'),  # cut short
+        ("text/event-stream", b'data: {"result":{"tools":[{"name":"delete_repo"}\n\n'),
+        # The key twice: the first or the last is the result, as the parser goes.
+        ("application/json", b'{"result":{"tools":[{"name":"whoami"}]},'
+                             b'"result":{"tools":[{"name":"delete_repo"}]}}'),
+        # A byte order mark, which a client drops: here it would hide the first event.
+        ("text/event-stream", b"\xef\xbb\xbfdata: " + LISTED + b"\n\n"),
+        # Bare JSON where SSE was said: no event, but a lenient client reads it.
+        ("text/event-stream", LISTED + b"\n\n"),
+    ], ids=["json-cut", "sse-cut", "duplicate-key", "sse-bom", "sse-bare-json"])
+    async def test_an_unreadable_tools_list_is_a_502(self, sidecar: Sidecar,
+                                                     content_type: str, data: bytes) -> None:
+        """What the sidecar cannot read, a lenient client might: never passed unfiltered,
+        but refused as the server's fault (502, a JSON-RPC error)."""
         _, body_answer = await exchange(sidecar, [
             answer_headers({"answer": "list", "renamed": "{}"}, content_type,
                            content_length=str(len(data))), answer_body(data)])
-        assert immediate(body_answer)[0] == 500
+        status, body = immediate(body_answer)
+        assert status == 502
+        assert body["error"]["code"] == -32603
+
+    @pytest.mark.parametrize("content_type", ["text/plain", "application/json-rpc",
+                                              "text/html", ""])
+    async def test_a_tools_list_in_another_media_type_is_a_502(self, sidecar: Sidecar,
+                                                               content_type: str) -> None:
+        """A tools/list answer that is neither JSON nor SSE (or says no type) is refused at
+        its headers: a client may read it as JSON all the same."""
+        [head] = await exchange(sidecar, [answer_headers(
+            {"answer": "list", "renamed": "{}"}, content_type)])
+        assert immediate(head)[0] == 502
 
     async def test_a_fresh_name_is_put_back(self, sidecar: Sidecar) -> None:
         """The server's unknown-tool answer names the caller's tool again."""
@@ -277,22 +297,21 @@ class TestAnswers:
 
     @pytest.mark.parametrize(
         ("said", "content_type", "end"),
-        [(None, "application/json", False), ({"answer": "list"}, "text/html", False),
-         ({"answer": "list"}, "application/json", True)],
-        ids=["not-asked", "other-type", "no-body"])
+        [(None, "application/json", False), ({"answer": "list"}, "application/json", True)],
+        ids=["not-asked", "no-body"])
     async def test_other_answers_pass(self, sidecar: Sidecar, said: dict[str, str] | None,
                                       content_type: str, end: bool) -> None:
-        """No tools/call or tools/list, another media type, or no body: headers go on, and
-        the body is never asked for (the GET stream above all)."""
+        """No tools/call or tools/list, or no body: headers go on, and the body is never
+        asked for (the GET stream above all)."""
         [head] = await exchange(sidecar, [answer_headers(said, content_type, end)])
         assert head.WhichOneof("response") == "response_headers"
         assert not head.HasField("mode_override")
 
     async def test_a_compressed_answer_is_refused(self, sidecar: Sidecar) -> None:
-        """A tools/list answer that cannot be read cannot pass unfiltered: a 500."""
+        """A tools/list answer that cannot be read cannot pass unfiltered: a 502."""
         [head] = await exchange(sidecar, [answer_headers(
             {"answer": "list", "renamed": "{}"}, "application/json", content_encoding="gzip")])
-        assert immediate(head)[0] == 500
+        assert immediate(head)[0] == 502
 
 
 def metadata_answer(status: str, content_type: str, length: int | None) -> pb.ProcessingRequest:

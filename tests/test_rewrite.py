@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from ext_authz.mcp.rewrite import (
     EventStream,
+    UnreadableAnswer,
     drop_tools,
     fresh_name,
     rename,
@@ -136,6 +137,29 @@ class TestRenames:
         assert json.loads(rename(body, {("params", "name"): fresh}))["params"]["name"] == fresh
 
 
+    @pytest.mark.parametrize("text", [
+        '{"jsonrpc":"2.0","id":1,"result":{"tools":[]},"result":{"tools":[{"name":"add"}]}}',
+        '{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"add","name":"whoami"}]}}',
+        '{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"add"}]',
+        '\ufeff{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"add"}]}}',
+    ], ids=["result-twice", "name-twice", "cut-short", "bom"])
+    def test_what_every_client_may_read_differently_is_unreadable(self, text: str) -> None:
+        """A key twice (first or last wins, as the parser goes), JSON cut short, a byte
+        order mark: never judged one way and read another."""
+        with pytest.raises(UnreadableAnswer):
+            drop_tools(text, visible)
+
+    @pytest.mark.parametrize("names", [["whoami", "add"], ["whoami"]])
+    def test_a_list_is_never_cached_for_others(self, names: list[str]) -> None:
+        """Filtered or not (it would be for another caller), a list goes out private to its
+        caller: a shared cache must not hand it to anyone else. The TTL stays."""
+        message = listing(names, cacheScope="public", ttlMs=600000)
+        out = json.loads(drop_tools(DUMPS["compact"](message), visible) or "")
+        assert out == {**without(message), "result": {
+            **without(message)["result"], "cacheScope": "private"}}
+        already = DUMPS["compact"](listing(["whoami"], cacheScope="private", ttlMs=5))
+        assert drop_tools(already, visible) is None
+
     def test_every_result_of_a_batch_is_filtered(self) -> None:
         """A batch's later tools/list results lose their hidden tools even when an earlier
         one drops nothing."""
@@ -202,6 +226,27 @@ class TestEventStream:
         data = "\n".join(line[len("data: "):] for line in lines[:-2])
         assert json.loads(data) == without(listing(["whoami", "add", "search"]))
         assert "add" not in out.replace('"jsonrpc"', "")
+
+    @pytest.mark.parametrize("stream", [
+        b"\xef\xbb\xbfdata: {}\n\n",  # a byte order mark, which a client drops
+        b'{"jsonrpc":"2.0","id":1,"result":{"tools":[]}}\n\n',  # bare JSON
+        b"data: {}\nnonsense\n\n",  # a line that is no field
+    ], ids=["bom", "bare-json", "no-field"])
+    def test_what_is_not_sse_is_unreadable(self, stream: bytes) -> None:
+        """Not SSE as every client reads it: an UnreadableAnswer, never passed unread."""
+        events = EventStream(filtered, limit=1 << 20)
+
+        def read() -> bytes:
+            return events.feed(stream) + events.finish()
+
+        with pytest.raises(UnreadableAnswer):
+            read()
+
+    def test_comments_and_every_field_are_sse(self) -> None:
+        """Comments, event, id, retry and data (with or without a value) are all SSE."""
+        stream = b": keep-alive\nevent: message\nid: 3\nretry: 10\ndata\ndata: {}\n\n"
+        events = EventStream(filtered, limit=1 << 20)
+        assert events.feed(stream) + events.finish() == stream
 
     def test_an_event_past_the_limit_is_an_error(self) -> None:
         """An event longer than the limit cannot be checked: an error, never passed unread."""

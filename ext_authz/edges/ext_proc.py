@@ -47,7 +47,16 @@ from .._proto.envoy.service.ext_proc.v3 import external_processor_pb2 as ext_pro
 from ..contract import EXT_PROC_SERVICE
 from ..mcp.jsonrpc import INVALID_REQUEST, body_headers, request_body
 from ..mcp.replies import error_reply
-from ..mcp.rewrite import EventStream, Path, drop_tools, fresh_name, rename, restore, set_member
+from ..mcp.rewrite import (
+    EventStream,
+    Path,
+    UnreadableAnswer,
+    drop_tools,
+    fresh_name,
+    rename,
+    restore,
+    set_member,
+)
 from ..policy.decision import Decision, RequestFacts, decide_tools, resume
 from ..policy.outcomes import denial_body
 from .generation import Generation, Serving
@@ -152,6 +161,20 @@ def _body(data: bytes, end_of_stream: bool, kind: str = "request_body") -> bytes
     return response.SerializeToString()
 
 
+def _refusal_of_answer() -> bytes:
+    response = ext_proc_pb2.ProcessingResponse()
+    immediate = response.immediate_response
+    immediate.status.code = 502  # type: ignore[assignment]
+    immediate.details = "unreadable_answer"
+    immediate.headers.set_headers.append(_JSON)
+    immediate.body = error_reply(-32603, "Bad Gateway: the server's answer cannot be checked")
+    return response.SerializeToString()
+
+
+# The server's answer cannot be checked (mcp.rewrite.UnreadableAnswer): nothing of it goes on.
+_BAD_GATEWAY = _refusal_of_answer()
+
+
 def _internal_error() -> bytes:
     response = ext_proc_pb2.ProcessingResponse()
     immediate = response.immediate_response
@@ -200,6 +223,11 @@ class ExternalProcessingService:
                 break  # grpc.aio.EOF: Envoy is done sending
             try:
                 answers = self._answer(request, message)
+            except UnreadableAnswer:
+                # A server's answer that cannot be read as every client would: its server
+                # is at fault, and nothing of it goes on.
+                request.judged = request.done = True
+                answers = [_BAD_GATEWAY]
             except Exception:
                 log.exception("ext_proc message failed; answering 500")
                 request.judged = request.done = True
@@ -313,16 +341,18 @@ class ExternalProcessingService:
             response.mode_override.CopyFrom(_WHOLE)
             return [response.SerializeToString()]
         plain = media not in ("application/json", "text/event-stream")
-        # No client reads a tools/list out of another media type; but a fresh name, in any
-        # answer, would tell a hidden tool from a missing one (and so would the time taken
-        # to put it back: every call's answer is read alike, renamed or not).
-        if not rewrite or message.response_headers.end_of_stream or (
-                plain and rewrite != "call"):
+        # A tools/list answer in another media type (or none) is refused: a lenient client
+        # might read it all the same, hidden tools and all. A call's answer in any media type
+        # has its fresh name put back, which would tell a hidden tool from a missing one (and
+        # so would the time taken to put it back: every call's answer is read alike).
+        if not rewrite or message.response_headers.end_of_stream:
             request.done = True  # nothing of this answer is to be rewritten
             return [response.SerializeToString()]
+        if plain and rewrite == "list":
+            raise UnreadableAnswer(f"a tools/list answer as {media or 'no media type'}")
         encoding = headers.get("content-encoding", "identity").lower()
         if encoding != "identity":
-            raise ValueError(f"an answer to rewrite came with Content-Encoding {encoding}")
+            raise UnreadableAnswer(f"an answer to rewrite came with Content-Encoding {encoding}")
         tool_visible = None
         if rewrite == "list":
             decision = self._resumed(request, message)

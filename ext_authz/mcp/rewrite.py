@@ -3,7 +3,8 @@
 - A tools/call of a hidden tool goes to the server under a fresh name that no server has,
   so the server itself answers it as the unknown tool it then is, whatever its SDK or
   language; in the answer, the caller's name is put back.
-- A tools/list result loses the tools the caller may not call.
+- A tools/list result loses the tools the caller may not call, and says it may be cached
+  for this caller alone (`cacheScope: private`).
 - An OAuth protected-resource metadata document names the gateway's URL as its resource.
 
 Every other byte stays as the server or the client wrote it: the rewrites cut and splice
@@ -24,6 +25,21 @@ _WHITESPACE = re.compile(r"[ \t\n\r]*")
 _scanstring: Callable[[str, int], tuple[str, int]] = json.decoder.scanstring  # type: ignore[attr-defined]
 
 Path = Sequence[str | int]  # object keys and array indexes, from the document's root
+
+
+class UnreadableAnswer(ValueError):
+    """An answer that must be judged but cannot be read as every client would read it:
+    refused, never passed on unread (what this reader cannot read, a more lenient client
+    might, hidden tools and all)."""
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    # Parsers disagree on a duplicate key (first or last wins), and the splice must cut what
+    # every client reads.
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise UnreadableAnswer("an answer with a key twice cannot be checked")
+    return dict(pairs)
 
 
 class _Spans:
@@ -96,18 +112,20 @@ def _without(text: str, spans: list[tuple[int, int]], drop: set[int]) -> str:
 
 def drop_tools(text: str, callable_tool: Callable[[str], bool]) -> str | None:
     """A tools/list answer (one JSON-RPC message or a batch) without the tools the caller may
-    not call; None when the text is no such answer or nothing is dropped.
+    not call, and private to it (`cacheScope`); None when the text is no such answer or
+    nothing changes.
 
-    Text that is not JSON is a ValueError: what this reader cannot read, a more lenient
-    client might, hidden tools and all, so it is never passed on unread. (Empty text, as in
-    an SSE event that only primes the stream, is nothing to drop.)
+    Text that is not JSON, or JSON with a key twice, is an UnreadableAnswer. (Empty text,
+    as in an SSE event that only primes the stream, is nothing to drop.)
     """
     if not text.strip():
         return None
     try:
-        document = json.loads(text)
+        document = json.loads(text, object_pairs_hook=_unique_keys)
+    except UnreadableAnswer:
+        raise
     except ValueError:
-        raise ValueError("a tools/list answer that is not JSON cannot be checked") from None
+        raise UnreadableAnswer("a tools/list answer that is not JSON cannot be checked") from None
     messages = document if isinstance(document, list) else [document]
     prefixes: list[list[str | int]] = (
         [[index] for index in range(len(messages))] if isinstance(document, list) else [[]])
@@ -118,6 +136,12 @@ def drop_tools(text: str, callable_tool: Callable[[str], bool]) -> str | None:
         tools = result.get("tools") if isinstance(result, dict) else None
         if not isinstance(tools, list):
             continue
+        if "cacheScope" in result and result["cacheScope"] != "private":
+            # The list is this caller's (filtered for it, or one that would be filtered for
+            # another): never a shared cache's, whatever the server says (TTL kept).
+            scope = spans.find([*prefix, "result", "cacheScope"])
+            assert scope is not None
+            cuts.append((scope[0], scope[1], '"private"'))
         drop = {index for index, tool in enumerate(tools)
                 if isinstance(tool, dict) and isinstance(tool.get("name"), str)
                 and not callable_tool(tool["name"])}
@@ -185,6 +209,10 @@ def restore(data: bytes, renamed: dict[str, str], *, escape: bool = True) -> byt
 # -- server-sent events ------------------------------------------------------------------
 
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+_BOM = b"\xef\xbb\xbf"
+# A line of an event: one of these fields (with or without a value), a comment (no name
+# before its colon), or empty.
+_SSE_FIELDS = frozenset((b"data", b"event", b"id", b"retry", b""))
 
 
 @dataclass
@@ -196,12 +224,15 @@ class EventStream:
     """
 
     rewrite: Callable[[str], str | None]
-    limit: int  # an event longer than this cannot be checked: ValueError, not passed unread
+    limit: int  # an event longer than this cannot be checked: UnreadableAnswer
     pending: bytearray = field(default_factory=bytearray)
+    started: bool = False
 
     def feed(self, chunk: bytes) -> bytes:
         """The bytes that can go on now."""
         self.pending += chunk
+        if not self.started and len(self.pending) >= len(_BOM):
+            self._check_start()
         out = bytearray()
         while True:
             match = _EVENT_END.search(self.pending)
@@ -211,16 +242,30 @@ class EventStream:
             del self.pending[:match.end()]
             out += self._event(event)
         if len(self.pending) > self.limit:
-            raise ValueError(f"an SSE event is over {self.limit} bytes")
+            raise UnreadableAnswer(f"an SSE event is over {self.limit} bytes")
         return bytes(out)
 
     def finish(self) -> bytes:
         """What is left at the end of the stream (an event without its blank line)."""
+        if not self.started:
+            self._check_start()
         rest, self.pending = bytes(self.pending), bytearray()
         return self._event(rest) if rest else b""
 
+    def _check_start(self) -> None:
+        self.started = True
+        if self.pending.startswith(_BOM):
+            # A client drops it and reads the stream; here it would hide the first event.
+            raise UnreadableAnswer("an SSE answer that starts with a byte order mark")
+
     def _event(self, event: bytes) -> bytes:
         lines = event.splitlines(keepends=True)
+        for line in lines:
+            field_name = line.rstrip(b"\r\n").partition(b":")[0]
+            if field_name not in _SSE_FIELDS:
+                # Not SSE (bare JSON, say): a client that reads it anyway would read it
+                # unjudged.
+                raise UnreadableAnswer("an SSE answer with a line that is no SSE field")
         data = [i for i, line in enumerate(lines) if line.startswith(b"data:")]
         if not data:
             return event
