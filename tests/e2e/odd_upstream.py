@@ -1,0 +1,82 @@
+"""An MCP upstream that answers every POST with a tools/list result written oddly.
+
+    python -m tests.e2e.odd_upstream --port N
+
+The request's `x-odd-answer` header picks how (Envoy passes it on): each way is one a real
+server, or a proxy in front of one, can write, and that a client may read differently from
+the gateway. The listed tools are always `whoami` and `delete_repo`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+TOOLS = [{"name": "whoami", "description": "who you are"},
+         {"name": "delete_repo", "description": "deletes a repository"}]
+
+
+def _listing(rpc_id: object, **result: object) -> dict[str, object]:
+    return {"jsonrpc": "2.0", "id": rpc_id, "result": {"tools": TOOLS, **result}}
+
+
+def answer(mode: str, rpc_id: object) -> tuple[str | None, bytes]:
+    """The media type (None: no Content-Type header) and the body of one odd answer."""
+    listing = json.dumps(_listing(rpc_id), separators=(",", ":")).encode()
+    if mode == "json":
+        return "application/json", listing
+    if mode == "text-plain":
+        return "text/plain", listing
+    if mode == "json-rpc":
+        return "application/json-rpc", listing
+    if mode == "no-type":
+        return None, listing
+    if mode == "sse-bom":
+        return "text/event-stream", b"\xef\xbb\xbfdata: " + listing + b"\n\n"
+    if mode == "sse-bare":
+        return "text/event-stream", listing + b"\n\n"
+    if mode == "duplicate-result":
+        # Python and JavaScript read the last `result`: delete_repo.
+        first = json.dumps({"tools": [TOOLS[0]]}, separators=(",", ":"))
+        last = json.dumps({"tools": TOOLS}, separators=(",", ":"))
+        return "application/json", (f'{{"jsonrpc":"2.0","id":{json.dumps(rpc_id)},'
+                                    f'"result":{first},"result":{last}}}').encode()
+    if mode == "sse-split":
+        # Legal SSE: one JSON text over several data: lines, which a client joins.
+        text = json.dumps(_listing(rpc_id), indent=1)
+        return "text/event-stream", ("".join(f"data: {line}\n" for line in text.split("\n"))
+                                     + "\n").encode()
+    if mode == "cache-public":
+        return "application/json", json.dumps(_listing(
+            rpc_id, cacheScope="public", ttlMs=600000), separators=(",", ":")).encode()
+    raise ValueError(f"no such mode {mode!r}")
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self) -> None:  # the http.server method's name
+        length = int(self.headers.get("content-length", "0"))
+        request = json.loads(self.rfile.read(length) or b"{}")
+        media, body = answer(self.headers.get("x-odd-answer", "json"), request.get("id"))
+        self.send_response(200)
+        if media is not None:
+            self.send_header("Content-Type", media)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args()
+    ThreadingHTTPServer(("127.0.0.1", args.port), _Handler).serve_forever()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Answers on a tool-rule route are read as every client would read them, or refused.
+
+Through a real Envoy from `envoy-config`, in both data paths, to an upstream that writes its
+tools/list answer oddly (tests/e2e/odd_upstream.py): a media type other than JSON or SSE, or
+none, SSE with a byte order mark or bare JSON in it, a `result` key twice, one JSON text
+over several `data:` lines, a `cacheScope` of `public`. An external caller, from whom
+`delete_repo` is hidden, never receives it: the answer is filtered where it can be read
+alike by every client, and is otherwise a 502 with a JSON-RPC error.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+import yaml
+
+from tests.e2e.harness import Process, envoy_config, free_port, start_envoy, start_sidecar
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
+
+INTERNAL, EXTERNAL = "127.0.0.1", "127.0.0.2"
+LIST = json.dumps({"jsonrpc": "2.0", "id": 7, "method": "tools/list"})
+MCP_HEADERS = {"content-type": "application/json",
+               "accept": "application/json, text/event-stream"}
+
+
+@dataclass
+class Stack:
+    base: str
+
+    def tools_list(self, source: str, mode: str) -> httpx.Response:
+        with httpx.Client(transport=httpx.HTTPTransport(local_address=source),
+                          timeout=10) as http:
+            return http.post(f"{self.base}/mcp/odd", content=LIST,
+                             headers={**MCP_HEADERS, "x-odd-answer": mode})
+
+
+@pytest.fixture(scope="module", params=["ext_authz", "native"])
+def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+          ) -> Iterator[Stack]:
+    workdir = tmp_path_factory.mktemp(f"answers-{request.param}")
+    ports = {name: free_port() for name in ("grpc", "admin", "envoy", "envoy_admin", "odd")}
+    processes: list[Process] = []
+    try:
+        odd = Process("odd", [sys.executable, "-m", "tests.e2e.odd_upstream", "--port",
+                              str(ports["odd"])], workdir)
+        processes.append(odd)
+        config = {
+            "grpc": {"listen": f"127.0.0.1:{ports['grpc']}"},
+            "admin": {"listen": f"127.0.0.1:{ports['admin']}"},
+            "network": {"internal_ranges": ["127.0.0.1/32"]},
+            "servers": {"odd": {"upstream": f"127.0.0.1:{ports['odd']}", "tools": {
+                "delete_repo": {"available_on_public_internet": False}}}},
+        }
+        config_path = workdir / "sidecar.yaml"
+        config_path.write_text(yaml.safe_dump(config))
+        bootstrap = envoy_config(config_path, "--listen", f"127.0.0.1:{ports['envoy']}",
+                                 "--admin", f"127.0.0.1:{ports['envoy_admin']}",
+                                 "--data-path", request.param)
+        sidecar = start_sidecar(config_path, workdir)
+        processes.append(sidecar)
+        odd.wait_port(ports["odd"])
+        sidecar.wait_http(f"http://127.0.0.1:{ports['admin']}/readyz")
+        processes.append(start_envoy(bootstrap, workdir, ports["envoy_admin"]))
+        yield Stack(f"http://127.0.0.1:{ports['envoy']}")
+    finally:
+        for process in reversed(processes):
+            process.stop()
+
+
+def sse_data(text: str) -> list[object]:
+    """The JSON of each event, read as an SSE client reads a stream."""
+    events, data = [], []
+    for line in re.split(r"\r\n|\r|\n", text):
+        if not line:
+            if data:
+                events.append(json.loads("\n".join(data)))
+            data = []
+        elif line.startswith("data:"):
+            value = line[len("data:"):]
+            data.append(value[1:] if value.startswith(" ") else value)
+    return events
+
+
+class TestReadable:
+    def test_a_json_list_is_filtered(self, stack: Stack) -> None:
+        response = stack.tools_list(EXTERNAL, "json")
+        assert response.status_code == 200
+        assert [t["name"] for t in response.json()["result"]["tools"]] == ["whoami"]
+
+    def test_json_over_several_data_lines_reaches_the_client_filtered(self,
+                                                                      stack: Stack) -> None:
+        """Legal SSE, one JSON text split over `data:` lines: a client reads it, filtered."""
+        response = stack.tools_list(EXTERNAL, "sse-split")
+        assert response.status_code == 200
+        [message] = sse_data(response.text)
+        assert [t["name"] for t in message["result"]["tools"]] == ["whoami"]  # type: ignore[index]
+        assert "delete_repo" not in response.text
+
+    @pytest.mark.parametrize("source", [INTERNAL, EXTERNAL])
+    def test_a_list_is_private_to_its_caller(self, stack: Stack, source: str) -> None:
+        """A server's `cacheScope: public` would let a shared cache hand one caller's list
+        to another: it goes out private, for everyone (its TTL kept)."""
+        result = stack.tools_list(source, "cache-public").json()["result"]
+        assert (result["cacheScope"], result["ttlMs"]) == ("private", 600000)
+
+
+class TestRefused:
+    @pytest.mark.parametrize("mode", ["text-plain", "json-rpc", "no-type", "sse-bom",
+                                      "sse-bare", "duplicate-result"])
+    def test_what_a_client_could_read_otherwise_is_a_502(self, stack: Stack,
+                                                         mode: str) -> None:
+        """Never passed unfiltered: a 502 with a JSON-RPC error, nothing of the list."""
+        for source in (EXTERNAL, INTERNAL):
+            response = stack.tools_list(source, mode)
+            assert response.status_code == 502
+            assert response.json()["error"]["code"] == -32603
+            assert "delete_repo" not in response.text
