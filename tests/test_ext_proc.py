@@ -263,6 +263,15 @@ class TestAnswers:
         assert status == 502
         assert body["error"]["code"] == -32603
 
+    async def test_an_answer_past_the_limit_is_a_502(self, sidecar: Sidecar,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+        """An answer too big to be checked is refused at once, never passed unread."""
+        monkeypatch.setattr(ext_proc_module, "MAX_ANSWER_BYTES", len(LISTED) - 1)
+        _, body_answer = await exchange(sidecar, [
+            answer_headers({"answer": "list", "renamed": "{}"}, "application/json",
+                           content_length=str(len(LISTED))), answer_body(LISTED)])
+        assert immediate(body_answer)[0] == 502
+
     @pytest.mark.parametrize("content_type", ["text/plain", "application/json-rpc",
                                               "text/html", ""])
     async def test_a_tools_list_in_another_media_type_is_a_502(self, sidecar: Sidecar,

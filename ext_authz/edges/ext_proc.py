@@ -384,7 +384,7 @@ class ExternalProcessingService:
             common.body_mutation.body = data
             return [response.SerializeToString()]
         if len(piece.body) > MAX_ANSWER_BYTES:
-            raise ValueError(f"an answer to rewrite is over {MAX_ANSWER_BYTES} bytes")
+            raise UnreadableAnswer(f"an answer to rewrite is over {MAX_ANSWER_BYTES} bytes")
         data = piece.body  # BUFFERED: the whole body, once
         if answer.resource:
             named = set_member(data.decode("utf-8", "surrogateescape"), "resource",
