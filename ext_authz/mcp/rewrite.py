@@ -133,9 +133,9 @@ def drop_tools(text: str, callable_tool: Callable[[str], bool]) -> str | None:
     spans = _Spans(text)
     for prefix, message in zip(prefixes, messages, strict=True):
         result = message.get("result") if isinstance(message, dict) else None
-        tools = result.get("tools") if isinstance(result, dict) else None
-        if not isinstance(tools, list):
+        if not isinstance(result, dict) or not isinstance(result.get("tools"), list):
             continue
+        tools = result["tools"]
         if "cacheScope" in result and result["cacheScope"] != "private":
             # The list is this caller's (filtered for it, or one that would be filtered for
             # another): never a shared cache's, whatever the server says (TTL kept).
