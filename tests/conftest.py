@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import getpass
 import os
 import site
 import sys
@@ -28,22 +29,30 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def readable_roots() -> tuple[Path, ...]:
     """Where a test may read beside the repository: the interpreter, its venv and
-    site-packages, the user's packages and caches, and the temporary folder, wherever a user
-    keeps them (a venv beside the clone, ~/.local for a clone in a home directory)."""
+    site-packages, the user's packages and caches, and the temporary folders, wherever a
+    user keeps them (a venv beside the clone, ~/.local for a clone in a home directory)."""
     home = Path.home()
+    temporary = Path(tempfile.gettempdir())
     places = [sys.prefix, sys.base_prefix, sys.exec_prefix, site.getuserbase(),
               site.getusersitepackages(), *site.getsitepackages(),
-              os.environ.get("XDG_CACHE_HOME") or home / ".cache", tempfile.gettempdir(),
+              os.environ.get("XDG_CACHE_HOME") or home / ".cache", temporary,
+              temporary / f"pytest-of-{getpass.getuser()}",  # pytest's tmp_path
               *(entry for entry in sys.path if entry)]
     return tuple(Path(place).resolve() for place in places)
 
 
-def refused_path(path: Path, root: Path, readable: tuple[Path, ...]) -> bool:
+def refused_path(path: Path, root: Path, readable: tuple[Path, ...],
+                 siblings: frozenset[str] | None = None) -> bool:
     """Whether a test reading `path` reads what a user's clone would not have: something
     beside the repository (a sibling checkout, a shared folder) that is none of the places
-    a Python install or a user's caches may be."""
+    a Python install or a user's caches may be. `siblings`: what stood beside the
+    repository when the run began (what a test makes there later, a temporary folder of a
+    clone kept in the temp folder, is its own)."""
     beside = root.parent
     if not path.is_relative_to(beside) or path.is_relative_to(root):
+        return False
+    if siblings is not None and path != beside and (
+            path.relative_to(beside).parts[0] not in siblings):
         return False
     # A readable place that holds the repository's parent (a clone straight in the temp
     # folder) would let every sibling through: it exempts nothing.
@@ -52,6 +61,7 @@ def refused_path(path: Path, root: Path, readable: tuple[Path, ...]) -> bool:
 
 
 _READABLE = readable_roots()
+_SIBLINGS = frozenset(os.listdir(ROOT.parent)) - {ROOT.name}
 
 
 def _inside_the_repository(event: str, args: tuple[object, ...]) -> None:
@@ -66,7 +76,7 @@ def _inside_the_repository(event: str, args: tuple[object, ...]) -> None:
         resolved = Path(os.fsdecode(path)).resolve()
     except (OSError, ValueError):
         return
-    if refused_path(resolved, ROOT, _READABLE):
+    if refused_path(resolved, ROOT, _READABLE, _SIBLINGS):
         raise PermissionError(f"tests may not read outside the repository: {resolved}")
 
 

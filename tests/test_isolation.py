@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -37,9 +38,22 @@ def test_refused_paths(path: Path, root: Path, readable: tuple[Path, ...],
     assert refused_path(path, root, readable) is refused
 
 
-def test_the_guard_refuses_a_sibling_checkout(tmp_path: Path) -> None:
-    """The installed hook raises on a sibling of the repository, naming the path."""
+def test_what_a_run_makes_beside_the_repository_is_its_own() -> None:
+    """A clone kept straight in the temp folder: the siblings that stood there when the run
+    began are refused, the folders a test makes there later are not, nor pytest's."""
+    tmp, clone = Path("/tmp"), Path("/tmp/p")
+    readable = (tmp, tmp / "pytest-of-u")
+    siblings = frozenset({"other-checkout", "shared", "pytest-of-u"})
+    assert refused_path(tmp / "other-checkout/x", clone, readable, siblings)
+    assert refused_path(tmp / "shared/fixtures/x", clone, readable, siblings)
+    assert refused_path(tmp, clone, readable, siblings)  # listing the parent names them
+    assert not refused_path(tmp / "tmp1a2b3c/x", clone, readable, siblings)
+    assert not refused_path(tmp / "pytest-of-u/pytest-7/x", clone, readable, siblings)
+
+
+def test_the_guard_refuses_to_look_beside_the_repository() -> None:
+    """The installed hook raises on listing what stands beside the repository (where a
+    sibling checkout would be found), naming the path."""
     beside = Path(__file__).resolve().parents[2]
-    sibling = beside / "a-sibling-checkout-that-does-not-exist"
     with pytest.raises(PermissionError, match="outside the repository"):
-        sibling.joinpath("x").open()
+        os.listdir(beside)
