@@ -242,6 +242,10 @@ def native(p: Ports, sidecar_yaml: Path) -> tuple[dict[str, Any], list[dict[str,
     return native_listener, static["clusters"]
 
 
+UPSTREAM_ANSWER = ('{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"whoami"},'
+                   '{"name":"add"}]}}')
+
+
 def envoy_bootstrap(p: Ports, sidecar_yaml: Path) -> dict[str, Any]:
     upstream = {
         "name": "upstream",
@@ -253,8 +257,13 @@ def envoy_bootstrap(p: Ports, sidecar_yaml: Path) -> dict[str, Any]:
                          "http_connection_manager.v3.HttpConnectionManager",
                 "stat_prefix": "upstream",
                 "route_config": {"virtual_hosts": [{"name": "u", "domains": ["*"], "routes": [
+                    # An MCP server's answer (a tools/list result, as JSON): the
+                    # gateway refuses, on a tool-rule route, a list it could not read.
                     {"match": {"prefix": "/"}, "direct_response": {
-                        "status": 200, "body": {"inline_string": "ok"}}}]}]},
+                        "status": 200, "body": {"inline_string": UPSTREAM_ANSWER}},
+                     "response_headers_to_add": [{
+                         "header": {"key": "content-type", "value": "application/json"},
+                         "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]}]}]},
                 "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
                     "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3."
                              "Router"}}]}}]}],
