@@ -41,14 +41,16 @@ GRPC_OPTIONS = (
     ("grpc.max_concurrent_streams", 1000),
 )
 # Envoy sends request bodies of up to mcp.max_body_bytes (and did not bound HTTP/2 bodies by
-# its own buffer limits): room for one, its headers and metadata, and no more.
+# its own buffer limits), and answers of up to mcp.max_answer_bytes to be rewritten: room
+# for either, its headers and metadata, and no more.
 MESSAGE_HEADROOM = 1024 * 1024
 MIN_RECEIVE_LIMIT = 4 * 1024 * 1024  # grpc's default
 
 
 def receive_limit(config: Config) -> int:
     """The largest gRPC message the sidecar takes (set at start; raising it needs a restart)."""
-    return max(MIN_RECEIVE_LIMIT, config.mcp.max_body_bytes + MESSAGE_HEADROOM)
+    return max(MIN_RECEIVE_LIMIT, config.mcp.max_body_bytes + MESSAGE_HEADROOM,
+               config.mcp.max_answer_bytes + MESSAGE_HEADROOM)
 
 FileStamp = tuple[int, int, int] | None
 
@@ -301,7 +303,9 @@ class Sidecar:
         ]
         problems = [f"{key}: changing it needs a restart" for key in changed]
         if receive_limit(config) > self._receive_limit:
-            problems.append("mcp.max_body_bytes: raising it past what the gRPC listener was"
+            key = ("max_answer_bytes" if config.mcp.max_answer_bytes > config.mcp.max_body_bytes
+                   else "max_body_bytes")
+            problems.append(f"mcp.{key}: raising it past what the gRPC listener was"
                             " started with needs a restart")
         if problems:
             raise ConfigError(problems, str(self.config_path))

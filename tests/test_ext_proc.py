@@ -263,14 +263,43 @@ class TestAnswers:
         assert status == 502
         assert body["error"]["code"] == -32603
 
-    async def test_an_answer_past_the_limit_is_a_502(self, sidecar: Sidecar,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-        """An answer too big to be checked is refused at once, never passed unread."""
-        monkeypatch.setattr(ext_proc_module, "MAX_ANSWER_BYTES", len(LISTED) - 1)
-        _, body_answer = await exchange(sidecar, [
-            answer_headers({"answer": "list", "renamed": "{}"}, "application/json",
-                           content_length=str(len(LISTED))), answer_body(LISTED)])
-        assert immediate(body_answer)[0] == 502
+    async def test_an_answer_past_the_limit_is_a_502(self) -> None:
+        """An answer too big to be checked (mcp.max_answer_bytes) is refused, never passed
+        unread: at its headers when its length is said, at the piece that passes the limit
+        when not."""
+        config = make_config(network={"internal_ranges": ["127.0.0.1/32"]},
+                             mcp={"max_answer_bytes": 65536},
+                             servers={"tools": {"tools": {"delete_repo": {
+                                 "available_on_public_internet": False}}}})
+        small = Sidecar(config, grace_s=1)
+        await small.start()
+        try:
+            [head] = await exchange(small, [answer_headers(
+                {"answer": "list", "renamed": "{}"}, "application/json",
+                content_length="65537")])
+            assert immediate(head)[0] == 502
+            piece = b" " * 40000
+            answers = await exchange(small, [
+                answer_headers({"answer": "list", "renamed": "{}"}, "application/json"),
+                answer_body(piece, False), answer_body(piece, False)])
+            assert answers[0].mode_override.response_body_mode == 1  # STREAMED, held
+            assert answers[1].response_body.response.body_mutation.body == b""
+            assert immediate(answers[2])[0] == 502
+        finally:
+            await small.stop()
+
+    async def test_an_answer_of_no_stated_length_is_held_then_sent_whole(
+            self, sidecar: Sidecar) -> None:
+        """Piece by piece into the sidecar, nothing on until it is whole; then all of it,
+        filtered, with no length (none was said)."""
+        head, first, last = await exchange(sidecar, [
+            answer_headers({"answer": "list", "renamed": "{}"}, "application/json"),
+            answer_body(LISTED[:20], False), answer_body(LISTED[20:])])
+        assert head.mode_override.response_body_mode == 1  # STREAMED
+        assert first.response_body.response.body_mutation.body == b""
+        common = last.response_body.response
+        assert common.body_mutation.body == LISTED_OUTSIDE
+        assert not common.header_mutation.set_headers
 
     @pytest.mark.parametrize("content_type", ["text/plain", "application/json-rpc",
                                               "text/html", ""])

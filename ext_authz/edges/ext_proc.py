@@ -64,10 +64,6 @@ from .metadata import AuthzVerdict, ext_proc_response, read_answer_plan, write_a
 
 log = logging.getLogger(__name__)
 
-# An answer held back to be rewritten (a JSON body, one SSE event) may be at most this big:
-# past it the answer cannot be checked, and is cut off rather than passed unread.
-MAX_ANSWER_BYTES = 16 * 1024 * 1024
-
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _JSON = base_pb2.HeaderValueOption(
     header=base_pb2.HeaderValue(key="content-type", raw_value=b"application/json"),
@@ -101,11 +97,17 @@ class _Answer:
 
     renamed: dict[str, str]  # fresh name -> the caller's
     tool_visible: Callable[[str], bool] | None  # set when tools/list answers are filtered
+    # An answer held back to be rewritten (a whole body, one SSE event) may be at most this
+    # big (mcp.max_answer_bytes): past it, it cannot be checked, and is refused (502).
+    limit: int
     length_given: bool = False
     sse: bool = False
     plain: bool = False  # neither JSON nor SSE (an error page): names put back unescaped
     resource: str = ""  # an OAuth protected-resource document: the gateway URL it names
     events: EventStream | None = None  # an SSE answer of unknown length, as it streams
+    # Any other answer of unknown length: its pieces, held here (not in Envoy's buffers)
+    # until it is whole.
+    held: bytearray | None = None
 
     def text(self, text: str) -> str | None:
         """One JSON text of the answer, rewritten; None when it stays as it is."""
@@ -336,7 +338,8 @@ class ExternalProcessingService:
                     or message.response_headers.end_of_stream):
                 request.done = True
                 return [response.SerializeToString()]
-            request.answer = _Answer({}, None, length_given="content-length" in headers,
+            request.answer = _Answer({}, None, request.state.policy.mcp.max_answer_bytes,
+                                     length_given="content-length" in headers,
                                      resource=resource)
             response.mode_override.CopyFrom(_WHOLE)
             return [response.SerializeToString()]
@@ -360,17 +363,27 @@ class ExternalProcessingService:
                 raise ValueError("a tools/list answer without the decision that asked for it")
             server, placement = decision.server, decision.placement
             tool_visible = functools.partial(server.tool_visible, placement=placement)
-        answer = _Answer(renamed, None if plain else tool_visible,
-                         length_given="content-length" in headers,
+        limit = request.state.policy.mcp.max_answer_bytes
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            # Said at once, before a byte is buffered: never a hang or a partial answer.
+            raise UnreadableAnswer(f"an answer to rewrite of {length} bytes (over {limit})")
+        answer = _Answer(renamed, None if plain else tool_visible, limit,
+                         length_given=length is not None,
                          sse=media == "text/event-stream", plain=plain)
         request.answer = answer
         if answer.sse and not answer.length_given:
             # A stream of unknown length (it may stay open): event by event, as it comes.
-            answer.events = EventStream(answer.text, MAX_ANSWER_BYTES)
+            answer.events = EventStream(answer.text, limit)
+            response.mode_override.CopyFrom(_PIECES)
+        elif not answer.length_given:
+            # JSON of unknown length: piece by piece into the sidecar, sent on whole.
+            answer.held = bytearray()
             response.mode_override.CopyFrom(_PIECES)
         else:
             # JSON, or SSE of a length the server said (the TypeScript SDK's, sent in one
             # write): whole, the length set anew with the new body, as the server would.
+            # (Envoy's buffers are sized to mcp.max_answer_bytes: envoy-config.)
             response.mode_override.CopyFrom(_WHOLE)
         return [response.SerializeToString()]
 
@@ -383,9 +396,22 @@ class ExternalProcessingService:
                 data += answer.events.finish()
             common.body_mutation.body = data
             return [response.SerializeToString()]
-        if len(piece.body) > MAX_ANSWER_BYTES:
-            raise UnreadableAnswer(f"an answer to rewrite is over {MAX_ANSWER_BYTES} bytes")
-        data = piece.body  # BUFFERED: the whole body, once
+        if answer.held is not None:  # STREAMED, held: nothing goes on until it is whole
+            answer.held += piece.body
+            if len(answer.held) > answer.limit:
+                raise UnreadableAnswer(f"an answer to rewrite is over {answer.limit} bytes")
+            if not piece.end_of_stream:
+                common.body_mutation.body = b""
+                return [response.SerializeToString()]
+            return self._whole(answer, bytes(answer.held), response, always=True)
+        if len(piece.body) > answer.limit:
+            raise UnreadableAnswer(f"an answer to rewrite is over {answer.limit} bytes")
+        return self._whole(answer, piece.body, response)  # BUFFERED: the whole body, once
+
+    def _whole(self, answer: _Answer, data: bytes, response: ext_proc_pb2.ProcessingResponse,
+               *, always: bool = False) -> list[bytes]:
+        """Answer for a whole body; `always`: send it even unchanged (its pieces were held)."""
+        common = response.response_body.response
         if answer.resource:
             named = set_member(data.decode("utf-8", "surrogateescape"), "resource",
                                answer.resource)
@@ -394,7 +420,7 @@ class ExternalProcessingService:
                 return [response.SerializeToString()]
             rewritten_data: bytes | None = named.encode("utf-8", "surrogateescape")
         elif answer.sse:
-            events = EventStream(answer.text, MAX_ANSWER_BYTES)
+            events = EventStream(answer.text, answer.limit)
             rewritten_data = events.feed(data) + events.finish()
         elif answer.plain:
             rewritten_data = restore(data, answer.renamed, escape=False)
@@ -406,7 +432,7 @@ class ExternalProcessingService:
         # work for a hidden tool's answer and a missing one's, so the same time.
         if rewritten_data is not None and rewritten_data != data:
             data = rewritten_data
-        elif answer.tool_visible is not None:
+        elif answer.tool_visible is not None and not always:
             response.response_body.SetInParent()  # a tools/list answer left as it was
             return [response.SerializeToString()]
         common.body_mutation.body = data

@@ -29,7 +29,8 @@ def resources(plan: Plan, plane: DataPlane, by: BySidecar) -> tuple[Listener, li
     if plan.config.network.uses_principals and plane.listener_tls is None:
         raise ValueError("network rules name principals, which only a caller's certificate"
                          " can show: give --listen-cert, --listen-key and --client-ca")
-    built = listener.listener(manager, plane.listen, plane.listener_tls)
+    built = listener.listener(manager, plane.listen, plane.listener_tls,
+                              listener.buffer_limit(plan))
     by.check()
     upstreams = []
     for server in plan.servers:

@@ -65,6 +65,7 @@ from .routes import virtual_hosts
 
 LISTENER = "mcp_ingress"
 DEFAULT_STREAM_IDLE_TIMEOUT_S = 300  # Envoy's own default, for the routes that are not MCP's
+ANSWER_HEADROOM = 64 * 1024  # an answer's headers, and Envoy's framing
 
 
 def _access_log(by: BySidecar) -> AccessLog:
@@ -173,8 +174,17 @@ def connection_manager(plan: Plan, timeouts: Timeouts, by: BySidecar) -> HttpCon
     return manager
 
 
+def buffer_limit(plan: Plan) -> int | None:
+    """Envoy's buffer per connection where answers are read whole to be rewritten (tool
+    rules): room for the largest the sidecar takes (mcp.max_answer_bytes). Envoy's own 1 MiB
+    made a bigger answer a 500, or a hang, by chance. None: Envoy's default."""
+    if not plan.reads_bodies:
+        return None
+    return plan.config.mcp.max_answer_bytes + ANSWER_HEADROOM
+
+
 def listener(manager: HttpConnectionManager, listen: HostPort,
-             listener_tls: ListenerTLS | None) -> Listener:
+             listener_tls: ListenerTLS | None, limit: int | None = None) -> Listener:
     """The one listener callers reach."""
     chain = FilterChain(filters=[Filter(
         name="envoy.filters.network.http_connection_manager",
@@ -189,4 +199,5 @@ def listener(manager: HttpConnectionManager, listen: HostPort,
                                                      port_value=listen.port,
                                                      ipv4_compat=listen.host == "::")),
         filter_chains=[chain],
+        per_connection_buffer_limit_bytes=limit,
     )

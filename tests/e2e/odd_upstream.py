@@ -50,6 +50,18 @@ def answer(mode: str, rpc_id: object) -> tuple[str | None, bytes]:
     if mode == "cache-public":
         return "application/json", json.dumps(_listing(
             rpc_id, cacheScope="public", ttlMs=600000), separators=(",", ":")).encode()
+    if mode.startswith("large-"):
+        # A visible tool's answer of that many bytes (`large-json-N`, `large-sse-N`; with
+        # `chunked` among the words, of no stated length).
+        words = mode.split("-")
+        kind, size = words[1], next(word for word in words if word.isdigit())
+        text = "x" * int(size)
+        message = json.dumps({"jsonrpc": "2.0", "id": rpc_id, "result": {
+            "content": [{"type": "text", "text": text}], "isError": False}},
+            separators=(",", ":")).encode()
+        if kind == "sse":
+            return "text/event-stream", b"event: message\ndata: " + message + b"\n\n"
+        return "application/json", message
     raise ValueError(f"no such mode {mode!r}")
 
 
@@ -59,10 +71,19 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # the http.server method's name
         length = int(self.headers.get("content-length", "0"))
         request = json.loads(self.rfile.read(length) or b"{}")
-        media, body = answer(self.headers.get("x-odd-answer", "json"), request.get("id"))
+        mode = self.headers.get("x-odd-answer", "json")
+        media, body = answer(mode, request.get("id"))
         self.send_response(200)
         if media is not None:
             self.send_header("Content-Type", media)
+        if "chunked" in mode.split("-"):
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for start in range(0, len(body), 65536):
+                piece = body[start:start + 65536]
+                self.wfile.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+            self.wfile.write(b"0\r\n\r\n")
+            return
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)

@@ -26,6 +26,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
 INTERNAL, EXTERNAL = "127.0.0.1", "127.0.0.2"
 LIST = json.dumps({"jsonrpc": "2.0", "id": 7, "method": "tools/list"})
+CALL = json.dumps({"jsonrpc": "2.0", "id": 8, "method": "tools/call",
+                   "params": {"name": "whoami", "arguments": {}}})
+MAX_ANSWER = 10 * 1024 * 1024  # the stack's mcp.max_answer_bytes
 MCP_HEADERS = {"content-type": "application/json",
                "accept": "application/json, text/event-stream"}
 
@@ -35,9 +38,12 @@ class Stack:
     base: str
 
     def tools_list(self, source: str, mode: str) -> httpx.Response:
+        return self.post(source, mode, LIST)
+
+    def post(self, source: str, mode: str, body: str) -> httpx.Response:
         with httpx.Client(transport=httpx.HTTPTransport(local_address=source),
                           timeout=10) as http:
-            return http.post(f"{self.base}/mcp/odd", content=LIST,
+            return http.post(f"{self.base}/mcp/odd", content=body,
                              headers={**MCP_HEADERS, "x-odd-answer": mode})
 
 
@@ -55,6 +61,7 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
             "grpc": {"listen": f"127.0.0.1:{ports['grpc']}"},
             "admin": {"listen": f"127.0.0.1:{ports['admin']}"},
             "network": {"internal_ranges": ["127.0.0.1/32"]},
+            "mcp": {"max_answer_bytes": MAX_ANSWER},
             "servers": {"odd": {"upstream": f"127.0.0.1:{ports['odd']}", "tools": {
                 "delete_repo": {"available_on_public_internet": False}}}},
         }
@@ -122,3 +129,31 @@ class TestRefused:
             assert response.status_code == 502
             assert response.json()["error"]["code"] == -32603
             assert "delete_repo" not in response.text
+
+
+class TestLargeAnswers:
+    @pytest.mark.parametrize("size", [1_200_000, 2_000_000, 3_000_000, 8_000_000])
+    @pytest.mark.parametrize("kind", ["json", "sse", "json-chunked"])
+    def test_up_to_the_limit_every_time(self, stack: Stack, kind: str, size: int) -> None:
+        """A visible tool's answer up to mcp.max_answer_bytes passes whole, every time (it
+        was a 500, a 200 or no answer at all, by chance, past Envoy's 1 MiB buffers)."""
+        for _ in range(3):
+            response = stack.post(EXTERNAL, f"large-{kind}-{size}", CALL)
+            assert response.status_code == 200, response.text[:300]
+            assert response.text.count("x") >= size
+
+    @pytest.mark.parametrize("kind", ["json", "sse"])
+    def test_past_the_limit_a_502_at_once(self, stack: Stack, kind: str) -> None:
+        """Past the limit, with its length said: a 502 before a byte is buffered."""
+        for _ in range(2):
+            response = stack.post(EXTERNAL, f"large-{kind}-{MAX_ANSWER + 1}", CALL)
+            assert response.status_code == 502
+            assert response.json()["error"]["code"] == -32603
+
+    def test_past_the_limit_unsaid_never_a_whole_answer(self, stack: Stack) -> None:
+        """Past the limit with no length said, the headers have gone: the answer is cut off
+        (never the whole of it, never a hang), the same every time."""
+        for _ in range(2):
+            with pytest.raises(httpx.HTTPError):
+                stack.post(EXTERNAL, f"large-json-{MAX_ANSWER + 1}-chunked",
+                           CALL).raise_for_status()

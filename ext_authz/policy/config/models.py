@@ -216,6 +216,10 @@ class McpSettings(FrozenModel):
     # refuses a bigger body itself (413); a batch of more messages is a 400.
     max_body_bytes: Annotated[int, Field(ge=1024, le=16 * 1024 * 1024)] = 1024 * 1024
     max_batch_messages: Annotated[int, Field(ge=1, le=1000)] = 32
+    # Bound on an answer read to be rewritten (tools/list and tools/call on tool-rule
+    # routes): Envoy's buffers are sized to hold it, and a bigger one is a 502 at once.
+    max_answer_bytes: Annotated[int, Field(ge=64 * 1024, le=64 * 1024 * 1024)] = (
+        16 * 1024 * 1024)
 
 
 class DecisionLogSettings(FrozenModel):
