@@ -1,0 +1,213 @@
+"""The answers filter's side: a server's answer on a tool-rule route, read and rewritten as
+it arrives (the caller's names put back, a list filtered for its caller), or refused.
+
+ext_proc.py's request stream leaves in Envoy's metadata what the answer is (a tools/call's or
+a tools/list's) and which fresh names it may carry; this module takes it from there. JSON
+and SSE of a stated length come whole (BUFFERED, Envoy's buffers sized to
+mcp.max_answer_bytes by envoy-config); SSE of no stated length event by event; anything else
+of no stated length piece by piece, held here until whole.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .._proto.envoy.config.core.v3 import base_pb2
+from .._proto.envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from .._proto.envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
+from ..mcp.replies import error_reply
+from ..mcp.rewrite import EventStream, UnreadableAnswer, drop_tools, restore, set_member
+from ..policy.decision import Decision
+from .metadata import AuthzVerdict, read_answer_plan
+
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_JSON = base_pb2.HeaderValueOption(
+    header=base_pb2.HeaderValue(key="content-type", raw_value=b"application/json"),
+    append_action=_OVERWRITE,
+)
+
+_Mode = processing_mode_pb2.ProcessingMode
+
+
+def _answer_body(mode: int) -> processing_mode_pb2.ProcessingMode:
+    # Every field said: the answers filter's own modes, but the answer body's.
+    return _Mode(request_header_mode=_Mode.SKIP, response_header_mode=_Mode.SEND,
+                 request_body_mode=_Mode.NONE, response_body_mode=mode,  # type: ignore[arg-type]
+                 request_trailer_mode=_Mode.SKIP, response_trailer_mode=_Mode.SKIP)
+
+
+_WHOLE, _PIECES = _answer_body(_Mode.BUFFERED), _answer_body(_Mode.STREAMED)
+
+
+def header_option(key: str, value: str | bytes) -> base_pb2.HeaderValueOption:
+    raw = value if isinstance(value, bytes) else value.encode()
+    return base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=key, raw_value=raw),
+                                      append_action=_OVERWRITE)
+
+
+@dataclass(slots=True)
+class Answer:
+    """How the server's answer to one request is rewritten, as it arrives."""
+
+    renamed: dict[str, str]  # fresh name -> the caller's
+    tool_visible: Callable[[str], bool] | None  # set when tools/list answers are filtered
+    # An answer held back to be rewritten (a whole body, one SSE event) may be at most this
+    # big (mcp.max_answer_bytes): past it, it cannot be checked, and is refused (502).
+    limit: int
+    length_given: bool = False
+    sse: bool = False
+    plain: bool = False  # neither JSON nor SSE (an error page): names put back unescaped
+    resource: str = ""  # an OAuth protected-resource document: the gateway URL it names
+    events: EventStream | None = None  # an SSE answer of unknown length, as it streams
+    # Any other answer of unknown length: its pieces, held here (not in Envoy's buffers)
+    # until it is whole.
+    held: bytearray | None = None
+
+    def text(self, text: str) -> str | None:
+        """One JSON text of the answer, rewritten; None when it stays as it is."""
+        restored = restore(text.encode(), self.renamed).decode() if self.renamed else text
+        if self.tool_visible is not None:
+            dropped = drop_tools(restored, self.tool_visible)
+            if dropped is not None:
+                return dropped
+        return restored if restored != text else None
+
+
+def header_pairs(headers: ext_proc_pb2.HttpHeaders) -> list[tuple[str, str]]:
+    return [(header.key, header.raw_value.decode("utf-8", "replace") if header.raw_value
+             else header.value) for header in headers.headers.headers]
+
+
+def _refusal_of_answer() -> bytes:
+    response = ext_proc_pb2.ProcessingResponse()
+    immediate = response.immediate_response
+    immediate.status.code = 502  # type: ignore[assignment]
+    immediate.details = "unreadable_answer"
+    immediate.headers.set_headers.append(_JSON)
+    immediate.body = error_reply(-32603, "Bad Gateway: the server's answer cannot be checked")
+    return response.SerializeToString()
+
+
+# The server's answer cannot be checked (UnreadableAnswer): nothing of it goes on.
+REFUSED = _refusal_of_answer()
+
+
+def on_headers(message: ext_proc_pb2.ProcessingRequest, limit: int,
+               resumed: Callable[[], Decision | None]) -> tuple[bytes, Answer | None]:
+    """Answer an answer's headers: what to send Envoy, and how its body is to be rewritten
+    (None: nothing of it is, it goes on as it is). `limit`: mcp.max_answer_bytes; `resumed`:
+    ext_authz's decision, for a list to be filtered for its caller. An UnreadableAnswer
+    where the answer cannot be checked."""
+    response = ext_proc_pb2.ProcessingResponse()
+    response.response_headers.SetInParent()
+    rewrite, renamed = read_answer_plan(message)
+    headers = dict(header_pairs(message.response_headers))
+    media = headers.get("content-type", "").split(";")[0].strip().lower()
+    resource = AuthzVerdict.read(message).resource
+    if resource:
+        # A discovery route: the server's metadata document, to name the gateway.
+        if (headers.get(":status") != "200" or media != "application/json"
+                or message.response_headers.end_of_stream):
+            return response.SerializeToString(), None
+        answer = Answer({}, None, limit, length_given="content-length" in headers,
+                        resource=resource)
+        response.mode_override.CopyFrom(_WHOLE)
+        return response.SerializeToString(), answer
+    plain = media not in ("application/json", "text/event-stream")
+    # A tools/list answer in another media type (or none) is refused: a lenient client
+    # might read it all the same, hidden tools and all. A call's answer in any media type
+    # has its fresh name put back, which would tell a hidden tool from a missing one (and
+    # so would the time taken to put it back: every call's answer is read alike).
+    if not rewrite or message.response_headers.end_of_stream:
+        return response.SerializeToString(), None  # nothing of it is to be rewritten
+    if plain and rewrite == "list":
+        raise UnreadableAnswer(f"a tools/list answer as {media or 'no media type'}")
+    encoding = headers.get("content-encoding", "identity").lower()
+    if encoding != "identity":
+        raise UnreadableAnswer(f"an answer to rewrite came with Content-Encoding {encoding}")
+    tool_visible = None
+    if rewrite == "list":
+        decision = resumed()
+        if decision is None or decision.server is None:
+            raise ValueError("a tools/list answer without the decision that asked for it")
+        server, placement = decision.server, decision.placement
+        tool_visible = functools.partial(server.tool_visible, placement=placement)
+    length = headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > limit):
+        # Said at once, before a byte is buffered: never a hang or a partial answer.
+        raise UnreadableAnswer(f"an answer to rewrite of {length} bytes (over {limit})")
+    answer = Answer(renamed, None if plain else tool_visible, limit,
+                     length_given=length is not None,
+                     sse=media == "text/event-stream", plain=plain)
+    if answer.sse and not answer.length_given:
+        # A stream of unknown length (it may stay open): event by event, as it comes.
+        answer.events = EventStream(answer.text, limit)
+        response.mode_override.CopyFrom(_PIECES)
+    elif not answer.length_given:
+        # JSON of unknown length: piece by piece into the sidecar, sent on whole.
+        answer.held = bytearray()
+        response.mode_override.CopyFrom(_PIECES)
+    else:
+        # JSON, or SSE of a length the server said (the TypeScript SDK's, sent in one
+        # write): whole, the length set anew with the new body, as the server would.
+        # (Envoy's buffers are sized to mcp.max_answer_bytes: envoy-config.)
+        response.mode_override.CopyFrom(_WHOLE)
+    return response.SerializeToString(), answer
+
+
+def on_body(answer: Answer, piece: ext_proc_pb2.HttpBody) -> bytes:
+    """Answer one piece of an answer's body: what of it goes on now."""
+    response = ext_proc_pb2.ProcessingResponse()
+    common = response.response_body.response
+    if answer.events is not None:  # STREAMED: each piece answered with what can go on
+        data = answer.events.feed(piece.body)
+        if piece.end_of_stream:
+            data += answer.events.finish()
+        common.body_mutation.body = data
+        return response.SerializeToString()
+    if answer.held is not None:  # STREAMED, held: nothing goes on until it is whole
+        answer.held += piece.body
+        if len(answer.held) > answer.limit:
+            raise UnreadableAnswer(f"an answer to rewrite is over {answer.limit} bytes")
+        if not piece.end_of_stream:
+            common.body_mutation.body = b""
+            return response.SerializeToString()
+        return _whole(answer, bytes(answer.held), response, always=True)
+    if len(piece.body) > answer.limit:
+        raise UnreadableAnswer(f"an answer to rewrite is over {answer.limit} bytes")
+    return _whole(answer, piece.body, response)  # BUFFERED: the whole body, once
+
+
+def _whole(answer: Answer, data: bytes, response: ext_proc_pb2.ProcessingResponse,
+           *, always: bool = False) -> bytes:
+    """Answer for a whole body; `always`: send it even unchanged (its pieces were held)."""
+    common = response.response_body.response
+    if answer.resource:
+        named = set_member(data.decode("utf-8", "surrogateescape"), "resource",
+                           answer.resource)
+        if named is None:
+            response.response_body.SetInParent()  # nothing to name: as it was
+            return response.SerializeToString()
+        rewritten_data: bytes | None = named.encode("utf-8", "surrogateescape")
+    elif answer.sse:
+        events = EventStream(answer.text, answer.limit)
+        rewritten_data = events.feed(data) + events.finish()
+    elif answer.plain:
+        rewritten_data = restore(data, answer.renamed, escape=False)
+    else:
+        rewritten = answer.text(data.decode("utf-8", "surrogateescape"))
+        rewritten_data = (None if rewritten is None
+                          else rewritten.encode("utf-8", "surrogateescape"))
+    # A call's answer is sent back whether a name was put back in it or not: the same
+    # work for a hidden tool's answer and a missing one's, so the same time.
+    if rewritten_data is not None and rewritten_data != data:
+        data = rewritten_data
+    elif answer.tool_visible is not None and not always:
+        response.response_body.SetInParent()  # a tools/list answer left as it was
+        return response.SerializeToString()
+    common.body_mutation.body = data
+    if answer.length_given:
+        common.header_mutation.set_headers.append(header_option("content-length", str(len(data))))
+    return response.SerializeToString()
