@@ -107,8 +107,14 @@ class TestGenerator:
                          {"mcp_server": "a", "mcp_route": "mcp"},
                          {"mcp_server": "a", "mcp_route": "mcp"}]
         # The registry, answered by the sidecar; what no server route matches still asks
-        # the sidecar, naming no server.
-        registry, catch_all = routes[-2:]
+        # the sidecar, naming no server: a metadata path as a discovery route is asked (the
+        # answers filter on), anything else as an MCP route.
+        registry, metadata, catch_all = routes[-3:]
+        assert metadata["match"] == {"prefix": "/.well-known/oauth-protected-resource"}
+        assert metadata["typed_per_filter_config"]["envoy.filters.http.ext_authz"][
+            "check_settings"]["context_extensions"] == {"mcp_server": NO_SERVER,
+                                                        "mcp_route": "discovery"}
+        assert "mcp_ext_authz.answers" in metadata["typed_per_filter_config"]
         assert registry["match"] == {"path": "/mcp", "headers": [
             {"name": ":method", "string_match": {"exact": "GET"}}]}
         assert registry["typed_per_filter_config"]["envoy.filters.http.ext_authz"][
@@ -715,7 +721,7 @@ class TestNativeDataPath:
         # The sidecar is asked only where it must read: tool rules, registry, discovery.
         asked = {path for path, r in routes.items()
                  if "envoy.filters.http.ext_authz" in r.get("typed_per_filter_config", {})}
-        assert asked == {"/mcp/tl", "/mcp/tl/", "/mcp",
+        assert asked == {"/mcp/tl", "/mcp/tl/", "/mcp", "/.well-known/oauth-protected-resource",
                          "/.well-known/oauth-protected-resource/mcp/pub",
                          "/.well-known/oauth-protected-resource/mcp/priv",
                          "/.well-known/oauth-protected-resource/mcp/tl"}

@@ -147,6 +147,15 @@ def virtual_hosts(plan: Plan, timeouts: Timeouts, by: BySidecar) -> list[Virtual
         typed_per_filter_config=per_route(plan, NO_SERVER, "mcp", by),
     )
     shared = [not_found]
+    if plan.discovers:
+        # Every metadata path no server's route takes gets what a hidden server's gets, by
+        # the same filters: a discovery route's answer passes the answers filter, which sees
+        # even a local reply's headers (Envoy has then read the body, and keeps the
+        # connection, where the catch-all's 404 would close it).
+        shared.insert(0, Route(
+            match=RouteMatch(prefix=PROTECTED_RESOURCE),
+            direct_response=DirectResponseAction(status=404),
+            typed_per_filter_config=per_route(plan, NO_SERVER, "discovery", by)))
     registry = plan.config.routing.registry_path
     if registry is not None:
         # Answered by the sidecar (ext_authz's local reply), from the same decision as every

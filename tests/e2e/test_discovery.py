@@ -320,15 +320,9 @@ class TestAnyMethodAndBody:
     @pytest.mark.parametrize("template", [f"{PRM}/mcp/{{server}}", "/mcp/{server}"])
     @pytest.mark.parametrize("method", ["GET", "POST", "PUT", "DELETE"])
     def test_a_hidden_server_answers_as_an_unknown_one(self, stack: Stack, template: str,
-                                                       method: str,
-                                                       request: pytest.FixtureRequest) -> None:
+                                                       method: str) -> None:
         """Whatever the method and body, headers included: `secure` (hidden from outside)
         and a server that does not exist answer alike."""
-        if request.node.callspec.params["stack"] == "native" and template.startswith(PRM):
-            # Known (#24, item 5): RBAC's 404 on a discovery route passes the answers filter,
-            # which sees every reply's headers, so Envoy has read the body by then and keeps
-            # the connection; the catch-all's 404 closes it. Strict: a fix makes this fail.
-            request.applymarker(pytest.mark.xfail(strict=True, reason="connection: close"))
         answers = []
         for server in ("secure", "nope"):
             with httpx.Client(transport=httpx.HTTPTransport(local_address=EXTERNAL),
