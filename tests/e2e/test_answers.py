@@ -63,7 +63,11 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
             "network": {"internal_ranges": ["127.0.0.1/32"]},
             "mcp": {"max_answer_bytes": MAX_ANSWER},
             "servers": {"odd": {"upstream": f"127.0.0.1:{ports['odd']}", "tools": {
-                "delete_repo": {"available_on_public_internet": False}}}},
+                "delete_repo": {"available_on_public_internet": False}}},
+                # Hidden from outside, with tool rules: its routes read bodies.
+                "vault": {"upstream": f"127.0.0.1:{ports['odd']}",
+                          "available_on_public_internet": False,
+                          "tools": {"delete_repo": {"available_on_public_internet": False}}}},
         }
         config_path = workdir / "sidecar.yaml"
         config_path.write_text(yaml.safe_dump(config))
@@ -157,3 +161,30 @@ class TestLargeAnswers:
             with pytest.raises(httpx.HTTPError):
                 stack.post(EXTERNAL, f"large-json-{MAX_ANSWER + 1}-chunked",
                            CALL).raise_for_status()
+
+
+class TestHiddenWithToolRules:
+    @pytest.mark.parametrize("method", ["POST", "PUT", "GET", "DELETE"])
+    def test_answers_as_an_unknown_server(self, stack: Stack, method: str,
+                                          request: pytest.FixtureRequest) -> None:
+        """A hidden server whose routes read bodies answers an outsider's request, with a
+        body, as a server that does not exist: status, body and headers."""
+        if request.node.callspec.params["stack"] == "native":
+            # Known (#24, item 5): Envoy sends a local reply through every encoder filter,
+            # and on this route the answers filter sees RBAC's 404 (so Envoy has read the
+            # body by then, and keeps the connection); the catch-all's 404 closes it. A
+            # metadata path got its own route for this; an MCP path cannot, without an
+            # ext_proc stream per request on every route of a hidden-able server. Strict:
+            # a fix makes this fail.
+            request.applymarker(pytest.mark.xfail(strict=True, reason="connection: close"))
+        answers = []
+        for server in ("vault", "nope"):
+            with httpx.Client(transport=httpx.HTTPTransport(local_address=EXTERNAL),
+                              timeout=10) as http:
+                answers.append(http.request(method, f"{stack.base}/mcp/{server}",
+                                            content=LIST, headers=MCP_HEADERS))
+        hidden, unknown = answers
+        assert hidden.status_code == unknown.status_code == 404
+        assert hidden.content == unknown.content
+        assert [(k, v) for k, v in hidden.headers.items() if k != "date"] == [
+            (k, v) for k, v in unknown.headers.items() if k != "date"]
