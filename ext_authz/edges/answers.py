@@ -23,7 +23,7 @@ from ..policy.decision import Decision
 from .metadata import AuthzVerdict, read_answer_plan
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
-_JSON = base_pb2.HeaderValueOption(
+JSON_CONTENT_TYPE = base_pb2.HeaderValueOption(
     header=base_pb2.HeaderValue(key="content-type", raw_value=b"application/json"),
     append_action=_OVERWRITE,
 )
@@ -85,7 +85,7 @@ def _refusal_of_answer() -> bytes:
     immediate = response.immediate_response
     immediate.status.code = 502  # type: ignore[assignment]
     immediate.details = "unreadable_answer"
-    immediate.headers.set_headers.append(_JSON)
+    immediate.headers.set_headers.append(JSON_CONTENT_TYPE)
     immediate.body = error_reply(-32603, "Bad Gateway: the server's answer cannot be checked")
     return response.SerializeToString()
 

@@ -40,7 +40,6 @@ from dataclasses import dataclass, field, replace
 
 import grpc
 
-from .._proto.envoy.config.core.v3 import base_pb2
 from .._proto.envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
 from ..contract import EXT_PROC_SERVICE
 from ..mcp.jsonrpc import INVALID_REQUEST, body_headers, request_body
@@ -54,17 +53,12 @@ from ..mcp.rewrite import (
 from ..policy.decision import Decision, RequestFacts, decide_tools, resume
 from ..policy.outcomes import denial_body
 from . import answers as answers_filter
-from .answers import header_option, header_pairs
+from .answers import JSON_CONTENT_TYPE, header_option, header_pairs
 from .generation import Generation, Serving
 from .metadata import AuthzVerdict, ext_proc_response, write_answer_plan
 
 log = logging.getLogger(__name__)
 
-_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
-_JSON = base_pb2.HeaderValueOption(
-    header=base_pb2.HeaderValue(key="content-type", raw_value=b"application/json"),
-    append_action=_OVERWRITE,
-)
 _INTERNAL_ERROR = error_reply(-32603, "Internal error")
 _TRAILERS = "the request has trailers, which no MCP client sends"
 
@@ -95,7 +89,7 @@ def _refusal(decision: Decision, decision_id: str) -> bytes:
     body = decision.reply or (b"" if decision.reason == "tool_not_found"
                               else denial_body(decision.reason))
     if body:
-        immediate.headers.set_headers.append(_JSON)
+        immediate.headers.set_headers.append(JSON_CONTENT_TYPE)
         immediate.body = body
     return response.SerializeToString()
 
@@ -113,7 +107,7 @@ def _internal_error() -> bytes:
     immediate = response.immediate_response
     immediate.status.code = 500  # type: ignore[assignment]
     immediate.details = "internal_error"
-    immediate.headers.set_headers.append(_JSON)
+    immediate.headers.set_headers.append(JSON_CONTENT_TYPE)
     immediate.body = _INTERNAL_ERROR
     return response.SerializeToString()
 
