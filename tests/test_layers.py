@@ -1,4 +1,4 @@
-"""The package's layers: each imports only those below it (../shared/STYLE.md's direction).
+"""The package's layers: each imports only those below it (docs/design.md, "Layout").
 
 contract and errors import nothing of ours; mcp and policy are pure, policy above mcp; the
 renderer and the edges both read the policy and never each other; server, cli and demo sit

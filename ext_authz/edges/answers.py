@@ -80,18 +80,21 @@ def header_pairs(headers: ext_proc_pb2.HttpHeaders) -> list[tuple[str, str]]:
              else header.value) for header in headers.headers.headers]
 
 
-def _refusal_of_answer() -> bytes:
+def immediate_error(status: int, details: str, message: str) -> bytes:
+    """An answer in Envoy's place: `status`, and a JSON-RPC error (code -32603) saying
+    `message` for the whole body."""
     response = ext_proc_pb2.ProcessingResponse()
     immediate = response.immediate_response
-    immediate.status.code = 502  # type: ignore[assignment]
-    immediate.details = "unreadable_answer"
+    immediate.status.code = status  # type: ignore[assignment]
+    immediate.details = details
     immediate.headers.set_headers.append(JSON_CONTENT_TYPE)
-    immediate.body = error_reply(-32603, "Bad Gateway: the server's answer cannot be checked")
+    immediate.body = error_reply(-32603, message)
     return response.SerializeToString()
 
 
 # The server's answer cannot be checked (UnreadableAnswer): nothing of it goes on.
-REFUSED = _refusal_of_answer()
+REFUSED = immediate_error(502, "unreadable_answer",
+                          "Bad Gateway: the server's answer cannot be checked")
 
 
 def on_headers(message: ext_proc_pb2.ProcessingRequest, limit: int,

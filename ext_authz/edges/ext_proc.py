@@ -53,13 +53,12 @@ from ..mcp.rewrite import (
 from ..policy.decision import Decision, RequestFacts, decide_tools, resume
 from ..policy.outcomes import denial_body
 from . import answers as answers_filter
-from .answers import JSON_CONTENT_TYPE, header_option, header_pairs
+from .answers import JSON_CONTENT_TYPE, header_option, header_pairs, immediate_error
 from .generation import Generation, Serving
 from .metadata import AuthzVerdict, ext_proc_response, write_answer_plan
 
 log = logging.getLogger(__name__)
 
-_INTERNAL_ERROR = error_reply(-32603, "Internal error")
 _TRAILERS = "the request has trailers, which no MCP client sends"
 
 @dataclass(slots=True)
@@ -103,13 +102,7 @@ def _body(data: bytes, end_of_stream: bool, kind: str = "request_body") -> bytes
 
 
 def _internal_error() -> bytes:
-    response = ext_proc_pb2.ProcessingResponse()
-    immediate = response.immediate_response
-    immediate.status.code = 500  # type: ignore[assignment]
-    immediate.details = "internal_error"
-    immediate.headers.set_headers.append(JSON_CONTENT_TYPE)
-    immediate.body = _INTERNAL_ERROR
-    return response.SerializeToString()
+    return immediate_error(500, "internal_error", "Internal error")
 
 
 class ExternalProcessingService:
