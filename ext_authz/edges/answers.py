@@ -52,11 +52,17 @@ class Answer:
     """How the server's answer to one request is rewritten, as it arrives."""
 
     renamed: dict[str, str]  # fresh name -> the caller's
-    tool_visible: Callable[[str], bool] | None  # set when tools/list answers are filtered
+    # The caller's filter for any tools list the answer carries (None: not read for lists,
+    # an answer that is not JSON or SSE).
+    tool_visible: Callable[[str], bool] | None
     # An answer held back to be rewritten (a whole body, one SSE event) may be at most this
     # big (mcp.max_answer_bytes): past it, it cannot be checked, and is refused (502).
     limit: int
     length_given: bool = False
+    # What the request asked for: "list" (read whole, always), "call" (sent back whether
+    # changed or not, so that a hidden tool's answer takes the time a missing one's does),
+    # or "any" (read for what it carries).
+    kind: str = ""
     sse: bool = False
     plain: bool = False  # neither JSON nor SSE (an error page): names put back unescaped
     resource: str = ""  # an OAuth protected-resource document: the gateway URL it names
@@ -68,7 +74,10 @@ class Answer:
     def text(self, text: str) -> str | None:
         """One JSON text of the answer, rewritten; None when it stays as it is."""
         restored = restore(text.encode(), self.renamed).decode() if self.renamed else text
-        if self.tool_visible is not None:
+        # An answer to something else is parsed only where it may carry a tools list: the
+        # key itself, or an escape that could spell it.
+        if self.tool_visible is not None and (
+                self.kind == "list" or "tools" in restored or "\\u" in restored):
             dropped = drop_tools(restored, self.tool_visible)
             if dropped is not None:
                 return dropped
@@ -123,26 +132,26 @@ def on_headers(message: ext_proc_pb2.ProcessingRequest, limit: int,
     # might read it all the same, hidden tools and all. A call's answer in any media type
     # has its fresh name put back, which would tell a hidden tool from a missing one (and
     # so would the time taken to put it back: every call's answer is read alike).
-    if not rewrite or message.response_headers.end_of_stream:
+    if not rewrite or message.response_headers.end_of_stream or (plain and rewrite == "any"):
         return response.SerializeToString(), None  # nothing of it is to be rewritten
     if plain and rewrite == "list":
         raise UnreadableAnswer(f"a tools/list answer as {media or 'no media type'}")
     encoding = headers.get("content-encoding", "identity").lower()
     if encoding != "identity":
         raise UnreadableAnswer(f"an answer to rewrite came with Content-Encoding {encoding}")
-    tool_visible = None
-    if rewrite == "list":
-        decision = resumed()
-        if decision is None or decision.server is None:
-            raise ValueError("a tools/list answer without the decision that asked for it")
-        server, placement = decision.server, decision.placement
-        tool_visible = functools.partial(server.tool_visible, placement=placement)
+    # Judged by what it is, not by the request it seems to answer: a tools list is filtered
+    # for this caller in any answer, a call's or another's crossed into this exchange.
+    decision = resumed()
+    if decision is None or decision.server is None:
+        raise ValueError("an answer to filter without the decision that asked for it")
+    tool_visible = functools.partial(decision.server.tool_visible,
+                                     placement=decision.placement)
     length = headers.get("content-length")
     if length is not None and (not length.isdigit() or int(length) > limit):
         # Said at once, before a byte is buffered: never a hang or a partial answer.
         raise UnreadableAnswer(f"an answer to rewrite of {length} bytes (over {limit})")
     answer = Answer(renamed, None if plain else tool_visible, limit,
-                     length_given=length is not None,
+                     length_given=length is not None, kind=rewrite,
                      sse=media == "text/event-stream", plain=plain)
     if answer.sse and not answer.length_given:
         # A stream of unknown length (it may stay open): event by event, as it comes.
@@ -207,7 +216,7 @@ def _whole(answer: Answer, data: bytes, response: ext_proc_pb2.ProcessingRespons
     # work for a hidden tool's answer and a missing one's, so the same time.
     if rewritten_data is not None and rewritten_data != data:
         data = rewritten_data
-    elif answer.tool_visible is not None and not always:
+    elif answer.kind != "call" and not always:
         response.response_body.SetInParent()  # a tools/list answer left as it was
         return response.SerializeToString()
     common.body_mutation.body = data

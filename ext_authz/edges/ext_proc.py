@@ -20,9 +20,9 @@ router), because Envoy 1.40 ignores `mode_override` on a filter whose request bo
 FULL_DUPLEX_STREAMED. That filter sees every answer's headers; from what the first stream
 left in Envoy's dynamic metadata (is this a tools/call or tools/list? what was renamed?) it
 asks for the body of those answers only (answers.py). Every tools/call and tools/list alike,
-so that a hidden tool's call costs what any other call costs. Every other answer, and the
-server-to-client GET stream above all, passes with its headers seen and its body untouched.
-An answer that cannot be read as every client would is refused (502).
+so that a hidden tool's call costs what any other call costs. Every other answer on the
+route, the server-to-client GET stream included, is read for the tools lists it carries,
+event by event. An answer that cannot be read as every client would is refused (502).
 
 One stream is one HTTP request (or its answer). A stream that ended cleanly before its
 request was answered would let Envoy forward the request unjudged (even with
@@ -266,10 +266,12 @@ def _go_on(request: _Request, decision: Decision, decision_id: str,
     if decision.calls_tools and data is not None and request.has_length:
         # Set for every call, renamed or not: the same work, so the same time.
         common.header_mutation.set_headers.append(header_option("content-length", str(len(data))))
-    if decision.lists_tools or decision.calls_tools:
-        write_answer_plan(response, decision.lists_tools, renamed)
-        # A compressed answer could not be rewritten: ask for it plain.
-        common.header_mutation.remove_headers.append("accept-encoding")
+    # Every answer on the route is read: a tools/list result is filtered wherever it
+    # travels (an answer the upstream sent to another exchange, the GET stream, a replay).
+    kind = "list" if decision.lists_tools else "call" if decision.calls_tools else "any"
+    write_answer_plan(response, kind, renamed)
+    # A compressed answer could not be rewritten: ask for it plain.
+    common.header_mutation.remove_headers.append("accept-encoding")
     answers = [response.SerializeToString()]
     if data is not None:
         answers.append(_body(data, True))

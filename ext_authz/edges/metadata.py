@@ -101,14 +101,16 @@ def ext_proc_response(decision: Decision, decision_id: str) -> ext_proc_pb2.Proc
     return response
 
 
-def write_answer_plan(response: ext_proc_pb2.ProcessingResponse, lists_tools: bool,
+def write_answer_plan(response: ext_proc_pb2.ProcessingResponse, kind: str,
                       renamed: dict[str, str]) -> None:
-    """Tell the answers stream what this request's answer is and which names to put back."""
+    """Tell the answers stream what this request's answer is ("list", "call", or "any":
+    whatever a server sends there, the GET stream and its replays included) and which names
+    to put back."""
     said = response.dynamic_metadata.fields[EXT_PROC_FILTER].struct_value
-    said.update({_ANSWER: "list" if lists_tools else "call", _RENAMED: json.dumps(renamed)})
+    said.update({_ANSWER: kind, _RENAMED: json.dumps(renamed)})
 
 
 def read_answer_plan(request: ext_proc_pb2.ProcessingRequest) -> tuple[str, dict[str, str]]:
-    """What the request stream said of this answer: ("list" | "call" | "", renamed)."""
+    """What the request stream said of this answer: ("list" | "call" | "any" | "", renamed)."""
     said = _strings(request, EXT_PROC_FILTER)
     return said.get(_ANSWER, ""), json.loads(said.get(_RENAMED, "{}"))

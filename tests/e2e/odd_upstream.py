@@ -88,6 +88,17 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def do_GET(self) -> None:  # the http.server method's name
+        """The server-to-client stream, replaying a tools/list answer (as after a dropped
+        POST stream, resumed with Last-Event-ID): an SSE stream of no stated length."""
+        listing = json.dumps(_listing(7), separators=(",", ":")).encode()
+        body = b"id: ev-3\ndata: \n\nid: ev-4\ndata: " + listing + b"\n\n"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.wfile.write(f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n")
+
     def log_message(self, format: str, *args: object) -> None:
         pass
 

@@ -90,7 +90,7 @@ def sse_data(text: str) -> list[object]:
     events, data = [], []
     for line in re.split(r"\r\n|\r|\n", text):
         if not line:
-            if data:
+            if "".join(data).strip():  # a priming event carries no message
                 events.append(json.loads("\n".join(data)))
             data = []
         elif line.startswith("data:"):
@@ -188,3 +188,27 @@ class TestHiddenWithToolRules:
         assert hidden.content == unknown.content
         assert [(k, v) for k, v in hidden.headers.items() if k != "date"] == [
             (k, v) for k, v in unknown.headers.items() if k != "date"]
+
+
+class TestJudgedByWhatItIs:
+    """A tools list is filtered for its caller in whatever answer carries it, not only in the
+    answer to the tools/list that asked for it."""
+
+    def test_a_list_on_the_get_stream_is_filtered(self, stack: Stack) -> None:
+        """The server-to-client GET stream (where a resumed stream's replay arrives)."""
+        with httpx.Client(transport=httpx.HTTPTransport(local_address=EXTERNAL),
+                          timeout=10) as http:
+            response = http.get(f"{stack.base}/mcp/odd", headers={
+                "accept": "text/event-stream", "last-event-id": "ev-3"})
+        assert response.status_code == 200
+        [message] = sse_data(response.text)
+        assert [t["name"] for t in message["result"]["tools"]] == ["whoami"]  # type: ignore[index]
+        assert "delete_repo" not in response.text
+
+    def test_a_list_answering_another_request_is_filtered(self, stack: Stack) -> None:
+        """An answer crossed into another exchange (the same id on two connections): a ping
+        whose answer is a tools list."""
+        ping = json.dumps({"jsonrpc": "2.0", "id": 7, "method": "ping"})
+        response = stack.post(EXTERNAL, "json", ping)
+        assert response.status_code == 200
+        assert [t["name"] for t in response.json()["result"]["tools"]] == ["whoami"]
