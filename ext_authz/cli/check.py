@@ -31,6 +31,7 @@ def _context_extensions(pairs: Sequence[str]) -> dict[str, str]:
         result[key] = value
     return result
 
+
 async def _judge(config: Config, policy: Policy, facts: RequestFacts, body: Body,
                  fetch_token: bool) -> tuple[Decision, dict[str, Any] | None]:
     """The live path's steps, as envoy-config's config takes them: the server from the
@@ -63,6 +64,7 @@ async def _judge(config: Config, policy: Policy, facts: RequestFacts, body: Body
         await cache.aclose()
     return decision, report
 
+
 def _headers(lines: Sequence[str], body: bool) -> list[tuple[str, str]]:
     headers = []
     for line in lines:
@@ -74,6 +76,7 @@ def _headers(lines: Sequence[str], body: bool) -> list[tuple[str, str]]:
         headers.append(("content-type", "application/json"))  # as every MCP client sends
     return headers
 
+
 def _read_body(args: argparse.Namespace) -> bytes:
     if args.body is not None:
         return str(args.body).encode()
@@ -83,6 +86,7 @@ def _read_body(args: argparse.Namespace) -> bytes:
         return Path(args.body_file).read_bytes()
     except OSError as exc:
         raise UsageError(f"--body-file {args.body_file}: cannot read ({exc.strerror})") from None
+
 
 def _identity(principal: str, claims_json: str | None, policy: Policy) -> Identity:
     """What Envoy would vouch for: --principal (the mTLS peer's URI SAN) and --jwt-claims
@@ -96,6 +100,7 @@ def _identity(principal: str, claims_json: str | None, policy: Policy) -> Identi
         if not isinstance(payload, dict):
             raise UsageError("--jwt-claims: give a JSON object, the JWT's payload")
     return identity_from_claims(principal, payload, policy.networks.claim_names)
+
 
 def cmd_check(args: argparse.Namespace) -> int:
     # Without --fetch-token no secret is used, so an unset ${VAR} need not stop a dry run.

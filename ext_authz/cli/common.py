@@ -43,6 +43,7 @@ def count(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
     return int(text)
 
+
 def seconds(text: str) -> float:
     try:
         value = float(text)
@@ -51,6 +52,7 @@ def seconds(text: str) -> float:
     if not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more seconds")
     return value
+
 
 def port(text: str) -> int:
     if not text.isdigit() or int(text) > 65535:

@@ -14,6 +14,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(f"{args.config}: ok, {len(config.servers)} servers")
     return EXIT_OK
 
+
 def cmd_example_config(args: argparse.Namespace) -> int:
     sys.stdout.write(EXAMPLE_CONFIG)
     return EXIT_OK

@@ -30,6 +30,7 @@ def _default_sidecar_address(config: Config) -> str:
     # A wildcard listen address is not an address Envoy can dial.
     return f"{'127.0.0.1' if host in ('0.0.0.0', '[::]', '::') else host}:{port}"
 
+
 def write_atomically(path: str, text: str) -> None:
     """Write a whole file or none: a temporary file beside it, then renamed over it."""
     target = Path(path)
@@ -45,6 +46,7 @@ def write_atomically(path: str, text: str) -> None:
     except OSError as exc:
         raise UsageError(f"--output {path}: cannot write ({exc.strerror})") from None
 
+
 def _listener_tls(args: argparse.Namespace) -> Any:
     from ..render.options import ListenerTLS
 
@@ -55,6 +57,7 @@ def _listener_tls(args: argparse.Namespace) -> Any:
         raise ValueError("give --listen-cert, --listen-key and --client-ca together (callers"
                          " then present certificates the CA signed)")
     return ListenerTLS(args.listen_cert, args.listen_key, args.client_ca)
+
 
 def cmd_envoy_config(args: argparse.Namespace) -> int:
     from ..policy.config import UpstreamAddress

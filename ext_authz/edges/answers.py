@@ -106,18 +106,18 @@ REFUSED = immediate_error(502, "unreadable_answer",
                           "Bad Gateway: the server's answer cannot be checked")
 
 
-def on_headers(message: ext_proc_pb2.ProcessingRequest, limit: int,
+def on_headers(message: ext_proc_pb2.ProcessingRequest, verdict: AuthzVerdict, limit: int,
                resumed: Callable[[], Decision | None]) -> tuple[bytes, Answer | None]:
     """Answer an answer's headers: what to send Envoy, and how its body is to be rewritten
-    (None: nothing of it is, it goes on as it is). `limit`: mcp.max_answer_bytes; `resumed`:
-    ext_authz's decision, for a list to be filtered for its caller. An UnreadableAnswer
-    where the answer cannot be checked."""
+    (None: nothing of it is, it goes on as it is). `verdict`: what ext_authz left in the
+    metadata; `limit`: mcp.max_answer_bytes; `resumed`: ext_authz's decision, for a list to
+    be filtered for its caller. An UnreadableAnswer where the answer cannot be checked."""
     response = ext_proc_pb2.ProcessingResponse()
     response.response_headers.SetInParent()
     rewrite, renamed = read_answer_plan(message)
     headers = dict(header_pairs(message.response_headers))
     media = headers.get("content-type", "").split(";")[0].strip().lower()
-    resource = AuthzVerdict.read(message).resource
+    resource = verdict.resource
     if resource:
         # A discovery route: the server's metadata document, to name the gateway.
         if (headers.get(":status") != "200" or media != "application/json"
@@ -217,7 +217,7 @@ def _whole(answer: Answer, data: bytes, response: ext_proc_pb2.ProcessingRespons
     if rewritten_data is not None and rewritten_data != data:
         data = rewritten_data
     elif answer.kind != "call" and not always:
-        response.response_body.SetInParent()  # a tools/list answer left as it was
+        response.response_body.SetInParent()  # an answer left as it was
         return response.SerializeToString()
     common.body_mutation.body = data
     if answer.length_given:

@@ -84,6 +84,7 @@ def extract_facts(request: external_auth_pb2.CheckRequest | None,
                         origin=origin(authority, headers.get("x-forwarded-proto", ""),
                                       http.scheme))
 
+
 def extract_body(request: external_auth_pb2.CheckRequest | None) -> Body:
     """Read the body, and the headers that say how to read it (for tool rules only)."""
     if request is None:

@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 
 _TRAILERS = "the request has trailers, which no MCP client sends"
 
+
 @dataclass(slots=True)
 class _Request:
     """What one stream has learnt of its HTTP request (or of its answer) so far."""
@@ -169,9 +170,10 @@ class ExternalProcessingService:
             return self._headers(request, message)
         if kind == "response_headers":
             request.judged = True  # headers answered now or with the body; never unanswered
+            verdict = AuthzVerdict.read(message)
             reply, request.answer = answers_filter.on_headers(
-                message, request.state.policy.mcp.max_answer_bytes,
-                lambda: self._resumed(request, message))
+                message, verdict, request.state.policy.mcp.max_answer_bytes,
+                lambda: self._resumed(request, verdict))
             request.done = request.answer is None
             return [reply]
         if kind == "response_body" and request.answer is not None:
@@ -206,7 +208,7 @@ class ExternalProcessingService:
         request.facts = RequestFacts(
             "", ",".join(v for k, v in pairs if k == "x-forwarded-for") or None,
             pseudo.get(":path", ""), pseudo.get(":authority", ""))
-        decision = self._resumed(request, message)
+        decision = self._resumed(request, AuthzVerdict.read(message))
         if decision is None:
             request.judged = request.done = True
             return [_internal_error()]
@@ -215,10 +217,9 @@ class ExternalProcessingService:
             return self._judge(request, None)
         return []  # the headers wait for the body
 
-    def _resumed(self, request: _Request, message: ext_proc_pb2.ProcessingRequest
-                 ) -> Decision | None:
-        """ext_authz's decision for this request, from its metadata; None if there is none."""
-        verdict = AuthzVerdict.read(message)
+    def _resumed(self, request: _Request, verdict: AuthzVerdict) -> Decision | None:
+        """ext_authz's decision for this request, from what it left in the metadata; None
+        if there is none."""
         if verdict.reason != "allowed" or verdict.server is None:
             # ext_proc runs after ext_authz; without its verdict the route is misconfigured.
             log.error("ext_proc: no allowed ext_authz decision in the request's metadata"
@@ -243,6 +244,7 @@ class ExternalProcessingService:
             answers = [_refusal(decision, decision_id)]
         self.serving.record(decision, decision_id, request.facts, self._clock() - started, "body")
         return answers
+
 
 def _go_on(request: _Request, decision: Decision, decision_id: str,
            data: bytes | None) -> list[bytes]:
