@@ -400,10 +400,10 @@ class TestRegistry:
 
 
 def discover(peer: str, server: str, extensions: dict[str, str] | None = None,
-             origin: str | None = "http://gw") -> Decision:
+             authority: str = "gw") -> Decision:
     path = f"/.well-known/oauth-protected-resource/mcp/{server}"
-    return decide(RequestFacts(peer, None, path, "gw", extensions or {}, method="GET",
-                               origin=origin), DISCOVERY)
+    return decide(RequestFacts(peer, None, path, authority, extensions or {}, method="GET"),
+                  DISCOVERY)
 
 
 class TestDiscovery:
@@ -426,16 +426,15 @@ class TestDiscovery:
         """From Envoy's route, the path is not read (a different one names nothing)."""
         decision = decide(RequestFacts(
             CALLERS["external"], None, "/.well-known/oauth-protected-resource/mcp/vault", "gw",
-            {"mcp_server": "github", "mcp_route": "discovery"}, method="GET",
-            origin="http://gw"), DISCOVERY)
+            {"mcp_server": "github", "mcp_route": "discovery"}, method="GET"), DISCOVERY)
         assert (decision.reason, decision.server_name) == ("allowed", "github")
 
     @pytest.mark.parametrize("caller", ["internal", "external", "partner"])
     def test_no_origin_no_document(self, caller: str) -> None:
         """Where the gateway URL the caller used cannot be said, a visible server's
         document is the unknown server's 404: the upstream's own URLs are never shown."""
-        decision = discover(CALLERS[caller], "github", origin=None)
-        unknown = discover(CALLERS[caller], "nope", origin=None)
+        decision = discover(CALLERS[caller], "github", authority="a,b")
+        unknown = discover(CALLERS[caller], "nope", authority="a,b")
         assert (decision.reason, decision.http_status) == (unknown.reason, unknown.http_status)
         assert decision.reason == "not_found"
 

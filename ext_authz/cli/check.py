@@ -18,7 +18,6 @@ from ..policy.config import Config, OAuth2Settings
 from ..policy.decision import Decision, RequestFacts
 from ..policy.explain import check_report
 from ..policy.network import Identity, identity_from_claims
-from ..policy.routing import origin
 from .common import CONFIG_HELP, EXIT_FAILED, EXIT_OK, Commands, UsageError, load
 
 
@@ -121,7 +120,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         context_extensions=_context_extensions(args.context_extension),
         method=method,
         identity=_identity(args.principal, args.jwt_claims, policy := Policy.from_config(config)),
-        origin=origin(args.host, proto, "http"),
+        forwarded_proto=proto,
+        scheme="http",
     )
     decision, token = asyncio.run(_judge(config, policy, facts, body, args.fetch_token))
     report = check_report(decision, body)

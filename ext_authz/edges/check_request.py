@@ -14,7 +14,6 @@ from ..mcp.jsonrpc import NO_BODY, Body, Received, body_headers, request_body
 from ..policy.compile import Policy
 from ..policy.decision import RequestFacts
 from ..policy.network import NO_IDENTITY, Identity
-from ..policy.routing import origin
 
 _XFF = "x-forwarded-for"
 _PARTIAL_BODY = "x-envoy-auth-partial-body"
@@ -81,8 +80,8 @@ def extract_facts(request: external_auth_pb2.CheckRequest | None,
     identity = NO_IDENTITY if policy is None else extract_identity(attributes, policy)
     return RequestFacts(peer, headers.get(_XFF), path, authority, attributes.context_extensions,
                         method=http.method, identity=identity,
-                        origin=origin(authority, headers.get("x-forwarded-proto", ""),
-                                      http.scheme))
+                        forwarded_proto=headers.get("x-forwarded-proto", ""),
+                        scheme=http.scheme)
 
 
 def extract_body(request: external_auth_pb2.CheckRequest | None) -> Body:

@@ -90,12 +90,15 @@ def request_metadata(decision: Decision, facts: RequestFacts) -> bytes:
     Envoy's own work, so that both data paths name the same)."""
     server = decision.server
     if (not decision.allowed or server is None or not server.caller_brings_token
-            or decision.route.kind != "discovery" or facts.origin is None):
+            or decision.route.kind != "discovery"):
+        return b""
+    origin = facts.origin
+    if origin is None:
         return b""
     # RFC 9728: the metadata of https://gw/mcp/x is at /.well-known/...-resource/mcp/x,
     # and names https://gw/mcp/x as its resource.
     resource = facts.path.partition("?")[0][len(PROTECTED_RESOURCE):] or "/"
-    return discovery_entries(facts.origin + resource)
+    return discovery_entries(origin + resource)
 
 
 def encode_check_response(decision: Decision, token: str | None, decision_id: str,

@@ -123,7 +123,7 @@ class Policy:
     # What the hot path derives, remembered per Policy (a reload builds a new one): each a
     # bounded memo (see memo.py).
     decision_cache: Memo[tuple[str, str | None, str | None, str | None, str, str, str,
-                               Identity, str | None], Decision] = field(
+                               Identity, str, str], Decision] = field(
         default_factory=lambda: Memo(DECISION_CACHE_SIZE), compare=False, repr=False)
     # The identity read from a principal and a serialized jwt_authn payload: a caller sends
     # the same token again and again.

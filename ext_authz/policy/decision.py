@@ -20,7 +20,7 @@ from .network import (
     resolve_client_ip,
 )
 from .outcomes import OUTCOMES, Reason
-from .routing import Route, route
+from .routing import Route, origin, route
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,9 +35,17 @@ class RequestFacts:
     has_http: bool = True
     method: str = ""  # "" when not known (a dry run): the registry answers it as a GET
     identity: Identity = NO_IDENTITY  # from Envoy's mTLS and jwt_authn, never a header
-    # The gateway URL's origin as the caller addressed it (routing.origin); None when it
-    # cannot be said, and then no discovery document is answered.
-    origin: str | None = None
+    # What says the scheme the caller used (the first value counts): for `origin`.
+    forwarded_proto: str = ""  # X-Forwarded-Proto
+    scheme: str = ""  # the scheme Envoy saw
+
+    @property
+    def origin(self) -> str | None:
+        """The gateway URL's origin as the caller addressed it (routing.origin); None when it
+        cannot be said, and then no discovery document is answered. Derived only where a
+        discovery request needs it, never on the hot path of other requests."""
+        return origin(self.authority, self.forwarded_proto, self.scheme)
+
 
 _NO_CLIENT = ClientIP(None, "no_peer")
 _NO_ROUTE = Route(None, "none")
@@ -115,7 +123,7 @@ def decide(facts: RequestFacts, policy: Policy) -> Decision:
     named = facts.context_extensions.get(policy.routing.context_extension_key)
     kind = facts.context_extensions.get(KIND_EXTENSION)
     key = (facts.peer, facts.x_forwarded_for, named, kind, facts.method, facts.path,
-           facts.authority, facts.identity, facts.origin)
+           facts.authority, facts.identity, facts.forwarded_proto, facts.scheme)
     decision = policy.decision_cache.get(key)
     if decision is None:
         decision = _decide(facts, policy)
