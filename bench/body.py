@@ -23,7 +23,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ext_authz.mcp.jsonrpc import read_tool_calls, request_body
+from ext_authz.mcp.jsonrpc import read_item_uses, request_body
 
 HEADERS = {"content-type": ["application/json"], "mcp-method": ["tools/call"],
            "mcp-name": ["add"]}
@@ -52,7 +52,7 @@ def before(data: bytes) -> Any:
 
 
 def now(data: bytes, headers: dict[str, list[str]]) -> Any:
-    return read_tool_calls(request_body(data, "POST", headers), 1 << 20, 32)
+    return read_item_uses(request_body(data, "POST", headers), 1 << 20, 32)
 
 
 def per_call_us(function: Callable[[], Any], seconds: float) -> float:

@@ -92,3 +92,8 @@ TOKENS_PATH = "/tokens/"
 def token_secret_name(server: str) -> str:
     """The SDS secret holding a server's bearer token (native data path)."""
     return f"{TOKEN_SECRET_PREFIX}{server}"
+
+
+# The key that seals hidden items' fresh names (hex, at least 16 bytes): `serve --workers`
+# gives its workers one, so that any of them puts back a name another sealed.
+SEAL_KEY_ENV = "MCP_EXT_AUTHZ_SEAL_KEY"

@@ -10,10 +10,14 @@ reports ready once its own tokens are warm.
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 import signal
 import subprocess
 import sys
 import time
+
+from .contract import SEAL_KEY_ENV
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +54,9 @@ def run_workers(
     # Handlers first: a signal that arrives while workers start still reaches them.
     for sig in FORWARDED_SIGNALS:
         signal.signal(sig, forward)
-    workers.extend(subprocess.Popen([*argv, "--worker", str(i)]) for i in range(count))
+    # One sealing key for them all: any worker puts back a fresh name another sealed.
+    env = {**os.environ, SEAL_KEY_ENV: os.environ.get(SEAL_KEY_ENV) or secrets.token_hex(32)}
+    workers.extend(subprocess.Popen([*argv, "--worker", str(i)], env=env) for i in range(count))
     log.info("started %d workers: pids %s", count, [w.pid for w in workers])
     failed = False
     while any(w.poll() is None for w in workers):

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from ext_authz.mcp.jsonrpc import Body, request_body
 from ext_authz.policy.compile import Policy
-from ext_authz.policy.decision import Decision, RequestFacts, decide, decide_tools
+from ext_authz.policy.decision import Decision, RequestFacts, decide, decide_items
 from ext_authz.policy.explain import explain
 from ext_authz.policy.outcomes import OUTCOMES
 from tests.conftest import make_config
@@ -77,6 +77,7 @@ def test_status_table() -> None:
         "upstream_credentials_unavailable": (14, 503), "bad_request": (3, 400),
         "internal_error": (13, 500), "tool_not_found": (7, 200), "batch_refused": (7, 400),
         "bad_mcp_request": (3, 400), "body_too_large": (3, 413), "registry": (7, 200),
+        "item_hidden": (0, 200), "item_not_found": (7, 200),
     }
 
 
@@ -132,7 +133,7 @@ def decide_call(peer: str, server: str, *tools: str, policy: Policy = NAMED) -> 
                 for i, t in enumerate(tools)]
     data = json.dumps(messages if len(messages) > 1 else messages[0]).encode() if tools else (
         LISTING)
-    return decide_tools(decide(RequestFacts(peer, None, f"/mcp/{server}", "gw"), policy),
+    return decide_items(decide(RequestFacts(peer, None, f"/mcp/{server}", "gw"), policy),
                         json_body(data), policy)
 
 
@@ -212,7 +213,7 @@ class TestToolRules:
             "*": {"available_on_public_internet": False}}}}))
         name = "x" * 100_000
         for can_rename in (True, False):
-            decision = decide_tools(decide(facts("198.51.100.1", "/mcp/s"), policy),
+            decision = decide_items(decide(facts("198.51.100.1", "/mcp/s"), policy),
                                     json_body(json.dumps({"jsonrpc": "2.0", "id": 1,
                                               "method": "tools/call",
                                               "params": {"name": name}}).encode()),
@@ -234,11 +235,11 @@ class TestToolRules:
         server_only = decide(RequestFacts("198.51.100.1", None, "/mcp/github", "gw"), NAMED)
         assert server_only.reads_body
         ping = b'{"jsonrpc":"2.0","id":1,"method":"ping"}'
-        assert decide_tools(server_only, json_body(ping), NAMED) is server_only
-        assert decide_tools(server_only, Body(method="GET"), NAMED) is server_only
+        assert decide_items(server_only, json_body(ping), NAMED) is server_only
+        assert decide_items(server_only, Body(method="GET"), NAMED) is server_only
         listing = decide_call("198.51.100.1", "github")
         assert decide_call("198.51.100.1", "github") is listing
-        assert (listing.reason, listing.lists_tools, listing.calls_tools) == (
+        assert (listing.reason, listing.lists_items, listing.uses_items) == (
             "allowed", True, False)
 
     def test_a_default_rule_covers_every_tool_not_listed(self) -> None:
@@ -263,12 +264,12 @@ class TestToolRules:
                             "params": {"name": n}} for i, n in enumerate(
                                 ["delete_repo", "search", "delete_repo"])]).encode()
         server = decide(RequestFacts("198.51.100.1", None, "/mcp/github", "gw"), NAMED)
-        renamed = decide_tools(server, json_body(body), NAMED, can_rename=True)
-        assert (renamed.reason, renamed.allowed, renamed.calls_tools) == (
+        renamed = decide_items(server, json_body(body), NAMED, can_rename=True)
+        assert (renamed.reason, renamed.allowed, renamed.uses_items) == (
             "tool_hidden", True, True)
         assert [(c.name, c.index) for c in renamed.hidden] == [("delete_repo", 0),
                                                                 ("delete_repo", 2)]
-        assert decide_tools(server, json_body(body), NAMED).reason == "batch_refused"
+        assert decide_items(server, json_body(body), NAMED).reason == "batch_refused"
 
 
 cidrs = st.sampled_from(["10.0.0.0/8", "10.1.0.0/16", "192.0.2.0/24", "192.0.2.128/25",

@@ -21,6 +21,7 @@ from ext_authz._proto.envoy.service.ext_proc.v3 import (
     external_processor_pb2_grpc as pb_grpc,
 )
 from ext_authz.edges import ext_proc as ext_proc_module
+from ext_authz.edges.sealing import process_sealer
 from ext_authz.server import Sidecar
 from tests.conftest import make_config
 
@@ -104,8 +105,7 @@ class TestJudging:
         first, second = await exchange(sidecar, [headers(pairs=pairs), body(data)])
         sent = second.request_body.response.body_mutation.streamed_response.body
         fresh = json.loads(sent)["params"]["name"]
-        assert fresh.startswith("hidden-")
-        assert len(fresh) == len("hidden-") + 32
+        assert fresh == process_sealer().fresh("tool", "delete_repo")
         assert sent == data.replace(b"delete_repo", fresh.encode())
         mutation = first.request_headers.response.header_mutation
         assert {(h.header.key, h.header.raw_value) for h in mutation.set_headers} == {
@@ -113,7 +113,7 @@ class TestJudging:
         assert list(mutation.remove_headers) == ["accept-encoding"]
         said = first.dynamic_metadata.fields["envoy.filters.http.ext_proc"].struct_value
         assert said.fields["answer"].string_value == "call"
-        assert json.loads(said.fields["renamed"].string_value) == {fresh: "delete_repo"}
+        assert set(said.fields) == {"answer", "decision_id", "reason", "tool"}  # no names
 
     async def test_local_answers_when_configured(self) -> None:
         """unknown_tool_reply: tool_error: the sidecar answers in Envoy's place."""
@@ -204,7 +204,7 @@ class TestAnswers:
     async def test_a_json_tools_list_is_filtered_whole(self, sidecar: Sidecar) -> None:
         """BUFFERED for JSON; the hidden tool gone, the length set to match."""
         head, body_answer = await exchange(sidecar, [
-            answer_headers({"answer": "list", "renamed": "{}"}, "application/json",
+            answer_headers({"answer": "list"}, "application/json",
                            content_length=str(len(LISTED))),
             answer_body(LISTED)])
         assert head.mode_override.response_body_mode == 2  # BUFFERED
@@ -220,7 +220,7 @@ class TestAnswers:
         complete, framing and ids kept."""
         event = b"event: message\r\nid: 9\r\ndata: " + LISTED + b"\r\n\r\n"
         head, first, second = await exchange(sidecar, [
-            answer_headers({"answer": "list", "renamed": "{}"}, "text/event-stream"),
+            answer_headers({"answer": "list"}, "text/event-stream"),
             answer_body(event[:30], False), answer_body(event[30:])])
         assert head.mode_override.response_body_mode == 1  # STREAMED
         assert first.response_body.response.body_mutation.body == b""
@@ -232,7 +232,7 @@ class TestAnswers:
         """SSE with a Content-Length (sent in one write): BUFFERED, the length set anew."""
         event = b"event: message\ndata: " + LISTED + b"\n\n"
         head, body_answer = await exchange(sidecar, [
-            answer_headers({"answer": "list", "renamed": "{}"}, "text/event-stream",
+            answer_headers({"answer": "list"}, "text/event-stream",
                            content_length=str(len(event))), answer_body(event)])
         assert head.mode_override.response_body_mode == 2  # BUFFERED
         common = body_answer.response_body.response
@@ -257,7 +257,7 @@ class TestAnswers:
         """What the sidecar cannot read, a lenient client might: never passed unfiltered,
         but refused as the server's fault (502, a JSON-RPC error)."""
         _, body_answer = await exchange(sidecar, [
-            answer_headers({"answer": "list", "renamed": "{}"}, content_type,
+            answer_headers({"answer": "list"}, content_type,
                            content_length=str(len(data))), answer_body(data)])
         status, body = immediate(body_answer)
         assert status == 502
@@ -275,12 +275,12 @@ class TestAnswers:
         await small.start()
         try:
             [head] = await exchange(small, [answer_headers(
-                {"answer": "list", "renamed": "{}"}, "application/json",
+                {"answer": "list"}, "application/json",
                 content_length="65537")])
             assert immediate(head)[0] == 502
             piece = b" " * 40000
             answers = await exchange(small, [
-                answer_headers({"answer": "list", "renamed": "{}"}, "application/json"),
+                answer_headers({"answer": "list"}, "application/json"),
                 answer_body(piece, False), answer_body(piece, False)])
             assert answers[0].mode_override.response_body_mode == 1  # STREAMED, held
             assert answers[1].response_body.response.body_mutation.body == b""
@@ -293,7 +293,7 @@ class TestAnswers:
         """Piece by piece into the sidecar, nothing on until it is whole; then all of it,
         filtered, with no length (none was said)."""
         head, first, last = await exchange(sidecar, [
-            answer_headers({"answer": "list", "renamed": "{}"}, "application/json"),
+            answer_headers({"answer": "list"}, "application/json"),
             answer_body(LISTED[:20], False), answer_body(LISTED[20:])])
         assert head.mode_override.response_body_mode == 1  # STREAMED
         assert first.response_body.response.body_mutation.body == b""
@@ -308,25 +308,26 @@ class TestAnswers:
         """A tools/list answer that is neither JSON nor SSE (or says no type) is refused at
         its headers: a client may read it as JSON all the same."""
         [head] = await exchange(sidecar, [answer_headers(
-            {"answer": "list", "renamed": "{}"}, content_type)])
+            {"answer": "list"}, content_type)])
         assert immediate(head)[0] == 502
 
-    async def test_a_fresh_name_is_put_back(self, sidecar: Sidecar) -> None:
-        """The server's unknown-tool answer names the caller's tool again."""
-        answer = b'{"result":{"content":[{"text":"Unknown tool: hidden-ab12"}]}}'
+    @pytest.mark.parametrize("plan", ["call", "any", "list"])
+    async def test_a_fresh_name_is_put_back(self, sidecar: Sidecar, plan: str) -> None:
+        """The server's unknown-tool answer names the caller's tool again, in the call's
+        own exchange or in any other's the server crossed it into."""
+        fresh = process_sealer().fresh("tool", "delete_repo").encode()
+        answer = b'{"result":{"content":[{"text":"Unknown tool: ' + fresh + b'"}]}}'
         _, body_answer = await exchange(sidecar, [
-            answer_headers({"answer": "call", "renamed": '{"hidden-ab12": "delete_repo"}'},
-                           "application/json"), answer_body(answer)])
+            answer_headers({"answer": plan}, "application/json"), answer_body(answer)])
         assert body_answer.response_body.response.body_mutation.body == answer.replace(
-            b"hidden-ab12", b"delete_repo")
+            fresh, b"delete_repo")
 
     async def test_a_fresh_name_in_plain_text_is_put_back_as_it_was(self,
                                                                     sidecar: Sidecar) -> None:
         """An error page naming the tool: the caller's name, unescaped, in any media type."""
-        answer = b"no tool hidden-ab12 here"
+        answer = b"no tool " + process_sealer().fresh("tool", 'a"b').encode() + b" here"
         head, body_answer = await exchange(sidecar, [
-            answer_headers({"answer": "call", "renamed": '{"hidden-ab12": "a\\"b"}'},
-                           "text/plain", content_length=str(len(answer))),
+            answer_headers({"answer": "call"}, "text/plain", content_length=str(len(answer))),
             answer_body(answer)])
         assert head.mode_override.response_body_mode == 2  # BUFFERED
         common = body_answer.response_body.response
@@ -348,7 +349,7 @@ class TestAnswers:
     async def test_a_compressed_answer_is_refused(self, sidecar: Sidecar) -> None:
         """A tools/list answer that cannot be read cannot pass unfiltered: a 502."""
         [head] = await exchange(sidecar, [answer_headers(
-            {"answer": "list", "renamed": "{}"}, "application/json", content_encoding="gzip")])
+            {"answer": "list"}, "application/json", content_encoding="gzip")])
         assert immediate(head)[0] == 502
 
 
@@ -416,7 +417,7 @@ class TestFailingClosed:
         def broken(*args: Any) -> Any:
             raise RuntimeError("boom")
 
-        monkeypatch.setattr(ext_proc_module, "decide_tools", broken)
+        monkeypatch.setattr(ext_proc_module, "decide_items", broken)
         [answer] = await exchange(sidecar, [headers(), body(call("whoami"))])
         assert immediate(answer)[0] == 500
 

@@ -13,13 +13,13 @@ from hypothesis import strategies as st
 from ext_authz.mcp.jsonrpc import (
     INVALID_PARAMS,
     INVALID_REQUEST,
-    NO_CALLS,
+    NO_USES,
     PARSE_ERROR,
     ROUTING_KEYS,
+    ItemUse,
     Received,
-    ToolCall,
     fold_key,
-    read_tool_calls,
+    read_item_uses,
     request_body,
 )
 from ext_authz.mcp.replies import unknown_tool_reply
@@ -32,7 +32,7 @@ def read(data: bytes | str, headers: dict[str, list[str]] | None = None,
          received: Received = "whole", method: str = "POST") -> Any:
     raw = data.encode() if isinstance(data, str) else data
     body = request_body(raw, method, JSON if headers is None else {**JSON, **headers}, received)
-    return read_tool_calls(body, MAX_BYTES, MAX_BATCH)
+    return read_item_uses(body, MAX_BYTES, MAX_BATCH)
 
 
 def call(name: str, rpc_id: Any = 1, **params: Any) -> dict[str, Any]:
@@ -66,7 +66,7 @@ class TestReading:
     )
     def test_names(self, body: str, names: list[str]) -> None:
         """Every tools/call's name, whatever the JSON spelling."""
-        assert [c.name for c in read(body).calls] == names
+        assert [c.name for c in read(body).uses] == names
 
     @pytest.mark.parametrize(
         ("body", "headers", "code", "words"),
@@ -120,7 +120,7 @@ class TestReading:
                       words: str) -> None:
         """What cannot be judged exactly is refused, with the JSON-RPC code and a reason."""
         result = read(body, headers)
-        assert (result.error_code, result.calls) == (code, ())
+        assert (result.error_code, result.uses) == (code, ())
         assert words in result.problem
 
     @pytest.mark.parametrize(
@@ -163,7 +163,7 @@ class TestReading:
     )
     def test_json_in_utf8_is_read(self, content_type: str) -> None:
         """application/json, with no charset or UTF-8 in any case, quoted or not."""
-        assert read(ADD, {"content-type": [content_type]}).calls[0].name == "add"
+        assert read(ADD, {"content-type": [content_type]}).uses[0].name == "add"
 
     @pytest.mark.parametrize(
         "content_type",
@@ -177,7 +177,7 @@ class TestReading:
         """Any other media type or charset: a server could decode the bytes another way."""
         headers = {"content-type": [content_type]} if content_type is not None else {}
         body = request_body(ADD.encode(), "POST", headers)
-        result = read_tool_calls(body, MAX_BYTES, MAX_BATCH)
+        result = read_item_uses(body, MAX_BYTES, MAX_BATCH)
         assert (result.error_code, "Content-Type" in result.problem) == (INVALID_REQUEST, True)
 
     def test_utf7_smuggling_is_refused(self) -> None:
@@ -189,14 +189,14 @@ class TestReading:
     def test_headers_that_agree_are_fine(self) -> None:
         """Mcp-Method and Mcp-Name matching the body are accepted."""
         result = read(json.dumps(call("a")), {"mcp-method": ["tools/call"], "mcp-name": ["a"]})
-        assert [c.name for c in result.calls] == ["a"]
+        assert [c.name for c in result.uses] == ["a"]
 
     def test_base64_mcp_name_is_decoded(self) -> None:
         """The SDKs send a name that is not printable ASCII as =?base64?...?=: it matches."""
         name = "r\u00e9sum\u00e9 tool"
         header = "=?base64?" + base64.b64encode(name.encode()).decode() + "?="
         result = read(json.dumps(call(name)), {"mcp-name": [header]})
-        assert [c.name for c in result.calls] == [name]
+        assert [c.name for c in result.uses] == [name]
         other = "=?base64?" + base64.b64encode(b"other").decode() + "?="
         assert "Mcp-Name" in read(json.dumps(call(name)), {"mcp-name": [other]}).problem
 
@@ -240,12 +240,12 @@ class TestReading:
     @pytest.mark.parametrize("method", ["GET", "DELETE"])
     def test_no_body_on_get_or_delete_is_nothing_to_read(self, method: str) -> None:
         """The SSE stream's GET and a session's DELETE carry no body: no tools called."""
-        assert read_tool_calls(request_body(b"", method, {}), MAX_BYTES, MAX_BATCH) is NO_CALLS
+        assert read_item_uses(request_body(b"", method, {}), MAX_BYTES, MAX_BATCH) is NO_USES
 
     def test_a_body_on_any_method_is_read(self) -> None:
         """A body is judged whatever the method: a lenient server might run it."""
-        assert read(ADD, method="PUT").calls[0].name == "add"
-        assert "Content-Type" in read_tool_calls(
+        assert read(ADD, method="PUT").uses[0].name == "add"
+        assert "Content-Type" in read_item_uses(
             request_body(ADD.encode(), "GET", {}), MAX_BYTES, MAX_BATCH).problem
 
     @pytest.mark.parametrize(
@@ -262,24 +262,24 @@ class TestReading:
         if expected is None:
             assert "the id" in result.problem or "not JSON" in result.problem
         else:
-            assert result.calls[0].rpc_id == expected
+            assert result.uses[0].rpc_id == expected
 
     def test_a_notification_has_no_id(self) -> None:
         """No id at all: a notification."""
-        assert read(json.dumps(call("a", None))).calls[0].rpc_id is None
+        assert read(json.dumps(call("a", None))).uses[0].rpc_id is None
 
     def test_huge_numbers_in_arguments_are_data(self) -> None:
         """Numbers too big for a double or for Python's int parsing are read, not refused."""
         body = f'{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"a",' \
                f'"arguments":{{"n":{"9" * 5000},"f":1e999999}}}}}}'
-        assert read(body).calls[0].name == "a"
+        assert read(body).uses[0].name == "a"
 
     def test_protocol_version_from_meta_then_header(self) -> None:
         """The call's _meta names its protocol version; the header is the fallback."""
         meta = {"_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28"}}
         older = {"mcp-protocol-version": ["2025-06-18"]}
-        [from_meta] = read(json.dumps(call("a", **meta)), older).calls
-        [from_header] = read(json.dumps(call("a")), older).calls
+        [from_meta] = read(json.dumps(call("a", **meta)), older).uses
+        [from_header] = read(json.dumps(call("a")), older).uses
         assert (from_meta.protocol_version, from_header.protocol_version) == (
             "2026-07-28", "2025-06-18")
 
@@ -320,7 +320,7 @@ class TestProperties:
         expected = [m["params"]["name"] for m in batch if m.get("method") == "tools/call"]
         result = read(body)
         assert result.problem == ""
-        assert [c.name for c in result.calls] == expected
+        assert [c.name for c in result.uses] == expected
         assert result.batch == isinstance(message, list) or not expected
 
     @settings(max_examples=500)
@@ -329,16 +329,16 @@ class TestProperties:
         """Any bytes at all give calls or a refusal, never an exception."""
         result = read(data)
         assert bool(result.problem) == bool(result.error_code)
-        assert not (result.problem and result.calls)
+        assert not (result.problem and result.uses)
 
 
 class TestReplies:
     def test_tool_error_is_the_python_sdk_answer(self) -> None:
         """Byte for byte what the MCP Python SDK (2.3) answers for a tool it lacks."""
-        legacy = unknown_tool_reply("tool_error", ToolCall("nope", "7"), ("public", ""))
+        legacy = unknown_tool_reply("tool_error", ItemUse("nope", "7"), ("public", ""))
         assert legacy == (b'{"jsonrpc":"2.0","id":7,"result":{"content":[{"text":"Unknown tool:'
                           b' nope","type":"text"}],"isError":true}}')
-        stateless = unknown_tool_reply("tool_error", ToolCall("nope", "2", "2026-07-28"),
+        stateless = unknown_tool_reply("tool_error", ItemUse("nope", "2", "2026-07-28"),
                                        ("public", ""))
         assert stateless == (
             b'{"jsonrpc":"2.0","id":2,"result":{"content":[{"text":"Unknown tool: nope",'
@@ -347,7 +347,7 @@ class TestReplies:
 
     def test_jsonrpc_error_and_notifications(self) -> None:
         """The specification's error form; a notification gets no body at all."""
-        error = unknown_tool_reply("jsonrpc_error", ToolCall("n\u00e9", '"x"'), ("s", "1"))
+        error = unknown_tool_reply("jsonrpc_error", ItemUse("n\u00e9", '"x"'), ("s", "1"))
         assert json.loads(error) == {"jsonrpc": "2.0", "id": "x", "error": {
             "code": -32602, "message": "Unknown tool: n\u00e9"}}
-        assert unknown_tool_reply("tool_error", ToolCall("n", None), ("s", "")) == b""
+        assert unknown_tool_reply("tool_error", ItemUse("n", None), ("s", "")) == b""

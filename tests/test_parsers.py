@@ -33,7 +33,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from ext_authz.mcp.jsonrpc import read_tool_calls, request_body
+from ext_authz.mcp.jsonrpc import read_item_uses, request_body
 
 HIDDEN = "delete_repo"
 VISIBLE = ("list_repos", "whoami")
@@ -215,8 +215,8 @@ def seen_by(model: str, data: bytes, headers: dict[str, list[str]]) -> list[str]
 
 def hidden_call_allowed(data: bytes, headers: dict[str, list[str]]) -> bool:
     """Whether the reader lets this body through for a caller who may not call HIDDEN."""
-    read = read_tool_calls(request_body(data, "POST", headers), MAX_BYTES, MAX_BATCH)
-    return not read.problem and all(call.name != HIDDEN for call in read.calls)
+    read = read_item_uses(request_body(data, "POST", headers), MAX_BYTES, MAX_BATCH)
+    return not read.problem and all(call.name != HIDDEN for call in read.uses)
 
 
 # -- strategies --------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Rewrites of MCP messages in flight: tools left out of tools/list, hidden calls renamed."""
+"""Rewrites of MCP messages in flight: hidden items left out of lists, hidden uses renamed
+(under sealed fresh names that any answer has put back)."""
 
 from __future__ import annotations
 
@@ -13,17 +14,17 @@ from hypothesis import strategies as st
 from ext_authz.mcp.rewrite import (
     EventStream,
     UnreadableAnswer,
-    drop_tools,
-    fresh_name,
+    drop_items,
     rename,
-    restore,
     set_member,
 )
+from ext_authz.mcp.seal import Sealer
 
-HIDDEN = {"add", "delete_repo"}
+HIDDEN = {"add", "delete_repo", "repo://victim/delete", "repo://{owner}/secrets"}
+SEALER = Sealer(b"k" * 32)
 
 
-def visible(name: str) -> bool:
+def visible(kind: str, name: str) -> bool:
     return name not in HIDDEN
 
 
@@ -36,7 +37,7 @@ def listing(names: list[str], **result: Any) -> dict[str, Any]:
 
 def without(message: dict[str, Any]) -> dict[str, Any]:
     copy = json.loads(json.dumps(message))
-    copy["result"]["tools"] = [t for t in copy["result"]["tools"] if visible(t["name"])]
+    copy["result"]["tools"] = [t for t in copy["result"]["tools"] if visible("tool", t["name"])]
     return copy
 
 
@@ -47,7 +48,7 @@ DUMPS = {  # how SDKs write JSON: compact (pydantic, JSON.stringify, Go), spaced
 }
 
 
-class TestDropTools:
+class TestDropItems:
     @pytest.mark.parametrize("style", DUMPS)
     @pytest.mark.parametrize(
         "names",
@@ -59,13 +60,13 @@ class TestDropTools:
         """Byte for byte the server's own answer had it not had the hidden tools."""
         dumps = DUMPS[style]
         message = listing(names, nextCursor="abc", _meta={"x": [1, 2]})
-        assert drop_tools(dumps(message), visible) == dumps(without(message))
+        assert drop_items(dumps(message), visible) == dumps(without(message))
 
     def test_a_batch_of_answers(self) -> None:
         """Each tools/list answer of a batch is filtered; the other answers stay."""
         batch = [listing(["add", "whoami"]), {"jsonrpc": "2.0", "id": 2, "result": {}},
                  listing(["search", "delete_repo"])]
-        filtered = drop_tools(json.dumps(batch), visible)
+        filtered = drop_items(json.dumps(batch), visible)
         assert filtered == json.dumps([without(batch[0]), batch[1], without(batch[2])])
 
     @pytest.mark.parametrize(
@@ -78,13 +79,13 @@ class TestDropTools:
     )
     def test_nothing_to_drop_is_none(self, text: str) -> None:
         """No tools/list result with a hidden tool in it: left as it is."""
-        assert drop_tools(text, visible) is None
+        assert drop_items(text, visible) is None
 
     @pytest.mark.parametrize("text", ["not json", '{"result": {"tools": [{"name": "add"}', "NaN]"])
     def test_what_cannot_be_read_is_an_error(self, text: str) -> None:
         """Never passed on unread: a more lenient client might read hidden tools in it."""
         with pytest.raises(ValueError, match="not JSON"):
-            drop_tools(text, visible)
+            drop_items(text, visible)
 
     @given(names=st.lists(st.sampled_from(["add", "delete_repo", "whoami", "search", "é\"x"]),
                           max_size=6),
@@ -100,31 +101,34 @@ class TestDropTools:
             return json.dumps(value, separators=separators, ensure_ascii=ascii_only)
 
         expected = dumps(without(message))
-        filtered = drop_tools(dumps(message), visible)
+        filtered = drop_items(dumps(message), visible)
         assert (filtered if filtered is not None else dumps(message)) == expected
 
 
 class TestRenames:
     def test_rename_then_restore(self) -> None:
-        """The call goes out under the fresh name; the answer names the caller's tool."""
-        fresh = fresh_name()
+        """The call goes out under the fresh name; any answer names the caller's tool."""
+        name = 'r\u00e9sum\u00e9 "x"'
+        fresh = SEALER.fresh("tool", name)
         body = '{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"add",' \
                '"arguments":{"name":"add"}}}'
         sent = rename(body, {("params", "name"): fresh})
         assert json.loads(sent)["params"] == {"name": fresh, "arguments": {"name": "add"}}
         assert sent.replace(fresh, "add") == body
         answer = f'{{"result":{{"content":[{{"text":"Unknown tool: {fresh}"}}]}}}}'.encode()
-        assert restore(answer, {fresh: 'r\u00e9sum\u00e9 "x"'}) == (
+        assert SEALER.restore(answer) == (
             '{"result":{"content":[{"text":"Unknown tool: r\u00e9sum\u00e9 \\"x\\""}]}}'
             .encode())
+        assert SEALER.restore(f"no tool {fresh}".encode(), escape=False) == (
+            f"no tool {name}".encode())
 
     def test_each_call_of_a_batch_gets_its_own_name(self) -> None:
         """Two hidden calls, two fresh names, in place; the visible call untouched."""
         batch = json.dumps([
             {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "add"}},
             {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "whoami"}},
-            {"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "add"}}])
-        first, second = fresh_name(), fresh_name()
+            {"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "drop"}}])
+        first, second = SEALER.fresh("tool", "add"), SEALER.fresh("tool", "drop")
         assert first != second
         sent = json.loads(rename(batch, {(0, "params", "name"): first,
                                          (2, "params", "name"): second}))
@@ -132,10 +136,9 @@ class TestRenames:
 
     def test_escaped_names_are_replaced_whole(self) -> None:
         """A name spelt with escapes is one value: replaced from quote to quote."""
-        fresh = fresh_name()
+        fresh = SEALER.fresh("tool", "add")
         body = r'{"method":"tools/call","params":{"name":"\u0061dd"}}'
         assert json.loads(rename(body, {("params", "name"): fresh}))["params"]["name"] == fresh
-
 
     @pytest.mark.parametrize("text", [
         '{"jsonrpc":"2.0","id":1,"result":{"tools":[]},"result":{"tools":[{"name":"add"}]}}',
@@ -147,18 +150,18 @@ class TestRenames:
         """A key twice (first or last wins, as the parser goes), JSON cut short, a byte
         order mark: never judged one way and read another."""
         with pytest.raises(UnreadableAnswer):
-            drop_tools(text, visible)
+            drop_items(text, visible)
 
     @pytest.mark.parametrize("names", [["whoami", "add"], ["whoami"]])
     def test_a_list_is_never_cached_for_others(self, names: list[str]) -> None:
         """Filtered or not (it would be for another caller), a list goes out private to its
         caller: a shared cache must not hand it to anyone else. The TTL stays."""
         message = listing(names, cacheScope="public", ttlMs=600000)
-        out = json.loads(drop_tools(DUMPS["compact"](message), visible) or "")
+        out = json.loads(drop_items(DUMPS["compact"](message), visible) or "")
         assert out == {**without(message), "result": {
             **without(message)["result"], "cacheScope": "private"}}
         already = DUMPS["compact"](listing(["whoami"], cacheScope="private", ttlMs=5))
-        assert drop_tools(already, visible) is None
+        assert drop_items(already, visible) is None
 
     def test_every_result_of_a_batch_is_filtered(self) -> None:
         """A batch's later tools/list results lose their hidden tools even when an earlier
@@ -166,7 +169,7 @@ class TestRenames:
         batch = [listing(["whoami"]), {"jsonrpc": "2.0", "id": 2, "result": {}},
                  listing(["search", "delete_repo"])]
         dumps = DUMPS["compact"]
-        assert drop_tools(dumps(batch), visible) == dumps(
+        assert drop_items(dumps(batch), visible) == dumps(
             [listing(["whoami"]), batch[1], without(listing(["search", "delete_repo"]))])
 
 
@@ -181,7 +184,7 @@ def sse(*events: tuple[str | None, dict[str, Any]], ending: str = "\r\n") -> byt
 
 
 def filtered(data: str) -> str | None:
-    return drop_tools(data, visible)
+    return drop_items(data, visible)
 
 
 class TestEventStream:
@@ -272,3 +275,110 @@ class TestSetMember:
 
     def test_the_value_is_json_escaped(self) -> None:
         assert set_member('{"resource":"x"}', "resource", 'a"b') == '{"resource":"a\\"b"}'
+
+
+def answer(result: dict[str, Any], rpc_id: int = 1) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": rpc_id, "result": result}
+
+
+UPDATED = "notifications/resources/updated"
+
+
+class TestEveryKindOfList:
+    @pytest.mark.parametrize(("key", "field", "shown", "hidden"), [
+        ("prompts", "name", "summarize", "delete_repo"),
+        ("resources", "uri", "repo://docs/readme", "repo://victim/delete"),
+        ("resourceTemplates", "uriTemplate", "repo://{owner}/readme", "repo://{owner}/secrets"),
+    ])
+    @pytest.mark.parametrize("style", DUMPS)
+    def test_each_list_loses_what_the_caller_may_not_see(
+            self, key: str, field: str, shown: str, hidden: str, style: str) -> None:
+        """prompts/list, resources/list and resources/templates/list, as tools/list: the
+        server's own answer had it not had the hidden items, and private to the caller."""
+        dumps = DUMPS[style]
+        items = [{field: hidden, "description": "secret"}, {field: shown, "title": "t"}]
+        message = answer({key: items, "nextCursor": "c", "cacheScope": "public", "ttlMs": 9})
+        expected = answer({key: items[1:], "nextCursor": "c", "cacheScope": "private",
+                           "ttlMs": 9})
+        assert drop_items(dumps(message), visible) == dumps(expected)
+
+    def test_kinds_are_judged_by_their_own_rules(self) -> None:
+        """A prompt and a tool of one name are judged each as what it is."""
+        seen: list[tuple[str, str]] = []
+
+        def record(kind: str, name: str) -> bool:
+            seen.append((kind, name))
+            return True
+
+        drop_items(json.dumps([answer({"tools": [{"name": "a"}]}),
+                               answer({"prompts": [{"name": "a"}]}, 2),
+                               answer({"resources": [{"uri": "x:a"}]}, 3),
+                               answer({"resourceTemplates": [{"uriTemplate": "x:{a}"}]}, 4)]),
+                   record)
+        assert seen == [("tool", "a"), ("prompt", "a"), ("resource", "x:a"),
+                        ("resource", "x:{a}")]
+
+
+class TestUpdates:
+    def notification(self, uri: str) -> dict[str, Any]:
+        return {"jsonrpc": "2.0", "method": UPDATED, "params": {"uri": uri}}
+
+    def test_a_hidden_resources_update_is_dropped(self) -> None:
+        assert drop_items(json.dumps(self.notification("repo://victim/delete")), visible) == ""
+        assert drop_items(json.dumps(self.notification("repo://docs/readme")), visible) is None
+
+    @pytest.mark.parametrize("style", DUMPS)
+    def test_in_a_batch_only_the_hidden_update_goes(self, style: str) -> None:
+        dumps = DUMPS[style]
+        batch = [self.notification("repo://victim/delete"),
+                 answer({"prompts": [{"name": "add"}, {"name": "p"}]}),
+                 self.notification("repo://docs/readme")]
+        assert drop_items(dumps(batch), visible) == dumps(
+            [answer({"prompts": [{"name": "p"}]}), batch[2]])
+        assert drop_items(dumps([batch[0], batch[0]]), visible) == "[]"
+
+    @pytest.mark.parametrize("ending", ["\n", "\r\n"])
+    def test_a_dropped_event_keeps_its_id_and_has_no_data(self, ending: str) -> None:
+        """Clients skip an event with empty data as they skip a priming event; its id still
+        counts for a resumption."""
+        stream = sse(("7", self.notification("repo://victim/delete")),
+                     ("8", self.notification("repo://docs/readme")), ending=ending)
+        events = EventStream(lambda data: drop_items(data, visible), 1 << 20)
+        out = events.feed(stream) + events.finish()
+        first, second = out.split((ending * 2).encode())[:2]
+        assert first == f"event: message{ending}id: 7{ending}data: ".encode()
+        assert json.loads(second.split(b"data: ")[1]) == self.notification("repo://docs/readme")
+
+
+class TestSealedNames:
+    @given(name=st.text(min_size=1, max_size=200),
+           kind=st.sampled_from(["tool", "prompt", "resource"]))
+    def test_any_name_comes_back(self, name: str, kind: str) -> None:
+        """Whatever the name, its fresh name is one no JSON writer escapes, and it comes
+        back as the caller's, JSON-escaped or plain."""
+        fresh = SEALER.fresh(kind, name)
+        assert re.fullmatch(r"(urn:)?hidden-[0-9a-f]+-[0-9a-f]{24}", fresh)
+        assert fresh.startswith("urn:") == (kind == "resource")
+        inside = json.dumps({"message": f"Unknown: {fresh}."})
+        assert json.loads(SEALER.restore(inside.encode()))["message"] == f"Unknown: {name}."
+        assert SEALER.restore(f"<{fresh}>".encode("utf-8", "surrogatepass"),
+                              escape=False) == f"<{name}>".encode("utf-8", "surrogatepass")
+
+    def test_only_our_own_names_are_opened(self) -> None:
+        """A caller cannot forge a fresh name, nor bring one sealed under another key."""
+        fresh = SEALER.fresh("tool", "delete_repo")
+        forged = fresh[:-1] + ("0" if fresh[-1] != "0" else "1")
+        other = Sealer(b"o" * 32).fresh("tool", "delete_repo")
+        for text in (forged, other, "hidden--" + "0" * 24, "hidden-6-" + "0" * 24):
+            assert SEALER.restore(text.encode()) == text.encode()
+
+    def test_a_resources_uri_is_put_back_whole(self) -> None:
+        fresh = SEALER.fresh("resource", "repo://victim/delete")
+        assert SEALER.restore(f'"Unknown resource: {fresh}"'.encode()) == (
+            b'"Unknown resource: repo://victim/delete"')
+        # Echoed without its scheme, it is still put back.
+        assert SEALER.restore(fresh.removeprefix("urn:").encode()) == b"repo://victim/delete"
+
+    def test_a_short_key_is_refused(self) -> None:
+        with pytest.raises(ValueError, match="16 bytes"):
+            Sealer(b"short")

@@ -1,8 +1,10 @@
-"""The answers filter's side: a server's answer on a tool-rule route, read and rewritten as
-it arrives (the caller's names put back, a list filtered for its caller), or refused.
+"""The answers filter's side: a server's answer on a route with item rules, read and
+rewritten as it arrives (the caller's names put back, a list filtered for its caller), or
+refused.
 
-ext_proc.py's request stream leaves in Envoy's metadata what the answer is (a tools/call's or
-a tools/list's) and which fresh names it may carry; this module takes it from there. JSON
+ext_proc.py's request stream leaves in Envoy's metadata what the answer is (an item use's,
+a list's, or any other); this module takes it from there. Fresh names are sealed
+(mcp/seal.py): any answer has them put back, whichever request it seems to answer. JSON
 and SSE of a stated length come whole (BUFFERED, Envoy's buffers sized to
 mcp.max_answer_bytes by envoy-config); SSE of no stated length event by event; anything else
 of no stated length piece by piece, held here until whole.
@@ -18,7 +20,15 @@ from .._proto.envoy.config.core.v3 import base_pb2
 from .._proto.envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from .._proto.envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
 from ..mcp.replies import error_reply
-from ..mcp.rewrite import EventStream, UnreadableAnswer, drop_tools, restore, set_member
+from ..mcp.rewrite import (
+    EventStream,
+    UnreadableAnswer,
+    Visible,
+    drop_items,
+    may_hold_items,
+    set_member,
+)
+from ..mcp.seal import Sealer
 from ..policy.decision import Decision
 from .metadata import AuthzVerdict, read_answer_plan
 
@@ -51,17 +61,17 @@ def header_option(key: str, value: str | bytes) -> base_pb2.HeaderValueOption:
 class Answer:
     """How the server's answer to one request is rewritten, as it arrives."""
 
-    renamed: dict[str, str]  # fresh name -> the caller's
-    # The caller's filter for any tools list the answer carries (None: not read for lists,
-    # an answer that is not JSON or SSE).
-    tool_visible: Callable[[str], bool] | None
+    sealer: Sealer  # puts back the caller's name for any fresh name in the answer
+    # The caller's filter for any list the answer carries (None: not read for lists, an
+    # answer that is neither JSON nor SSE).
+    visible: Visible | None
     # An answer held back to be rewritten (a whole body, one SSE event) may be at most this
     # big (mcp.max_answer_bytes): past it, it cannot be checked, and is refused (502).
     limit: int
     length_given: bool = False
-    # What the request asked for: "list" (read whole, always), "call" (sent back whether
-    # changed or not, so that a hidden tool's answer takes the time a missing one's does),
-    # or "any" (read for what it carries).
+    # What the request asked for: "list" (read whole, always), "call" (an item used: sent
+    # back whether changed or not, so that a hidden item's answer takes the time a missing
+    # one's does), or "any" (read for what it carries).
     kind: str = ""
     sse: bool = False
     plain: bool = False  # neither JSON nor SSE (an error page): names put back unescaped
@@ -73,12 +83,12 @@ class Answer:
 
     def text(self, text: str) -> str | None:
         """One JSON text of the answer, rewritten; None when it stays as it is."""
-        restored = restore(text.encode(), self.renamed).decode() if self.renamed else text
-        # An answer to something else is parsed only where it may carry a tools list: the
-        # key itself, or an escape that could spell it.
-        if self.tool_visible is not None and (
-                self.kind == "list" or "tools" in restored or "\\u" in restored):
-            dropped = drop_tools(restored, self.tool_visible)
+        restored = self.sealer.restore(text.encode("utf-8", "surrogateescape")).decode(
+            "utf-8", "surrogateescape")
+        # Judged by what it is: any message is parsed that may carry a list or an update,
+        # whichever request it seems to answer.
+        if self.visible is not None and (self.kind == "list" or may_hold_items(restored)):
+            dropped = drop_items(restored, self.visible)
             if dropped is not None:
                 return dropped
         return restored if restored != text else None
@@ -107,14 +117,16 @@ REFUSED = immediate_error(502, "unreadable_answer",
 
 
 def on_headers(message: ext_proc_pb2.ProcessingRequest, verdict: AuthzVerdict, limit: int,
-               resumed: Callable[[], Decision | None]) -> tuple[bytes, Answer | None]:
+               resumed: Callable[[], Decision | None], sealer: Sealer
+               ) -> tuple[bytes, Answer | None]:
     """Answer an answer's headers: what to send Envoy, and how its body is to be rewritten
     (None: nothing of it is, it goes on as it is). `verdict`: what ext_authz left in the
     metadata; `limit`: mcp.max_answer_bytes; `resumed`: ext_authz's decision, for a list to
-    be filtered for its caller. An UnreadableAnswer where the answer cannot be checked."""
+    be filtered for its caller; `sealer`: opens the fresh names of hidden items. An
+    UnreadableAnswer where the answer cannot be checked."""
     response = ext_proc_pb2.ProcessingResponse()
     response.response_headers.SetInParent()
-    rewrite, renamed = read_answer_plan(message)
+    rewrite = read_answer_plan(message)
     headers = dict(header_pairs(message.response_headers))
     media = headers.get("content-type", "").split(";")[0].strip().lower()
     resource = verdict.resource
@@ -123,15 +135,15 @@ def on_headers(message: ext_proc_pb2.ProcessingRequest, verdict: AuthzVerdict, l
         if (headers.get(":status") != "200" or media != "application/json"
                 or message.response_headers.end_of_stream):
             return response.SerializeToString(), None
-        answer = Answer({}, None, limit, length_given="content-length" in headers,
+        answer = Answer(sealer, None, limit, length_given="content-length" in headers,
                         resource=resource)
         response.mode_override.CopyFrom(_WHOLE)
         return response.SerializeToString(), answer
     plain = media not in ("application/json", "text/event-stream")
-    # A tools/list answer in another media type (or none) is refused: a lenient client
-    # might read it all the same, hidden tools and all. A call's answer in any media type
-    # has its fresh name put back, which would tell a hidden tool from a missing one (and
-    # so would the time taken to put it back: every call's answer is read alike).
+    # A list's answer in another media type (or none) is refused: a lenient client might
+    # read it all the same, hidden items and all. A call's answer in any media type has
+    # its fresh name put back, which would tell a hidden item from a missing one (and so
+    # would the time taken to put it back: every call's answer is read alike).
     if not rewrite or message.response_headers.end_of_stream or (plain and rewrite == "any"):
         return response.SerializeToString(), None  # nothing of it is to be rewritten
     if plain and rewrite == "list":
@@ -139,18 +151,17 @@ def on_headers(message: ext_proc_pb2.ProcessingRequest, verdict: AuthzVerdict, l
     encoding = headers.get("content-encoding", "identity").lower()
     if encoding != "identity":
         raise UnreadableAnswer(f"an answer to rewrite came with Content-Encoding {encoding}")
-    # Judged by what it is, not by the request it seems to answer: a tools list is filtered
-    # for this caller in any answer, a call's or another's crossed into this exchange.
+    # Judged by what it is, not by the request it seems to answer: a list is filtered for
+    # this caller in any answer, a call's or another's crossed into this exchange.
     decision = resumed()
     if decision is None or decision.server is None:
         raise ValueError("an answer to filter without the decision that asked for it")
-    tool_visible = functools.partial(decision.server.tool_visible,
-                                     placement=decision.placement)
+    visible = functools.partial(decision.server.item_visible, placement=decision.placement)
     length = headers.get("content-length")
     if length is not None and (not length.isdigit() or int(length) > limit):
         # Said at once, before a byte is buffered: never a hang or a partial answer.
         raise UnreadableAnswer(f"an answer to rewrite of {length} bytes (over {limit})")
-    answer = Answer(renamed, None if plain else tool_visible, limit,
+    answer = Answer(sealer, None if plain else visible, limit,
                      length_given=length is not None, kind=rewrite,
                      sse=media == "text/event-stream", plain=plain)
     if answer.sse and not answer.length_given:
@@ -207,13 +218,13 @@ def _whole(answer: Answer, data: bytes, response: ext_proc_pb2.ProcessingRespons
         events = EventStream(answer.text, answer.limit)
         rewritten_data = events.feed(data) + events.finish()
     elif answer.plain:
-        rewritten_data = restore(data, answer.renamed, escape=False)
+        rewritten_data = answer.sealer.restore(data, escape=False)
     else:
         rewritten = answer.text(data.decode("utf-8", "surrogateescape"))
         rewritten_data = (None if rewritten is None
                           else rewritten.encode("utf-8", "surrogateescape"))
     # A call's answer is sent back whether a name was put back in it or not: the same
-    # work for a hidden tool's answer and a missing one's, so the same time.
+    # work for a hidden item's answer and a missing one's, so the same time.
     if rewritten_data is not None and rewritten_data != data:
         data = rewritten_data
     elif answer.kind != "call" and not always:

@@ -64,7 +64,7 @@ def _bearer(token: str) -> bytes:
 
 
 def _answer(decision: Decision) -> bytes:
-    if decision.reason != "tool_not_found" and not decision.reply:
+    if decision.reason not in ("tool_not_found", "item_not_found") and not decision.reply:
         return _TEMPLATE_BYTES[decision.reason]
     if decision.reason == "registry":
         return _REGISTRY_ANSWERS[decision]

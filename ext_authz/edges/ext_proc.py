@@ -4,7 +4,7 @@ On the routes of servers with tool rules, `envoy-config` runs Envoy's ext_proc f
 ext_authz: ext_authz decides the server from the headers alone (so a hidden server answers
 404 before any body is read), and this service then reads the body for the tool rules. It
 takes the caller's place from the metadata that ext_authz's answer left in Envoy, never
-placing the caller a second time, and judges the body with the same `decide_tools`.
+placing the caller a second time, and judges the body with the same `decide_items`.
 
 The body comes in FULL_DUPLEX_STREAMED mode: Envoy passes each piece on and holds the
 headers; the headers and the whole body go on to the server only when this service sends
@@ -44,18 +44,15 @@ from .._proto.envoy.service.ext_proc.v3 import external_processor_pb2 as ext_pro
 from ..contract import EXT_PROC_SERVICE
 from ..mcp.jsonrpc import INVALID_REQUEST, body_headers, request_body
 from ..mcp.replies import error_reply
-from ..mcp.rewrite import (
-    Path,
-    UnreadableAnswer,
-    fresh_name,
-    rename,
-)
-from ..policy.decision import Decision, RequestFacts, decide_tools, resume
+from ..mcp.rewrite import Path, UnreadableAnswer, rename
+from ..mcp.seal import Sealer
+from ..policy.decision import Decision, RequestFacts, decide_items, resume
 from ..policy.outcomes import denial_body
 from . import answers as answers_filter
 from .answers import JSON_CONTENT_TYPE, header_option, header_pairs, immediate_error
 from .generation import Generation, Serving
 from .metadata import AuthzVerdict, ext_proc_response, write_answer_plan
+from .sealing import process_sealer
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +83,7 @@ def _refusal(decision: Decision, decision_id: str) -> bytes:
     immediate = response.immediate_response
     immediate.status.code = decision.http_status  # type: ignore[assignment]
     immediate.details = decision.reason
-    body = decision.reply or (b"" if decision.reason == "tool_not_found"
+    body = decision.reply or (b"" if decision.reason in ("tool_not_found", "item_not_found")
                               else denial_body(decision.reason))
     if body:
         immediate.headers.set_headers.append(JSON_CONTENT_TYPE)
@@ -114,9 +111,11 @@ class ExternalProcessingService:
     """
 
     def __init__(self, serving: Serving,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+                 clock: Callable[[], float] = time.perf_counter,
+                 sealer: Sealer | None = None) -> None:
         self.serving = serving
         self._clock = clock
+        self.sealer = sealer if sealer is not None else process_sealer()
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The generic handler to register on a grpc.aio server."""
@@ -173,7 +172,7 @@ class ExternalProcessingService:
             verdict = AuthzVerdict.read(message)
             reply, request.answer = answers_filter.on_headers(
                 message, verdict, request.state.policy.mcp.max_answer_bytes,
-                lambda: self._resumed(request, verdict))
+                lambda: self._resumed(request, verdict), self.sealer)
             request.done = request.answer is None
             return [reply]
         if kind == "response_body" and request.answer is not None:
@@ -235,11 +234,11 @@ class ExternalProcessingService:
         decision = request.decision
         if decision.allowed:
             body = request_body(data or b"", request.method, request.headers)
-            decision = decide_tools(decision, body, request.state.policy, can_rename=True)
+            decision = decide_items(decision, body, request.state.policy, can_rename=True)
         decision_id = self.serving.next_decision_id()
         request.judged = request.done = True
         if decision.allowed:
-            answers = _go_on(request, decision, decision_id, data)
+            answers = _go_on(request, decision, decision_id, data, self.sealer)
         else:
             answers = [_refusal(decision, decision_id)]
         self.serving.record(decision, decision_id, request.facts, self._clock() - started, "body")
@@ -247,31 +246,30 @@ class ExternalProcessingService:
 
 
 def _go_on(request: _Request, decision: Decision, decision_id: str,
-           data: bytes | None) -> list[bytes]:
-    """Let the request go on: its headers, then its body, renamed where a tool is hidden;
-    and tell the answers filter (in Envoy's metadata) what to do with the answer."""
+           data: bytes | None, sealer: Sealer) -> list[bytes]:
+    """Let the request go on: its headers, then its body, renamed where an item is hidden;
+    and tell the answers filter (in Envoy's metadata) what the answer is."""
     response = ext_proc_response(decision, decision_id)
     response.request_headers.SetInParent()
     common = response.request_headers.response
-    renamed: dict[str, str] = {}
     if decision.hidden and data is not None:
         paths: dict[Path, str] = {}
-        for call in decision.hidden:
-            fresh = fresh_name()
-            renamed[fresh] = call.name
-            paths[("params", "name") if call.index is None
-                  else (call.index, "params", "name")] = fresh
+        for use in decision.hidden:
+            paths[use.at if use.index is None else (use.index, *use.at)] = sealer.fresh(
+                use.kind, use.name)
         data = rename(data.decode("utf-8"), paths).encode()
         if request.headers.get("mcp-name"):
+            # Only a message that is no batch has an Mcp-Name (jsonrpc checked it).
             common.header_mutation.set_headers.append(
-                header_option("mcp-name", next(iter(renamed))))
-    if decision.calls_tools and data is not None and request.has_length:
-        # Set for every call, renamed or not: the same work, so the same time.
+                header_option("mcp-name", next(iter(paths.values()))))
+    if decision.uses_items and data is not None and request.has_length:
+        # Set for every use, renamed or not: the same work, so the same time.
         common.header_mutation.set_headers.append(header_option("content-length", str(len(data))))
-    # Every answer on the route is read: a tools/list result is filtered wherever it
-    # travels (an answer the upstream sent to another exchange, the GET stream, a replay).
-    kind = "list" if decision.lists_tools else "call" if decision.calls_tools else "any"
-    write_answer_plan(response, kind, renamed)
+    # Every answer on the route is read: a list is filtered, and fresh names put back,
+    # wherever it travels (an answer the upstream sent to another exchange, the GET stream,
+    # a replay).
+    kind = "list" if decision.lists_items else "call" if decision.uses_items else "any"
+    write_answer_plan(response, kind)
     # A compressed answer could not be rewritten: ask for it plain.
     common.header_mutation.remove_headers.append("accept-encoding")
     answers = [response.SerializeToString()]

@@ -8,7 +8,6 @@ answer is to be rewritten. Keys Envoy's own config names are the contract's.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 from .._proto.envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
@@ -31,7 +30,6 @@ from .wire import short_struct_entry, struct_entry
 
 # ext_proc's own keys, between its request stream and its answers stream.
 _ANSWER = "answer"  # "list" or "call": what the answer is, to be rewritten
-_RENAMED = "renamed"  # JSON: fresh name -> the caller's, to put back
 _REWRITE_RESOURCE = "resource"  # REWRITE's value: a discovery document naming the gateway
 
 
@@ -101,16 +99,12 @@ def ext_proc_response(decision: Decision, decision_id: str) -> ext_proc_pb2.Proc
     return response
 
 
-def write_answer_plan(response: ext_proc_pb2.ProcessingResponse, kind: str,
-                      renamed: dict[str, str]) -> None:
+def write_answer_plan(response: ext_proc_pb2.ProcessingResponse, kind: str) -> None:
     """Tell the answers stream what this request's answer is ("list", "call", or "any":
-    whatever a server sends there, the GET stream and its replays included) and which names
-    to put back."""
-    said = response.dynamic_metadata.fields[EXT_PROC_FILTER].struct_value
-    said.update({_ANSWER: kind, _RENAMED: json.dumps(renamed)})
+    whatever a server sends there, the GET stream and its replays included)."""
+    response.dynamic_metadata.fields[EXT_PROC_FILTER].struct_value.update({_ANSWER: kind})
 
 
-def read_answer_plan(request: ext_proc_pb2.ProcessingRequest) -> tuple[str, dict[str, str]]:
-    """What the request stream said of this answer: ("list" | "call" | "any" | "", renamed)."""
-    said = _strings(request, EXT_PROC_FILTER)
-    return said.get(_ANSWER, ""), json.loads(said.get(_RENAMED, "{}"))
+def read_answer_plan(request: ext_proc_pb2.ProcessingRequest) -> str:
+    """What the request stream said of this answer: "list", "call", "any" or ""."""
+    return _strings(request, EXT_PROC_FILTER).get(_ANSWER, "")

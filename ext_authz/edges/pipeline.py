@@ -12,7 +12,7 @@ from ..errors import TokenError
 from ..mcp.jsonrpc import Body
 from ..policy.compile import Policy
 from ..policy.config import OAuth2Settings
-from ..policy.decision import Decision, RequestFacts, decide, decide_tools
+from ..policy.decision import Decision, RequestFacts, decide, decide_items
 
 CachedToken = Callable[[OAuth2Settings], str | None]
 FetchToken = Callable[[OAuth2Settings, str], Awaitable[str]]
@@ -31,7 +31,7 @@ async def judge(facts: RequestFacts, policy: Policy, *, body: Callable[[], Body]
     decision = decide(facts, policy)
     narrowed = None
     if body is not None and decision.reads_body:
-        narrowed = decide_tools(decision, body(), policy, can_rename=can_rename)
+        narrowed = decide_items(decision, body(), policy, can_rename=can_rename)
     token = None
     oauth2 = decision.oauth2
     if oauth2 is not None and fetch is not None:

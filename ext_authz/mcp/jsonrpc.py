@@ -1,4 +1,4 @@
-"""Which tools an MCP request calls, read from its JSON-RPC body; and the replies we send.
+"""Which tools, prompts and resources an MCP request uses, read from its JSON-RPC body.
 
 Pure, no I/O. Every body sent to a server with tool rules is parsed, and judged as the
 strictest and the most lenient MCP server behind us would read it. Where two of them could
@@ -46,8 +46,24 @@ Received = Literal[
     "text",     # Envoy sent it as text, bytes that are not UTF-8 replaced (no pack_as_bytes)
 ]
 
-# The keys an MCP server reads from a message's envelope and from its params.
-ROUTING_KEYS = frozenset(("jsonrpc", "id", "method", "params", "name", "arguments", "_meta"))
+# The keys an MCP server reads from a message's envelope, its params and a completion's ref.
+ROUTING_KEYS = frozenset(("jsonrpc", "id", "method", "params", "name", "arguments", "_meta",
+                          "uri", "ref", "type"))
+# The methods that use one item, its kind, and where its name (or URI) is in params.
+ITEM_METHODS: dict[str, tuple[str, tuple[str, ...]]] = {
+    TOOLS_CALL: ("tool", ("name",)),
+    "prompts/get": ("prompt", ("name",)),
+    "resources/read": ("resource", ("uri",)),
+    "resources/subscribe": ("resource", ("uri",)),
+    "resources/unsubscribe": ("resource", ("uri",)),
+}
+COMPLETE = "completion/complete"
+# A completion's reference: the prompt or the resource (template) it completes an argument of.
+COMPLETION_REFS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "ref/prompt": ("prompt", ("ref", "name")), "ref/resource": ("resource", ("ref", "uri"))}
+# The methods whose answer is a list of items, filtered for the caller.
+LIST_METHODS = frozenset((TOOLS_LIST, "prompts/list", "resources/list",
+                          "resources/templates/list"))
 # The methods whose name MCP mirrors in the `Mcp-Name` header, and the param that holds it.
 NAME_BEARING_METHODS = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
 
@@ -110,37 +126,41 @@ def request_body(data: bytes, method: str, headers: dict[str, list[str]],
 
 
 @dataclass(frozen=True, slots=True)
-class ToolCall:
-    """One tools/call: the tool's name and the request id as JSON text (None: a notification)."""
+class ItemUse:
+    """One use of a tool, prompt or resource: its name (a resource's URI, a completion's
+    template) and the request id as JSON text (None: a notification)."""
 
     name: str
     rpc_id: str | None
-    protocol_version: str = ""  # the MCP protocol version the call was made in, if said
+    protocol_version: str = ""  # the MCP protocol version of the request, if said
     index: int | None = None  # its place in a batch (None: the body is this one message)
+    kind: str = "tool"  # "tool", "prompt" or "resource"
+    at: tuple[str, ...] = ("params", "name")  # where the name is in the message
+    method: str = TOOLS_CALL
 
 
 @dataclass(frozen=True, slots=True)
-class ToolCalls:
-    """The tools a request calls; or, when `problem` is set, why the body cannot be judged."""
+class ItemUses:
+    """The items a request uses; or, when `problem` is set, why the body cannot be judged."""
 
-    calls: tuple[ToolCall, ...] = ()
+    uses: tuple[ItemUse, ...] = ()
     batch: bool = False
-    lists_tools: bool = False  # a message of the body is a tools/list
+    lists: bool = False  # a message of the body lists tools, prompts, resources or templates
     problem: str = ""
     error_code: int = 0  # the JSON-RPC error code that goes with `problem`
     too_large: bool = False  # the problem is the body's size (an HTTP 413, not a 400)
 
 
-NO_CALLS = ToolCalls()
+NO_USES = ItemUses()
 
 
-def _refuse(code: int, problem: str) -> ToolCalls:
-    return ToolCalls(problem=problem, error_code=code)
+def _refuse(code: int, problem: str) -> ItemUses:
+    return ItemUses(problem=problem, error_code=code)
 
 
-def _too_large(max_bytes: int) -> ToolCalls:
+def _too_large(max_bytes: int) -> ItemUses:
     """The refusal of a body over the limit (said without reading any more of it)."""
-    return ToolCalls(problem=f"the body is over the {max_bytes} bytes of mcp.max_body_bytes",
+    return ItemUses(problem=f"the body is over the {max_bytes} bytes of mcp.max_body_bytes",
                      error_code=INVALID_REQUEST, too_large=True)
 
 
@@ -286,11 +306,12 @@ def _envelope_problem(body: Body) -> tuple[int, str]:
     return 0, ""
 
 
-def read_tool_calls(body: Body, max_bytes: int, max_batch: int) -> ToolCalls:
-    """Read the tools/call messages of a request to a server with tool rules."""
+def read_item_uses(body: Body, max_bytes: int, max_batch: int) -> ItemUses:
+    """Read what a request to a server with item rules uses (tools/call, prompts/get,
+    resources/read and (un)subscribe, completion/complete), and whether it lists items."""
     data = body.data
     if not data and body.received == "whole" and body.method != "POST":
-        return NO_CALLS  # a GET (the SSE stream) or a DELETE (ending a session)
+        return NO_USES  # a GET (the SSE stream) or a DELETE (ending a session)
     if len(data) > max_bytes:
         return _too_large(max_bytes)
     code, problem = _envelope_problem(body)
@@ -325,8 +346,8 @@ def read_tool_calls(body: Body, max_bytes: int, max_batch: int) -> ToolCalls:
     else:
         return _refuse(INVALID_REQUEST, "the body is neither a JSON-RPC message nor a batch")
     batch = isinstance(document, list)
-    calls = []
-    lists_tools = False
+    uses = []
+    lists = False
     for index, message in enumerate(messages):
         if not isinstance(message, dict):
             return _refuse(INVALID_REQUEST, "a batch holds something other than messages")
@@ -335,29 +356,55 @@ def read_tool_calls(body: Body, max_bytes: int, max_batch: int) -> ToolCalls:
             _key_problem(params, "params") if isinstance(params, dict) else "")
         if problem:
             return _refuse(INVALID_REQUEST, problem)
-        lists_tools = lists_tools or message.get("method") == TOOLS_LIST
-        if message.get("method") != TOOLS_CALL:
+        method = message.get("method")
+        lists = lists or method in LIST_METHODS
+        if not isinstance(method, str) or (method not in ITEM_METHODS and method != COMPLETE):
             continue
-        if message.get("jsonrpc") != "2.0":
-            # A strict server refuses it, echoing the message back (the Python SDK, cut
-            # short: a hidden tool's fresh name would show half put back); a lenient one
-            # runs it. Neither is sure: refused here, for every tool alike.
-            return _refuse(INVALID_REQUEST, 'a tools/call must say "jsonrpc": "2.0"')
-        if not isinstance(params, dict) or not isinstance(params.get("name"), str) or not (
-                params["name"]):
-            return _refuse(INVALID_PARAMS, "a tools/call has no params.name")
-        rpc_id, usable = _rpc_id(message)
-        if not usable:
-            return _refuse(INVALID_REQUEST, "the id of a tools/call must be a string or an"
-                                            f" integer of at most {_MAX_SAFE_INTEGER}")
-        calls.append(ToolCall(params["name"], rpc_id, _protocol(params, body),
-                              index if batch else None))
+        use = _use(message, method, params, body, index if batch else None)
+        if isinstance(use, ItemUses):
+            return use
+        uses.append(use)
     problem = _header_problem(body, messages, batch)
     if problem:
         return _refuse(INVALID_REQUEST, problem)
-    if not calls and not lists_tools:
-        return NO_CALLS
-    return ToolCalls(tuple(calls), batch, lists_tools)
+    if not uses and not lists:
+        return NO_USES
+    return ItemUses(tuple(uses), batch, lists)
+
+
+def _use(message: dict[str, Any], method: str, params: Any, body: Body,
+         index: int | None) -> ItemUse | ItemUses:
+    """The item a message uses, or the refusal of a message no two servers read alike."""
+    if message.get("jsonrpc") != "2.0":
+        # A strict server refuses it, echoing the message back (the Python SDK, cut short:
+        # a hidden item's fresh name would show half put back); a lenient one runs it.
+        # Neither is sure: refused here, for every item alike.
+        return _refuse(INVALID_REQUEST, f'a {method} must say "jsonrpc": "2.0"')
+    if not isinstance(params, dict):
+        where = ".".join(ITEM_METHODS[method][1]) if method in ITEM_METHODS else "ref"
+        return _refuse(INVALID_PARAMS, f"a {method} has no params.{where}")
+    if method == COMPLETE:
+        ref = params.get("ref")
+        problem = _key_problem(ref, "params.ref") if isinstance(ref, dict) else ""
+        if problem:
+            return _refuse(INVALID_REQUEST, problem)
+        found = COMPLETION_REFS.get(str(ref.get("type"))) if isinstance(ref, dict) else None
+        if found is None:
+            return _refuse(INVALID_PARAMS, "a completion/complete's params.ref is no"
+                                           " ref/prompt or ref/resource")
+        kind, at = found
+        holder: Any = ref
+    else:
+        kind, at = ITEM_METHODS[method]
+        holder = params
+    name = holder.get(at[-1])
+    if not isinstance(name, str) or not name:
+        return _refuse(INVALID_PARAMS, f"a {method} has no params.{'.'.join(at)}")
+    rpc_id, usable = _rpc_id(message)
+    if not usable:
+        return _refuse(INVALID_REQUEST, f"the id of a {method} must be a string or an"
+                                        f" integer of at most {_MAX_SAFE_INTEGER}")
+    return ItemUse(name, rpc_id, _protocol(params, body), index, kind, ("params", *at), method)
 
 
 def _header_problem(body: Body, messages: list[dict[str, Any]], batch: bool) -> str:

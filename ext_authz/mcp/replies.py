@@ -1,5 +1,5 @@
-"""The JSON-RPC answers the sidecar writes in a server's place: an unknown tool's, and the
-error for a body that cannot be judged."""
+"""The JSON-RPC answers the sidecar writes in a server's place: an unknown tool's, prompt's
+or resource's, and the error for a body that cannot be judged."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ from .jsonrpc import (
     INVALID_REQUEST,
     PARSE_ERROR,
     STATELESS_PROTOCOL,
-    ToolCall,
-    ToolCalls,
+    ItemUse,
+    ItemUses,
     UnknownToolReply,
 )
 
 
-def unknown_tool_reply(style: UnknownToolReply, call: ToolCall,
+def unknown_tool_reply(style: UnknownToolReply, call: ItemUse,
                        server_info: tuple[str, str]) -> bytes:
     """What a server answers for a tool it does not have (empty for a notification).
 
@@ -39,11 +39,29 @@ def unknown_tool_reply(style: UnknownToolReply, call: ToolCall,
     return f'{{"jsonrpc":"2.0","id":{call.rpc_id},{answer}}}'.encode()
 
 
+RESOURCE_NOT_FOUND = -32002  # MCP's error for a resource a server does not have
+
+
+def unknown_item_reply(use: ItemUse) -> bytes:
+    """What a server answers for a prompt or resource it does not have, in the words of the
+    MCP specification's examples (empty for a notification)."""
+    if use.rpc_id is None:
+        return b""
+    if use.kind == "prompt":
+        text = json.dumps(f"Unknown prompt: {use.name}", ensure_ascii=False)
+        error = f'{{"code":{INVALID_PARAMS},"message":{text}}}'
+    else:
+        uri = json.dumps(use.name, ensure_ascii=False)
+        error = (f'{{"code":{RESOURCE_NOT_FOUND},"message":"Resource not found",'
+                 f'"data":{{"uri":{uri}}}}}')
+    return f'{{"jsonrpc":"2.0","id":{use.rpc_id},"error":{error}}}'.encode()
+
+
 _ERROR_NAMES = {PARSE_ERROR: "Parse error", INVALID_REQUEST: "Invalid Request",
                 INVALID_PARAMS: "Invalid params"}
 
 
-def refusal_reply(read: ToolCalls) -> bytes:
+def refusal_reply(read: ItemUses) -> bytes:
     """The JSON-RPC error for a body that cannot be judged, saying why."""
     return error_reply(read.error_code, f"{_ERROR_NAMES[read.error_code]}: {read.problem}")
 

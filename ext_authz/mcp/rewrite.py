@@ -1,14 +1,15 @@
-"""Rewriting MCP messages in flight (pure, no I/O): hidden tools renamed, and left out.
+"""Rewriting MCP messages in flight (pure, no I/O): hidden items renamed, and left out.
 
-- A tools/call of a hidden tool goes to the server under a fresh name that no server has,
-  so the server itself answers it as the unknown tool it then is, whatever its SDK or
-  language; in the answer, the caller's name is put back.
-- A tools/list result loses the tools the caller may not call, and says it may be cached
-  for this caller alone (`cacheScope: private`).
+- A hidden tool's call (a prompt's get, a resource's read) goes to the server under a fresh
+  name (seal.py), so the server itself answers for the unknown item it then is, whatever
+  its SDK or language; in any answer, the caller's name is put back.
+- A list of tools, prompts, resources or resource templates loses what the caller may not
+  see, and says it may be cached for this caller alone (`cacheScope: private`); a hidden
+  resource's update notification is dropped.
 - An OAuth protected-resource metadata document names the gateway's URL as its resource.
 
 Every other byte stays as the server or the client wrote it: the rewrites cut and splice
-the text at the spans of the values they change, so the order of the other tools,
+the text at the spans of the values they change, so the order of the other items,
 `nextCursor`, `_meta`, SSE event ids and framing, and the JSON formatting are untouched.
 """
 
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import json
 import re
-import secrets
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -110,10 +110,28 @@ def _without(text: str, spans: list[tuple[int, int]], drop: set[int]) -> str:
     return separator.join(text[a:b] for index, (a, b) in enumerate(spans) if index not in drop)
 
 
-def drop_tools(text: str, callable_tool: Callable[[str], bool]) -> str | None:
-    """A tools/list answer (one JSON-RPC message or a batch) without the tools the caller may
-    not call, and private to it (`cacheScope`); None when the text is no such answer or
-    nothing changes.
+# What a list result holds (its key), the kind of its items, and where an item's name is.
+LISTED = {"tools": ("tool", "name"), "prompts": ("prompt", "name"),
+          "resources": ("resource", "uri"), "resourceTemplates": ("resource", "uriTemplate")}
+UPDATED = "notifications/resources/updated"  # a resource changed: it names the resource
+# Without one of these (or an escape that could spell one), a text has nothing to drop.
+_CLUES = ("tools", "prompts", "resource", "\\u")
+
+Visible = Callable[[str, str], bool]  # (kind, name or URI) -> whether the caller sees it
+
+
+def may_hold_items(text: str) -> bool:
+    """Whether `text` may hold a list or a notification that drop_items judges (a cheap
+    look before parsing an answer to something else)."""
+    return any(clue in text for clue in _CLUES)
+
+
+def drop_items(text: str, visible: Visible) -> str | None:
+    """A server's message (or batch) without what the caller may not see: the tools,
+    prompts, resources and resource templates of any list result, each list private to the
+    caller (`cacheScope`), and a hidden resource's `notifications/resources/updated` (the
+    message dropped: "" when it was the whole text). None when nothing changes, or the text
+    is no JSON-RPC message that holds any of them.
 
     Text that is not JSON, or JSON with a key twice, is an UnreadableAnswer. (Empty text,
     as in an SSE event that only primes the stream, is nothing to drop.)
@@ -125,37 +143,78 @@ def drop_tools(text: str, callable_tool: Callable[[str], bool]) -> str | None:
     except UnreadableAnswer:
         raise
     except ValueError:
-        raise UnreadableAnswer("a tools/list answer that is not JSON cannot be checked") from None
-    messages = document if isinstance(document, list) else [document]
-    prefixes: list[list[str | int]] = (
-        [[index] for index in range(len(messages))] if isinstance(document, list) else [[]])
+        raise UnreadableAnswer("an answer to judge that is not JSON cannot be checked") from None
+    batch = isinstance(document, list)
+    messages = document if batch else [document]
     cuts: list[tuple[int, int, str]] = []
     spans = _Spans(text)
-    for prefix, message in zip(prefixes, messages, strict=True):
-        result = message.get("result") if isinstance(message, dict) else None
-        if not isinstance(result, dict) or not isinstance(result.get("tools"), list):
+    gone: set[int] = set()
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
             continue
-        tools = result["tools"]
-        if "cacheScope" in result and result["cacheScope"] != "private":
-            # The list is this caller's (filtered for it, or one that would be filtered for
-            # another): never a shared cache's, whatever the server says (TTL kept).
-            scope = spans.find([*prefix, "result", "cacheScope"])
-            assert scope is not None
-            cuts.append((scope[0], scope[1], '"private"'))
-        drop = {index for index, tool in enumerate(tools)
-                if isinstance(tool, dict) and isinstance(tool.get("name"), str)
-                and not callable_tool(tool["name"])}
+        prefix: list[str | int] = [index] if batch else []
+        if message.get("method") == UPDATED:
+            params = message.get("params")
+            uri = params.get("uri") if isinstance(params, dict) else None
+            if isinstance(uri, str) and not visible("resource", uri):
+                gone.add(index)
+            continue
+        result = message.get("result")
+        if isinstance(result, dict):
+            cuts += _list_cuts(spans, prefix, result, visible)
+    if gone and not batch:
+        return ""
+    if gone:
+        # The lists of the messages kept first, then the messages dropped from the batch.
+        found = spans.find([])
+        assert found is not None
+        dropped = [spans.elements(found[0])[index] for index in gone]
+        text = _apply(text, [cut for cut in cuts if not any(
+            start <= cut[0] < end for start, end in dropped)])
+        found = _Spans(text).find([])
+        assert found is not None
+        elements = _Spans(text).elements(found[0])
+        if len(gone) == len(elements):
+            return text[:found[0] + 1] + text[found[1] - 1:]
+        return _apply(text, [(elements[0][0], elements[-1][1],
+                              _without(text, elements, gone))])
+    if not cuts:
+        return None
+    return _apply(text, cuts)
+
+
+def _list_cuts(spans: _Spans, prefix: list[str | int], result: dict[str, object],
+               visible: Visible) -> list[tuple[int, int, str]]:
+    """The cuts that take what the caller may not see out of a result's lists."""
+    cuts: list[tuple[int, int, str]] = []
+    listed = False
+    for key, (kind, name_key) in LISTED.items():
+        items = result.get(key)
+        if not isinstance(items, list):
+            continue
+        listed = True
+        drop = {index for index, item in enumerate(items)
+                if isinstance(item, dict) and isinstance(item.get(name_key), str)
+                and not visible(kind, item[name_key])}
         if not drop:
             continue
-        found = spans.find([*prefix, "result", "tools"])
+        found = spans.find([*prefix, "result", key])
         assert found is not None
         elements = spans.elements(found[0])
         if len(drop) == len(elements):  # all of them: `[]`, as a writer puts an empty list
             cuts.append((found[0] + 1, found[1] - 1, ""))
         else:
-            cuts.append((elements[0][0], elements[-1][1], _without(text, elements, drop)))
-    if not cuts:
-        return None
+            cuts.append((elements[0][0], elements[-1][1], _without(spans.text, elements, drop)))
+    if listed and "cacheScope" in result and result["cacheScope"] != "private":
+        # The list is this caller's (filtered for it, or one that would be filtered for
+        # another): never a shared cache's, whatever the server says (TTL kept).
+        scope = spans.find([*prefix, "result", "cacheScope"])
+        assert scope is not None
+        cuts.append((scope[0], scope[1], '"private"'))
+    return cuts
+
+
+def _apply(text: str, cuts: list[tuple[int, int, str]]) -> str:
     for start, end, replacement in sorted(cuts, reverse=True):
         text = text[:start] + replacement + text[end:]
     return text
@@ -179,11 +238,6 @@ def set_member(text: str, key: str, value: str) -> str | None:
     return text
 
 
-def fresh_name() -> str:
-    """A tool name that no server has and no one can guess, for one hidden call."""
-    return f"hidden-{secrets.token_hex(16)}"
-
-
 def rename(text: str, renames: dict[Path, str]) -> str:
     """The request text with each string at a path (a call's params.name) replaced."""
     spans = _Spans(text)
@@ -192,18 +246,7 @@ def rename(text: str, renames: dict[Path, str]) -> str:
         found = spans.find(path)
         assert found is not None, path
         cuts.append((found[0], found[1], json.dumps(name)))
-    for start, end, replacement in sorted(cuts, reverse=True):
-        text = text[:start] + replacement + text[end:]
-    return text
-
-
-def restore(data: bytes, renamed: dict[str, str], *, escape: bool = True) -> bytes:
-    """A server's answer with each fresh name replaced by the caller's: JSON-escaped as the
-    JSON strings the fresh name appears in need it (`escape`), or as it is (plain text)."""
-    for fresh, original in renamed.items():
-        name = json.dumps(original, ensure_ascii=False)[1:-1] if escape else original
-        data = data.replace(fresh.encode(), name.encode())
-    return data
+    return _apply(text, cuts)
 
 
 # -- server-sent events ------------------------------------------------------------------
@@ -220,7 +263,8 @@ class EventStream:
     """Rewrite the `data` of complete SSE events as they arrive; pass the rest through.
 
     `rewrite` gets an event's data (its `data:` lines joined) and returns the new data, or
-    None to leave the event as it was, byte for byte.
+    None to leave the event as it was, byte for byte. New data "" drops the message: the
+    event keeps its id and has empty data, which clients skip as they skip a priming event.
     """
 
     rewrite: Callable[[str], str | None]

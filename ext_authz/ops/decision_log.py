@@ -32,6 +32,7 @@ def _fragment(decision: Decision) -> str:
         "allowed": decision.allowed,
         "http_status": decision.http_status,
         "tool": decision.tool,  # a configured tool, or "": never a name a client made up
+        "item": decision.item,  # a configured prompt or resource ("prompts.NAME"), or ""
         "rule": decision.rule,
     }, separators=(",", ":"))[1:-1]
 

@@ -7,35 +7,18 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from ..mcp.jsonrpc import UnknownToolAnswer
-from .config import DEFAULT_TOOL, Config, McpSettings, OAuth2Settings, RoutingSettings
+from .config import Config, ItemKind, McpSettings, OAuth2Settings, RoutingSettings
 from .memo import Memo, PerDecision
 from .network import Identity, NetworkMap, NetworkSet, Placement, identity_from_claims
 from .registry import entry, registry_body
 from .routing import ServerAddress
+from .visibility import ItemRules, Visibility
 
 if TYPE_CHECKING:
     from .decision import Decision
 
-
-@dataclass(frozen=True, slots=True)
-class Visibility:
-    """Who sees a server or a tool, and the config key that says so."""
-
-    public: bool
-    visible_to: frozenset[str]
-    key: str  # e.g. "servers.github" or "servers.github.tools.delete_repo"
-    audience: tuple[str, ...] = field(default=(), compare=False)  # visible_to, in config order
-
-    def judge(self, placement: Placement) -> tuple[bool, str]:
-        """Whether a caller so placed sees it, and the config key that decided."""
-        if self.public:
-            return True, f"{self.key}.available_on_public_internet"
-        if placement.internal:
-            return True, "network.internal_ranges"
-        if not self.visible_to.isdisjoint(placement.members):
-            return True, f"{self.key}.visible_to"
-        setting = "visible_to" if self.visible_to else "available_on_public_internet"
-        return False, f"{self.key}.{setting}"
+NO_TOOL_RULES, NO_PROMPT_RULES = ItemRules("tool"), ItemRules("prompt")
+NO_RESOURCE_RULES = ItemRules("resource")
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +28,9 @@ class ServerPolicy:
     name: str
     visibility: Visibility
     oauth2: OAuth2Settings | None
-    tools: Mapping[str, Visibility] = field(default_factory=dict)  # "*": the tools unlisted
+    tools: ItemRules = NO_TOOL_RULES
+    prompts: ItemRules = NO_PROMPT_RULES
+    resources: ItemRules = NO_RESOURCE_RULES  # resource templates' rules too
     unknown_tool_reply: UnknownToolAnswer = "server"
     server_info: tuple[str, str] = ("", "")  # the name and version the MCP server reports
     listed: Mapping[str, str] = field(default_factory=dict)  # its registry entry
@@ -56,9 +41,10 @@ class ServerPolicy:
         return self.visibility.public
 
     @property
-    def has_tool_rules(self) -> bool:
-        """Whether a request's body decides what it may call (the server has `tools`)."""
-        return bool(self.tools)
+    def has_item_rules(self) -> bool:
+        """Whether a request's body decides what it may use (the server has rules for its
+        tools, prompts or resources)."""
+        return bool(self.tools or self.prompts or self.resources)
 
     @property
     def caller_brings_token(self) -> bool:
@@ -66,32 +52,27 @@ class ServerPolicy:
         OAuth discovery and the upstream's challenges are passed on, naming the gateway)."""
         return self.oauth2 is None
 
-    def tool_rule(self, name: str) -> tuple[str, Visibility] | None:
-        """The rule of a tool, and its key: its own, else the default "*", else none (the
-        server's own rule holds)."""
-        if name in self.tools and name != DEFAULT_TOOL:
-            return name, self.tools[name]
-        default = self.tools.get(DEFAULT_TOOL)
-        return (DEFAULT_TOOL, default) if default is not None else None
+    def rules(self, kind: ItemKind) -> ItemRules:
+        return self.tools if kind == "tool" else (
+            self.prompts if kind == "prompt" else self.resources)
 
-    def tool_visible(self, name: str, placement: Placement) -> bool:
-        """Whether a caller so placed may call (and see listed) the tool of this name."""
-        rule = self.tool_rule(name)
-        return rule is None or rule[1].judge(placement)[0]
+    def item_visible(self, kind: ItemKind, name: str, placement: Placement) -> bool:
+        """Whether a caller so placed sees (listed) and may use the item of this kind and
+        name (a resource's URI, a template)."""
+        return self.rules(kind).visible(name, placement)
 
     @classmethod
     def from_config(cls, name: str, config: Config) -> ServerPolicy:
         server = config.servers[name]
         key = f"servers.{name}"
         address = ServerAddress.of(config.routing, name)
-        tools = {tool: Visibility(rule.available_on_public_internet,
-                                  frozenset(rule.visible_to), f"{key}.tools.{tool}",
-                                  rule.visible_to)
-                 for tool, rule in server.tools.items()}
         info = server.server_info
-        return cls(name, Visibility(server.available_on_public_internet,
-                                    frozenset(server.visible_to), key, server.visible_to),
-                   server.oauth2, tools, server.unknown_tool_reply,
+        tools, prompts, resources = (ItemRules.compile(kind, key, items)
+                                     for kind, items in server.item_rules())
+        return cls(name, Visibility.of(key, server.available_on_public_internet,
+                                       server.visible_to),
+                   server.oauth2, tools, prompts, resources,
+                   server.unknown_tool_reply,
                    (info.name, info.version) if info is not None else (name, ""),
                    entry(name, server, address), address)
 
@@ -116,9 +97,10 @@ class Policy:
     mcp: McpSettings = field(default_factory=McpSettings)
     # Where Envoy's jwt_authn leaves the verified payload (None: no claim rules).
     claims_key: str | None = None
-    # Per configured tool: a server decision -> the same decision naming the tool, remembered
-    # so that an allowed tools/call keeps the identity PerDecision looks values up by.
-    tool_decisions: Mapping[str, PerDecision[Decision]] = field(
+    # Per configured tool, prompt and resource (kind, key): a server decision -> the same
+    # decision naming the item, remembered so that an allowed use keeps the identity
+    # PerDecision looks values up by.
+    item_decisions: Mapping[tuple[str, str], PerDecision[Decision]] = field(
         default_factory=dict, compare=False, repr=False)
     # What the hot path derives, remembered per Policy (a reload builds a new one): each a
     # bounded memo (see memo.py).
@@ -135,13 +117,13 @@ class Policy:
     # ext_authz's decisions as ext_proc takes them up, by what ext_authz said (see resume).
     resumed: Memo[tuple[str, str, str, str], Decision] = field(
         default_factory=lambda: Memo(DECISION_CACHE_SIZE), compare=False, repr=False)
-    # A server decision -> the same for a body that calls tools (and no configured one), or
+    # A server decision -> the same for a body that uses items (and no configured one), or
     # that lists them: what ext_proc needs to know of the answer it is to rewrite.
-    calling: PerDecision[Decision] = field(
-        default_factory=lambda: PerDecision(lambda d: replace(d, calls_tools=True),
+    using: PerDecision[Decision] = field(
+        default_factory=lambda: PerDecision(lambda d: replace(d, uses_items=True),
                                             DECISION_CACHE_SIZE), compare=False, repr=False)
     listing: PerDecision[Decision] = field(
-        default_factory=lambda: PerDecision(lambda d: replace(d, lists_tools=True),
+        default_factory=lambda: PerDecision(lambda d: replace(d, lists_items=True),
                                             DECISION_CACHE_SIZE), compare=False, repr=False)
 
     def registry(self, placement: Placement) -> bytes:
@@ -178,15 +160,17 @@ class Policy:
             max_xff_entries=config.network.max_xff_entries,
             max_xff_bytes=config.network.max_xff_bytes,
             mcp=config.mcp,
-            tool_decisions={tool: PerDecision(_naming(tool), DECISION_CACHE_SIZE)
-                            for server in config.servers.values() for tool in server.tools},
+            item_decisions={(kind, key): PerDecision(_naming(kind, key), DECISION_CACHE_SIZE)
+                            for server in config.servers.values()
+                            for kind, items in server.item_rules() for key in items},
         )
 
 
-def _naming(tool: str) -> Callable[[Decision], Decision]:
+def _naming(kind: ItemKind, key: str) -> Callable[[Decision], Decision]:
     def derive(decision: Decision) -> Decision:
         assert decision.server is not None
-        _, rule = decision.server.tools[tool].judge(decision.placement)
-        return replace(decision, tool=tool, rule=rule, calls_tools=True)
+        _, rule = decision.server.rules(kind)[key].judge(decision.placement)
+        tool, item = (key, "") if kind == "tool" else ("", f"{kind}s.{key}")
+        return replace(decision, rule=rule, uses_items=True, tool=tool, item=item)
 
     return derive

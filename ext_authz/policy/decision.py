@@ -6,8 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from ..contract import KIND_EXTENSION
-from ..mcp.jsonrpc import INVALID_REQUEST, Body, ToolCall, UnknownToolReply, read_tool_calls
-from ..mcp.replies import error_reply, refusal_reply, unknown_tool_reply
+from ..mcp.jsonrpc import INVALID_REQUEST, Body, ItemUse, UnknownToolReply, read_item_uses
+from ..mcp.replies import error_reply, refusal_reply, unknown_item_reply, unknown_tool_reply
 from .compile import DECISION_CACHE_MAX_INPUT, Policy, ServerPolicy
 from .config import DEFAULT_TOOL, OAuth2Settings
 from .network import (
@@ -64,10 +64,14 @@ class Decision:
     peer: str = ""
     rule: str = ""  # the config key that decided visibility
     tool: str = ""  # the configured tool the request calls (never a name a client made up)
+    # The configured prompt or resource it uses ("prompts.NAME", "resources.URI"): likewise.
+    item: str = ""
     reply: bytes = b""  # the body of a per-request answer (JSON-RPC), when not the reason's
-    hidden: tuple[ToolCall, ...] = ()  # tool_hidden: the calls to rename
-    lists_tools: bool = False  # the body asks for tools/list: its answer is filtered
-    calls_tools: bool = False  # the body calls tools (an answer that may name a hidden one)
+    hidden: tuple[ItemUse, ...] = ()  # tool_hidden, item_hidden: the uses to rename
+    # The body lists tools, prompts, resources or templates: its answer is filtered.
+    lists_items: bool = False
+    # The body uses items (tools/call, prompts/get...): an answer that may name a hidden one.
+    uses_items: bool = False
 
     @property
     def network(self) -> str:
@@ -77,7 +81,7 @@ class Decision:
     @property
     def allowed(self) -> bool:
         """Whether the request goes on to the server (a hidden tool's renamed call too)."""
-        return self.reason in ("allowed", "tool_hidden")
+        return self.reason in ("allowed", "tool_hidden", "item_hidden")
 
     @property
     def grpc_code(self) -> int:
@@ -85,15 +89,15 @@ class Decision:
 
     @property
     def http_status(self) -> int:
-        if self.reason == "tool_not_found" and not self.reply:
+        if self.reason in ("tool_not_found", "item_not_found") and not self.reply:
             return 202  # a notification: MCP servers accept it with no body
         return OUTCOMES[self.reason][1]
 
     @property
     def reads_body(self) -> bool:
-        """Whether tool rules apply: the request's body decides what is allowed (decide_tools)."""
+        """Whether item rules apply: the request's body decides what is allowed (decide_items)."""
         return (self.allowed and self.route.kind == "mcp" and self.server is not None
-                and self.server.has_tool_rules)
+                and self.server.has_item_rules)
 
     @property
     def server_name(self) -> str | None:
@@ -114,7 +118,7 @@ class Decision:
 def decide(facts: RequestFacts, policy: Policy) -> Decision:
     """Apply the decision table: client IP, network, server, visibility.
 
-    When the decision `reads_body`, `decide_tools` finishes it with the request's body: only
+    When the decision `reads_body`, `decide_items` finishes it with the request's body: only
     requests to servers with tool rules have their body extracted at all.
     """
     if not facts.has_http:
@@ -204,61 +208,68 @@ def _resume(policy: Policy, server_name: str, network: str, members: str,
                     rule=rule)
 
 
-def decide_tools(decision: Decision, body: Body, policy: Policy, *,
+def decide_items(decision: Decision, body: Body, policy: Policy, *,
                  can_rename: bool = False) -> Decision:
-    """Narrow an allowed request to a server with tool rules by the tools its body calls.
+    """Narrow an allowed request to a server with item rules by the tools, prompts and
+    resources its body uses.
 
-    `can_rename`: the edge can send a hidden tool's call on under a fresh name (ext_proc
+    `can_rename`: the edge can send a hidden item's use on under a fresh name (ext_proc
     can, a Check cannot), so the server answers it itself (unknown_tool_reply: server).
     """
     server = decision.server
     if not decision.reads_body or server is None:
         return decision
-    read = read_tool_calls(body, policy.mcp.max_body_bytes, policy.mcp.max_batch_messages)
+    read = read_item_uses(body, policy.mcp.max_body_bytes, policy.mcp.max_batch_messages)
     if read.problem:
         return replace(decision, reason="body_too_large" if read.too_large else
                        "bad_mcp_request", detail=read.problem, reply=refusal_reply(read))
-    allowed_tool = ""
-    hidden: list[tuple[ToolCall, str, str]] = []
-    for call in read.calls:
-        found = server.tool_rule(call.name)
+    allowed: tuple[str, str] | None = None
+    hidden: list[tuple[ItemUse, str, str]] = []
+    for use in read.uses:
+        found = server.rules(use.kind).rule(use.name)  # type: ignore[arg-type]
         if found is None:
             continue  # no rule for it: its server's rule holds
         key, visibility = found
         visible, rule = visibility.judge(decision.placement)
         if not visible:
-            hidden.append((call, key, rule))
-        elif not allowed_tool:
-            allowed_tool = key
+            hidden.append((use, key, rule))
+        elif allowed is None:
+            allowed = (use.kind, key)
     if hidden:
-        return replace(_hidden_tools(decision, server, hidden, read.batch, can_rename),
-                       lists_tools=read.lists_tools, calls_tools=True)
+        return replace(_hidden_items(decision, server, hidden, read.batch, can_rename),
+                       lists_items=read.lists, uses_items=True)
     # Remembered per decision (PerDecision), so that the same call by the same caller is the
     # same Decision object, whose encodings are built once.
-    if read.calls:
-        narrowed = (policy.tool_decisions[allowed_tool] if allowed_tool
-                    else policy.calling)[decision]
-        return replace(narrowed, lists_tools=True) if read.lists_tools else narrowed
-    return policy.listing[decision] if read.lists_tools else decision
+    if read.uses:
+        narrowed = (policy.item_decisions[allowed] if allowed is not None
+                    else policy.using)[decision]
+        return replace(narrowed, lists_items=True) if read.lists else narrowed
+    return policy.listing[decision] if read.lists else decision
 
 
-def _hidden_tools(decision: Decision, server: ServerPolicy,
-                  hidden: list[tuple[ToolCall, str, str]], batch: bool,
+def _hidden_items(decision: Decision, server: ServerPolicy,
+                  hidden: list[tuple[ItemUse, str, str]], batch: bool,
                   can_rename: bool) -> Decision:
-    call, key, rule = hidden[0]
+    use, key, rule = hidden[0]
     # The configured rule, never the caller's name: under "*" that is any text a caller
     # sends, and only configured names may reach the decision log.
-    hidden_tool = "a tool under the \"*\" rule" if key == DEFAULT_TOOL else f"tool {key!r}"
-    detail = f"{hidden_tool} is hidden from the {decision.network} network"
+    what = (f"a {use.kind} under the \"*\" rule" if key == DEFAULT_TOOL
+            else f"{use.kind} {key!r}")
+    detail = f"{what} is hidden from the {decision.network} network"
+    tool, item = (key, "") if use.kind == "tool" else ("", f"{use.kind}s.{key}")
     if server.unknown_tool_reply == "server" and can_rename:
-        return replace(decision, reason="tool_hidden", rule=rule, tool=key, detail=detail,
-                       hidden=tuple(c for c, _, _ in hidden))
+        return replace(decision, reason="tool_hidden" if use.kind == "tool" else "item_hidden",
+                       rule=rule, detail=detail, hidden=tuple(u for u, _, _ in hidden),
+                       tool=tool, item=item)
     if batch:
         # A whole HTTP request gets one answer: a batch cannot be answered message by
-        # message, so it is refused whole, with words that do not name the tool.
-        return replace(decision, reason="batch_refused", rule=rule, tool=key,
-                       detail=detail, reply=error_reply(INVALID_REQUEST, "Batch refused"))
+        # message, so it is refused whole, with words that do not name the item.
+        return replace(decision, reason="batch_refused", rule=rule, detail=detail,
+                       reply=error_reply(INVALID_REQUEST, "Batch refused"), tool=tool, item=item)
+    if use.kind != "tool":
+        return replace(decision, reason="item_not_found", rule=rule, detail=detail,
+                       reply=unknown_item_reply(use), tool=tool, item=item)
     style: UnknownToolReply = ("tool_error" if server.unknown_tool_reply == "server"
                                else server.unknown_tool_reply)
-    return replace(decision, reason="tool_not_found", rule=rule, tool=key, detail=detail,
-                   reply=unknown_tool_reply(style, call, server.server_info))
+    return replace(decision, reason="tool_not_found", rule=rule, detail=detail,
+                   reply=unknown_tool_reply(style, use, server.server_info), tool=tool, item=item)

@@ -6,10 +6,10 @@ import json
 from typing import Any
 
 from ..contract import NO_SERVER
-from ..mcp.jsonrpc import NO_BODY, Body, read_tool_calls
-from .compile import Visibility
+from ..mcp.jsonrpc import NO_BODY, Body, read_item_uses
 from .decision import Decision
 from .network import Placement
+from .visibility import Visibility
 
 
 def _placement(placement: Placement) -> str:
@@ -62,6 +62,11 @@ def explain(decision: Decision) -> list[str]:
         if decision.tool:
             tool = server.tools[decision.tool]
             steps.append(_visibility(decision, tool, f"tool {decision.tool!r}"))
+        if decision.item:
+            kinds, _, key = decision.item.partition(".")
+            kind = kinds[:-1]
+            rules = server.prompts if kind == "prompt" else server.resources
+            steps.append(_visibility(decision, rules[key], f"{kind} {key!r}"))
     if decision.reason == "registry":
         listed = json.loads(decision.reply)["servers"]
         steps.append("lists: " + (", ".join(s["name"] for s in listed) or "no server"))
@@ -71,9 +76,10 @@ def explain(decision: Decision) -> list[str]:
         steps.append("server has no oauth2 settings: nothing injected")
     if decision.detail:
         steps.append(decision.detail)
-    if decision.reason == "tool_hidden":
-        steps.append("the call goes on under a fresh name, for the server to answer as the"
-                     " unknown tool it then is (unknown_tool_reply: server)")
+    if decision.reason in ("tool_hidden", "item_hidden"):
+        what = "tool" if decision.reason == "tool_hidden" else decision.item.split("s.")[0]
+        steps.append(f"the request goes on under a fresh name, for the server to answer as"
+                     f" the unknown {what} it then is (unknown_tool_reply: server)")
     if decision.rule:
         steps.append(f"decided by {decision.rule}")
     steps.append(f"decision: {decision.reason} (HTTP {decision.http_status})")
@@ -83,7 +89,7 @@ def explain(decision: Decision) -> list[str]:
 def check_report(decision: Decision, body: Body = NO_BODY) -> dict[str, Any]:
     """The JSON object `check` prints for a decision."""
     client = decision.client.address
-    called = read_tool_calls(body, len(body.data) + 1, 1_000_000).calls if body.data else ()
+    used = read_item_uses(body, len(body.data) + 1, 1_000_000).uses if body.data else ()
     return {
         "client_ip": str(client) if client is not None else None,
         "network": decision.network,
@@ -91,8 +97,11 @@ def check_report(decision: Decision, body: Body = NO_BODY) -> dict[str, Any]:
         "identity": list(decision.placement.matched),  # which principal or claim matched
         "server": decision.server_name,
         "route": decision.route.kind,  # mcp, registry or discovery
-        "tools_called": [call.name for call in called],
+        "tools_called": [use.name for use in used if use.kind == "tool"],
+        # Every tool, prompt and resource the body uses, by kind.
+        "items_used": [{"kind": use.kind, "name": use.name} for use in used],
         "tool": decision.tool or None,  # the configured tool whose rule applied
+        "item": decision.item or None,  # the configured prompt or resource whose rule applied
         "rule": decision.rule or None,  # the config key that decided visibility
         "allowed": decision.allowed,
         "http_status": decision.http_status,

@@ -9,9 +9,11 @@ from typing import Literal
 Reason = Literal[
     "allowed",
     "tool_hidden",
+    "item_hidden",
     "registry",
     "not_found",
     "tool_not_found",
+    "item_not_found",
     "batch_refused",
     "bad_mcp_request",
     "body_too_large",
@@ -31,6 +33,9 @@ OUTCOMES: dict[Reason, tuple[int, int]] = {
     # A hidden tool's call goes on to the server under a fresh name, and the server answers
     # it as the unknown tool it then is (unknown_tool_reply: server, through ext_proc).
     "tool_hidden": (GRPC_OK, 200),
+    # The same for a hidden prompt or resource (prompts/get, resources/read, (un)subscribe,
+    # completion/complete): the server answers for the unknown one it then is.
+    "item_hidden": (GRPC_OK, 200),
     # The registry, answered in Envoy's place (a denial only in gRPC terms): the servers
     # this caller may see.
     "registry": (GRPC_PERMISSION_DENIED, 200),
@@ -38,6 +43,9 @@ OUTCOMES: dict[Reason, tuple[int, int]] = {
     # A hidden tool gets what the server says of a tool it lacks: a JSON-RPC answer, 200
     # (202 with no body for a notification, as the MCP Python SDK answers one).
     "tool_not_found": (GRPC_PERMISSION_DENIED, 200),
+    # A hidden prompt or resource answered by the sidecar where it cannot rename (a Check):
+    # the MCP specification's error for an unknown one.
+    "item_not_found": (GRPC_PERMISSION_DENIED, 200),
     "batch_refused": (GRPC_PERMISSION_DENIED, 400),
     "bad_mcp_request": (GRPC_INVALID_ARGUMENT, 400),
     "body_too_large": (GRPC_INVALID_ARGUMENT, 413),

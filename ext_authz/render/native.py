@@ -116,7 +116,7 @@ class ByEnvoy(BySidecar):
                 per_filter[RBAC_FILTER] = rules
         per_filter.update(common)
         known = plan.server(server)
-        if kind == "mcp" and not (known is not None and known.has_tool_rules):
+        if kind == "mcp" and not (known is not None and known.has_item_rules):
             # Envoy alone: RBAC above, the token from the upstream cluster's injector. The
             # sidecar is asked only where it must read a body, or answer for the caller (the
             # registry, a discovery document naming the gateway).

@@ -34,8 +34,8 @@ class ServerPlan:
         return self.policy.address
 
     @property
-    def has_tool_rules(self) -> bool:
-        return self.policy.has_tool_rules
+    def has_item_rules(self) -> bool:
+        return self.policy.has_item_rules
 
     @property
     def caller_brings_token(self) -> bool:
@@ -69,7 +69,7 @@ class Plan:
     @property
     def reads_bodies(self) -> bool:
         """Whether any server's body decides (the ext_proc filters are rendered)."""
-        return any(server.has_tool_rules for server in self.servers)
+        return any(server.has_item_rules for server in self.servers)
 
     @property
     def discovers(self) -> bool:

@@ -49,7 +49,7 @@ def per_route(plan: Plan, server: str, kind: RouteKind, by: BySidecar) -> dict[s
         per_filter[ANSWERS_FILTER] = ext_proc.ENABLED  # names the gateway in the document
     elif kind == "mcp" and known is not None and known.caller_brings_token:
         per_filter[CHALLENGE_FILTER] = challenge.per_route()
-    if kind == "mcp" and known is not None and known.has_tool_rules:
+    if kind == "mcp" and known is not None and known.has_item_rules:
         # ext_authz decides the server from the headers alone, before any body is buffered
         # (a hidden server then answers exactly as an unknown one, whatever the body); the
         # ext_proc filters after it, off everywhere else, read the body for the tool rules

@@ -16,6 +16,8 @@ from .models import (
     DecisionLogSettings,
     DefaultSettings,
     GrpcSettings,
+    ItemKind,
+    ItemSettings,
     McpSettings,
     OAuth2Settings,
     ReloadSettings,
@@ -24,7 +26,6 @@ from .models import (
     ServerSettings,
     TLSSettings,
     TokenSettings,
-    ToolSettings,
     with_port_offset,
 )
 from .networks import (
@@ -40,9 +41,10 @@ from .problems import config_warnings
 __all__ = [
     "CLAIM_NAME", "DEFAULT_INTERNAL_RANGES", "DEFAULT_TOOL", "EXAMPLE_CONFIG", "NETWORK_NAME",
     "SERVER_NAME", "TOOL_NAME", "AdminSettings", "Config", "DecisionLogSettings",
-    "DefaultSettings", "GrpcSettings", "JwtSettings", "McpSettings", "NetworkDefinition",
+    "DefaultSettings", "GrpcSettings", "ItemKind", "ItemSettings", "JwtSettings",
+    "McpSettings", "NetworkDefinition",
     "NetworkSettings", "OAuth2Settings", "ReloadSettings", "RoutingSettings", "ServerInfo",
-    "ServerSettings", "TLSSettings", "TokenSettings", "ToolSettings", "UpstreamAddress",
+    "ServerSettings", "TLSSettings", "TokenSettings", "UpstreamAddress",
     "config_warnings", "example_config", "load_config", "parse_config", "parse_yaml",
     "split_listen", "with_port_offset",
 ]

@@ -16,12 +16,16 @@ from pydantic import (
     model_validator,
 )
 
+from ...mcp.uri_template import uri_rule_problem
 from .base import FrozenModel, UpstreamAddress, parse_listen, split_listen
 from .networks import JwtSettings, NetworkSettings
 
 SERVER_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,62}[A-Za-z0-9_])?$")
 TOOL_NAME = re.compile(r"^[A-Za-z0-9_./-]{1,128}$")  # MCP's tool-name alphabet
-DEFAULT_TOOL = "*"  # the rule of every tool a server's `tools` does not list
+# A prompt's name (MCP sets no alphabet): printable, no spaces at its ends.
+PROMPT_NAME = re.compile(r"^[^\x00-\x20\x7f](?:[^\x00-\x1f\x7f]{0,254}[^\x00-\x20\x7f])?$")
+DEFAULT_TOOL = "*"  # the rule of every tool (prompt, resource) a server's rules do not list
+ItemKind = Literal["tool", "prompt", "resource"]  # what a server's item rules are about
 
 
 class TLSSettings(FrozenModel):
@@ -160,8 +164,10 @@ class OAuth2Settings(FrozenModel):
         )
 
 
-class ToolSettings(FrozenModel):
-    # Defaults to its server's value (filled in by Config). A tool only narrows its server.
+class ItemSettings(FrozenModel):
+    """The rule of a tool, prompt or resource of a server: who sees it listed and may use it."""
+
+    # Defaults to its server's value (filled in by Config). An item only narrows its server.
     available_on_public_internet: StrictBool
     visible_to: tuple[str, ...] = ()
 
@@ -182,7 +188,11 @@ class ServerSettings(FrozenModel):
     oauth2: OAuth2Settings | None = None
     # Where `envoy-config` sends this server's requests (`--upstream` overrides it).
     upstream: str | None = None
-    tools: dict[str, ToolSettings] = Field(default_factory=dict)
+    tools: dict[str, ItemSettings] = Field(default_factory=dict)
+    # The same for prompts, by name, and for resources, by URI or URI template (RFC 6570):
+    # each "*" for the rest.
+    prompts: dict[str, ItemSettings] = Field(default_factory=dict)
+    resources: dict[str, ItemSettings] = Field(default_factory=dict)
     # Who answers a tools/call of a hidden tool. `server` (the default): the server itself,
     # asked for a fresh name it cannot have, so the answer is its own for an unknown tool,
     # byte for byte (needs the ext_proc filter envoy-config sets up; where there is none,
@@ -194,6 +204,10 @@ class ServerSettings(FrozenModel):
     # hidden tool's answer must too). Unset: the configured name and an empty version.
     server_info: ServerInfo | None = None
 
+    def item_rules(self) -> tuple[tuple[ItemKind, dict[str, ItemSettings]], ...]:
+        """Its rules by kind of item: tools, prompts, resources."""
+        return (("tool", self.tools), ("prompt", self.prompts), ("resource", self.resources))
+
     @field_validator("upstream")
     @classmethod
     def _upstream(cls, value: str | None) -> str | None:
@@ -203,11 +217,30 @@ class ServerSettings(FrozenModel):
 
     @field_validator("tools")
     @classmethod
-    def _tool_names(cls, value: dict[str, ToolSettings]) -> dict[str, ToolSettings]:
+    def _tool_names(cls, value: dict[str, ItemSettings]) -> dict[str, ItemSettings]:
         for name in value:
             if name != DEFAULT_TOOL and not TOOL_NAME.match(str(name)):
                 raise ValueError(f"tool name {name!r} must be 1-128 letters, digits,"
                                  " '_', '-', '.' or '/', or \"*\" for every tool not listed")
+        return value
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompt_names(cls, value: dict[str, ItemSettings]) -> dict[str, ItemSettings]:
+        for name in value:
+            if name != DEFAULT_TOOL and not PROMPT_NAME.match(str(name)):
+                raise ValueError(f"prompt name {name!r} must be 1-256 printable characters,"
+                                 " no spaces at its ends, or \"*\" for every prompt not listed")
+        return value
+
+    @field_validator("resources")
+    @classmethod
+    def _resource_keys(cls, value: dict[str, ItemSettings]) -> dict[str, ItemSettings]:
+        for key in value:
+            if key != DEFAULT_TOOL:
+                problem = uri_rule_problem(str(key))
+                if problem:
+                    raise ValueError(f"resource {key!r}: {problem}")
         return value
 
 
@@ -268,12 +301,14 @@ class Config(FrozenModel):
             if isinstance(server, dict):
                 server = {"available_on_public_internet": public, **server}
                 server_public = server["available_on_public_internet"]
-                if isinstance(server.get("tools"), dict):
-                    # ... and each tool its server's value.
-                    server["tools"] = {
-                        tool: {"available_on_public_internet": server_public, **(rule or {})}
-                        if isinstance(rule, dict | None) else rule
-                        for tool, rule in server["tools"].items()}
+                for kind in ("tools", "prompts", "resources"):
+                    if isinstance(server.get(kind), dict):
+                        # ... and each tool, prompt and resource its server's value.
+                        server[kind] = {
+                            item: {"available_on_public_internet": server_public,
+                                   **(rule or {})}
+                            if isinstance(rule, dict | None) else rule
+                            for item, rule in server[kind].items()}
             servers[name] = server
         return {**data, "servers": servers}
 

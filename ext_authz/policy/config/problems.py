@@ -74,7 +74,8 @@ def describe_error(error: Any) -> str:
 
 
 def visibility_problems(config: Config) -> list[str]:
-    """Check every visible_to against the named networks, and that tools only narrow."""
+    """Check every visible_to against the named networks, and that tools, prompts and
+    resources only narrow their server."""
     known = [name for name, _ in config.network.named()]
     problems = []
 
@@ -91,23 +92,24 @@ def visibility_problems(config: Config) -> list[str]:
                             " available_on_public_internet: false takes visible_to"
                             " (a public server is visible to every network)")
         unknown(f"{key}.visible_to", server.visible_to)
-        for tool_name, tool in server.tools.items():
-            tool_key = f"{key}.tools.{tool_name}"
-            if tool.available_on_public_internet and not server.available_on_public_internet:
-                problems.append(f"{tool_key}.available_on_public_internet: a tool of an"
-                                " internal-only server cannot be public (a tool only narrows"
-                                " what its server allows)")
-            if tool.visible_to and tool.available_on_public_internet:
-                problems.append(f"{tool_key}.visible_to: only a tool with"
-                                " available_on_public_internet: false takes visible_to")
-            unknown(f"{tool_key}.visible_to", tool.visible_to)
-            if not server.available_on_public_internet:
-                for index, name in enumerate(tool.visible_to):
-                    if name in known and name not in (INTERNAL, *server.visible_to):
-                        problems.append(
-                            f"{tool_key}.visible_to[{index}]: network {name!r} cannot see"
-                            f" server {server_name!r} (add it to {key}.visible_to first:"
-                            " a tool only narrows what its server allows)")
+        for kind, items in server.item_rules():
+            for item_name, item in items.items():
+                item_key = f"{key}.{kind}s.{item_name}"
+                if item.available_on_public_internet and not server.available_on_public_internet:
+                    problems.append(f"{item_key}.available_on_public_internet: a {kind} of an"
+                                    f" internal-only server cannot be public (a {kind} only"
+                                    " narrows what its server allows)")
+                if item.visible_to and item.available_on_public_internet:
+                    problems.append(f"{item_key}.visible_to: only a {kind} with"
+                                    " available_on_public_internet: false takes visible_to")
+                unknown(f"{item_key}.visible_to", item.visible_to)
+                if not server.available_on_public_internet:
+                    for index, name in enumerate(item.visible_to):
+                        if name in known and name not in (INTERNAL, *server.visible_to):
+                            problems.append(
+                                f"{item_key}.visible_to[{index}]: network {name!r} cannot see"
+                                f" server {server_name!r} (add it to {key}.visible_to first:"
+                                f" a {kind} only narrows what its server allows)")
     return problems
 
 
