@@ -4,7 +4,10 @@
 
 The request's `x-odd-answer` header picks how (Envoy passes it on): each way is one a real
 server, or a proxy in front of one, can write, and that a client may read differently from
-the gateway. The listed tools are always `whoami` and `delete_repo`.
+the gateway. The listed tools are always `whoami` and `delete_repo`. Other modes list
+prompts, resources and templates (a hidden one among them), or answer with what the last
+tools/call named (`echo-last-call`): an answer a stateful server crossed into another
+exchange, as the SDK's routing by id can.
 """
 
 from __future__ import annotations
@@ -15,6 +18,21 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 TOOLS = [{"name": "whoami", "description": "who you are"},
          {"name": "delete_repo", "description": "deletes a repository"}]
+LISTS = {
+    "prompts": [{"name": "summarize"}, {"name": "delete_help", "description": "delete_repo"}],
+    "resources": [{"uri": "repo://docs/readme"}, {"uri": "repo://victim/delete"}],
+    "resourceTemplates": [{"uriTemplate": "repo://{owner}/readme"},
+                          {"uriTemplate": "repo://victim/{action}"}],
+}
+UPDATED = [{"jsonrpc": "2.0", "method": "notifications/resources/updated",
+            "params": {"uri": uri}} for uri in ("repo://victim/delete", "repo://docs/readme")]
+_last_call = {"name": ""}  # what the last tools/call named (a fresh name, behind the gateway)
+
+
+def unknown_tool(rpc_id: object) -> bytes:
+    return json.dumps({"jsonrpc": "2.0", "id": rpc_id, "result": {"content": [
+        {"type": "text", "text": f"Unknown tool: {_last_call['name']}"}], "isError": True}},
+        separators=(",", ":")).encode()
 
 
 def _listing(rpc_id: object, **result: object) -> dict[str, object]:
@@ -26,6 +44,11 @@ def answer(mode: str, rpc_id: object) -> tuple[str | None, bytes]:
     listing = json.dumps(_listing(rpc_id), separators=(",", ":")).encode()
     if mode == "json":
         return "application/json", listing
+    if mode in ("prompts", "resources", "resourceTemplates"):
+        return "application/json", json.dumps({"jsonrpc": "2.0", "id": rpc_id, "result": {
+            mode: LISTS[mode], "cacheScope": "public", "ttlMs": 1000}}).encode()
+    if mode == "echo-last-call":
+        return "application/json", unknown_tool(rpc_id)
     if mode == "text-plain":
         return "text/plain", listing
     if mode == "json-rpc":
@@ -71,6 +94,8 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # the http.server method's name
         length = int(self.headers.get("content-length", "0"))
         request = json.loads(self.rfile.read(length) or b"{}")
+        if isinstance(request, dict) and request.get("method") == "tools/call":
+            _last_call["name"] = request["params"]["name"]
         mode = self.headers.get("x-odd-answer", "json")
         media, body = answer(mode, request.get("id"))
         self.send_response(200)
@@ -90,9 +115,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # the http.server method's name
         """The server-to-client stream, replaying a tools/list answer (as after a dropped
-        POST stream, resumed with Last-Event-ID): an SSE stream of no stated length."""
+        POST stream, resumed with Last-Event-ID), then the last call's answer and two
+        resource updates: an SSE stream of no stated length."""
         listing = json.dumps(_listing(7), separators=(",", ":")).encode()
         body = b"id: ev-3\ndata: \n\nid: ev-4\ndata: " + listing + b"\n\n"
+        body += b"id: ev-5\ndata: " + unknown_tool(8) + b"\n\n"
+        for index, update in enumerate(UPDATED):
+            body += f"id: ev-{6 + index}\ndata: {json.dumps(update)}\n\n".encode()
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Transfer-Encoding", "chunked")

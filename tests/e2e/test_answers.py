@@ -62,8 +62,11 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
             "admin": {"listen": f"127.0.0.1:{ports['admin']}"},
             "network": {"internal_ranges": ["127.0.0.1/32"]},
             "mcp": {"max_answer_bytes": MAX_ANSWER},
-            "servers": {"odd": {"upstream": f"127.0.0.1:{ports['odd']}", "tools": {
-                "delete_repo": {"available_on_public_internet": False}}},
+            "servers": {"odd": {
+                "upstream": f"127.0.0.1:{ports['odd']}",
+                "tools": {"delete_repo": {"available_on_public_internet": False}},
+                "prompts": {"delete_help": {"available_on_public_internet": False}},
+                "resources": {"repo://victim/{action}": {"available_on_public_internet": False}}},
                 # Hidden from outside, with tool rules: its routes read bodies.
                 "vault": {"upstream": f"127.0.0.1:{ports['odd']}",
                           "available_on_public_internet": False,
@@ -194,16 +197,24 @@ class TestJudgedByWhatItIs:
     """A tools list is filtered for its caller in whatever answer carries it, not only in the
     answer to the tools/list that asked for it."""
 
-    def test_a_list_on_the_get_stream_is_filtered(self, stack: Stack) -> None:
-        """The server-to-client GET stream (where a resumed stream's replay arrives)."""
+    def test_the_get_stream_is_judged_message_by_message(self, stack: Stack) -> None:
+        """The server-to-client GET stream (where a resumed stream's replay arrives): its
+        tools list filtered, a hidden call's answer naming the caller's tool (never the
+        fresh name), and a hidden resource's update dropped."""
+        stack.post(EXTERNAL, "json", json.dumps(
+            {"jsonrpc": "2.0", "id": 8, "method": "tools/call",
+             "params": {"name": "delete_repo", "arguments": {}}}))
         with httpx.Client(transport=httpx.HTTPTransport(local_address=EXTERNAL),
                           timeout=10) as http:
             response = http.get(f"{stack.base}/mcp/odd", headers={
                 "accept": "text/event-stream", "last-event-id": "ev-3"})
         assert response.status_code == 200
-        [message] = sse_data(response.text)
-        assert [t["name"] for t in message["result"]["tools"]] == ["whoami"]  # type: ignore[index]
-        assert "delete_repo" not in response.text
+        listing, call, update = sse_data(response.text)
+        assert [t["name"] for t in listing["result"]["tools"]] == ["whoami"]  # type: ignore[index]
+        assert call["result"]["content"][0]["text"] == "Unknown tool: delete_repo"  # type: ignore[index]
+        assert update["params"]["uri"] == "repo://docs/readme"  # type: ignore[index]
+        assert "hidden-" not in response.text and "victim" not in response.text
+        assert "id: ev-6" in response.text  # the dropped update's id still counts
 
     def test_a_list_answering_another_request_is_filtered(self, stack: Stack) -> None:
         """An answer crossed into another exchange (the same id on two connections): a ping
@@ -212,3 +223,34 @@ class TestJudgedByWhatItIs:
         response = stack.post(EXTERNAL, "json", ping)
         assert response.status_code == 200
         assert [t["name"] for t in response.json()["result"]["tools"]] == ["whoami"]
+
+    def test_a_hidden_calls_answer_in_another_exchange_names_the_callers_tool(
+            self, stack: Stack) -> None:
+        """A hidden call's answer crossed into a ping's exchange: the caller's name is put
+        back there too, as it would be for a missing tool's answer."""
+        stack.post(EXTERNAL, "json", json.dumps(
+            {"jsonrpc": "2.0", "id": 9, "method": "tools/call",
+             "params": {"name": "delete_repo", "arguments": {}}}))
+        ping = json.dumps({"jsonrpc": "2.0", "id": 9, "method": "ping"})
+        response = stack.post(EXTERNAL, "echo-last-call", ping)
+        assert response.json()["result"]["content"][0]["text"] == "Unknown tool: delete_repo"
+        assert "hidden-" not in response.text
+
+
+class TestEveryList:
+    @pytest.mark.parametrize(("mode", "field", "shown"), [
+        ("prompts", "name", ["summarize"]),
+        ("resources", "uri", ["repo://docs/readme"]),
+        ("resourceTemplates", "uriTemplate", ["repo://{owner}/readme"]),
+    ])
+    def test_prompts_resources_and_templates_are_filtered(
+            self, stack: Stack, mode: str, field: str, shown: list[str]) -> None:
+        """Whatever request an answer seems to answer, each list in it loses what the
+        caller may not see, and is private to the caller."""
+        outside = stack.post(EXTERNAL, mode, json.dumps(
+            {"jsonrpc": "2.0", "id": 3, "method": "ping"})).json()["result"]
+        assert [item[field] for item in outside[mode]] == shown
+        assert outside["cacheScope"] == "private" and outside["ttlMs"] == 1000
+        inside = stack.post(INTERNAL, mode, json.dumps(
+            {"jsonrpc": "2.0", "id": 3, "method": "ping"})).json()["result"]
+        assert len(inside[mode]) == 2
