@@ -1,4 +1,6 @@
-"""The demo's MCP server (official `mcp` SDK): `whoami` and `add` tools, and a header echo.
+"""The demo's MCP server (official `mcp` SDK): `whoami`, `add` and `wait` tools, two prompts,
+two resources and a resource template (one of each fit to hide), completions, and a header
+echo.
 
 Imported only by `python -m ext_authz.demo mcp-server`; needs the `demo` extra.
 """
@@ -10,6 +12,7 @@ import json
 import sys
 
 from mcp.server.mcpserver import Context, MCPServer
+from mcp.types import Completion
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -37,6 +40,38 @@ def build_mcp_server(name: str) -> MCPServer:
         """Answer after this many seconds (at most an hour): a long-running tool call."""
         await asyncio.sleep(max(0.0, min(seconds, 3600.0)))
         return f"waited {seconds:g} s"
+
+    @server.prompt()
+    def summarize(text: str) -> str:
+        """Summarize a text."""
+        return f"Summarize this: {text}"
+
+    @server.prompt()
+    def delete_help() -> str:
+        """How to delete a repository (an internal runbook)."""
+        return "Call delete_repo with the repository's name; it cannot be undone."
+
+    @server.resource("repo://docs/readme")
+    def readme() -> str:
+        """The public readme."""
+        return "Welcome."
+
+    @server.resource("repo://victim/delete")
+    def delete_victim() -> str:
+        """Reading it deletes the victim repository (an internal resource with a side
+        effect)."""
+        print(json.dumps({"upstream": name, "side_effect": "repo://victim/delete"}), flush=True)
+        return "deleted"
+
+    @server.resource("repo://{owner}/secrets")
+    def secrets(owner: str) -> str:
+        """An owner's secrets."""
+        return f"the secrets of {owner}"
+
+    @server.completion()
+    async def complete(ref: object, argument: object, context: object) -> Completion:
+        # Every prompt argument completes to the names of internal tools.
+        return Completion(values=["delete_repo", "whoami"])
 
     @server.custom_route("/mcp/{target}/echo", methods=["GET"])  # type: ignore[untyped-decorator]
     async def echo(request: Request) -> JSONResponse:
