@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 
 from ext_authz.errors import ConfigError
 from ext_authz.mcp.jsonrpc import INVALID_PARAMS, INVALID_REQUEST, read_item_uses, request_body
-from ext_authz.mcp.replies import unknown_item_reply
 from ext_authz.mcp.uri_template import template_pattern, uri_rule_problem
 from ext_authz.policy.compile import Policy
 from ext_authz.policy.config import parse_yaml
@@ -100,7 +99,8 @@ class TestReading:
             "uri-in-two-cases", "unknown-ref", "ref-key-in-another-case", "ref-not-object"])
     def test_what_servers_read_differently_is_refused(self, value: Any, code: int) -> None:
         read = read_item_uses(body(value), 1 << 16, 8)
-        assert read.error_code == code and read.problem and not read.uses
+        assert (read.error_code, read.uses) == (code, ())
+        assert read.problem
 
 
 class TestDeciding:

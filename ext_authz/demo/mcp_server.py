@@ -68,7 +68,7 @@ def build_mcp_server(name: str) -> MCPServer:
         """An owner's secrets."""
         return f"the secrets of {owner}"
 
-    @server.completion()
+    @server.completion()  # type: ignore[no-untyped-call, untyped-decorator]
     async def complete(ref: object, argument: object, context: object) -> Completion:
         # Every prompt argument completes to the names of internal tools.
         return Completion(values=["delete_repo", "whoami"])

@@ -213,7 +213,8 @@ class TestJudgedByWhatItIs:
         assert [t["name"] for t in listing["result"]["tools"]] == ["whoami"]  # type: ignore[index]
         assert call["result"]["content"][0]["text"] == "Unknown tool: delete_repo"  # type: ignore[index]
         assert update["params"]["uri"] == "repo://docs/readme"  # type: ignore[index]
-        assert "hidden-" not in response.text and "victim" not in response.text
+        assert "hidden-" not in response.text
+        assert "victim" not in response.text
         assert "id: ev-6" in response.text  # the dropped update's id still counts
 
     def test_a_list_answering_another_request_is_filtered(self, stack: Stack) -> None:
@@ -250,7 +251,7 @@ class TestEveryList:
         outside = stack.post(EXTERNAL, mode, json.dumps(
             {"jsonrpc": "2.0", "id": 3, "method": "ping"})).json()["result"]
         assert [item[field] for item in outside[mode]] == shown
-        assert outside["cacheScope"] == "private" and outside["ttlMs"] == 1000
+        assert (outside["cacheScope"], outside["ttlMs"]) == ("private", 1000)
         inside = stack.post(INTERNAL, mode, json.dumps(
             {"jsonrpc": "2.0", "id": 3, "method": "ping"})).json()["result"]
         assert len(inside[mode]) == 2
