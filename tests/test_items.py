@@ -67,6 +67,10 @@ class TestReading:
         (message("completion/complete", {"ref": {"type": "ref/resource", "uri": "x:{a}"},
                                          "argument": {"name": "a", "value": ""}}),
          [("resource", "x:{a}", ("params", "ref", "uri"))]),
+        (message("subscriptions/listen", {"notifications": {
+            "toolsListChanged": True, "resourceSubscriptions": ["x:a", "x:b"]}}),
+         [("resource", "x:a", ("params", "notifications", "resourceSubscriptions", 0)),
+          ("resource", "x:b", ("params", "notifications", "resourceSubscriptions", 1))]),
         ([message(GET, {"name": "p"}, 1), message("tools/call", {"name": "t"}, 2)],
          [("prompt", "p", ("params", "name")), ("tool", "t", ("params", "name"))]),
     ])
@@ -95,8 +99,15 @@ class TestReading:
         (message("completion/complete", {"ref": {"type": "ref/prompt", "Name": "p"}}),
          INVALID_REQUEST),
         (message("completion/complete", {"ref": "p"}), INVALID_PARAMS),
+        (message("subscriptions/listen", {"notifications": {"resourceSubscriptions": "x:a"}}),
+         INVALID_PARAMS),
+        (message("subscriptions/listen", {"notifications": {"resourceSubscriptions": [""]}}),
+         INVALID_PARAMS),
+        (message("subscriptions/listen", {"notifications": {
+            "ResourceSubscriptions": ["x:a"]}}), INVALID_REQUEST),
     ], ids=["empty-name", "number-name", "no-uri", "no-params", "jsonrpc-1.0", "odd-id",
-            "uri-in-two-cases", "unknown-ref", "ref-key-in-another-case", "ref-not-object"])
+            "uri-in-two-cases", "unknown-ref", "ref-key-in-another-case", "ref-not-object",
+            "listen-not-a-list", "listen-empty-uri", "listen-key-in-another-case"])
     def test_what_servers_read_differently_is_refused(self, value: Any, code: int) -> None:
         read = read_item_uses(body(value), 1 << 16, 8)
         assert (read.error_code, read.uses) == (code, ())

@@ -48,7 +48,7 @@ Received = Literal[
 
 # The keys an MCP server reads from a message's envelope, its params and a completion's ref.
 ROUTING_KEYS = frozenset(("jsonrpc", "id", "method", "params", "name", "arguments", "_meta",
-                          "uri", "ref", "type"))
+                          "uri", "ref", "type", "notifications", "resourceSubscriptions"))
 # The methods that use one item, its kind, and where its name (or URI) is in params.
 ITEM_METHODS: dict[str, tuple[str, tuple[str, ...]]] = {
     TOOLS_CALL: ("tool", ("name",)),
@@ -58,6 +58,9 @@ ITEM_METHODS: dict[str, tuple[str, tuple[str, ...]]] = {
     "resources/unsubscribe": ("resource", ("uri",)),
 }
 COMPLETE = "completion/complete"
+# MCP 2026-07-28's notification stream: the resources whose updates it asks for.
+LISTEN = "subscriptions/listen"
+_SUBSCRIPTIONS = "resourceSubscriptions"
 # A completion's reference: the prompt or the resource (template) it completes an argument of.
 COMPLETION_REFS: dict[str, tuple[str, tuple[str, ...]]] = {
     "ref/prompt": ("prompt", ("ref", "name")), "ref/resource": ("resource", ("ref", "uri"))}
@@ -135,7 +138,7 @@ class ItemUse:
     protocol_version: str = ""  # the MCP protocol version of the request, if said
     index: int | None = None  # its place in a batch (None: the body is this one message)
     kind: str = "tool"  # "tool", "prompt" or "resource"
-    at: tuple[str, ...] = ("params", "name")  # where the name is in the message
+    at: tuple[str | int, ...] = ("params", "name")  # where the name is in the message
     method: str = TOOLS_CALL
 
 
@@ -358,12 +361,13 @@ def read_item_uses(body: Body, max_bytes: int, max_batch: int) -> ItemUses:
             return _refuse(INVALID_REQUEST, problem)
         method = message.get("method")
         lists = lists or method in LIST_METHODS
-        if not isinstance(method, str) or (method not in ITEM_METHODS and method != COMPLETE):
+        if not isinstance(method, str) or (method not in ITEM_METHODS and method not in (
+                COMPLETE, LISTEN)):
             continue
-        use = _use(message, method, params, body, index if batch else None)
-        if isinstance(use, ItemUses):
-            return use
-        uses.append(use)
+        used = _uses(message, method, params, body, index if batch else None)
+        if isinstance(used, ItemUses):
+            return used
+        uses += used
     problem = _header_problem(body, messages, batch)
     if problem:
         return _refuse(INVALID_REQUEST, problem)
@@ -372,17 +376,25 @@ def read_item_uses(body: Body, max_bytes: int, max_batch: int) -> ItemUses:
     return ItemUses(tuple(uses), batch, lists)
 
 
-def _use(message: dict[str, Any], method: str, params: Any, body: Body,
-         index: int | None) -> ItemUse | ItemUses:
-    """The item a message uses, or the refusal of a message no two servers read alike."""
+def _uses(message: dict[str, Any], method: str, params: Any, body: Body,
+          index: int | None) -> list[ItemUse] | ItemUses:
+    """The items a message uses, or the refusal of a message no two servers read alike."""
     if message.get("jsonrpc") != "2.0":
         # A strict server refuses it, echoing the message back (the Python SDK, cut short:
         # a hidden item's fresh name would show half put back); a lenient one runs it.
         # Neither is sure: refused here, for every item alike.
         return _refuse(INVALID_REQUEST, f'a {method} must say "jsonrpc": "2.0"')
+    rpc_id, usable = _rpc_id(message)
+    if not usable:
+        return _refuse(INVALID_REQUEST, f"the id of a {method} must be a string or an"
+                                        f" integer of at most {_MAX_SAFE_INTEGER}")
     if not isinstance(params, dict):
-        where = ".".join(ITEM_METHODS[method][1]) if method in ITEM_METHODS else "ref"
+        where = {COMPLETE: "ref", LISTEN: "notifications"}.get(method) or ".".join(
+            ITEM_METHODS[method][1])
         return _refuse(INVALID_PARAMS, f"a {method} has no params.{where}")
+    protocol = _protocol(params, body)
+    if method == LISTEN:
+        return _listened(params, rpc_id, protocol, index)
     if method == COMPLETE:
         ref = params.get("ref")
         problem = _key_problem(ref, "params.ref") if isinstance(ref, dict) else ""
@@ -400,11 +412,25 @@ def _use(message: dict[str, Any], method: str, params: Any, body: Body,
     name = holder.get(at[-1])
     if not isinstance(name, str) or not name:
         return _refuse(INVALID_PARAMS, f"a {method} has no params.{'.'.join(at)}")
-    rpc_id, usable = _rpc_id(message)
-    if not usable:
-        return _refuse(INVALID_REQUEST, f"the id of a {method} must be a string or an"
-                                        f" integer of at most {_MAX_SAFE_INTEGER}")
-    return ItemUse(name, rpc_id, _protocol(params, body), index, kind, ("params", *at), method)
+    return [ItemUse(name, rpc_id, protocol, index, kind, ("params", *at), method)]
+
+
+def _listened(params: dict[str, Any], rpc_id: str | None, protocol: str,
+              index: int | None) -> list[ItemUse] | ItemUses:
+    """The resources a subscriptions/listen asks to hear of (MCP 2026-07-28)."""
+    wanted = params.get("notifications")
+    if not isinstance(wanted, dict):
+        return _refuse(INVALID_PARAMS, f"a {LISTEN} has no params.notifications")
+    problem = _key_problem(wanted, "params.notifications")
+    if problem:
+        return _refuse(INVALID_REQUEST, problem)
+    uris = wanted.get(_SUBSCRIPTIONS, [])
+    if not isinstance(uris, list) or not all(isinstance(uri, str) and uri for uri in uris):
+        return _refuse(INVALID_PARAMS, f"a {LISTEN}'s params.notifications.{_SUBSCRIPTIONS}"
+                                       " is no list of URIs")
+    return [ItemUse(uri, rpc_id, protocol, index, "resource",
+                    ("params", "notifications", _SUBSCRIPTIONS, position), LISTEN)
+            for position, uri in enumerate(uris)]
 
 
 def _header_problem(body: Body, messages: list[dict[str, Any]], batch: bool) -> str:

@@ -316,15 +316,17 @@ def until(check: Callable[[], bool], timeout: float = 5) -> float:
 
 @contextlib.asynccontextmanager
 async def mcp_client(url: str, source: str, *, verify: Any = True,
-                     auth: Any = None) -> AsyncIterator[Any]:
-    """The official MCP SDK client on `url`, its connections from the `source` address."""
+                     auth: Any = None, mode: str = "auto") -> AsyncIterator[Any]:
+    """The official MCP SDK client on `url`, its connections from the `source` address;
+    `mode`: "legacy" (the initialize handshake), "auto" (server/discover first) or a
+    protocol version to adopt ("2026-07-28", stateless)."""
     import httpx2
     from mcp.client.client import Client
     from mcp.client.streamable_http import streamable_http_client
 
     transport = httpx2.AsyncHTTPTransport(local_address=source, verify=verify)
     async with httpx2.AsyncClient(transport=transport, auth=auth) as http, Client(
-            streamable_http_client(url, http_client=http)) as mcp:
+            streamable_http_client(url, http_client=http), mode=mode) as mcp:
         yield mcp
 
 

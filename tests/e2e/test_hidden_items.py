@@ -52,11 +52,15 @@ class Stack:
     base: str
     upstreams: dict[str, Process]
 
-    def post(self, source: str, server: str, message: dict[str, Any]) -> httpx.Response:
+    def post(self, source: str, server: str, message: dict[str, Any],
+             version: str = "2025-06-18") -> httpx.Response:
         with httpx.Client(transport=httpx.HTTPTransport(local_address=source),
                           timeout=15) as http:
             return http.post(f"{self.base}/mcp/{server}", content=json.dumps(message),
-                             headers=MCP_HEADERS)
+                             headers={**MCP_HEADERS, "mcp-protocol-version": version,
+                                      # 2026-07-28 asks the method of every request
+                                      **({"mcp-method": message["method"]}
+                                         if version >= "2026" else {})})
 
     def side_effects(self, server: str) -> int:
         return self.upstreams[server].output().count('"side_effect"')
@@ -183,12 +187,15 @@ class TestHiddenUses:
         assert len(internal["result"][key]) > len(outside)
 
 
-def test_the_sdk_client_sees_only_what_it_may(stack: Stack) -> None:
-    """The official SDK client, as an outsider: the prompts and resources it may see, and a
-    hidden prompt's get failing as a missing one's does."""
+@pytest.mark.parametrize("mode", ["legacy", "2026-07-28"])
+def test_the_sdk_client_sees_only_what_it_may(stack: Stack, mode: str) -> None:
+    """The official SDK client, as an outsider, in the initialize handshake's mode and in
+    protocol 2026-07-28's: the tools, prompts and resources it may see, and a hidden
+    prompt's get failing as a missing one's does."""
 
-    async def session() -> tuple[list[str], list[str], str, str]:
-        async with mcp_client(f"{stack.base}/mcp/py", EXTERNAL) as mcp:
+    async def session() -> tuple[str, list[str], list[str], list[str], list[str]]:
+        async with mcp_client(f"{stack.base}/mcp/py", EXTERNAL, mode=mode) as mcp:
+            tools = [t.name for t in (await mcp.list_tools()).tools]
             prompts = [p.name for p in (await mcp.list_prompts()).prompts]
             resources = [str(r.uri) for r in (await mcp.list_resources()).resources]
             errors = []
@@ -198,8 +205,55 @@ def test_the_sdk_client_sees_only_what_it_may(stack: Stack) -> None:
                     errors.append("no error")
                 except Exception as error:  # the SDK's MCPError
                     errors.append(str(error))
-            return prompts, resources, errors[0], errors[1]
+            return mcp.protocol_version, tools, prompts, resources, errors
 
-    prompts, resources, hidden, missing = asyncio.run(session())
+    version, tools, prompts, resources, (hidden, missing) = asyncio.run(session())
+    assert (version == "2026-07-28") == (mode != "legacy")
+    assert tools == ["whoami", "add", "wait"]
     assert (prompts, resources) == (["summarize"], ["repo://docs/readme"])
     assert hidden.replace("delete_help", "zzzzzzzzzzz") == missing
+
+
+MODERN = {"_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+                    "io.modelcontextprotocol/clientCapabilities": {}}}
+
+
+def first_event(stack: Stack, source: str, message: dict[str, Any]) -> str:
+    """The first event of a long-lived SSE answer (subscriptions/listen stays open)."""
+    headers = {**MCP_HEADERS, "mcp-protocol-version": "2026-07-28",
+               "mcp-method": message["method"]}
+    with httpx.Client(transport=httpx.HTTPTransport(local_address=source),
+                      timeout=httpx.Timeout(15, read=5)) as http, http.stream(
+            "POST", f"{stack.base}/mcp/py", content=json.dumps(message),
+            headers=headers) as response:
+        text = ""
+        for chunk in response.iter_text():
+            text += chunk
+            if re.search(r"\r\n\r\n|\n\n", text):
+                return text
+    return text
+
+
+def test_listening_to_a_hidden_resource_is_listening_to_a_missing_one(stack: Stack) -> None:
+    """subscriptions/listen (2026-07-28): a hidden resource's subscription goes on renamed,
+    so the server honours what it would for a missing one, and the acknowledgement names
+    the caller's URIs (never a fresh one)."""
+    listen = rpc("subscriptions/listen", {**MODERN, "notifications": {
+        "toolsListChanged": True,
+        "resourceSubscriptions": ["repo://victim/delete", "repo://victim/zzzzzz"]}})
+    event = first_event(stack, EXTERNAL, listen)
+    [data] = [line[len("data: "):] for line in event.splitlines() if line.startswith("data: ")]
+    acknowledged = json.loads(data)
+    assert acknowledged["method"] == "notifications/subscriptions/acknowledged"
+    assert acknowledged["params"]["notifications"]["resourceSubscriptions"] == [
+        "repo://victim/delete", "repo://victim/zzzzzz"]
+    assert "hidden-" not in event
+
+
+def test_server_discover_is_private_to_its_caller(stack: Stack) -> None:
+    """server/discover (2026-07-28) answers through the gateway, never for a shared cache."""
+    answer = stack.post(EXTERNAL, "py", rpc("server/discover", MODERN), version="2026-07-28")
+    [discovered] = messages(answer)
+    assert "result" in discovered, answer.text
+    assert discovered["result"]["supportedVersions"] == ["2026-07-28"]
+    assert discovered["result"]["cacheScope"] == "private"
