@@ -417,7 +417,7 @@ class TestFailingClosed:
         def broken(*args: Any) -> Any:
             raise RuntimeError("boom")
 
-        monkeypatch.setattr(ext_proc_module, "decide_items", broken)
+        monkeypatch.setattr(ext_proc_module, "judge_items", broken)
         [answer] = await exchange(sidecar, [headers(), body(call("whoami"))])
         assert immediate(answer)[0] == 500
 

@@ -97,23 +97,25 @@ def _clients_from_env() -> dict[str, str]:
 
 def run_mcp_server(name: str, host: str, port: int, tls_cert: str | None = None,
                    tls_key: str | None = None, sse: bool = False,
-                   without: Sequence[str] = ()) -> None:
+                   without: Sequence[str] = (), stateful: bool = False) -> None:
     """Serve the demo MCP server at /mcp/<name> (streamable HTTP, stateless, JSON).
 
     Every request is printed to stdout as one JSON line (see `demo_mcp.log_requests`).
     With a certificate and key it serves HTTPS, as a remote MCP server does; with `sse`,
-    answers POSTs as SSE streams rather than JSON; `without` leaves tools out.
+    answers POSTs as SSE streams rather than JSON; `without` leaves tools out; `stateful`:
+    sessions, SSE, and an event store that replays a stream after Last-Event-ID.
     """
     import uvicorn
 
-    from .mcp_server import build_mcp_server, log_requests
+    from .mcp_server import MemoryEventStore, build_mcp_server, log_requests
 
     server = build_mcp_server(name)
     for tool in without:
         server.remove_tool(tool)
     app = server.streamable_http_app(
-        streamable_http_path=f"/mcp/{name}", stateless_http=True, json_response=not sse,
-        host=host,
+        streamable_http_path=f"/mcp/{name}", stateless_http=not stateful,
+        json_response=not (sse or stateful), host=host,
+        event_store=MemoryEventStore() if stateful else None,
     )
     uvicorn.run(log_requests(app, name), host=host, port=port, log_level="warning",
                 ssl_certfile=tls_cert, ssl_keyfile=tls_key)
@@ -358,13 +360,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     mcp.add_argument("--sse", action="store_true", help="answer POSTs as SSE streams")
     mcp.add_argument("--without", action="append", default=[], metavar="TOOL",
                      help="leave this tool out (repeatable)")
+    mcp.add_argument("--stateful", action="store_true",
+                     help="sessions and resumable SSE streams (an in-memory event store)")
     args: Any = parser.parse_args(argv)
     if args.command == "token-endpoint":
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(serve_token_endpoint(args.host, args.port, _clients_from_env()))
     else:
         run_mcp_server(args.name, args.host, args.port, args.tls_cert, args.tls_key,
-                       args.sse, args.without)
+                       args.sse, args.without, args.stateful)
     return 0
 
 

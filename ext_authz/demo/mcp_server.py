@@ -12,7 +12,14 @@ import json
 import sys
 
 from mcp.server.mcpserver import Context, MCPServer
-from mcp.types import Completion
+from mcp.server.streamable_http import (
+    EventCallback,
+    EventId,
+    EventMessage,
+    EventStore,
+    StreamId,
+)
+from mcp.types import Completion, JSONRPCMessage
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -80,6 +87,31 @@ def build_mcp_server(name: str) -> MCPServer:
                              "headers": dict(request.headers.items())})
 
     return server
+
+
+class MemoryEventStore(EventStore):
+    """Every event of every stream, in memory: the resumability of the SDK's own example
+    (a client that lost a stream asks for what came after an event with Last-Event-ID)."""
+
+    def __init__(self) -> None:
+        self._events: list[tuple[StreamId, EventId, JSONRPCMessage | None]] = []
+
+    async def store_event(self, stream_id: StreamId, message: JSONRPCMessage | None) -> EventId:
+        event_id = f"ev-{len(self._events) + 1}"
+        self._events.append((stream_id, event_id, message))
+        return event_id
+
+    async def replay_events_after(self, last_event_id: EventId,
+                                  send_callback: EventCallback) -> StreamId | None:
+        found = [index for index, (_, event_id, _) in enumerate(self._events)
+                 if event_id == last_event_id]
+        if not found:
+            return None
+        stream_id = self._events[found[0]][0]
+        for stream, event_id, message in self._events[found[0] + 1:]:
+            if stream == stream_id and message is not None:
+                await send_callback(EventMessage(message, event_id))
+        return stream_id
 
 
 def redact_authorization(authorization: str) -> str:

@@ -4,7 +4,7 @@ On the routes of servers with tool rules, `envoy-config` runs Envoy's ext_proc f
 ext_authz: ext_authz decides the server from the headers alone (so a hidden server answers
 404 before any body is read), and this service then reads the body for the tool rules. It
 takes the caller's place from the metadata that ext_authz's answer left in Envoy, never
-placing the caller a second time, and judges the body with the same `decide_items`.
+placing the caller a second time, and judges the body with the same `judge_items`.
 
 The body comes in FULL_DUPLEX_STREAMED mode: Envoy passes each piece on and holds the
 headers; the headers and the whole body go on to the server only when this service sends
@@ -42,11 +42,11 @@ import grpc
 
 from .._proto.envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
 from ..contract import EXT_PROC_SERVICE
-from ..mcp.jsonrpc import INVALID_REQUEST, body_headers, request_body
+from ..mcp.jsonrpc import INVALID_REQUEST, ItemUse, body_headers, request_body
 from ..mcp.replies import error_reply
 from ..mcp.rewrite import Path, UnreadableAnswer, rename
 from ..mcp.seal import Sealer
-from ..policy.decision import Decision, RequestFacts, decide_items, resume
+from ..policy.decision import Decision, RequestFacts, judge_items, resume
 from ..policy.outcomes import denial_body
 from . import answers as answers_filter
 from .answers import JSON_CONTENT_TYPE, header_option, header_pairs, immediate_error
@@ -232,36 +232,43 @@ class ExternalProcessingService:
         started = self._clock()
         assert request.decision is not None
         decision = request.decision
+        uses: tuple[ItemUse, ...] = ()
         if decision.allowed:
             body = request_body(data or b"", request.method, request.headers)
-            decision = decide_items(decision, body, request.state.policy, can_rename=True)
+            decision, uses = judge_items(decision, body, request.state.policy, can_rename=True)
         decision_id = self.serving.next_decision_id()
         request.judged = request.done = True
         if decision.allowed:
-            answers = _go_on(request, decision, decision_id, data, self.sealer)
+            answers = _go_on(request, decision, decision_id, data, uses, self.sealer)
         else:
             answers = [_refusal(decision, decision_id)]
         self.serving.record(decision, decision_id, request.facts, self._clock() - started, "body")
         return answers
 
 
-def _go_on(request: _Request, decision: Decision, decision_id: str,
-           data: bytes | None, sealer: Sealer) -> list[bytes]:
+def _go_on(request: _Request, decision: Decision, decision_id: str, data: bytes | None,
+           uses: tuple[ItemUse, ...], sealer: Sealer) -> list[bytes]:
     """Let the request go on: its headers, then its body, renamed where an item is hidden;
     and tell the answers filter (in Envoy's metadata) what the answer is."""
     response = ext_proc_response(decision, decision_id)
     response.request_headers.SetInParent()
     common = response.request_headers.response
-    if decision.hidden and data is not None:
-        paths: dict[Path, str] = {}
-        for use in decision.hidden:
-            paths[use.at if use.index is None else (use.index, *use.at)] = sealer.fresh(
-                use.kind, use.name)
+    if uses and data is not None:
+        # Every use is sealed and spliced alike, a hidden one's with its fresh name and any
+        # other's with its own text: the same work, so a hidden name takes the time a
+        # missing one does, with or without a "*" rule.
+        hidden = {id(use) for use in decision.hidden}
+        paths: dict[Path, str | None] = {}
+        for use in uses:
+            fresh = sealer.fresh(use.kind, use.name)
+            paths[use.at if use.index is None else (use.index, *use.at)] = (
+                fresh if id(use) in hidden else None)
         data = rename(data.decode("utf-8"), paths).encode()
         if request.headers.get("mcp-name"):
             # Only a message that is no batch has an Mcp-Name (jsonrpc checked it).
+            [name] = paths.values()
             common.header_mutation.set_headers.append(
-                header_option("mcp-name", next(iter(paths.values()))))
+                header_option("mcp-name", name or request.headers["mcp-name"][0]))
     if decision.uses_items and data is not None and request.has_length:
         # Set for every use, renamed or not: the same work, so the same time.
         common.header_mutation.set_headers.append(header_option("content-length", str(len(data))))

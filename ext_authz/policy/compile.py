@@ -12,7 +12,7 @@ from .memo import Memo, PerDecision
 from .network import Identity, NetworkMap, NetworkSet, Placement, identity_from_claims
 from .registry import entry, registry_body
 from .routing import ServerAddress
-from .visibility import ItemRules, Visibility
+from .visibility import ItemRules, Visibility, hidden_detail, naming
 
 if TYPE_CHECKING:
     from .decision import Decision
@@ -102,6 +102,10 @@ class Policy:
     # PerDecision looks values up by.
     item_decisions: Mapping[tuple[str, str], PerDecision[Decision]] = field(
         default_factory=dict, compare=False, repr=False)
+    # The same for a use of the item hidden from the caller, going on renamed (the uses
+    # themselves are added per request).
+    hiding: Mapping[tuple[str, str], PerDecision[Decision]] = field(
+        default_factory=dict, compare=False, repr=False)
     # What the hot path derives, remembered per Policy (a reload builds a new one): each a
     # bounded memo (see memo.py).
     decision_cache: Memo[tuple[str, str | None, str | None, str | None, str, str, str,
@@ -163,6 +167,9 @@ class Policy:
             item_decisions={(kind, key): PerDecision(_naming(kind, key), DECISION_CACHE_SIZE)
                             for server in config.servers.values()
                             for kind, items in server.item_rules() for key in items},
+            hiding={(kind, key): PerDecision(_hiding(kind, key), DECISION_CACHE_SIZE)
+                    for server in config.servers.values()
+                    for kind, items in server.item_rules() for key in items},
         )
 
 
@@ -170,7 +177,19 @@ def _naming(kind: ItemKind, key: str) -> Callable[[Decision], Decision]:
     def derive(decision: Decision) -> Decision:
         assert decision.server is not None
         _, rule = decision.server.rules(kind)[key].judge(decision.placement)
-        tool, item = (key, "") if kind == "tool" else ("", f"{kind}s.{key}")
+        tool, item = naming(kind, key)
         return replace(decision, rule=rule, uses_items=True, tool=tool, item=item)
+
+    return derive
+
+
+def _hiding(kind: ItemKind, key: str) -> Callable[[Decision], Decision]:
+    def derive(decision: Decision) -> Decision:
+        assert decision.server is not None
+        _, rule = decision.server.rules(kind)[key].judge(decision.placement)
+        tool, item = naming(kind, key)
+        return replace(decision, reason="tool_hidden" if kind == "tool" else "item_hidden",
+                       rule=rule, detail=hidden_detail(kind, key, decision.network),
+                       tool=tool, item=item)
 
     return derive

@@ -6,10 +6,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from ..contract import KIND_EXTENSION
-from ..mcp.jsonrpc import INVALID_REQUEST, Body, ItemUse, UnknownToolReply, read_item_uses
+from ..mcp.jsonrpc import (
+    INVALID_REQUEST,
+    Body,
+    ItemUse,
+    ItemUses,
+    UnknownToolReply,
+    read_item_uses,
+)
 from ..mcp.replies import error_reply, refusal_reply, unknown_item_reply, unknown_tool_reply
 from .compile import DECISION_CACHE_MAX_INPUT, Policy, ServerPolicy
-from .config import DEFAULT_TOOL, OAuth2Settings
+from .config import OAuth2Settings
 from .network import (
     NO_IDENTITY,
     NOWHERE,
@@ -21,6 +28,7 @@ from .network import (
 )
 from .outcomes import OUTCOMES, Reason
 from .routing import Route, origin, route
+from .visibility import hidden_detail, naming
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,13 +224,25 @@ def decide_items(decision: Decision, body: Body, policy: Policy, *,
     `can_rename`: the edge can send a hidden item's use on under a fresh name (ext_proc
     can, a Check cannot), so the server answers it itself (unknown_tool_reply: server).
     """
+    return judge_items(decision, body, policy, can_rename=can_rename)[0]
+
+
+def judge_items(decision: Decision, body: Body, policy: Policy, *,
+                can_rename: bool = False) -> tuple[Decision, tuple[ItemUse, ...]]:
+    """decide_items, and every use the body makes: for an edge that treats the uses of
+    hidden items and of others alike (the same work, so the same time)."""
     server = decision.server
     if not decision.reads_body or server is None:
-        return decision
+        return decision, ()
     read = read_item_uses(body, policy.mcp.max_body_bytes, policy.mcp.max_batch_messages)
     if read.problem:
         return replace(decision, reason="body_too_large" if read.too_large else
-                       "bad_mcp_request", detail=read.problem, reply=refusal_reply(read))
+                       "bad_mcp_request", detail=read.problem, reply=refusal_reply(read)), ()
+    return _narrowed(decision, server, read, policy, can_rename), read.uses
+
+
+def _narrowed(decision: Decision, server: ServerPolicy, read: ItemUses, policy: Policy,
+              can_rename: bool) -> Decision:
     allowed: tuple[str, str] | None = None
     hidden: list[tuple[ItemUse, str, str]] = []
     for use in read.uses:
@@ -236,8 +256,8 @@ def decide_items(decision: Decision, body: Body, policy: Policy, *,
         elif allowed is None:
             allowed = (use.kind, key)
     if hidden:
-        return replace(_hidden_items(decision, server, hidden, read.batch, can_rename),
-                       lists_items=read.lists, uses_items=True)
+        return replace(_hidden_items(decision, server, hidden, read.batch, can_rename,
+                                     policy), lists_items=read.lists, uses_items=True)
     # Remembered per decision (PerDecision), so that the same call by the same caller is the
     # same Decision object, whose encodings are built once.
     if read.uses:
@@ -249,18 +269,14 @@ def decide_items(decision: Decision, body: Body, policy: Policy, *,
 
 def _hidden_items(decision: Decision, server: ServerPolicy,
                   hidden: list[tuple[ItemUse, str, str]], batch: bool,
-                  can_rename: bool) -> Decision:
+                  can_rename: bool, policy: Policy) -> Decision:
     use, key, rule = hidden[0]
-    # The configured rule, never the caller's name: under "*" that is any text a caller
-    # sends, and only configured names may reach the decision log.
-    what = (f"a {use.kind} under the \"*\" rule" if key == DEFAULT_TOOL
-            else f"{use.kind} {key!r}")
-    detail = f"{what} is hidden from the {decision.network} network"
-    tool, item = (key, "") if use.kind == "tool" else ("", f"{use.kind}s.{key}")
     if server.unknown_tool_reply == "server" and can_rename:
-        return replace(decision, reason="tool_hidden" if use.kind == "tool" else "item_hidden",
-                       rule=rule, detail=detail, hidden=tuple(u for u, _, _ in hidden),
-                       tool=tool, item=item)
+        # Remembered, as an allowed use's decision is: a hidden name costs no more.
+        return replace(policy.hiding[(use.kind, key)][decision],
+                       hidden=tuple(u for u, _, _ in hidden))
+    detail = hidden_detail(use.kind, key, decision.network)
+    tool, item = naming(use.kind, key)
     if batch:
         # A whole HTTP request gets one answer: a batch cannot be answered message by
         # message, so it is refused whole, with words that do not name the item.

@@ -83,3 +83,15 @@ class ItemRules:
         templates = tuple((template_pattern(key), key) for key in rules
                           if kind == "resource" and is_template(key))
         return cls(kind, rules, templates, default)
+
+
+def naming(kind: str, key: str) -> tuple[str, str]:
+    """A decision's `tool` and `item` for the rule under `key` of this kind of item."""
+    return (key, "") if kind == "tool" else ("", f"{kind}s.{key}")
+
+
+def hidden_detail(kind: str, key: str, network: str) -> str:
+    """Why an item is hidden, naming the configured rule, never the caller's name: under
+    "*" that is any text a caller sends, and only configured names may reach the log."""
+    what = f'a {kind} under the "*" rule' if key == DEFAULT_TOOL else f"{kind} {key!r}"
+    return f"{what} is hidden from the {network} network"

@@ -136,16 +136,20 @@ class Process:
 
 
 def start_upstream(name: str, port: int, workdir: Path, *, sse: bool = False,
-                   without: Sequence[str] = (), label: str = "") -> Process:
+                   without: Sequence[str] = (), label: str = "",
+                   stateful: bool = False) -> Process:
     """The demo's MCP server (official `mcp` SDK), which also echoes request headers.
 
     `sse`: it answers POSTs as SSE streams; `without`: it leaves these tools out; `label`
-    names the process (and its log) where several serve the same name.
+    names the process (and its log) where several serve the same name; `stateful`:
+    sessions and an event store (resumable SSE streams).
     """
     argv = [sys.executable, "-m", "ext_authz.demo", "mcp-server", "--name", name,
             "--port", str(port)]
     if sse:
         argv.append("--sse")
+    if stateful:
+        argv.append("--stateful")
     for tool in without:
         argv += ["--without", tool]
     return Process(f"upstream-{label or name}", argv, workdir)
