@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from ext_authz.mcp.jsonrpc import Body, request_body
 from ext_authz.policy.compile import Policy
-from ext_authz.policy.decision import Decision, RequestFacts, decide, decide_items
+from ext_authz.policy.decision import Decision, RequestFacts, decide, decide_items, judge_items
 from ext_authz.policy.explain import explain
 from ext_authz.policy.outcomes import OUTCOMES
 from tests.conftest import make_config
@@ -264,11 +264,15 @@ class TestToolRules:
                             "params": {"name": n}} for i, n in enumerate(
                                 ["delete_repo", "search", "delete_repo"])]).encode()
         server = decide(RequestFacts("198.51.100.1", None, "/mcp/github", "gw"), NAMED)
-        renamed = decide_items(server, json_body(body), NAMED, can_rename=True)
+        judged = judge_items(server, json_body(body), NAMED, can_rename=True)
+        renamed = judged.decision
         assert (renamed.reason, renamed.allowed, renamed.uses_items) == (
             "tool_hidden", True, True)
-        assert [(c.name, c.index) for c in renamed.hidden] == [("delete_repo", 0),
-                                                                ("delete_repo", 2)]
+        assert [(c.name, c.index) for c, hidden in zip(judged.uses, judged.hidden, strict=True)
+                if hidden] == [("delete_repo", 0), ("delete_repo", 2)]
+        # The same hidden use by the same caller is the same decision: its log fields and
+        # metadata are built once, as a visible use's are.
+        assert judge_items(server, json_body(body), NAMED, can_rename=True).decision is renamed
         assert decide_items(server, json_body(body), NAMED).reason == "batch_refused"
 
 

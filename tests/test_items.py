@@ -18,7 +18,7 @@ from ext_authz.mcp.jsonrpc import INVALID_PARAMS, INVALID_REQUEST, read_item_use
 from ext_authz.mcp.uri_template import template_pattern, uri_rule_problem
 from ext_authz.policy.compile import Policy
 from ext_authz.policy.config import parse_yaml
-from ext_authz.policy.decision import Decision, RequestFacts, decide, decide_items
+from ext_authz.policy.decision import Decision, RequestFacts, decide, decide_items, judge_items
 from ext_authz.policy.explain import check_report, explain
 from ext_authz.policy.network import Placement
 from tests.conftest import make_config
@@ -153,8 +153,11 @@ class TestDeciding:
         assert "caller text" not in decision.detail + decision.rule + decision.item
 
     def test_a_hidden_use_is_renamed_or_answered_as_missing(self) -> None:
-        renamed = judged(OUTSIDE, message(READ, {"uri": "repo://a/secrets"}, 7))
-        assert [use.name for use in renamed.hidden] == ["repo://a/secrets"]
+        server = decide(RequestFacts(OUTSIDE, None, "/mcp/gh", "gw"), POLICY)
+        renamed = judge_items(server, body(message(READ, {"uri": "repo://a/secrets"}, 7)),
+                              POLICY, can_rename=True)
+        assert (renamed.decision.reason, renamed.hidden) == ("item_hidden", (True,))
+        assert [use.name for use in renamed.uses] == ["repo://a/secrets"]
         local = judged(OUTSIDE, message(READ, {"uri": "repo://a/secrets"}, 7), can_rename=False)
         assert local.reason == "item_not_found"
         assert json.loads(local.reply) == {"jsonrpc": "2.0", "id": 7, "error": {

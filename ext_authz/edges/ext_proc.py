@@ -42,11 +42,11 @@ import grpc
 
 from .._proto.envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
 from ..contract import EXT_PROC_SERVICE
-from ..mcp.jsonrpc import INVALID_REQUEST, ItemUse, body_headers, request_body
+from ..mcp.jsonrpc import INVALID_REQUEST, body_headers, request_body
 from ..mcp.replies import error_reply
 from ..mcp.rewrite import Path, UnreadableAnswer, rename
 from ..mcp.seal import Sealer
-from ..policy.decision import Decision, RequestFacts, judge_items, resume
+from ..policy.decision import Decision, Judged, RequestFacts, judge_items, resume
 from ..policy.outcomes import denial_body
 from . import answers as answers_filter
 from .answers import JSON_CONTENT_TYPE, header_option, header_pairs, immediate_error
@@ -231,38 +231,38 @@ class ExternalProcessingService:
         """Decide on the whole body (None: the request has none) and answer for it."""
         started = self._clock()
         assert request.decision is not None
-        decision = request.decision
-        uses: tuple[ItemUse, ...] = ()
-        if decision.allowed:
+        judged = Judged(request.decision)
+        if judged.decision.allowed:
             body = request_body(data or b"", request.method, request.headers)
-            decision, uses = judge_items(decision, body, request.state.policy, can_rename=True)
+            judged = judge_items(judged.decision, body, request.state.policy, can_rename=True)
+        decision = judged.decision
         decision_id = self.serving.next_decision_id()
         request.judged = request.done = True
         if decision.allowed:
-            answers = _go_on(request, decision, decision_id, data, uses, self.sealer)
+            answers = _go_on(request, judged, decision_id, data, self.sealer)
         else:
             answers = [_refusal(decision, decision_id)]
         self.serving.record(decision, decision_id, request.facts, self._clock() - started, "body")
         return answers
 
 
-def _go_on(request: _Request, decision: Decision, decision_id: str, data: bytes | None,
-           uses: tuple[ItemUse, ...], sealer: Sealer) -> list[bytes]:
+def _go_on(request: _Request, judged: Judged, decision_id: str, data: bytes | None,
+           sealer: Sealer) -> list[bytes]:
     """Let the request go on: its headers, then its body, renamed where an item is hidden;
     and tell the answers filter (in Envoy's metadata) what the answer is."""
+    decision = judged.decision
     response = ext_proc_response(decision, decision_id)
     response.request_headers.SetInParent()
     common = response.request_headers.response
-    if uses and data is not None:
+    if judged.uses and data is not None:
         # Every use is sealed and spliced alike, a hidden one's with its fresh name and any
         # other's with its own text: the same work, so a hidden name takes the time a
         # missing one does, with or without a "*" rule.
-        hidden = {id(use) for use in decision.hidden}
         paths: dict[Path, str | None] = {}
-        for use in uses:
+        for use, hidden in zip(judged.uses, judged.hidden, strict=True):
             fresh = sealer.fresh(use.kind, use.name)
             paths[use.at if use.index is None else (use.index, *use.at)] = (
-                fresh if id(use) in hidden else None)
+                fresh if hidden else None)
         data = rename(data.decode("utf-8"), paths).encode()
         if request.headers.get("mcp-name"):
             # Only a message that is no batch has an Mcp-Name (jsonrpc checked it).

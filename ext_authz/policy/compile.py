@@ -190,6 +190,6 @@ def _hiding(kind: ItemKind, key: str) -> Callable[[Decision], Decision]:
         tool, item = naming(kind, key)
         return replace(decision, reason="tool_hidden" if kind == "tool" else "item_hidden",
                        rule=rule, detail=hidden_detail(kind, key, decision.network),
-                       tool=tool, item=item)
+                       tool=tool, item=item, uses_items=True)
 
     return derive

@@ -10,7 +10,6 @@ from ..mcp.jsonrpc import (
     INVALID_REQUEST,
     Body,
     ItemUse,
-    ItemUses,
     UnknownToolReply,
     read_item_uses,
 )
@@ -75,7 +74,6 @@ class Decision:
     # The configured prompt or resource it uses ("prompts.NAME", "resources.URI"): likewise.
     item: str = ""
     reply: bytes = b""  # the body of a per-request answer (JSON-RPC), when not the reason's
-    hidden: tuple[ItemUse, ...] = ()  # tool_hidden, item_hidden: the uses to rename
     # The body lists tools, prompts, resources or templates: its answer is filtered.
     lists_items: bool = False
     # The body uses items (tools/call, prompts/get...): an answer that may name a hidden one.
@@ -224,57 +222,66 @@ def decide_items(decision: Decision, body: Body, policy: Policy, *,
     `can_rename`: the edge can send a hidden item's use on under a fresh name (ext_proc
     can, a Check cannot), so the server answers it itself (unknown_tool_reply: server).
     """
-    return judge_items(decision, body, policy, can_rename=can_rename)[0]
+    return judge_items(decision, body, policy, can_rename=can_rename).decision
+
+
+@dataclass(frozen=True, slots=True)
+class Judged:
+    """A decision on a body, and every use the body makes: for the edge that sends the uses
+    of hidden items on renamed, and does the same work for the others."""
+
+    decision: Decision
+    uses: tuple[ItemUse, ...] = ()
+    hidden: tuple[bool, ...] = ()  # per use: hidden from the caller, to go on renamed
 
 
 def judge_items(decision: Decision, body: Body, policy: Policy, *,
-                can_rename: bool = False) -> tuple[Decision, tuple[ItemUse, ...]]:
-    """decide_items, and every use the body makes: for an edge that treats the uses of
-    hidden items and of others alike (the same work, so the same time)."""
+                can_rename: bool = False) -> Judged:
+    """decide_items, with the uses it judged."""
     server = decision.server
     if not decision.reads_body or server is None:
-        return decision, ()
+        return Judged(decision)
     read = read_item_uses(body, policy.mcp.max_body_bytes, policy.mcp.max_batch_messages)
     if read.problem:
-        return replace(decision, reason="body_too_large" if read.too_large else
-                       "bad_mcp_request", detail=read.problem, reply=refusal_reply(read)), ()
-    return _narrowed(decision, server, read, policy, can_rename), read.uses
-
-
-def _narrowed(decision: Decision, server: ServerPolicy, read: ItemUses, policy: Policy,
-              can_rename: bool) -> Decision:
+        return Judged(replace(decision, reason="body_too_large" if read.too_large else
+                              "bad_mcp_request", detail=read.problem,
+                              reply=refusal_reply(read)))
     allowed: tuple[str, str] | None = None
     hidden: list[tuple[ItemUse, str, str]] = []
+    flags = []
     for use in read.uses:
         found = server.rules(use.kind).rule(use.name)  # type: ignore[arg-type]
+        visible, rule = found[1].judge(decision.placement) if found is not None else (True, "")
+        flags.append(not visible)
         if found is None:
             continue  # no rule for it: its server's rule holds
-        key, visibility = found
-        visible, rule = visibility.judge(decision.placement)
         if not visible:
-            hidden.append((use, key, rule))
+            hidden.append((use, found[0], rule))
         elif allowed is None:
-            allowed = (use.kind, key)
+            allowed = (use.kind, found[0])
+    # Remembered per decision (PerDecision), so that the same use by the same caller is the
+    # same Decision object, whose encodings and log fields are built once: a hidden name's
+    # as much as any other's.
+    if hidden and server.unknown_tool_reply == "server" and can_rename:
+        use, key, _ = hidden[0]
+        narrowed = policy.hiding[(use.kind, key)][decision]
+        return Judged(policy.listing[narrowed] if read.lists else narrowed, read.uses,
+                      tuple(flags))
     if hidden:
-        return replace(_hidden_items(decision, server, hidden, read.batch, can_rename,
-                                     policy), lists_items=read.lists, uses_items=True)
-    # Remembered per decision (PerDecision), so that the same call by the same caller is the
-    # same Decision object, whose encodings are built once.
+        return Judged(replace(_hidden_items(decision, server, hidden, read.batch),
+                              lists_items=read.lists, uses_items=True))
     if read.uses:
         narrowed = (policy.item_decisions[allowed] if allowed is not None
                     else policy.using)[decision]
-        return replace(narrowed, lists_items=True) if read.lists else narrowed
-    return policy.listing[decision] if read.lists else decision
+        return Judged(policy.listing[narrowed] if read.lists else narrowed, read.uses,
+                      tuple(flags))
+    return Judged(policy.listing[decision] if read.lists else decision)
 
 
 def _hidden_items(decision: Decision, server: ServerPolicy,
-                  hidden: list[tuple[ItemUse, str, str]], batch: bool,
-                  can_rename: bool, policy: Policy) -> Decision:
+                  hidden: list[tuple[ItemUse, str, str]], batch: bool) -> Decision:
+    """The sidecar's own answer for a body that uses a hidden item (it cannot rename)."""
     use, key, rule = hidden[0]
-    if server.unknown_tool_reply == "server" and can_rename:
-        # Remembered, as an allowed use's decision is: a hidden name costs no more.
-        return replace(policy.hiding[(use.kind, key)][decision],
-                       hidden=tuple(u for u, _, _ in hidden))
     detail = hidden_detail(use.kind, key, decision.network)
     tool, item = naming(use.kind, key)
     if batch:

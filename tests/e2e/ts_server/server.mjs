@@ -2,7 +2,7 @@
 // (in whatever charset Content-Type names), then transport.handleRequest(req, res, req.body).
 // Stateless: a fresh server and transport per request. Prints one JSON line per request
 // (method, path, headers; Authorization cut to 20 characters): what the upstream received.
-import { McpServer } from "@modelcontextprotocol/sdk/server/mcp.js";
+import { McpServer, ResourceTemplate } from "@modelcontextprotocol/sdk/server/mcp.js";
 import { StreamableHTTPServerTransport } from "@modelcontextprotocol/sdk/server/streamableHttp.js";
 import express from "express";
 import { z } from "zod";
@@ -33,6 +33,24 @@ function buildServer(req) {
   });
   server.registerTool("delete_repo", { description: "Deletes a repository (for tests)" },
     async () => ({ content: [{ type: "text", text: "deleted" }] }));
+  // Prompts and resources, one of each fit to hide (as the Python demo server has them).
+  server.registerPrompt("summarize", { description: "Summarize a text.",
+    argsSchema: { text: z.string() } }, ({ text }) => ({
+    messages: [{ role: "user", content: { type: "text", text: `Summarize this: ${text}` } }] }));
+  server.registerPrompt("delete_help", {
+    description: "How to delete a repository (an internal runbook)." }, () => ({
+    messages: [{ role: "user", content: { type: "text",
+      text: "Call delete_repo with the repository's name; it cannot be undone." } }] }));
+  server.registerResource("readme", "repo://docs/readme", { description: "The public readme." },
+    async (uri) => ({ contents: [{ uri: uri.href, text: "Welcome." }] }));
+  server.registerResource("victim", "repo://victim/delete", {
+    description: "Reading it deletes the victim repository." }, async (uri) => {
+    console.log(JSON.stringify({ upstream: name, side_effect: uri.href }));
+    return { contents: [{ uri: uri.href, text: "deleted" }] };
+  });
+  server.registerResource("secrets", new ResourceTemplate("repo://{owner}/secrets",
+    { list: undefined }), { description: "An owner's secrets." },
+    async (uri, { owner }) => ({ contents: [{ uri: uri.href, text: `the secrets of ${owner}` }] }));
   return server;
 }
 
