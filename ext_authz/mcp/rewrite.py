@@ -19,8 +19,10 @@ import json
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-_DECODER = json.JSONDecoder()
+# Finds where a value ends; objects built as tuples (in C), never looked at.
+_DECODER = json.JSONDecoder(object_pairs_hook=tuple)
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 _SPACE = frozenset(" \t\n\r")
 _scanstring: Callable[[str, int], tuple[str, int]] = json.decoder.scanstring  # type: ignore[attr-defined]
@@ -43,6 +45,23 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
     return dict(pairs)
 
 
+def _parsed(text: str) -> object:
+    """The JSON value of a text, each object as the tuple of its (key, value) pairs: built
+    in C, with no dict made for what is never looked at (a tool's schema); `_object` makes
+    one of those that matter, refusing a key twice there."""
+    try:
+        return json.loads(text, object_pairs_hook=tuple)
+    except ValueError:
+        raise UnreadableAnswer("an answer to judge that is not JSON cannot be checked") from None
+
+
+def _object(value: object) -> dict[str, Any] | None:
+    """A parsed JSON object (where a list or a name lives) as a dict; None if it is none."""
+    if not isinstance(value, tuple):
+        return None
+    return _unique_keys(list(value))
+
+
 class _Spans:
     """Find where values lie in a JSON text already known to be valid (the reader parsed it)."""
 
@@ -59,23 +78,33 @@ class _Spans:
     def _value_end(self, at: int) -> int:
         return int(_DECODER.raw_decode(self.text, at)[1])
 
-    def find(self, path: Path, at: int = 0) -> tuple[int, int] | None:
+    def find(self, path: Path) -> tuple[int, int] | None:
         """The span [start, end) of the value at `path`, or None if there is none."""
+        start = self.start(path)
+        return None if start is None else (start, self._value_end(start))
+
+    def start(self, path: Path, at: int = 0) -> int | None:
+        """Where the value at `path` starts (its end not looked for: an array's elements
+        give it), or None if there is none."""
         at = self._skip(at)
         if not path:
-            return at, self._value_end(at)
+            return at
         step, rest = path[0], path[1:]
         opening = self.text[at]
         if opening == "{" and isinstance(step, str):
             for key, start in self._members(at):
                 if key == step:
-                    return self.find(rest, start)
+                    return self.start(rest, start)
             return None
         if opening == "[" and isinstance(step, int):
             for index, (start, _) in enumerate(self.elements(at)):
                 if index == step:
-                    return self.find(rest, start)
+                    return self.start(rest, start)
         return None
+
+    def closing(self, at: int, elements: list[tuple[int, int]]) -> int:
+        """Where the `]` of the array at `at`, with these elements, is."""
+        return self._skip(elements[-1][1] if elements else at + 1)
 
     def _members(self, at: int) -> Iterator[tuple[str, int]]:
         """(key, where its value starts) of each member of the object at `at`."""
@@ -141,44 +170,39 @@ def drop_items(text: str, visible: Visible) -> str | None:
     """
     if not text.strip():
         return None
-    try:
-        document = json.loads(text, object_pairs_hook=_unique_keys)
-    except UnreadableAnswer:
-        raise
-    except ValueError:
-        raise UnreadableAnswer("an answer to judge that is not JSON cannot be checked") from None
+    document = _parsed(text)
     batch = isinstance(document, list)
-    messages = document if batch else [document]
+    messages = document if isinstance(document, list) else [document]
     cuts: list[tuple[int, int, str]] = []
     spans = _Spans(text)
     gone: set[int] = set()
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict):
+    for index, value in enumerate(messages):
+        message = _object(value)
+        if message is None:
             continue
         prefix: list[str | int] = [index] if batch else []
         if message.get("method") == UPDATED:
-            params = message.get("params")
-            uri = params.get("uri") if isinstance(params, dict) else None
+            params = _object(message.get("params"))
+            uri = params.get("uri") if params is not None else None
             if isinstance(uri, str) and not visible("resource", uri):
                 gone.add(index)
             continue
-        result = message.get("result")
-        if isinstance(result, dict):
+        result = _object(message.get("result"))
+        if result is not None:
             cuts += _list_cuts(spans, prefix, result, visible)
     if gone and not batch:
         return ""
     if gone:
         # The lists of the messages kept first, then the messages dropped from the batch.
-        found = spans.find([])
-        assert found is not None
-        dropped = [spans.elements(found[0])[index] for index in gone]
+        messages_at = spans.elements(spans._skip(0))
+        dropped = [messages_at[index] for index in gone]
         text = _apply(text, [cut for cut in cuts if not any(
             start <= cut[0] < end for start, end in dropped)])
-        found = _Spans(text).find([])
-        assert found is not None
-        elements = _Spans(text).elements(found[0])
+        spans = _Spans(text)
+        opening = spans._skip(0)
+        elements = spans.elements(opening)
         if len(gone) == len(elements):
-            return text[:found[0] + 1] + text[found[1] - 1:]
+            return text[:opening + 1] + text[spans.closing(opening, elements):]
         return _apply(text, [(elements[0][0], elements[-1][1],
                               _without(text, elements, gone))])
     if not cuts:
@@ -186,7 +210,7 @@ def drop_items(text: str, visible: Visible) -> str | None:
     return _apply(text, cuts)
 
 
-def _list_cuts(spans: _Spans, prefix: list[str | int], result: dict[str, object],
+def _list_cuts(spans: _Spans, prefix: list[str | int], result: dict[str, Any],
                visible: Visible) -> list[tuple[int, int, str]]:
     """The cuts that take what the caller may not see out of a result's lists."""
     cuts: list[tuple[int, int, str]] = []
@@ -196,16 +220,19 @@ def _list_cuts(spans: _Spans, prefix: list[str | int], result: dict[str, object]
         if not isinstance(items, list):
             continue
         listed = True
-        drop = {index for index, item in enumerate(items)
-                if isinstance(item, dict) and isinstance(item.get(name_key), str)
-                and not visible(kind, item[name_key])}
+        drop = set()
+        for index, value in enumerate(items):
+            item = _object(value)
+            name = item.get(name_key) if item is not None else None
+            if isinstance(name, str) and not visible(kind, name):
+                drop.add(index)
         if not drop:
             continue
-        found = spans.find([*prefix, "result", key])
-        assert found is not None
-        elements = spans.elements(found[0])
+        opening = spans.start([*prefix, "result", key])
+        assert opening is not None
+        elements = spans.elements(opening)
         if len(drop) == len(elements):  # all of them: `[]`, as a writer puts an empty list
-            cuts.append((found[0] + 1, found[1] - 1, ""))
+            cuts.append((opening + 1, spans.closing(opening, elements), ""))
         else:
             cuts.append((elements[0][0], elements[-1][1], _without(spans.text, elements, drop)))
     if listed and "cacheScope" in result and result["cacheScope"] != "private":

@@ -1,7 +1,8 @@
 """Hidden prompts and resources through a real Envoy, in both data paths: as if the server
 had never had them.
 
-The demo's MCP server (official Python SDK, stateless; JSON and SSE) has prompts
+The demo's MCP server (official Python SDK, stateless; JSON and SSE), and the TypeScript
+SDK's server (tests/e2e/ts_server), each have prompts
 `summarize` and `delete_help` (whose text names the internal tool `delete_repo`), resources
 `repo://docs/readme` and `repo://victim/delete` (reading it has a side effect), the template
 `repo://{owner}/secrets`, and completions that offer `delete_repo`. The rules show an
@@ -31,6 +32,7 @@ from tests.e2e.harness import (
     mcp_client,
     start_envoy,
     start_sidecar,
+    start_ts_upstream,
     start_upstream,
 )
 
@@ -71,11 +73,12 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
           ) -> Iterator[Stack]:
     workdir: Path = tmp_path_factory.mktemp(f"items-{request.param}")
     ports = {name: free_port() for name in ("grpc", "admin", "envoy", "envoy_admin", "py",
-                                            "pysse")}
+                                            "pysse", "ts")}
     processes: list[Process] = []
     try:
         upstreams = {name: start_upstream(name, ports[name], workdir, sse=name == "pysse")
                      for name in ("py", "pysse")}
+        upstreams["ts"] = start_ts_upstream("ts", ports["ts"], workdir)
         processes += upstreams.values()
         config = {
             "grpc": {"listen": f"127.0.0.1:{ports['grpc']}"},
@@ -151,7 +154,7 @@ def _name(message: dict[str, Any]) -> str:
         params["ref"].get("name") or params["ref"]["uri"])
 
 
-@pytest.mark.parametrize("server", ["py", "pysse"])
+@pytest.mark.parametrize("server", ["py", "pysse", "ts"])
 class TestHiddenUses:
     @pytest.mark.parametrize("use", USES)
     def test_a_hidden_item_answers_as_a_missing_one(self, stack: Stack, server: str,
