@@ -75,8 +75,9 @@ def answer_costs() -> dict[str, Callable[[], object]]:
         "pass": functools.partial(bytes, ANSWERS["any"].encode())}
     for name, text in ANSWERS.items():
         costs[name] = functools.partial(answer.text, text)
-    assert answer.text(ANSWERS["call"]) is not None and "hidden-" not in (
-        answer.text(ANSWERS["call"]) or "")
+    restored = answer.text(ANSWERS["call"])
+    assert restored is not None
+    assert "hidden-" not in restored
     assert '"add"' not in (answer.text(ANSWERS["list"]) or "")
     return costs
 
