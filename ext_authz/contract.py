@@ -80,6 +80,11 @@ PROTECTED_RESOURCE = "/.well-known/oauth-protected-resource"
 
 # -- the native data path ----------------------------------------------------------------
 
+# Marks Envoy's own answer for a hidden server (RBAC's, mapped to the unknown server's 404)
+# so that the answers filter lets it by untouched, as it does the unknown server's; removed
+# from every upstream answer before that filter, and from every answer before it leaves.
+LOCAL_REPLY_HEADER = "x-mcp-ext-authz-local-reply"
+
 # Envoy's node metadata carries envoy-config's flags under this key; listener, clusters and
 # token secrets come from the sidecar on one ADS stream.
 NODE_KEY = "mcp_ext_authz"

@@ -25,6 +25,9 @@ class BySidecar:
 
     authz_disabled = False  # ext_authz on every route
     validate_clusters: bool | None = None  # Envoy's default: every route's cluster exists
+    # A header Envoy's local replies carry for the answers filter to skip them (None: it
+    # sees them all; here every denial comes from the sidecar, after it has been asked).
+    local_reply_marker: str | None = None
 
     def route_filters(self, plan: Plan, server: str, kind: RouteKind,
                       common: dict[str, AnyMessage]) -> dict[str, AnyMessage]:

@@ -98,9 +98,12 @@ def _http_filters(plan: Plan, by: BySidecar) -> list[HttpFilter]:
         # upstream and the access log as if Envoy had set them: gone before anything reads
         # them. Envoy's own, set later by the router, stay.
         HttpFilter(name=HEADER_MUTATION_FILTER, typed_config=AnyMessage.pack(HeaderMutation(
-            mutations=Mutations(request_mutations=[MutationRule(
-                remove_on_match=HeaderMutationRemoveOnMatch(
-                    key_matcher=StringMatcher(prefix="x-envoy-")))])))),
+            mutations=Mutations(
+                request_mutations=[MutationRule(remove_on_match=HeaderMutationRemoveOnMatch(
+                    key_matcher=StringMatcher(prefix="x-envoy-")))],
+                # The mark of Envoy's own answers is for the answers filter alone.
+                response_mutations=([MutationRule(remove=by.local_reply_marker)]
+                                    if by.local_reply_marker is not None else []))))),
     ]
     if plan.jwt is not None:
         filters.append(jwt.http_filter(plan.jwt))
@@ -113,7 +116,7 @@ def _http_filters(plan: Plan, by: BySidecar) -> list[HttpFilter]:
     if plan.reads_bodies:
         filters.append(ext_proc.bodies())
     if plan.reads_bodies or plan.discovers:
-        filters.append(ext_proc.answers())
+        filters.append(ext_proc.answers(skip_marked=by.local_reply_marker))
     if plan.discovers:
         filters.append(challenge.http_filter())
     # No x-envoy-upstream-service-time on upstream answers: an answer the sidecar makes (a

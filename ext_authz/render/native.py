@@ -33,6 +33,9 @@ from envoy_data_plane.envoy.config.core.v3 import (
     ApiVersion,
     ConfigSource,
     DataSource,
+    HeaderValue,
+    HeaderValueOption,
+    HeaderValueOptionHeaderAppendAction,
     HealthCheck,
     HealthCheckHttpHealthCheck,
     RuntimeUInt32,
@@ -62,6 +65,7 @@ from envoy_data_plane.google.protobuf import Struct
 
 from ..contract import (
     EXT_AUTHZ_FILTER,
+    LOCAL_REPLY_HEADER,
     NODE_KEY,
     RBAC_FILTER,
     ROUTE_NAMESPACE,
@@ -94,6 +98,11 @@ class ByEnvoy(BySidecar):
     # The listener may arrive while a cluster it names still warms (its first health
     # check): not a reason to refuse the listener; such a route answers 503.
     validate_clusters = False
+    # RBAC's 404 for a hidden server is sent at once, as the catch-all's for an unknown one
+    # is (Envoy closes an HTTP/1.1 connection whose body it has not read). The answers
+    # filter on a rule route would hold it for a round trip to the sidecar, long enough to
+    # read the body and keep the connection: one request would tell the two apart.
+    local_reply_marker = LOCAL_REPLY_HEADER
 
     def __init__(self, watchdog: SidecarAddress) -> None:
         self.watchdog = watchdog
@@ -162,7 +171,11 @@ class ByEnvoy(BySidecar):
         watchdog = AccessLogFilter(response_flag_filter=ResponseFlagFilter(flags=["UH"]))
         return LocalReplyConfig(mappers=[
             ResponseMapper(filter=denied, status_code=404,
-                           body_format_override=_json_reply("not_found")),
+                           body_format_override=_json_reply("not_found"),
+                           headers_to_add=[HeaderValueOption(
+                               header=HeaderValue(key=LOCAL_REPLY_HEADER, value="1"),
+                               append_action=HeaderValueOptionHeaderAppendAction
+                               .OVERWRITE_IF_EXISTS_OR_ADD)]),
             *(ResponseMapper(filter=failed, status_code=503,
                              body_format_override=_json_reply("upstream_credentials_unavailable"))
               for failed in (no_token, watchdog)),

@@ -99,12 +99,14 @@ def _server_routes(plan: Plan, server: ServerPlan, timeouts: Timeouts,
     if server.caller_brings_token:
         marks[CHALLENGE_FILTER] = challenge.route_mark(server.address)
     metadata = Metadata(filter_metadata=marks) if marks else None
+    removed = [] if server.caller_brings_token else [
+        # The gateway holds this server's credential; the upstream's challenge (its own
+        # metadata URL) is nothing a client can act on.
+        "www-authenticate"]
+    if by.local_reply_marker is not None:
+        removed.append(by.local_reply_marker)  # only Envoy's own answers carry it
     routes = [Route(match=match, route=action(rewrite), typed_per_filter_config=per_filter,
-                    metadata=metadata,
-                    # The gateway holds this server's credential; the upstream's challenge
-                    # (its own metadata URL) is nothing a client can act on.
-                    response_headers_to_remove=([] if server.caller_brings_token
-                                                else ["www-authenticate"]))
+                    metadata=metadata, response_headers_to_remove=removed)
               for match, rewrite in matches]
     if server.caller_brings_token:
         routes.insert(0, _discovery_route(plan, server, action, by))
@@ -133,7 +135,9 @@ def _discovery_route(plan: Plan, server: ServerPlan,
     marks = by.route_metadata(server.name)
     return Route(match=match, route=route_action,
                  metadata=Metadata(filter_metadata=marks) if marks else None,
-                 typed_per_filter_config=per_route(plan, server.name, "discovery", by))
+                 typed_per_filter_config=per_route(plan, server.name, "discovery", by),
+                 response_headers_to_remove=([by.local_reply_marker]
+                                             if by.local_reply_marker is not None else []))
 
 
 def virtual_hosts(plan: Plan, timeouts: Timeouts, by: BySidecar) -> list[VirtualHost]:

@@ -168,18 +168,11 @@ class TestLargeAnswers:
 
 class TestHiddenWithToolRules:
     @pytest.mark.parametrize("method", ["POST", "PUT", "GET", "DELETE"])
-    def test_answers_as_an_unknown_server(self, stack: Stack, method: str,
-                                          request: pytest.FixtureRequest) -> None:
+    def test_answers_as_an_unknown_server(self, stack: Stack, method: str) -> None:
         """A hidden server whose routes read bodies answers an outsider's request, with a
-        body, as a server that does not exist: status, body and headers."""
-        if request.node.callspec.params["stack"] == "native":
-            # Known (#24, item 5): Envoy sends a local reply through every encoder filter,
-            # and on this route the answers filter sees RBAC's 404 (so Envoy has read the
-            # body by then, and keeps the connection); the catch-all's 404 closes it. A
-            # metadata path got its own route for this; an MCP path cannot, without an
-            # ext_proc stream per request on every route of a hidden-able server. Strict:
-            # a fix makes this fail.
-            request.applymarker(pytest.mark.xfail(strict=True, reason="connection: close"))
+        body, as a server that does not exist: status, body and headers (in the native
+        data path, RBAC's 404 passes the answers filter unheld, as the catch-all's does, and
+        closes the connection alike)."""
         answers = []
         for server in ("vault", "nope"):
             with httpx.Client(transport=httpx.HTTPTransport(local_address=EXTERNAL),

@@ -5,6 +5,9 @@ from __future__ import annotations
 from datetime import timedelta
 
 from envoy_data_plane.envoy.config.core.v3 import GrpcService, GrpcServiceEnvoyGrpc
+from envoy_data_plane.envoy.config.core.v3 import TypedExtensionConfig as CoreTypedExtensionConfig
+from envoy_data_plane.envoy.extensions.common.matching.v3 import ExtensionWithMatcher
+from envoy_data_plane.envoy.extensions.filters.common.matcher.action.v3 import SkipFilter
 from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
     ExternalProcessor,
     ExtProcOverrides,
@@ -18,7 +21,18 @@ from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
 from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
     HttpFilter,
 )
+from envoy_data_plane.envoy.type.matcher.v3 import HttpResponseHeaderMatchInput
 from envoy_data_plane.google.protobuf import Any as AnyMessage
+from envoy_data_plane.xds.core.v3 import TypedExtensionConfig
+from envoy_data_plane.xds.type.matcher.v3 import (
+    Matcher,
+    MatcherMatcherList,
+    MatcherMatcherListFieldMatcher,
+    MatcherMatcherListPredicate,
+    MatcherMatcherListPredicateSinglePredicate,
+    MatcherOnMatch,
+    StringMatcher,
+)
 
 from ...contract import (
     ANSWERS_FILTER,
@@ -68,9 +82,10 @@ def bodies() -> HttpFilter:
                       typed_config=AnyMessage.pack(processor))
 
 
-def answers() -> HttpFilter:
+def answers(skip_marked: str | None = None) -> HttpFilter:
     """The answers to tools/call and tools/list (and discovery documents); off unless a
-    route turns it on."""
+    route turns it on. `skip_marked`: a response header that marks Envoy's own answers,
+    which pass untouched and unheld."""
     # Every answer's headers go to the sidecar, which asks for the body of those it rewrites
     # (mode_override: BUFFERED for JSON, STREAMED for SSE) from what the request's stream
     # left in the metadata. A second filter because Envoy 1.40 ignores mode_override on a
@@ -91,5 +106,19 @@ def answers() -> HttpFilter:
         metadata_options=MetadataOptions(forwarding_namespaces=MetadataOptionsMetadataNamespaces(
             untyped=[EXT_AUTHZ_FILTER, EXT_PROC_FILTER])),
     )
-    return HttpFilter(name=ANSWERS_FILTER, disabled=True,
-                      typed_config=AnyMessage.pack(processor))
+    if skip_marked is None:
+        return HttpFilter(name=ANSWERS_FILTER, disabled=True,
+                          typed_config=AnyMessage.pack(processor))
+    marked = MatcherMatcherListPredicateSinglePredicate(
+        input=TypedExtensionConfig(name="response-header", typed_config=AnyMessage.pack(
+            HttpResponseHeaderMatchInput(header_name=skip_marked))),
+        value_match=StringMatcher(exact="1"))
+    skip = Matcher(matcher_list=MatcherMatcherList(matchers=[MatcherMatcherListFieldMatcher(
+        predicate=MatcherMatcherListPredicate(single_predicate=marked),
+        on_match=MatcherOnMatch(action=TypedExtensionConfig(
+            name="skip", typed_config=AnyMessage.pack(SkipFilter()))))]))
+    wrapped = ExtensionWithMatcher(
+        xds_matcher=skip,
+        extension_config=CoreTypedExtensionConfig(name=ANSWERS_FILTER,
+                                                  typed_config=AnyMessage.pack(processor)))
+    return HttpFilter(name=ANSWERS_FILTER, disabled=True, typed_config=AnyMessage.pack(wrapped))
