@@ -5,9 +5,9 @@ runs its server scenarios against the reference "everything" server
 (`@modelcontextprotocol/server-everything`, streamable HTTP) twice: directly, and through
 the generated Envoy config and the sidecar, as a server with tool, prompt and resource
 rules (so every POST passes ext_authz and ext_proc, and every answer the answers filter),
-reached by URL (`upstream: http://.../mcp`, path and Host rewritten). Every check must end the same both ways. Some fail both ways: the everything
-server does not have every tool the suite asks for; that is the server's baseline, not the
-gateway's doing.
+reached by URL (`upstream: http://.../mcp`, path and Host rewritten). Every check must end
+the same both ways. Some fail both ways: the everything server does not have every tool
+the suite asks for; that is the server's baseline, not the gateway's doing.
 """
 
 from __future__ import annotations
