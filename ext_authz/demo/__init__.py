@@ -97,19 +97,21 @@ def _clients_from_env() -> dict[str, str]:
 
 def run_mcp_server(name: str, host: str, port: int, tls_cert: str | None = None,
                    tls_key: str | None = None, sse: bool = False,
-                   without: Sequence[str] = (), stateful: bool = False) -> None:
+                   without: Sequence[str] = (), stateful: bool = False,
+                   public_lists: bool = False) -> None:
     """Serve the demo MCP server at /mcp/<name> (streamable HTTP, stateless, JSON).
 
     Every request is printed to stdout as one JSON line (see `demo_mcp.log_requests`).
     With a certificate and key it serves HTTPS, as a remote MCP server does; with `sse`,
     answers POSTs as SSE streams rather than JSON; `without` leaves tools out; `stateful`:
-    sessions, SSE, and an event store that replays a stream after Last-Event-ID.
+    sessions, SSE, and an event store that replays a stream after Last-Event-ID;
+    `public_lists`: its lists say a shared cache may keep them (`cacheScope: public`).
     """
     import uvicorn
 
     from .mcp_server import MemoryEventStore, build_mcp_server, log_requests
 
-    server = build_mcp_server(name)
+    server = build_mcp_server(name, public_lists)
     for tool in without:
         server.remove_tool(tool)
     app = server.streamable_http_app(
@@ -362,13 +364,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                      help="leave this tool out (repeatable)")
     mcp.add_argument("--stateful", action="store_true",
                      help="sessions and resumable SSE streams (an in-memory event store)")
+    mcp.add_argument("--public-lists", action="store_true",
+                     help="lists marked cacheScope public (protocol 2026-07-28)")
     args: Any = parser.parse_args(argv)
     if args.command == "token-endpoint":
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(serve_token_endpoint(args.host, args.port, _clients_from_env()))
     else:
         run_mcp_server(args.name, args.host, args.port, args.tls_cert, args.tls_key,
-                       args.sse, args.without, args.stateful)
+                       args.sse, args.without, args.stateful, args.public_lists)
     return 0
 
 

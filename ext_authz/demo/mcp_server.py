@@ -11,6 +11,7 @@ import asyncio
 import json
 import sys
 
+from mcp.server.caching import CacheableMethod, CacheHint
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.streamable_http import (
     EventCallback,
@@ -27,9 +28,18 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 _SHOWN_CREDENTIAL = 20  # characters of an Authorization credential the access log keeps
 
 
-def build_mcp_server(name: str) -> MCPServer:
-    """An MCP server named `name`; GET /mcp/<any>/echo answers the request headers it got."""
-    server = MCPServer(name, instructions=f"The {name} demo MCP server behind mcp-ext-authz.")
+# What a server may say of its lists (protocol 2026-07-28): that a shared cache may keep them
+# for ten minutes, for everyone.
+LISTS: tuple[CacheableMethod, ...] = ("tools/list", "prompts/list", "resources/list",
+                                      "resources/templates/list")
+
+
+def build_mcp_server(name: str, public_lists: bool = False) -> MCPServer:
+    """An MCP server named `name`; GET /mcp/<any>/echo answers the request headers it got.
+    `public_lists`: its lists say `cacheScope: public` (the gateway makes them private)."""
+    hints = {method: CacheHint(ttl_ms=600_000, scope="public") for method in LISTS}
+    server = MCPServer(name, instructions=f"The {name} demo MCP server behind mcp-ext-authz.",
+                       cache_hints=hints if public_lists else None)
 
     @server.tool()
     def whoami(ctx: Context) -> dict[str, str | None]:

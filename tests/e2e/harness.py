@@ -137,7 +137,7 @@ class Process:
 
 def start_upstream(name: str, port: int, workdir: Path, *, sse: bool = False,
                    without: Sequence[str] = (), label: str = "",
-                   stateful: bool = False) -> Process:
+                   stateful: bool = False, public_lists: bool = False) -> Process:
     """The demo's MCP server (official `mcp` SDK), which also echoes request headers.
 
     `sse`: it answers POSTs as SSE streams; `without`: it leaves these tools out; `label`
@@ -150,6 +150,8 @@ def start_upstream(name: str, port: int, workdir: Path, *, sse: bool = False,
         argv.append("--sse")
     if stateful:
         argv.append("--stateful")
+    if public_lists:
+        argv.append("--public-lists")
     for tool in without:
         argv += ["--without", tool]
     return Process(f"upstream-{label or name}", argv, workdir)
@@ -320,17 +322,20 @@ def until(check: Callable[[], bool], timeout: float = 5) -> float:
 
 @contextlib.asynccontextmanager
 async def mcp_client(url: str, source: str, *, verify: Any = True,
-                     auth: Any = None, mode: str = "auto") -> AsyncIterator[Any]:
+                     auth: Any = None, mode: str = "auto", cache: Any = None
+                     ) -> AsyncIterator[Any]:
     """The official MCP SDK client on `url`, its connections from the `source` address;
     `mode`: "legacy" (the initialize handshake), "auto" (server/discover first) or a
-    protocol version to adopt ("2026-07-28", stateless)."""
+    protocol version to adopt ("2026-07-28", stateless); `cache`: the client's response
+    cache (a CacheConfig; None: the SDK's own default)."""
     import httpx2
     from mcp.client.client import Client
     from mcp.client.streamable_http import streamable_http_client
 
     transport = httpx2.AsyncHTTPTransport(local_address=source, verify=verify)
     async with httpx2.AsyncClient(transport=transport, auth=auth) as http, Client(
-            streamable_http_client(url, http_client=http), mode=mode) as mcp:
+            streamable_http_client(url, http_client=http), mode=mode,
+            **({"cache": cache} if cache is not None else {})) as mcp:
         yield mcp
 
 

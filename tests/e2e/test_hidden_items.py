@@ -76,7 +76,9 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
                                             "pysse", "ts")}
     processes: list[Process] = []
     try:
-        upstreams = {name: start_upstream(name, ports[name], workdir, sse=name == "pysse")
+        # `py` says its lists may be shared by everyone (cacheScope public).
+        upstreams = {name: start_upstream(name, ports[name], workdir, sse=name == "pysse",
+                                          public_lists=name == "py")
                      for name in ("py", "pysse")}
         upstreams["ts"] = start_ts_upstream("ts", ports["ts"], workdir)
         processes += upstreams.values()
@@ -260,3 +262,26 @@ def test_server_discover_is_private_to_its_caller(stack: Stack) -> None:
     assert "result" in discovered, answer.text
     assert discovered["result"]["supportedVersions"] == ["2026-07-28"]
     assert discovered["result"]["cacheScope"] == "private"
+
+
+def test_a_shared_cache_never_hands_one_callers_list_to_another(stack: Stack) -> None:
+    """Two SDK clients (protocol 2026-07-28) sharing one cache store that shares what a
+    server calls public: the insider lists first, then the outsider. The server says
+    `public`; through the gateway the lists are private, so the outsider's come from the
+    server, filtered, never from the insider's entry."""
+    from mcp.client.caching import CacheConfig, InMemoryResponseCacheStore
+
+    store = InMemoryResponseCacheStore()
+
+    async def listed(source: str, partition: str) -> tuple[list[str], list[str]]:
+        cache = CacheConfig(store=store, partition=partition, share_public=True,
+                            target_id=f"{stack.base}/mcp/py")
+        async with mcp_client(f"{stack.base}/mcp/py", source, mode="2026-07-28",
+                              cache=cache) as mcp:
+            return ([p.name for p in (await mcp.list_prompts()).prompts],
+                    [t.name for t in (await mcp.list_tools()).tools])
+
+    inside = asyncio.run(listed(INTERNAL, "insider"))
+    outside = asyncio.run(listed(EXTERNAL, "outsider"))
+    assert inside == (["summarize", "delete_help"], ["whoami", "add", "wait"])
+    assert outside == (["summarize"], ["whoami", "add", "wait"])
