@@ -13,7 +13,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from .contract import ADS_SERVICE, AUTHZ_SERVICE, EXT_PROC_SERVICE, SDS_SERVICE
+from .contract import (
+    ADS_SERVICE,
+    AUTHZ_SERVICE,
+    EXT_PROC_SERVICE,
+    SDS_SERVICE,
+    token_secret_name,
+)
 from .edges.authz import AuthorizationService
 from .edges.ext_proc import ExternalProcessingService
 from .edges.generation import Generation, Serving
@@ -124,7 +130,7 @@ class Sidecar:
         # The native data path's control plane: told of every reload and token change.
         self.control_plane = ControlPlane(lambda: self.config, self.tokens, self.metrics,
                                           _snapshots)
-        self.tokens.on_change = self.control_plane.changed
+        self.tokens.on_change = self.control_plane.tokens_changed
         self.health = health.aio.HealthServicer()
         self._receive_limit = receive_limit(config)
         self.grpc_port = 0
@@ -217,10 +223,15 @@ class Sidecar:
             if self.serving.decision_log is not None:
                 self.serving.decision_log.flush()
 
-    def token_usable(self, server: str) -> bool:
-        """Whether this sidecar holds a usable token for the server (the native watchdog)."""
+    def token_usable(self, server: str, node: str | None = None) -> bool:
+        """Whether this sidecar holds a usable token for the server (the native watchdog);
+        with a node id, whether that Envoy holds it too: its stream open, the current token
+        ACKed. An Envoy that has not reconnected since a restart is told no, and sends
+        nothing rather than the token it kept from before."""
         settings = self.config.credentials().get(server)
-        return settings is not None and self.tokens.cached(settings) is not None
+        if settings is None or self.tokens.cached(settings) is None:
+            return False
+        return node is None or self.control_plane.serves(node, token_secret_name(server))
 
     def readiness(self) -> Readiness:
         return Readiness(self._ready, self.tokens.unready())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -89,6 +90,7 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
             timeouts=Timeouts(args.request_timeout, args.idle_timeout, args.receive_timeout),
             data_path=args.data_path,
             listener_tls=_listener_tls(args),
+            node_id=args.node_id or _default_node_id(HostPort.parse(args.listen).port),
         )
     except ValueError as exc:
         print(f"envoy-config: {exc}", file=sys.stderr)
@@ -99,6 +101,11 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(text)
     return EXIT_OK
+
+
+def _default_node_id(listen_port: int) -> str:
+    """One id per Envoy: the host it is rendered on, and the port it listens on."""
+    return f"mcp-ext-authz-{socket.gethostname()}-{listen_port}"
 
 
 def add_parser(commands: Commands) -> None:
@@ -154,6 +161,9 @@ def add_parser(commands: Commands) -> None:
                        help="the key of --sidecar-cert")
     envoy.add_argument("--sidecar-sni", default="", metavar="NAME",
                        help="SNI to send to the sidecar (a name its certificate carries)")
+    envoy.add_argument("--node-id", default=None, metavar="ID",
+                       help="the Envoy's node id, one per Envoy a sidecar feeds (native data"
+                            " path; default: mcp-ext-authz-HOSTNAME-LISTENPORT)")
     envoy.add_argument("--output", default=None, metavar="FILE",
                        help="write to this file (whole, or not at all), not stdout")
     envoy.set_defaults(func=cmd_envoy_config)

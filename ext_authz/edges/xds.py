@@ -22,6 +22,7 @@ import asyncio
 import itertools
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import grpc
@@ -58,6 +59,29 @@ class Snapshots(Protocol):
         """A token as a serialized SDS secret ("" : none)."""
 
 
+@dataclass(eq=False)
+class _Stream:
+    """One Envoy's stream: what it asked for, what it was sent, what it took."""
+
+    node: dict[str, Any] = field(default_factory=dict)
+    subscribed: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # The types to look at again: a subscription, a reload (all), a token (secrets only).
+    dirty: set[str] = field(default_factory=set)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    sent: dict[str, Resources] = field(default_factory=dict)
+    # The secrets of each response not yet ACKed (by nonce), and the last ACKed.
+    pending_secrets: dict[str, Resources] = field(default_factory=dict)
+    acked_secrets: Resources = ()
+
+    @property
+    def node_id(self) -> str:
+        return str(self.node.get("_id", ""))
+
+    def touch(self, types: frozenset[str] | tuple[str, ...]) -> None:
+        self.dirty.update(types)
+        self.wake.set()
+
+
 class ControlPlane:
     """Serves every connected Envoy what the current config and tokens make of it."""
 
@@ -69,13 +93,33 @@ class ControlPlane:
         self._built: Snapshots | None = None
         self._tokens = tokens
         self._metrics = metrics
-        self._wakes: set[asyncio.Event] = set()
+        self._streams: set[_Stream] = set()
         self._nonces = itertools.count(1)
 
     def changed(self) -> None:
-        """The config or a token changed: every stream looks again at what it was sent."""
-        for wake in self._wakes:
-            wake.set()
+        """The config changed: every stream looks again at all it was sent."""
+        for stream in self._streams:
+            stream.touch(tuple(stream.subscribed))
+
+    def tokens_changed(self) -> None:
+        """A token changed: every stream looks again at its secrets, and only at them (the
+        listener and clusters do not hold tokens). Several at once are one look."""
+        for stream in self._streams:
+            stream.touch((SECRET_TYPE,))
+
+    def serves(self, node_id: str, secret_name: str) -> bool:
+        """Whether the Envoy of this node id holds a token under that secret name from this
+        process: its stream is open and it ACKed a response holding the secret, not empty.
+        (A token this process pushed is good until the empty secret that follows it: the
+        cache empties a token before it expires, by `expiry_buffer_s`.) What the watchdog
+        answers for that Envoy: after a restart, no until it is back."""
+        empty = self._snapshots().secret(secret_name, "")
+        for stream in self._streams:
+            if stream.node_id == node_id:
+                held = dict(stream.acked_secrets).get(secret_name)
+                if held is not None and held != empty:
+                    return True
+        return False
 
     def handlers(self) -> tuple[grpc.GenericRpcHandler, ...]:
         """ADS and SDS, to register on a grpc.aio server: one stream handler serves both."""
@@ -93,60 +137,74 @@ class ControlPlane:
 
     async def stream(self, requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         """One Envoy's subscription: answer each request, push each change, until it leaves."""
-        wake = asyncio.Event()
-        subscribed: dict[str, tuple[str, ...]] = {}
-        node: dict[str, Any] = {}
-        reader = asyncio.get_running_loop().create_task(
-            self._read(context, subscribed, node, wake))
-        self._wakes.add(wake)
+        stream = _Stream()
+        loop = asyncio.get_running_loop()
+        reader = loop.create_task(self._read(context, stream))
+        self._streams.add(stream)
         self._metrics.xds_streams.inc()
-        sent: dict[str, Resources] = {}
         versions = itertools.count(1)
+        waiting: asyncio.Task[bool] | None = None
         try:
             while not reader.done():
-                waiting = asyncio.get_running_loop().create_task(wake.wait())
+                waiting = loop.create_task(stream.wake.wait())
                 await asyncio.wait((reader, waiting), return_when=asyncio.FIRST_COMPLETED)
                 waiting.cancel()
-                wake.clear()
-                for type_url, names in list(subscribed.items()):
-                    resources = await self._resources(type_url, names, node)
-                    if resources is None or sent.get(type_url) == resources:
+                stream.wake.clear()
+                dirty, stream.dirty = stream.dirty, set()
+                for type_url, names in list(stream.subscribed.items()):
+                    if type_url not in dirty:
                         continue
-                    sent[type_url] = resources
+                    resources = await self._resources(type_url, names, stream.node)
+                    if resources is None or stream.sent.get(type_url) == resources:
+                        continue
+                    stream.sent[type_url] = resources
+                    nonce = str(next(self._nonces))
+                    if type_url == SECRET_TYPE:
+                        stream.pending_secrets[nonce] = resources
                     await context.write(discovery_pb2.DiscoveryResponse(
                         version_info=str(next(versions)),
                         resources=[any_pb2.Any(type_url=type_url, value=value)
                                    for _, value in resources],
-                        type_url=type_url, nonce=str(next(self._nonces))))
+                        type_url=type_url, nonce=nonce))
                     self._metrics.xds_pushes.labels(TYPE_NAMES.get(type_url, "other")).inc()
             reader.result()  # an error reading ends the stream with it
         finally:
+            # Cancelled mid-wait (the Envoy left): no waiter is left pending.
+            if waiting is not None:
+                waiting.cancel()
             reader.cancel()
-            self._wakes.discard(wake)
+            self._streams.discard(stream)
             self._metrics.xds_streams.dec()
+            if stream.node_id:
+                log.info("Envoy %r disconnected", stream.node_id)
 
-    async def _read(self, context: grpc.aio.ServicerContext[Any, Any],
-                    subscribed: dict[str, tuple[str, ...]], node: dict[str, Any],
-                    wake: asyncio.Event) -> None:
+    async def _read(self, context: grpc.aio.ServicerContext[Any, Any], stream: _Stream) -> None:
         while True:
             request = await context.read()
             if request is grpc.aio.EOF:
                 return
-            if request.HasField("node") and not node:
-                node.update(json_format.MessageToDict(request.node.metadata))
-                node["_id"] = request.node.id
+            if request.HasField("node") and not stream.node:
+                stream.node.update(json_format.MessageToDict(request.node.metadata))
+                stream.node["_id"] = request.node.id
+                log.info("Envoy %r connected", request.node.id)
+            kind = TYPE_NAMES.get(request.type_url, "other")
             if request.HasField("error_detail") and request.error_detail.code:
                 # A NACK: Envoy keeps what it had. Sent again only once something changes.
-                kind = TYPE_NAMES.get(request.type_url, "other")
                 self._metrics.xds_rejections.labels(kind).inc()
                 # Envoy quotes what it rejected, which for a secret would be the token.
                 said = "" if kind == "secret" else f": {request.error_detail.message[:2000]}"
-                log.error("Envoy %r rejected the %ss we sent%s", node.get("_id", ""), kind,
-                          said)
+                log.error("Envoy %r rejected the %ss we sent%s", stream.node_id, kind, said)
+                stream.pending_secrets.pop(request.response_nonce, None)
+            elif request.type_url == SECRET_TYPE and request.response_nonce:
+                acked = stream.pending_secrets.pop(request.response_nonce, None)
+                if acked is not None:
+                    stream.acked_secrets = acked
+                    # Older responses can no longer be ACKed.
+                    stream.pending_secrets.clear()
             names = tuple(sorted(request.resource_names))
-            if subscribed.get(request.type_url) != names:
-                subscribed[request.type_url] = names
-                wake.set()
+            if stream.subscribed.get(request.type_url) != names:
+                stream.subscribed[request.type_url] = names
+                stream.touch((request.type_url,))
 
     # -- what a stream is sent --------------------------------------------------------
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,7 +34,7 @@ class AdminServer:
 
     def __init__(
         self, listen: str, registry: CollectorRegistry, readiness: Callable[[], Readiness],
-        token_usable: Callable[[str], bool] = lambda server: False,
+        token_usable: Callable[[str, str | None], bool] = lambda server, node: False,
     ) -> None:
         self.listen = listen
         self._registry = registry
@@ -60,8 +61,8 @@ class AdminServer:
             self._server.close()
             await self._server.wait_closed()
 
-    def _route(self, method: str, path: str) -> tuple[int, str, bytes]:
-        path = path.split("?", 1)[0]
+    def _route(self, method: str, target: str) -> tuple[int, str, bytes]:
+        path, _, query = target.partition("?")
         if method not in ("GET", "HEAD"):
             return 405, "text/plain", b"method not allowed\n"
         if path == "/metrics":
@@ -77,7 +78,9 @@ class AdminServer:
         if path.startswith(TOKENS_PATH):
             # The native data path's watchdog: Envoy health-checks each oauth2 server's
             # endpoint here, and sends it nothing while this is not 200 (or not answered).
-            if self._token_usable(path[len(TOKENS_PATH):]):
+            # `?node=ID`: asked for that Envoy, which must hold the token itself.
+            nodes = urllib.parse.parse_qs(query).get("node")
+            if self._token_usable(path[len(TOKENS_PATH):], nodes[0] if nodes else None):
                 return 200, "text/plain", b"usable\n"
             return 503, "text/plain", b"no usable token\n"
         return 404, "text/plain", b"not found\n"

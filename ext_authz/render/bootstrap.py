@@ -9,6 +9,7 @@ its betterproto2 messages. This module assembles; each resource has its own buil
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import timedelta
 from typing import Any
 
 import yaml
@@ -23,9 +24,11 @@ from envoy_data_plane.envoy.config.core.v3 import (
     ApiConfigSource,
     ApiConfigSourceApiType,
     ApiVersion,
+    BackoffStrategy,
     GrpcService,
     GrpcServiceEnvoyGrpc,
     Node,
+    RetryPolicy,
     SocketAddress,
 )
 from envoy_data_plane.google.protobuf import Struct
@@ -50,6 +53,10 @@ from .options import (
     watchdog_address,
 )
 
+# Envoy's reconnection to the control plane: from a quarter second, at most two seconds apart
+# (jittered).
+XDS_RETRY_BASE, XDS_RETRY_MAX = timedelta(milliseconds=250), timedelta(seconds=2)
+
 
 def build_bootstrap(
     config: Config,
@@ -64,12 +71,14 @@ def build_bootstrap(
     timeouts: Timeouts = NO_TIMEOUTS,
     data_path: DataPath = "ext_authz",
     listener_tls: ListenerTLS | None = None,
+    node_id: str = "mcp-ext-authz",
 ) -> Bootstrap:
     """Build the bootstrap: one listener, the filters, a route and a cluster per server.
 
     `upstreams` overrides the servers' own `upstream` settings (`resolve_upstreams`). In
     the native data path the listener and those clusters are the sidecar's to serve: the
-    bootstrap holds the sidecar's clusters and says what to ask it for.
+    bootstrap holds the sidecar's clusters and says what to ask it for, as `node_id` (one
+    per Envoy: the sidecar's logs, and its watchdog, tell Envoys apart by it).
     """
     check_tls(config, sidecar_tls)
     sidecars = sidecar_endpoints(sidecar, workers)
@@ -101,14 +110,18 @@ def build_bootstrap(
     if sidecar_tls is not None:
         xds.transport_socket = tls.to_sidecar(sidecar_tls)
     sidecar_clusters.append(xds)
-    bootstrap.node = Node(id="mcp-ext-authz", cluster="mcp-ext-authz",
+    bootstrap.node = Node(id=node_id, cluster="mcp-ext-authz",
                           metadata=Struct.from_dict({NODE_KEY: plane.to_struct()}))
     bootstrap.static_resources = BootstrapStaticResources(clusters=sidecar_clusters)
     bootstrap.dynamic_resources = BootstrapDynamicResources(
         ads_config=ApiConfigSource(
             api_type=ApiConfigSourceApiType.GRPC, transport_api_version=ApiVersion.V3,
             grpc_services=[GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(
-                cluster_name=XDS_CLUSTER))],
+                cluster_name=XDS_CLUSTER,
+                # Back soon after the sidecar is: Envoy's default backoff grows to 30 s,
+                # and until an Envoy is back its watchdog keeps its oauth2 servers at 503.
+                retry_policy=RetryPolicy(retry_back_off=BackoffStrategy(
+                    base_interval=XDS_RETRY_BASE, max_interval=XDS_RETRY_MAX))))],
             set_node_on_first_message_only=True),
         lds_config=ADS_SOURCE, cds_config=ADS_SOURCE)
     return bootstrap

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import urllib.parse
 from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any, Literal
@@ -248,6 +249,29 @@ def snapshot(config: Config, plane: DataPlane, watchdog: SidecarAddress | None =
 Resources = tuple[tuple[str, bytes], ...]  # (name, serialized message), in a fixed order
 
 
+def _rendered(config: Config, plane: DataPlane, watchdog: SidecarAddress
+              ) -> tuple[Resources, list[Cluster]]:
+    built_listener, built_clusters = snapshot(config, plane, watchdog)
+    return ((built_listener.name, bytes(built_listener)),), built_clusters
+
+
+def _for_node(clusters: list[Cluster], node_id: str) -> Resources:
+    """The clusters as one Envoy is sent them: its watchdog asks for it by node id (is the
+    token in *this* Envoy?), not only for the sidecar."""
+    served = []
+    for cluster in clusters:
+        checks = [check.http_health_check for check in cluster.health_checks
+                  if check.http_health_check is not None
+                  and check.http_health_check.path.startswith(TOKENS_PATH)]
+        paths = [check.path for check in checks]
+        for check in checks:
+            check.path = f"{check.path}?node={urllib.parse.quote(node_id, safe='')}"
+        served.append((cluster.name, bytes(cluster)))
+        for check, path in zip(checks, paths, strict=True):
+            check.path = path
+    return tuple(served)
+
+
 class RenderError(ValueError):
     """The config cannot be turned into this Envoy's listener and clusters."""
 
@@ -269,10 +293,14 @@ async def _resolve(host: str) -> str:
 
 class Snapshots:
     """What the control plane serves an Envoy: its listener and clusters for the current
-    config and the flags in its node metadata, built once per config, serialized."""
+    config and the flags in its node metadata, serialized; built once per config and node
+    shape (Envoys with the same flags share one), off the event loop, and dropped with the
+    config."""
 
     def __init__(self) -> None:
-        self._built: dict[tuple[int, str], tuple[Config, Resources, Resources]] = {}
+        self._config: Config | None = None
+        self._built: dict[str, asyncio.Future[tuple[Resources, list[Cluster]]]] = {}
+        self._served: dict[tuple[str, str], Resources] = {}  # the clusters, per node id
 
     async def resources(self, config: Config, node: Mapping[str, Any]
                         ) -> tuple[Resources, Resources]:
@@ -288,18 +316,24 @@ class Snapshots:
             raise RenderError(str(exc)) from None
         if isinstance(watchdog, HostPort):
             watchdog = HostPort(await _resolve(watchdog.host), watchdog.port)
-        key = (id(config), repr((sorted(plane_data.items()), watchdog)))
-        cached = self._built.get(key)
-        if cached is not None and cached[0] is config:
-            return cached[1], cached[2]
+        if config is not self._config:  # one config is served at a time
+            self._config, self._built, self._served = config, {}, {}
+        key = repr((sorted(plane_data.items()), watchdog))
+        built = self._built.get(key)
+        if built is None:
+            # Rendered once for every Envoy of this shape, in a thread: the event loop goes
+            # on answering checks and the watchdog's health checks meanwhile.
+            built = self._built[key] = asyncio.ensure_future(
+                asyncio.to_thread(_rendered, config, plane, watchdog))
         try:
-            built_listener, built_clusters = snapshot(config, plane, watchdog)
+            listener, clusters = await asyncio.shield(built)
         except ValueError as exc:
             raise RenderError(str(exc)) from None
-        listener = ((built_listener.name, bytes(built_listener)),)
-        upstreams = tuple((c.name, bytes(c)) for c in built_clusters)
-        self._built = {key: (config, listener, upstreams)}  # one config is served at a time
-        return listener, upstreams
+        node_id = str(node.get("_id", ""))
+        served = self._served.get((key, node_id))
+        if served is None:
+            served = self._served[(key, node_id)] = _for_node(clusters, node_id)
+        return listener, served
 
     @staticmethod
     def secret(name: str, token: str) -> bytes:

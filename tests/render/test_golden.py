@@ -42,6 +42,7 @@ def render(name: str, data_path: str, tmp_path: Path,
     config = tmp_path / "sidecar.yaml"
     config.write_text(_config_text(case))
     code = cli.main(["envoy-config", "--config", str(config), "--data-path", data_path,
+                     "--node-id", "golden",
                      *case.get("flags", [])])
     out, err = capsys.readouterr()
     if code != 0:
