@@ -8,6 +8,7 @@ validate`.
 from __future__ import annotations
 
 import ipaddress
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -666,8 +667,12 @@ class TestNativeDataPath:
                                             "mcp_ext_authz_xds"}
         assert "health_checks" not in clusters(bootstrap)["mcp_ext_authz_xds"]
         dynamic = bootstrap["dynamic_resources"]
+        # Back soon after the sidecar is (Envoy's own backoff grows to 30 s).
         assert dynamic["ads_config"]["grpc_services"] == [
-            {"envoy_grpc": {"cluster_name": "mcp_ext_authz_xds"}}]
+            {"envoy_grpc": {"cluster_name": "mcp_ext_authz_xds", "retry_policy": {
+                "retry_back_off": {"base_interval": "0.250s", "max_interval": "2s"}}}}]
+        # One node id per Envoy: this host and its listen port, unless --node-id says.
+        assert bootstrap["node"]["id"] == f"mcp-ext-authz-{socket.gethostname()}-10000"
         assert dynamic["lds_config"] == dynamic["cds_config"] == {
             "ads": {}, "resource_api_version": "V3"}
         out = tmp_path / "envoy.yaml"

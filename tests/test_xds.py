@@ -242,3 +242,75 @@ async def test_the_watchdog_address_is_resolved_for_envoy() -> None:
     assert await _resolve("::1") == "::1"
     with pytest.raises(RenderError, match=r"cannot resolve 'no-such-host\.invalid'"):
         await _resolve("no-such-host.invalid")
+
+
+class TestFleet:
+    """What one control plane does for many Envoys (issue #25)."""
+
+    async def test_the_watchdog_answers_for_the_envoy_that_asks(
+            self, sidecar: Sidecar, ads: Stream) -> None:
+        """200 for a node only while its stream is open and it ACKed a token from this
+        process: before the ACK, for another node, and after it leaves, 503."""
+        base = f"http://127.0.0.1:{sidecar.admin_port}/tokens/gh"
+        async with httpx.AsyncClient() as http:
+            async def status(node: str) -> int:
+                return (await http.get(base, params={"node": node})).status_code
+
+            await ads.ask(SECRET_TYPE, (GH,), node=NODE)
+            response = await ads.next()
+            assert await status("test") == 503  # sent, not yet ACKed
+            await ads.ask(SECRET_TYPE, (GH,), nonce=response.nonce)
+            await ads.nothing(0.1)
+            assert await status("test") == 200
+            assert await status("another-envoy") == 503  # never connected (or not since)
+            assert (await http.get(base)).status_code == 200  # no node: the sidecar alone
+            ads.call.cancel()
+            await asyncio.sleep(0.2)
+            assert await status("test") == 503  # gone: it may hold a token we cannot empty
+
+    async def test_a_token_change_pushes_secrets_only(
+            self, sidecar: Sidecar, ads: Stream, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A refresh does not render a listener or cluster again, for any stream."""
+        await ads.ask(CLUSTER_TYPE, node=NODE)
+        await ads.ask(LISTENER_TYPE)
+        await ads.ask(SECRET_TYPE, (GH,))
+        for _ in range(3):
+            response = await ads.next()
+            await ads.ask(response.type_url, tuple(
+                sorted(GH for _ in response.resources if response.type_url == SECRET_TYPE)),
+                nonce=response.nonce)
+        rendered = []
+        snapshots = sidecar.control_plane._snapshots()
+        original = snapshots.resources
+
+        async def counting(*args: Any) -> Any:
+            rendered.append(args)
+            return await original(*args)
+
+        monkeypatch.setattr(snapshots, "resources", counting)
+        assert sidecar.tokens.on_change == sidecar.control_plane.tokens_changed
+        sidecar.control_plane.tokens_changed()
+        sidecar.control_plane.tokens_changed()  # several at once: one look
+        await ads.nothing(0.3)  # the token is the same: nothing to send
+        assert rendered == []
+
+    async def test_one_render_per_node_shape(self, sidecar: Sidecar) -> None:
+        """Envoys of one shape share a render; each is sent its own node id in the
+        watchdog's path."""
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{sidecar.grpc_port}") as channel:
+            stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)  # type: ignore[no-untyped-call]
+            streams = [Stream(stub.StreamAggregatedResources()) for _ in range(3)]
+            paths = []
+            for index, stream in enumerate(streams):
+                request = pb.DiscoveryRequest(type_url=CLUSTER_TYPE)
+                request.node.id = f"envoy-{index}"
+                request.node.metadata.CopyFrom(json_format.ParseDict(NODE, struct_pb2.Struct()))
+                await stream.call.write(request)
+                [gh] = [c for c in (Cluster.parse(r.value) for r in (await stream.next()).resources)
+                        if c.name == "mcp_gh"]
+                paths.append(gh.health_checks[0].http_health_check.path)  # type: ignore[union-attr]
+            assert paths == [f"/tokens/gh?node=envoy-{index}" for index in range(3)]
+            snapshots = sidecar.control_plane._snapshots()
+            assert len(snapshots._built) == 1  # type: ignore[attr-defined]
+            for stream in streams:
+                stream.call.cancel()
