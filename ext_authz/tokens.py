@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 MAX_RESPONSE_BYTES = 64 * 1024
 REFRESH_AT_FRACTION = 0.8
+SHORT_TOKEN_USE = 0.5  # the least of a token's life used, however large expiry_buffer_s
 # RFC 6750 b64token, loosened to any visible ASCII: what can travel in a header value
 # without letting a token endpoint smuggle a CR/LF or a second header upstream.
 # Matched whole (fullmatch): `$` would also match before a trailing newline.
@@ -60,6 +61,7 @@ class _Entry:
     timer: asyncio.TimerHandle | None = None
     expiry: asyncio.TimerHandle | None = None  # when the token stops being usable
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
+    noted: bool = False  # the cadence note (a short token) was logged
 
 
 def _form_encode(value: str) -> str:
@@ -244,10 +246,12 @@ class TokenCache:
                 entry.waiters.append(waiter)
             await waiter
 
-    async def fetch_now(self, settings: OAuth2Settings, server: str) -> tuple[str, float]:
-        """Fetch a token bypassing the cache (for `check --fetch-token`): (token, lifetime)."""
+    async def fetch_now(self, settings: OAuth2Settings, server: str
+                        ) -> tuple[str, float, str]:
+        """Fetch a token bypassing the cache (for `check --fetch-token`): (token, lifetime,
+        the cadence note)."""
         token, expires_in = await self._request(settings, server)
-        return token, self._lifetime(expires_in)
+        return token, self._lifetime(expires_in), self.cadence_note(server, expires_in)
 
     async def aclose(self) -> None:
         """Cancel timers and fetches and close the HTTP client."""
@@ -334,8 +338,23 @@ class TokenCache:
     def _lifetime(self, expires_in: float | None) -> float:
         if expires_in is None:
             return self.settings.default_ttl_s
-        buffered = max(expires_in - self.settings.expiry_buffer_s, self.settings.min_ttl_s)
+        # A token no longer than the buffer is still used for half its life: the buffer
+        # alone would leave it min_ttl_s (a 60 s token fetched every 8 s), or nothing.
+        buffered = max(expires_in - self.settings.expiry_buffer_s, self.settings.min_ttl_s,
+                       expires_in * SHORT_TOKEN_USE)
         return min(buffered, expires_in)
+
+    def cadence_note(self, server: str, expires_in: float | None) -> str:
+        """What to say of a token endpoint's expires_in against tokens.expiry_buffer_s
+        ("" when it is longer)."""
+        if expires_in is None or expires_in > self.settings.expiry_buffer_s:
+            return ""
+        lifetime = self._lifetime(expires_in)
+        return (f"server {server!r}: the token endpoint's expires_in ({expires_in:g} s) is not"
+                f" longer than tokens.expiry_buffer_s ({self.settings.expiry_buffer_s:g} s):"
+                f" each token is used for {lifetime:g} s and refreshed after"
+                f" {lifetime * REFRESH_AT_FRACTION:g} s (lower expiry_buffer_s to use more"
+                " of it)")
 
     def _backoff(self, failures: int) -> float:
         initial, ceiling = self.settings.retry_initial_s, self.settings.retry_max_s
@@ -364,6 +383,10 @@ class TokenCache:
             entry.fetch = None
         now = self._clock()
         lifetime = self._lifetime(expires_in)
+        note = self.cadence_note(entry.server, expires_in)
+        if note and not entry.noted:
+            entry.noted = True  # said once per credential (at start: the first fetch)
+            log.warning("%s", note)
         entry.token = token
         entry.fetched_at = now
         entry.usable_until = now + lifetime

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import time
 from typing import Any
 
@@ -107,13 +108,15 @@ class TestSingleFlight:
 class TestLifetime:
     @pytest.mark.parametrize(
         ("expires_in", "expected"),
-        [(3600, 3540.0), ("3600", 3540.0), (30, 10.0), (5, 5.0), (10**9, 10**9 - 60.0),
-         (None, 300.0)],
+        [(3600, 3540.0), ("3600", 3540.0), (30, 15.0), (60, 30.0), (100, 50.0), (5, 5.0),
+         (10**9, 10**9 - 60.0), (None, 300.0)],
     )
     async def test_lifetime(
         self, token_endpoint: TokenEndpoint, cache: TokenCache, expires_in: Any, expected: float
     ) -> None:
-        """max(expires_in - buffer, min_ttl), never past expires_in; default_ttl if absent."""
+        """max(expires_in - buffer, min_ttl, half of expires_in), never past expires_in;
+        default_ttl if absent. (A 60 s token under the 60 s buffer is used for 30 s, not
+        fetched every 8 s.)"""
         token_endpoint.expires_in = expires_in
         token_endpoint.omit_expires_in = expires_in is None
         settings = oauth2(token_endpoint.url)
@@ -122,6 +125,22 @@ class TestLifetime:
         entry = cache._entries[settings.cache_key]
         assert entry.usable_until - before == pytest.approx(expected, abs=1.0)
         assert entry.refresh_at - before == pytest.approx(expected * 0.8, abs=1.0)
+
+    async def test_a_short_token_is_said_once(
+            self, token_endpoint: TokenEndpoint, cache: TokenCache,
+            caplog: pytest.LogCaptureFixture) -> None:
+        """expires_in no longer than expiry_buffer_s: one warning per credential saying what
+        the sidecar does with it."""
+        token_endpoint.expires_in = 60
+        settings = oauth2(token_endpoint.url)
+        with caplog.at_level(logging.WARNING):
+            await cache.token(settings, "pub", 2)
+            await cache.fetch_now(settings, "pub")
+        said = [r.message for r in caplog.records if "expires_in" in r.message]
+        assert said == ["server 'pub': the token endpoint's expires_in (60 s) is not longer than"
+                        " tokens.expiry_buffer_s (60 s): each token is used for 30 s and"
+                        " refreshed after 24 s (lower expiry_buffer_s to use more of it)"]
+        assert (await cache.fetch_now(settings, "pub"))[2] == said[0]
 
     @pytest.mark.parametrize("expires_in", [0, -5, "soon", True, [1]])
     async def test_unusable_expires_in_is_an_error(

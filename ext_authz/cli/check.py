@@ -47,13 +47,15 @@ async def _judge(config: Config, policy: Policy, facts: RequestFacts, body: Body
 
     async def fetch(oauth2: OAuth2Settings, server: str) -> str:
         try:
-            token, lifetime = await cache.fetch_now(oauth2, server)
+            token, lifetime, note = await cache.fetch_now(oauth2, server)
         except TokenError as exc:
             report.clear()
             report.update({"fetched": False, "error": str(exc)})
             raise
         report.clear()
         report.update({"fetched": True, "length": len(token), "cache_lifetime_s": lifetime})
+        if note:
+            report["cadence"] = note
         return token
 
     try:
