@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import time
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, unquote_plus
@@ -38,6 +39,8 @@ class TokenEndpoint:
     omit_expires_in: bool = False
     requests: list[TokenRequest] = field(default_factory=list)
     issued: list[str] = field(default_factory=list)
+    # When each token was issued (time.monotonic()) and for how long: token -> (at, expires_in)
+    lifetimes: dict[str, tuple[float, Any]] = field(default_factory=dict)
     port: int = 0
     host: str = "127.0.0.1"
     _server: asyncio.base_events.Server | None = None
@@ -113,6 +116,7 @@ class TokenEndpoint:
             if mode == "unsafe_token":
                 token = "tok\r\nx-injected: 1"
             self.issued.append(token)
+            self.lifetimes[token] = (time.monotonic(), self.expires_in)
             payload: dict[str, Any] = {
                 "access_token": token,
                 "token_type": "mac" if mode == "wrong_type" else "bearer",

@@ -11,6 +11,7 @@ edges/xds.py, which computes nothing).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import socket
 import urllib.parse
 from collections.abc import Mapping
@@ -249,6 +250,10 @@ def snapshot(config: Config, plane: DataPlane, watchdog: SidecarAddress | None =
 Resources = tuple[tuple[str, bytes], ...]  # (name, serialized message), in a fixed order
 
 
+# Renders run here, one at a time, never on the event loop.
+_RENDERER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="render")
+
+
 def _rendered(config: Config, plane: DataPlane, watchdog: SidecarAddress
               ) -> tuple[Resources, list[Cluster]]:
     built_listener, built_clusters = snapshot(config, plane, watchdog)
@@ -298,6 +303,10 @@ class Snapshots:
     config."""
 
     def __init__(self) -> None:
+        # betterproto2 builds each message class's schema on first use, and not safely from
+        # two threads at once: the secrets (built here) are warmed up first, and the
+        # renders go to one thread of their own.
+        self.secret("warm-up", "")
         self._config: Config | None = None
         self._built: dict[str, asyncio.Future[tuple[Resources, list[Cluster]]]] = {}
         self._served: dict[tuple[str, str], Resources] = {}  # the clusters, per node id
@@ -323,8 +332,8 @@ class Snapshots:
         if built is None:
             # Rendered once for every Envoy of this shape, in a thread: the event loop goes
             # on answering checks and the watchdog's health checks meanwhile.
-            built = self._built[key] = asyncio.ensure_future(
-                asyncio.to_thread(_rendered, config, plane, watchdog))
+            built = self._built[key] = asyncio.get_running_loop().run_in_executor(
+                _RENDERER, _rendered, config, plane, watchdog)
         try:
             listener, clusters = await asyncio.shield(built)
         except ValueError as exc:
