@@ -302,3 +302,27 @@ servers:
         """A config path that does not exist is a ConfigError, not a traceback."""
         with pytest.raises(ConfigError, match="cannot read"):
             load_config(tmp_path / "absent.yaml")
+
+
+class TestExposure:
+    """Whoever reaches the gRPC listener reads every token: beyond loopback, mTLS or a word."""
+
+    @pytest.mark.parametrize("listen", ["127.0.0.1:9191", "127.0.0.2:9", "localhost:9191",
+                                        "[::1]:9191", "unix:/run/sidecar.sock"])
+    def test_this_host_only_is_fine(self, listen: str) -> None:
+        assert parse_yaml(f"grpc: {{listen: '{listen}'}}", env={}).grpc.listen == listen
+
+    @pytest.mark.parametrize("listen", ["0.0.0.0:9191", "[::]:9191", "10.0.0.5:9191",
+                                        "sidecar.internal:9191"])
+    def test_beyond_it_is_refused_in_one_line(self, listen: str) -> None:
+        [problem] = problems(f"grpc: {{listen: '{listen}'}}")
+        assert problem.startswith(f"grpc.listen: {listen} is reachable beyond this host")
+        assert "grpc.allow_unauthenticated: true" in problem
+
+    def test_said_in_so_many_words(self) -> None:
+        config = parse_yaml("grpc: {listen: '0.0.0.0:9191', allow_unauthenticated: true}",
+                            env={})
+        assert config.grpc.allow_unauthenticated
+        # A security boolean: never "yes" coerced.
+        refused = problems("grpc: {listen: '0.0.0.0:9191', allow_unauthenticated: 'yes'}")
+        assert any(p.startswith("grpc.allow_unauthenticated:") for p in refused), refused

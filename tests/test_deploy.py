@@ -487,8 +487,12 @@ class TestCompose:
             token_host, token_port = oauth2.token_url.split("/")[2].split(":")
             token_command = services[token_host]["command"]
             assert token_command[token_command.index("--port") + 1] == token_port
-        assert "backend" in services["sidecar"]["networks"]
-        assert "backend" in services["envoy"]["networks"]
+        # Envoy reaches the sidecar on `control`, which no MCP server shares: whoever
+        # reaches the sidecar's gRPC listener reads every token.
+        assert services["sidecar"]["networks"] == ["control"]
+        assert {"backend", "control"} <= set(services["envoy"]["networks"])
+        for name in config.servers:
+            assert "control" not in services[f"mcp-{name}"]["networks"]
 
     def test_clients_fall_on_the_right_side(self, compose: dict[str, Any]) -> None:
         """client-internal is inside internal_ranges; client-external and gateways are not."""

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from ...errors import ConfigError
 from .models import Config
-from .problems import describe_error, key_path, read_files, visibility_problems
+from .problems import describe_error, exposure_problems, key_path, read_files, visibility_problems
 
 # $$ is a dollar sign; ${VAR} and ${VAR:-default} come from the environment; any other $ is
 # refused (a shell would read "$S" as a variable, we would have kept it as text).
@@ -118,7 +118,7 @@ def parse_config(data: Any, env: Mapping[str, str] | None = None,
                      if key_path(error["loc"]) not in expansion.unset
                      for problem in (describe_error(error),)]
         raise ConfigError(problems, source) from None
-    problems += visibility_problems(config)
+    problems += visibility_problems(config) + exposure_problems(config)
     if config.network.uses_claims and config.jwt is None:
         problems += [f"network.networks.{name}.jwt_claims: needs `jwt`, the provider whose"
                      " tokens Envoy verifies (issuer, jwks_uri or jwks_file)"

@@ -37,6 +37,10 @@ class TLSSettings(FrozenModel):
 class GrpcSettings(FrozenModel):
     listen: str = "127.0.0.1:9191"
     tls: TLSSettings | None = None
+    # Whoever can open a stream on the gRPC listener reads every server's token (Check
+    # answers, SDS): beyond loopback it takes mTLS (tls.client_ca_file), or this, said in
+    # so many words.
+    allow_unauthenticated: StrictBool = False
 
     _check_listen = field_validator("listen")(parse_listen)
 

@@ -3,6 +3,7 @@ problems, unreadable files, and warnings for what is valid but almost certainly 
 
 from __future__ import annotations
 
+import ipaddress
 import ssl
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 from pydantic import SecretStr
 
 from ..network import INTERNAL
+from .base import split_listen
 from .models import Config, TLSSettings
 
 
@@ -175,3 +177,23 @@ def config_warnings(config: Config) -> list[str]:
                            "every caller, the whole internet, is then in it")
                 warnings.append(f"{key}[{index}]: {network} holds every address: {meaning}")
     return warnings
+
+
+def exposure_problems(config: Config) -> list[str]:
+    """A gRPC listener that hands tokens to whoever reaches it, beyond this host."""
+    grpc = config.grpc
+    if grpc.allow_unauthenticated or grpc.listen.startswith("unix:"):
+        return []
+    if grpc.tls is not None and grpc.tls.client_ca_file is not None:
+        return []
+    host = split_listen(grpc.listen)[0].strip("[]")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False  # a name: whatever it resolves to, not only this host
+    if loopback:
+        return []
+    return [f"grpc.listen: {grpc.listen} is reachable beyond this host, and whoever can open"
+            " a stream there reads every server's token (Check answers, SDS): give grpc.tls"
+            " a client_ca_file (mTLS: only Envoy's certificate gets in), or say"
+            " grpc.allow_unauthenticated: true"]
