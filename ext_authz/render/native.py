@@ -89,6 +89,7 @@ from .plan import Plan, ServerPlan
 # WATCHDOG_THRESHOLD: no request goes out with a stale token after that.
 WATCHDOG_INTERVAL = timedelta(seconds=1)
 WATCHDOG_THRESHOLD = 2
+WATCHDOG_RECHECK = timedelta(milliseconds=200)
 ADS_SOURCE = ConfigSource(ads=AggregatedConfigSource(), resource_api_version=ApiVersion.V3)
 
 
@@ -223,6 +224,9 @@ class ByEnvoy(BySidecar):
         cluster.health_checks = [HealthCheck(
             timeout=WATCHDOG_INTERVAL, interval=WATCHDOG_INTERVAL,
             no_traffic_interval=WATCHDOG_INTERVAL,  # not Envoy's 60 s while the route is idle
+            # Unhealthy (a new Envoy before it took its token, or one that came back), it is
+            # asked again soon: serving a moment after its token is in.
+            unhealthy_interval=WATCHDOG_RECHECK,
             unhealthy_threshold=WATCHDOG_THRESHOLD, healthy_threshold=1,
             http_health_check=HealthCheckHttpHealthCheck(path=f"{TOKENS_PATH}{server.name}"))]
         # No healthy endpoint means no request: never Envoy's panic mode, which sends anyway.

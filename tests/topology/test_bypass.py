@@ -21,6 +21,8 @@ import posixpath
 import re
 import subprocess
 import sys
+import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -247,6 +249,24 @@ def start_gateway(stack: Stack, name: str, sidecar_config: Path | None,
                                   "--file-flush-interval-msec", "100"], "envoy")
     stack.wait_ready(Service(envoy.name, "envoy", (envoy.argv[0], "-c", str(envoy_config)),
                              {}, envoy.addresses, (), None), f"envoy-{name}")
+    if stack.data_path == "native":
+        # A native Envoy serves an oauth2 server once it holds its token (the watchdog asks
+        # the sidecar for this Envoy): a moment after it is ready.
+        admin = yaml.safe_load(envoy_config.read_text())["admin"]["address"]["socket_address"]
+        _until_every_host_is_healthy(stack, admin["address"], admin["port_value"])
+
+
+def _until_every_host_is_healthy(stack: Stack, host: str, port: int) -> None:
+    def healthy() -> bool:
+        with urllib.request.urlopen(f"http://{host}:{port}/clusters", timeout=2) as response:
+            flags = [line for line in response.read().decode().splitlines()
+                     if "::health_flags::" in line]
+        return bool(flags) and all(line.endswith("::healthy") for line in flags)
+
+    deadline = time.monotonic() + 10
+    while not stack.in_namespace("envoy", healthy):
+        assert time.monotonic() < deadline, "the Envoy's hosts did not turn healthy in 10 s"
+        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")

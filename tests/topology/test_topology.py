@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import socket
 import time
 from typing import Any
 
@@ -247,3 +248,34 @@ class TestLoadBalancer:
         for record in judged(compose, since, "internal"):
             assert (record["client_ip"], record["client_ip_source"]) == (
                 str(at.of("client-external", "external")), "peer")
+
+
+class TestControlPlaneIsEnvoys:
+    """Whoever reaches the sidecar's gRPC listener reads every token (Check answers, SDS).
+    On the compose networks only Envoy (and the token endpoint) share one with it: from an
+    MCP server's namespace, nothing of the sidecar answers at any of its addresses."""
+
+    @pytest.mark.parametrize("server", ["mcp-public", "mcp-internal"])
+    def test_no_mcp_server_reaches_the_sidecar(self, compose: Stack, at: Addresses,
+                                               server: str) -> None:
+        sidecar = [str(at.of("sidecar", "control", version)) for version in (4, 6)]
+        # (It listens on 0.0.0.0: IPv4 alone.)
+
+        def attempts() -> list[str]:
+            outcomes = []
+            for host in sidecar:
+                for port in (9191, 9192):
+                    try:
+                        with socket.create_connection((host, port), timeout=1):
+                            outcomes.append(f"{host}:{port} connected")
+                    except OSError as exc:
+                        outcomes.append(f"{host}:{port} {type(exc).__name__}")
+            return outcomes
+
+        outcomes = compose.in_namespace(server, attempts)
+        assert not any(outcome.endswith("connected") for outcome in outcomes), outcomes
+        # And Envoy does reach it there, on the same ports.
+        reached = compose.in_namespace("envoy", lambda: [
+            socket.create_connection((sidecar[0], port), timeout=2).close()
+            for port in (9191, 9192)])
+        assert reached == [None, None]
