@@ -10,7 +10,11 @@ A token that expired without a successor is sent as an empty secret, never left 
 Envoy's credential injector then fails the request (401, answered as our 503). Envoy keeps
 the last secret it was sent while no control plane answers (it neither expires resources
 by TTL nor drops a removed secret): the watchdog that bounds that is Envoy's health check
-of the admin listener's /tokens/NAME (render/native.py).
+of the admin listener's /tokens/NAME?node=ID (render/native.py), which `serves` answers for
+that Envoy: its stream open, a token from this process ACKed.
+
+Many Envoys may share one sidecar: a token change looks at secrets only, and what a reload
+renders is built once per shape of Envoy (render.native.Snapshots).
 
 What each stream is sent is built by render.native.Snapshots (go-control-plane's snapshot);
 this module keeps the streams' bookkeeping only (versions, nonces, ACKs and NACKs).

@@ -186,6 +186,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             for process in reversed(processes):
                 process.stop()
             upstream.shutdown()
+            upstream.server_close()
 
 
 def test_a_fleet_of_envoys(fleet: Fleet) -> None:
