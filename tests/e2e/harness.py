@@ -311,6 +311,28 @@ def envoy_config(config_path: Path, *argv: str) -> dict[str, Any]:
     return dict(yaml.safe_load(rendered.stdout))
 
 
+def start_gateway(servers: dict[str, Any], workdir: Path, data_path: str,
+                  processes: list[Process], **settings: Any) -> str:
+    """A sidecar for these servers (127.0.0.1 internal, any other `settings` beside) and an
+    Envoy from `envoy-config --data-path data_path` for it, both ready; each appended to
+    `processes` as it starts (the caller stops them). The gateway's base URL."""
+    ports = {name: free_port() for name in ("grpc", "admin", "envoy", "envoy_admin")}
+    config = {"grpc": {"listen": f"127.0.0.1:{ports['grpc']}"},
+              "admin": {"listen": f"127.0.0.1:{ports['admin']}"},
+              "network": {"internal_ranges": ["127.0.0.1/32"]},
+              **settings, "servers": servers}
+    config_path = workdir / "sidecar.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    bootstrap = envoy_config(config_path, "--listen", f"127.0.0.1:{ports['envoy']}",
+                             "--admin", f"127.0.0.1:{ports['envoy_admin']}",
+                             "--data-path", data_path)
+    sidecar = start_sidecar(config_path, workdir)
+    processes.append(sidecar)
+    sidecar.wait_http(f"http://127.0.0.1:{ports['admin']}/readyz")
+    processes.append(start_envoy(bootstrap, workdir, ports["envoy_admin"]))
+    return f"http://127.0.0.1:{ports['envoy']}"
+
+
 def until(check: Callable[[], bool], timeout: float = 5) -> float:
     """Wait until check() holds (failing past `timeout` seconds); the seconds it took."""
     started = time.monotonic()

@@ -18,9 +18,8 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
-import yaml
 
-from tests.e2e.harness import Process, envoy_config, free_port, start_envoy, start_sidecar
+from tests.e2e.harness import Process, free_port, start_gateway
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -51,38 +50,23 @@ class Stack:
 def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
           ) -> Iterator[Stack]:
     workdir = tmp_path_factory.mktemp(f"answers-{request.param}")
-    ports = {name: free_port() for name in ("grpc", "admin", "envoy", "envoy_admin", "odd")}
+    port = free_port()
     processes: list[Process] = []
     try:
         odd = Process("odd", [sys.executable, "-m", "tests.e2e.odd_upstream", "--port",
-                              str(ports["odd"])], workdir)
+                              str(port)], workdir)
         processes.append(odd)
-        config = {
-            "grpc": {"listen": f"127.0.0.1:{ports['grpc']}"},
-            "admin": {"listen": f"127.0.0.1:{ports['admin']}"},
-            "network": {"internal_ranges": ["127.0.0.1/32"]},
-            "mcp": {"max_answer_bytes": MAX_ANSWER},
-            "servers": {"odd": {
-                "upstream": f"127.0.0.1:{ports['odd']}",
+        odd.wait_port(port)
+        yield Stack(start_gateway({
+            "odd": {
+                "upstream": f"127.0.0.1:{port}",
                 "tools": {"delete_repo": {"available_on_public_internet": False}},
                 "prompts": {"delete_help": {"available_on_public_internet": False}},
                 "resources": {"repo://victim/{action}": {"available_on_public_internet": False}}},
-                # Hidden from outside, with tool rules: its routes read bodies.
-                "vault": {"upstream": f"127.0.0.1:{ports['odd']}",
-                          "available_on_public_internet": False,
-                          "tools": {"delete_repo": {"available_on_public_internet": False}}}},
-        }
-        config_path = workdir / "sidecar.yaml"
-        config_path.write_text(yaml.safe_dump(config))
-        bootstrap = envoy_config(config_path, "--listen", f"127.0.0.1:{ports['envoy']}",
-                                 "--admin", f"127.0.0.1:{ports['envoy_admin']}",
-                                 "--data-path", request.param)
-        sidecar = start_sidecar(config_path, workdir)
-        processes.append(sidecar)
-        odd.wait_port(ports["odd"])
-        sidecar.wait_http(f"http://127.0.0.1:{ports['admin']}/readyz")
-        processes.append(start_envoy(bootstrap, workdir, ports["envoy_admin"]))
-        yield Stack(f"http://127.0.0.1:{ports['envoy']}")
+            # Hidden from outside, with tool rules: its routes read bodies.
+            "vault": {"upstream": f"127.0.0.1:{port}", "available_on_public_internet": False,
+                      "tools": {"delete_repo": {"available_on_public_internet": False}}},
+        }, workdir, request.param, processes, mcp={"max_answer_bytes": MAX_ANSWER}))
     finally:
         for process in reversed(processes):
             process.stop()

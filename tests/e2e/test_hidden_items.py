@@ -23,15 +23,12 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 
 from tests.e2e.harness import (
     Process,
-    envoy_config,
     free_port,
     mcp_client,
-    start_envoy,
-    start_sidecar,
+    start_gateway,
     start_ts_upstream,
     start_upstream,
 )
@@ -72,8 +69,7 @@ class Stack:
 def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
           ) -> Iterator[Stack]:
     workdir: Path = tmp_path_factory.mktemp(f"items-{request.param}")
-    ports = {name: free_port() for name in ("grpc", "admin", "envoy", "envoy_admin", "py",
-                                            "pysse", "ts")}
+    ports = {name: free_port() for name in ("py", "pysse", "ts")}
     processes: list[Process] = []
     try:
         # `py` says its lists may be shared by everyone (cacheScope public).
@@ -82,25 +78,11 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
                      for name in ("py", "pysse")}
         upstreams["ts"] = start_ts_upstream("ts", ports["ts"], workdir)
         processes += upstreams.values()
-        config = {
-            "grpc": {"listen": f"127.0.0.1:{ports['grpc']}"},
-            "admin": {"listen": f"127.0.0.1:{ports['admin']}"},
-            "network": {"internal_ranges": ["127.0.0.1/32"]},
-            "servers": {name: {"upstream": f"127.0.0.1:{ports[name]}", **RULES}
-                        for name in upstreams},
-        }
-        config_path = workdir / "sidecar.yaml"
-        config_path.write_text(yaml.safe_dump(config))
-        bootstrap = envoy_config(config_path, "--listen", f"127.0.0.1:{ports['envoy']}",
-                                 "--admin", f"127.0.0.1:{ports['envoy_admin']}",
-                                 "--data-path", request.param)
-        sidecar = start_sidecar(config_path, workdir)
-        processes.append(sidecar)
-        sidecar.wait_http(f"http://127.0.0.1:{ports['admin']}/readyz")
         for name in upstreams:
             upstreams[name].wait_http(f"http://127.0.0.1:{ports[name]}/mcp/{name}/echo")
-        processes.append(start_envoy(bootstrap, workdir, ports["envoy_admin"]))
-        yield Stack(f"http://127.0.0.1:{ports['envoy']}", upstreams)
+        base = start_gateway({name: {"upstream": f"127.0.0.1:{ports[name]}", **RULES}
+                              for name in upstreams}, workdir, request.param, processes)
+        yield Stack(base, upstreams)
     finally:
         for process in reversed(processes):
             process.stop()

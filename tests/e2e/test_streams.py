@@ -21,18 +21,10 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.e2e.harness import (
-    Process,
-    envoy_config,
-    free_port,
-    start_envoy,
-    start_sidecar,
-    start_upstream,
-)
+from tests.e2e.harness import Process, free_port, start_gateway, start_upstream
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -148,28 +140,14 @@ def results(found: list[Event]) -> list[Any]:
 def base(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
          ) -> Iterator[str]:
     workdir: Path = tmp_path_factory.mktemp(f"streams-{request.param}")
-    ports = {name: free_port() for name in ("grpc", "admin", "envoy", "envoy_admin", "st")}
+    port = free_port()
     processes: list[Process] = []
     try:
-        upstream = start_upstream("st", ports["st"], workdir, stateful=True)
+        upstream = start_upstream("st", port, workdir, stateful=True)
         processes.append(upstream)
-        config = {
-            "grpc": {"listen": f"127.0.0.1:{ports['grpc']}"},
-            "admin": {"listen": f"127.0.0.1:{ports['admin']}"},
-            "network": {"internal_ranges": ["127.0.0.1/32"]},
-            "servers": {"st": {"upstream": f"127.0.0.1:{ports['st']}", **RULES}},
-        }
-        config_path = workdir / "sidecar.yaml"
-        config_path.write_text(yaml.safe_dump(config))
-        bootstrap = envoy_config(config_path, "--listen", f"127.0.0.1:{ports['envoy']}",
-                                 "--admin", f"127.0.0.1:{ports['envoy_admin']}",
-                                 "--data-path", request.param)
-        sidecar = start_sidecar(config_path, workdir)
-        processes.append(sidecar)
-        sidecar.wait_http(f"http://127.0.0.1:{ports['admin']}/readyz")
-        upstream.wait_http(f"http://127.0.0.1:{ports['st']}/mcp/st/echo")
-        processes.append(start_envoy(bootstrap, workdir, ports["envoy_admin"]))
-        yield f"http://127.0.0.1:{ports['envoy']}"
+        upstream.wait_http(f"http://127.0.0.1:{port}/mcp/st/echo")
+        yield start_gateway({"st": {"upstream": f"127.0.0.1:{port}", **RULES}}, workdir,
+                            request.param, processes)
     finally:
         for process in reversed(processes):
             process.stop()
