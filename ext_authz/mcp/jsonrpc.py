@@ -15,20 +15,20 @@ defend against, and what each would otherwise have read differently:
   whatever charset Content-Type names: utf-7, utf-16, utf-32. So only `application/json`,
   UTF-8, no BOM, is read at all.
 - A server, or a router in front of it, may go by MCP's `Mcp-Method` and `Mcp-Name` headers
-  rather than the body: they must name what the body names, once.
+  rather than the body: they must name what the body names, once (headers.py).
 - Parsers differ on duplicate keys, lone surrogates, NaN, huge numbers and odd ids: refused.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import re
 import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
+
+from .headers import header_problem
 
 TOOLS_CALL = "tools/call"
 TOOLS_LIST = "tools/list"
@@ -67,8 +67,6 @@ COMPLETION_REFS: dict[str, tuple[str, tuple[str, ...]]] = {
 # The methods whose answer is a list of items, filtered for the caller.
 LIST_METHODS = frozenset((TOOLS_LIST, "prompts/list", "resources/list",
                           "resources/templates/list"))
-# The methods whose name MCP mirrors in the `Mcp-Name` header, and the param that holds it.
-NAME_BEARING_METHODS = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
 
 # The JSON media type, UTF-8 (said or not), and nothing else: any other charset is one a
 # server might decode the bytes in, into a message we never saw.
@@ -78,7 +76,6 @@ _JSON_MEDIA_TYPE = re.compile(
 _MAX_SAFE_INTEGER = 2**53 - 1  # the largest id every parser (JavaScript's doubles) keeps exact
 _INTEGER = re.compile(r"-?(?:0|[1-9][0-9]{0,15})")
 _ESCAPE = re.compile(r"\\(?:u([0-9a-fA-F]{4})|.)", re.DOTALL)
-_BASE64_HEADER = re.compile(r"=\?base64\?(.*)\?=", re.DOTALL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,22 +259,6 @@ def _rpc_id(message: dict[str, Any]) -> tuple[str | None, bool]:
     return None, False
 
 
-def decode_header_value(value: str) -> str | None:
-    """Read an MCP header value: verbatim, or the `=?base64?...?=` form the SDKs send for
-    names that are not printable ASCII. None when that form is malformed."""
-    match = _BASE64_HEADER.fullmatch(value)
-    if match is None:
-        return value
-    payload = match.group(1)
-    try:
-        decoded = base64.b64decode(payload, validate=True)
-        if base64.b64encode(decoded).decode("ascii") != payload:
-            return None  # not canonical: no SDK writes it, and decoders disagree on it
-        return decoded.decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
-        return None
-
-
 def _protocol(params: dict[str, Any], body: Body) -> str:
     meta = params.get("_meta")
     version = meta.get(_PROTOCOL_KEY) if isinstance(meta, dict) else None
@@ -368,7 +349,7 @@ def read_item_uses(body: Body, max_bytes: int, max_batch: int) -> ItemUses:
         if isinstance(used, ItemUses):
             return used
         uses += used
-    problem = _header_problem(body, messages, batch)
+    problem = header_problem(body.mcp_method, body.mcp_name, messages, batch)
     if problem:
         return _refuse(INVALID_REQUEST, problem)
     if not uses and not lists:
@@ -431,31 +412,3 @@ def _listened(params: dict[str, Any], rpc_id: str | None, protocol: str,
     return [ItemUse(uri, rpc_id, protocol, index, "resource",
                     ("params", "notifications", _SUBSCRIPTIONS, position), LISTEN)
             for position, uri in enumerate(uris)]
-
-
-def _header_problem(body: Body, messages: list[dict[str, Any]], batch: bool) -> str:
-    # A server, or a router before it, may go by MCP's headers rather than the body: they must
-    # say what the body says, once.
-    if not body.mcp_method and not body.mcp_name:
-        return ""
-    if batch:
-        return "Mcp-Method and Mcp-Name headers describe one message, not a batch"
-    for header, values in (("Mcp-Method", body.mcp_method), ("Mcp-Name", body.mcp_name)):
-        if len(values) > 1 or any("," in value for value in values):
-            return f"the {header} header is sent more than once"
-    message = messages[0]
-    method = message.get("method")
-    if body.mcp_method and body.mcp_method[0] != method:
-        return "the Mcp-Method header names another method than the body"
-    if not body.mcp_name:
-        return ""
-    key = NAME_BEARING_METHODS.get(method) if isinstance(method, str) else None
-    if key is None:
-        return "an Mcp-Name header on a message whose method names nothing"
-    name = decode_header_value(body.mcp_name[0])
-    if name is None:
-        return "the Mcp-Name header's =?base64?...?= form is malformed"
-    params = message.get("params")
-    if not isinstance(params, dict) or params.get(key) != name:
-        return f"the Mcp-Name header names another {key} than the body's params.{key}"
-    return ""
