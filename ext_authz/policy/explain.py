@@ -9,7 +9,7 @@ from ..contract import NO_SERVER
 from ..mcp.jsonrpc import NO_BODY, Body, read_item_uses
 from .decision import Decision
 from .network import Placement
-from .visibility import Visibility
+from .visibility import Visibility, named_item
 
 
 def _placement(placement: Placement) -> str:
@@ -59,14 +59,9 @@ def explain(decision: Decision) -> list[str]:
             steps.append(f"server {target.name!r} is not configured")
     else:
         steps.append(_visibility(decision, server.visibility, f"server {server.name!r}"))
-        if decision.tool:
-            tool = server.tools[decision.tool]
-            steps.append(_visibility(decision, tool, f"tool {decision.tool!r}"))
-        if decision.item:
-            kinds, _, key = decision.item.partition(".")
-            kind = kinds[:-1]
-            rules = server.prompts if kind == "prompt" else server.resources
-            steps.append(_visibility(decision, rules[key], f"{kind} {key!r}"))
+        if decision.tool or decision.item:
+            kind, key = named_item(decision.item) if decision.item else ("tool", decision.tool)
+            steps.append(_visibility(decision, server.rules(kind)[key], f"{kind} {key!r}"))
     if decision.reason == "registry":
         listed = json.loads(decision.reply)["servers"]
         steps.append("lists: " + (", ".join(s["name"] for s in listed) or "no server"))
@@ -77,7 +72,7 @@ def explain(decision: Decision) -> list[str]:
     if decision.detail:
         steps.append(decision.detail)
     if decision.reason in ("tool_hidden", "item_hidden"):
-        what = "tool" if decision.reason == "tool_hidden" else decision.item.split("s.")[0]
+        what = named_item(decision.item)[0] if decision.item else "tool"
         steps.append(f"the request goes on under a fresh name, for the server to answer as"
                      f" the unknown {what} it then is (unknown_tool_reply: server)")
     if decision.rule:

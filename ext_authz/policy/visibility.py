@@ -90,6 +90,12 @@ def naming(kind: str, key: str) -> tuple[str, str]:
     return (key, "") if kind == "tool" else ("", f"{kind}s.{key}")
 
 
+def named_item(item: str) -> tuple[ItemKind, str]:
+    """The kind and key of a decision's `item` (what `naming` made: "prompts.KEY")."""
+    kinds, _, key = item.partition(".")
+    return ("prompt" if kinds == "prompts" else "resource"), key
+
+
 def hidden_detail(kind: str, key: str, network: str) -> str:
     """Why an item is hidden, naming the configured rule, never the caller's name: under
     "*" that is any text a caller sends, and only configured names may reach the log."""
