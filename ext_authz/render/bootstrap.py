@@ -90,7 +90,7 @@ def build_bootstrap(
     plan = data_plane.resolved_plan(config, plane)
     if native:
         # Rendered by the sidecar when Envoy asks; here what would stop it doing so.
-        data_plane.resources(plan, plane, ByEnvoy(HostPort("127.0.0.1", 1)))
+        data_plane.check(plan, plane, ByEnvoy(HostPort("127.0.0.1", 1)))
         watchdog_address(config, plane)
     else:
         listener, upstream_clusters = data_plane.resources(plan, plane, BY_SIDECAR)

@@ -22,16 +22,22 @@ def resolved_plan(config: Config, plane: DataPlane) -> Plan:
     return Plan.of(config, resolved)
 
 
-def resources(plan: Plan, plane: DataPlane, by: BySidecar) -> tuple[Listener, list[Cluster]]:
-    """The listener and the upstream clusters: a ValueError if the config cannot have them
-    (principals without the callers' certificates; what `by` cannot render)."""
-    manager = listener.connection_manager(plan, plane.timeouts, by)
+def check(plan: Plan, plane: DataPlane, by: BySidecar) -> None:
+    """Raise the ValueError `resources` would, without building anything (principals
+    without the callers' certificates; what `by` cannot render)."""
     if plan.config.network.uses_principals and plane.listener_tls is None:
         raise ValueError("network rules name principals, which only a caller's certificate"
                          " can show: give --listen-cert, --listen-key and --client-ca")
+    by.check()
+
+
+def resources(plan: Plan, plane: DataPlane, by: BySidecar) -> tuple[Listener, list[Cluster]]:
+    """The listener and the upstream clusters: a ValueError if the config cannot have them
+    (`check`)."""
+    check(plan, plane, by)
+    manager = listener.connection_manager(plan, plane.timeouts, by)
     built = listener.listener(manager, plane.listen, plane.listener_tls,
                               listener.buffer_limit(plan))
-    by.check()
     upstreams = []
     for server in plan.servers:
         assert server.upstream is not None
