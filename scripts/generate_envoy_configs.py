@@ -13,7 +13,7 @@ from pathlib import Path
 from ext_authz.demo import DemoPorts, envoy_config, sidecar_config
 from ext_authz.policy.config import UpstreamAddress, load_config
 from ext_authz.render.bootstrap import build_bootstrap, render
-from ext_authz.render.options import DATA_PATHS, HostPort
+from ext_authz.render.options import DATA_PATHS, HostPort, SidecarTLS
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_ENV = {"DEMO_SECRET_DEMO_PUBLIC": "x", "DEMO_SECRET_DEMO_INTERNAL": "x"}
@@ -23,7 +23,8 @@ def rendered() -> dict[Path, str]:
     """Every generated file and the text it must hold."""
     ports = DemoPorts.from_base(10000)
     demo_sidecar = sidecar_config(ports)
-    compose = load_config(ROOT / "envoy/compose/sidecar.yaml", env=COMPOSE_ENV)
+    # The certificates are the `certs` service's, made when the stack starts.
+    compose = load_config(ROOT / "envoy/compose/sidecar.yaml", env=COMPOSE_ENV, secrets=False)
     compose_envoy = {data_path: render(build_bootstrap(
         compose,
         {"public": UpstreamAddress("mcp-public", 8000),
@@ -31,6 +32,8 @@ def rendered() -> dict[Path, str]:
         listen=HostPort("::", 10000),  # the compose networks are dual-stack
         admin=HostPort("0.0.0.0", 9901),
         sidecar=HostPort("sidecar", 9191),
+        sidecar_tls=SidecarTLS("/certs/envoy/ca.pem", "/certs/envoy/envoy.pem",
+                               "/certs/envoy/envoy.key", "sidecar"),
         data_path=data_path,
     )) for data_path in DATA_PATHS}
     return {

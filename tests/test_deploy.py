@@ -8,6 +8,7 @@ validate`.
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 import subprocess
 import sys
@@ -374,10 +375,10 @@ class TestCheckedInConfigs:
                                 cwd=ROOT, capture_output=True, text=True, check=False)
         assert result.returncode == 0, result.stderr
 
-    @pytest.mark.parametrize("path", ["envoy/demo/envoy.yaml", "envoy/compose/envoy.yaml",
-                                      "envoy/compose/lb.yaml"])
+    @pytest.mark.parametrize("path", ["envoy/demo/envoy.yaml", "envoy/compose/lb.yaml"])
     def test_envoy_validates(self, path: str) -> None:
-        """Each checked-in Envoy config is accepted by Envoy."""
+        """Each checked-in Envoy config is accepted by Envoy (the compose Envoy's, which
+        names certificates made at start, in TestCompose)."""
         envoy_validate(ROOT / path)
 
 
@@ -474,7 +475,7 @@ class TestCompose:
         config_file = services["sidecar"]["command"][-1]
         assert sidecar_mounts["./envoy/compose/sidecar.yaml"] == config_file
         config = load_config(ROOT / "envoy/compose/sidecar.yaml",
-                             env=services["sidecar"]["environment"])
+                             env=services["sidecar"]["environment"], secrets=False)
         grpc_port = split_listen(config.grpc.listen)[1]
         assert endpoints(clusters(bootstrap)["mcp_ext_authz"]) == [("sidecar", grpc_port)]
         for name in config.servers:
@@ -487,18 +488,47 @@ class TestCompose:
             token_host, token_port = oauth2.token_url.split("/")[2].split(":")
             token_command = services[token_host]["command"]
             assert token_command[token_command.index("--port") + 1] == token_port
-        # Envoy reaches the sidecar on `control`, which no MCP server shares: whoever
-        # reaches the sidecar's gRPC listener reads every token.
-        assert services["sidecar"]["networks"] == ["control"]
-        assert {"backend", "control"} <= set(services["envoy"]["networks"])
-        for name in config.servers:
-            assert "control" not in services[f"mcp-{name}"]["networks"]
+        # Envoy reaches the sidecar on `control`, which nothing else joins: whoever
+        # reaches the sidecar's gRPC listener could read every token.
+        on_control = {name for name, s in services.items() if "control" in s.get("networks", ())}
+        assert on_control == {"envoy", "sidecar"}
+        assert "backend" in services["envoy"]["networks"]
+
+    @pytest.mark.parametrize("data_path", ["ext_authz", "native"])
+    def test_envoy_and_sidecar_speak_mtls(self, tmp_path: Path, data_path: str) -> None:
+        """The `certs` service, run as compose runs it, makes what both configs name: the
+        sidecar loads its certificate and requires a client's, Envoy (either config) loads
+        its client certificate; each reads its own folder, and no other's."""
+        from tests.topology.compose import load_compose
+
+        env = {"ENVOY_CONFIG": "envoy-native.yaml"} if data_path == "native" else {}
+        topology = load_compose(ROOT / "docker-compose.yaml", env=env, profiles=set(),
+                                workdir=tmp_path)
+        certs = topology.services["certs"]
+        assert certs.runs_once
+        assert not certs.addresses
+        assert set(topology.services["envoy"].depends_on) == {"certs", "sidecar"}
+        subprocess.run(list(certs.argv), check=True, cwd=ROOT, timeout=60,
+                       capture_output=True)
+        sidecar = topology.services["sidecar"]
+        assert "certs" in sidecar.depends_on
+        sidecar_file = Path(sidecar.argv[-1])
+        config = load_config(sidecar_file, env=sidecar.environment)  # the files load
+        assert config.grpc.tls is not None
+        assert config.grpc.tls.client_ca_file is not None
+        assert not config.grpc.allow_unauthenticated
+        envoy_file = Path(topology.services["envoy"].argv[2])
+        envoy_validate(envoy_file)
+        folder = tmp_path / "volumes" / "certs"
+        for path, own in ((sidecar_file, "sidecar"), (envoy_file, "envoy")):
+            named = set(re.findall(re.escape(str(folder)) + r"/([^/]+)/", path.read_text()))
+            assert named == {own}, path
 
     def test_clients_fall_on_the_right_side(self, compose: dict[str, Any]) -> None:
         """client-internal is inside internal_ranges; client-external and gateways are not."""
         services = compose["services"]
         config = load_config(ROOT / "envoy/compose/sidecar.yaml",
-                             env=services["sidecar"]["environment"])
+                             env=services["sidecar"]["environment"], secrets=False)
         internal = config.network.internal_ranges
 
         def address(service: str, network: str, key: str) -> Any:
@@ -516,7 +546,7 @@ class TestCompose:
         """trusted_proxies is the LB's edge address, on a network only the LB and Envoy join."""
         services = compose["services"]
         config = load_config(ROOT / "envoy/compose/sidecar.yaml",
-                             env=services["sidecar"]["environment"])
+                             env=services["sidecar"]["environment"], secrets=False)
         lb = services["lb"]
         assert lb["image"] == services["envoy"]["image"]
         assert lb["profiles"] == ["lb"]

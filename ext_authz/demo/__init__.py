@@ -8,6 +8,7 @@ one (127.0.0.2), and stops everything on Ctrl-C. Needs the `demo` extra.
 The pieces also run alone (the docker-compose stack uses them):
     python -m ext_authz.demo token-endpoint --port 8080
     python -m ext_authz.demo mcp-server --name public --port 8000
+    python -m ext_authz.demo certs --dir /certs --server sidecar --client envoy
 """
 
 from __future__ import annotations
@@ -347,6 +348,23 @@ def run_demo(base_port: int) -> int:
         print("demo stopped", flush=True)
 
 
+def _make_certs(args: Any) -> int:
+    from .certs import make_pair, parse_party
+
+    try:
+        server, client = parse_party(args.server), parse_party(args.client)
+    except ValueError as exc:
+        print(f"certs: {exc}", file=sys.stderr)
+        return 2
+    if not args.dir.is_dir():
+        print(f"certs: --dir {args.dir}: no such folder", file=sys.stderr)
+        return 2
+    made = make_pair(args.dir, server, client, args.days)
+    print(f"certs: {'made' if made else 'kept'} {args.dir / server[0]}"
+          f" and {args.dir / client[0]}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ext_authz.demo")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -366,7 +384,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                      help="sessions and resumable SSE streams (an in-memory event store)")
     mcp.add_argument("--public-lists", action="store_true",
                      help="lists marked cacheScope public (protocol 2026-07-28)")
+    certs = commands.add_parser(
+        "certs", help="a fresh CA, a server and a client certificate (mTLS between two"
+                      " parties), unless DIR already holds them")
+    certs.add_argument("--dir", required=True, type=Path)
+    certs.add_argument("--server", required=True, metavar="NAME[:UID]",
+                       help="the server's DNS name; its folder DIR/NAME goes to UID")
+    certs.add_argument("--client", required=True, metavar="NAME[:UID]",
+                       help="the client's name; its folder DIR/NAME goes to UID")
+    certs.add_argument("--days", type=int, default=365)
     args: Any = parser.parse_args(argv)
+    if args.command == "certs":
+        return _make_certs(args)
     if args.command == "token-endpoint":
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(serve_token_endpoint(args.host, args.port, _clients_from_env()))

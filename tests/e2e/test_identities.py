@@ -24,8 +24,8 @@ import yaml
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from ext_authz.demo.certs import Authority
 from ext_authz.render.options import DATA_PATHS
-from tests.certs import Authority
 from tests.e2e.harness import (
     Process,
     envoy_config,

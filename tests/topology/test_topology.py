@@ -11,13 +11,18 @@ import asyncio
 import ipaddress
 import json
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 from mcp.client.client import Client
 from mcp.shared.exceptions import MCPError
 
+from tests.topology.compose import ROOT
+from tests.topology.netns import netns_exec
 from tests.topology.stack import Stack, http_request
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
@@ -251,9 +256,20 @@ class TestLoadBalancer:
 
 
 class TestControlPlaneIsEnvoys:
-    """Whoever reaches the sidecar's gRPC listener reads every token (Check answers, SDS).
-    On the compose networks only Envoy (and the token endpoint) share one with it: from an
-    MCP server's namespace, nothing of the sidecar answers at any of its addresses."""
+    """Whoever reaches the sidecar's gRPC listener could read every token (Check answers,
+    SDS). On the compose networks only Envoy shares one with it, and even Envoy's namespace
+    gets nothing there without the certificate the `certs` service made for Envoy."""
+
+    def _probe(self, compose: Stack, service: str, host: str, *files: Path) -> dict[str, str]:
+        """What a forged Check for the internal server, from the internal client's address,
+        and an SDS stream for its token secret get."""
+        peer = compose.topology.services["client-internal"].address("internal")
+        argv = [sys.executable, "-m", "tests.topology.control_probe", host, "9191",
+                "internal", str(peer), *map(str, files)]
+        result = subprocess.run(netns_exec(compose.namespaces[service], argv), cwd=ROOT,
+                                capture_output=True, text=True, timeout=60, check=False)
+        assert result.returncode == 0, result.stderr
+        return dict(json.loads(result.stdout))
 
     @pytest.mark.parametrize("server", ["mcp-public", "mcp-internal"])
     def test_no_mcp_server_reaches_the_sidecar(self, compose: Stack, at: Addresses,
@@ -274,8 +290,17 @@ class TestControlPlaneIsEnvoys:
 
         outcomes = compose.in_namespace(server, attempts)
         assert not any(outcome.endswith("connected") for outcome in outcomes), outcomes
-        # And Envoy does reach it there, on the same ports.
-        reached = compose.in_namespace("envoy", lambda: [
-            socket.create_connection((sidecar[0], port), timeout=2).close()
-            for port in (9191, 9192)])
-        assert reached == [None, None]
+        assert self._probe(compose, server, sidecar[0]) == {
+            "check": "refused: UNAVAILABLE", "sds": "refused: UNAVAILABLE"}
+
+    def test_only_envoys_certificate_gets_a_token(self, compose: Stack, at: Addresses) -> None:
+        """From Envoy's own namespace: plaintext, and TLS without a client certificate, get
+        no answer; Envoy's certificate gets the token (so the probe would see a leak)."""
+        host = str(at.of("sidecar", "control", 4))
+        certs = compose.workdir / "volumes" / "certs" / "envoy"
+        refused = {"check": "refused: UNAVAILABLE", "sds": "refused: UNAVAILABLE"}
+        assert self._probe(compose, "envoy", host) == refused
+        # The sidecar's certificate names it "sidecar", as Envoy dials it.
+        assert self._probe(compose, "envoy", "sidecar", certs / "ca.pem") == refused
+        assert self._probe(compose, "envoy", "sidecar", certs / "ca.pem", certs / "envoy.pem",
+                           certs / "envoy.key") == {"check": "token", "sds": "token"}
