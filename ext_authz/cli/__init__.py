@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import ConfigError, ExtAuthzError
-from . import check, config_file, demo, envoy_config, serve
+from . import check, config_file, demo, diff, envoy_config, serve
 from .common import EXIT_BAD_CONFIG, EXIT_FAILED, Parser, UsageError, print_config_error
 from .serve import run_loop
 
@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_parser(commands)
     check.add_parser(commands)
     config_file.add_validate_parser(commands)
+    diff.add_parser(commands)
     envoy_config.add_parser(commands)
     config_file.add_example_parser(commands)
     demo.add_parser(commands)

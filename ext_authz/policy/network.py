@@ -314,6 +314,11 @@ class NetworkMap:
     def uses_identities(self) -> bool:
         return bool(self._identities)
 
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every named network, `internal` first, then in config order."""
+        return (*self._cidrs, *(name for name in self._rules if name not in self._cidrs))
+
     def cidrs(self, name: str) -> tuple[IPNetwork, ...]:
         """The CIDRs of a named network, as configured (none for an unknown name)."""
         return self._cidrs.get(name, ())
