@@ -146,8 +146,9 @@ class TestErrors:
             ("servers: {a: {description: 7}}", "servers.a.description:"),
             ("grpc: {tls: {cert_file: /nonexistent.pem, key_file: /nonexistent.key}}",
              "grpc.tls.cert_file: '/nonexistent.pem' is not a readable file"),
-            ("servers: {a: {}}\nservers: {b: {}}", "(yaml): duplicate key 'servers'"),
-            ("servers: [a, b", "(yaml):"),
+            ("servers: {a: {}}\nservers: {b: {}}", "(yaml) line 2, column 1: duplicate key"
+                                                   " 'servers'"),
+            ("servers: [a, b", "(yaml) line 1, column 15:"),
             ("- a\n- b", "(top level): expected a mapping"),
             ("network: {networks: {internal: [10.0.0.0/8]}}",
              "network.networks: 'internal' is a built-in network name"),
@@ -230,7 +231,7 @@ class TestErrors:
     def test_whole_internet_warnings(self) -> None:
         """0.0.0.0/0 or ::/0 as trusted proxies or an internal range: valid, but warned of."""
         config = parse_yaml("network: {trusted_proxies: ['0.0.0.0/0'],"
-                            " internal_ranges: ['10.0.0.0/8', '::/0']}")
+                            " internal_ranges: ['10.0.0.0/8', '::/0']}\nservers: {a: {}}")
         assert [w.split(":", 1)[0] for w in config_warnings(config)] == [
             "network.trusted_proxies[0]", "network.internal_ranges[1]"]
         assert config_warnings(example_config()) == []
@@ -297,6 +298,45 @@ servers:
   a: {{oauth2: {{token_url: "http://i/t", client_id: c, client_secret_file: "{tmp_path}/nope"}}}}
 """)
         assert found[0].startswith("servers.a.oauth2.client_secret_file: cannot read")
+
+    @pytest.mark.parametrize(("text", "expected"), [
+        ("", "(file): empty: a config names its MCP servers under `servers`"),
+        ("# only a comment\n", "(file): empty:"),
+        ("grpc: {listen: 9191}",
+         "grpc.listen: give host:port (e.g. 127.0.0.1:9191), not a bare port"),
+        ("admin: {listen: 9192}", "admin.listen: give host:port (e.g. 127.0.0.1:9192)"),
+        ("network: {networks: {partners: 10.0.0.0/8}}",
+         "network.networks.partners: write a network as a list of CIDRs ([10.0.0.0/8])"),
+        ("grpc: {listen: '127.0.0.1:9191'}\nadmin: {listen: '127.0.0.1:9191'}",
+         "admin.listen: 127.0.0.1:9191 is where grpc.listen (127.0.0.1:9191) listens too"),
+        ("grpc: {listen: '0.0.0.0:7000', allow_unauthenticated: true}\n"
+         "admin: {listen: '127.0.0.1:7000'}", "admin.listen: 127.0.0.1:7000 is where"),
+        ("grpc: {listen: 'unix:/run/s'}\nadmin: {listen: 'unix:/run/s'}",
+         "admin.listen: unix:/run/s is where"),
+        ("servers: {a: {\n", "(yaml) line 2, column 1: expected the node content, but found"),
+    ])
+    def test_one_line_for_each_common_slip(self, tmp_path: Path, text: str,
+                                           expected: str) -> None:
+        """Each as validate says it, for the file (never "<unicode string>"), and nothing
+        else: no second, knock-on problem."""
+        path = tmp_path / "c.yaml"
+        path.write_text(text)
+        with pytest.raises(ConfigError) as raised:
+            load_config(path, env={})
+        assert len(raised.value.problems) == 1, raised.value.problems
+        assert raised.value.problems[0].startswith(expected), raised.value.problems
+        assert "unicode string" not in str(raised.value)
+
+    @pytest.mark.parametrize("text", [
+        "grpc: {listen: '127.0.0.1:9191'}\nadmin: {listen: '127.0.0.1:9192'}",
+        "grpc: {listen: '127.0.0.1:0'}\nadmin: {listen: '127.0.0.1:0'}",  # any free port
+        "grpc: {listen: '127.0.0.1:9191'}\nadmin: {listen: '127.0.0.2:9191'}",
+    ])
+    def test_listeners_apart_are_fine(self, text: str) -> None:
+        assert parse_yaml(text + "\nservers: {a: {}}", env={}).admin is not None
+
+    def test_no_server_is_a_warning(self) -> None:
+        assert "servers: none configured" in config_warnings(parse_yaml("servers: {}", env={}))[0]
 
     def test_missing_file(self, tmp_path: Path) -> None:
         """A config path that does not exist is a ConfigError, not a traceback."""

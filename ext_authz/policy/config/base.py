@@ -20,7 +20,12 @@ def split_listen(listen: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def parse_listen(value: str) -> str:
+def parse_listen(value: object) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        raise ValueError(f"give host:port (e.g. 127.0.0.1:{value}), not a bare port: the host"
+                         " says who can reach it")
+    if not isinstance(value, str):
+        raise ValueError("must be host:port or unix:/path")
     if value.startswith("unix:"):
         if len(value) <= len("unix:"):
             raise ValueError("unix: needs a path")

@@ -15,7 +15,14 @@ from pydantic import ValidationError
 
 from ...errors import ConfigError
 from .models import Config
-from .problems import describe_error, exposure_problems, key_path, read_files, visibility_problems
+from .problems import (
+    describe_error,
+    exposure_problems,
+    key_path,
+    listener_problems,
+    read_files,
+    visibility_problems,
+)
 
 # $$ is a dollar sign; ${VAR} and ${VAR:-default} come from the environment; any other $ is
 # refused (a shell would read "$S" as a variable, we would have kept it as text).
@@ -118,7 +125,8 @@ def parse_config(data: Any, env: Mapping[str, str] | None = None,
                      if key_path(error["loc"]) not in expansion.unset
                      for problem in (describe_error(error),)]
         raise ConfigError(problems, source) from None
-    problems += visibility_problems(config) + exposure_problems(config)
+    problems += (visibility_problems(config) + exposure_problems(config)
+                 + listener_problems(config))
     if config.network.uses_claims and config.jwt is None:
         problems += [f"network.networks.{name}.jwt_claims: needs `jwt`, the provider whose"
                      " tokens Envoy verifies (issuer, jwks_uri or jwks_file)"
@@ -151,5 +159,18 @@ def parse_yaml(text: str, env: Mapping[str, str] | None = None, source: str = "c
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
     except yaml.YAMLError as exc:
-        raise ConfigError([f"(yaml): {exc}".replace("\n", " ")], source) from None
+        raise ConfigError([_yaml_problem(exc)], source) from None
+    if data is None:
+        raise ConfigError(["(file): empty: a config names its MCP servers under `servers`"
+                           " (mcp-ext-authz example-config prints one)"], source)
     return parse_config(data, env, source, secrets=secrets)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error in one line, by line and column of the file (not PyYAML's own quote of
+    "<unicode string>")."""
+    if not isinstance(exc, yaml.MarkedYAMLError) or exc.problem_mark is None:
+        return f"(yaml): {exc}".replace("\n", " ")
+    mark = exc.problem_mark
+    context = f" ({exc.context})" if exc.context else ""
+    return f"(yaml) line {mark.line + 1}, column {mark.column + 1}: {exc.problem}{context}"

@@ -42,13 +42,13 @@ class GrpcSettings(FrozenModel):
     # so many words.
     allow_unauthenticated: StrictBool = False
 
-    _check_listen = field_validator("listen")(parse_listen)
+    _check_listen = field_validator("listen", mode="before")(parse_listen)
 
 
 class AdminSettings(FrozenModel):
     listen: str = "127.0.0.1:9192"
 
-    _check_listen = field_validator("listen")(parse_listen)
+    _check_listen = field_validator("listen", mode="before")(parse_listen)
 
 
 class RoutingSettings(FrozenModel):

@@ -78,6 +78,9 @@ class NetworkDefinition(FrozenModel):
     def _shorthand(cls, data: Any) -> Any:
         if isinstance(data, list | tuple):
             return {"cidrs": data}
+        if isinstance(data, str):
+            raise ValueError(f"write a network as a list of CIDRs ([{data}]), or a mapping of"
+                             " cidrs, principals and jwt_claims")
         if isinstance(data, dict) and isinstance(data.get("jwt_claims"), dict):
             data = {**data, "jwt_claims": {
                 k: [v] if isinstance(v, str) else v for k, v in data["jwt_claims"].items()}}

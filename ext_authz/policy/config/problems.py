@@ -166,6 +166,8 @@ def _tls_problems(tls: TLSSettings) -> list[str]:
 def config_warnings(config: Config) -> list[str]:
     """What is valid but almost certainly a mistake: said on stderr and in the service log."""
     warnings = []
+    if not config.servers:
+        warnings.append("servers: none configured: every request is answered 404")
     for key, networks in (("network.trusted_proxies", config.network.trusted_proxies),
                           ("network.internal_ranges", config.network.internal_ranges),
                           *((f"network.networks.{name}", network.cidrs)
@@ -177,6 +179,24 @@ def config_warnings(config: Config) -> list[str]:
                            "every caller, the whole internet, is then in it")
                 warnings.append(f"{key}[{index}]: {network} holds every address: {meaning}")
     return warnings
+
+
+def listener_problems(config: Config) -> list[str]:
+    """The gRPC and admin listeners on one address: one of them could not start."""
+    if config.admin is None:
+        return []
+    grpc, admin = config.grpc.listen, config.admin.listen
+    if grpc.startswith("unix:") or admin.startswith("unix:"):
+        clash = grpc == admin
+    else:
+        (grpc_host, grpc_port), (admin_host, admin_port) = map(split_listen, (grpc, admin))
+        anywhere = ("0.0.0.0", "[::]", "::")
+        clash = grpc_port == admin_port != 0 and (
+            grpc_host == admin_host or grpc_host in anywhere or admin_host in anywhere)
+    if not clash:
+        return []
+    return [f"admin.listen: {admin} is where grpc.listen ({grpc}) listens too: give each its"
+            " own port"]
 
 
 def exposure_problems(config: Config) -> list[str]:
