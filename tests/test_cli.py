@@ -287,7 +287,7 @@ def files(tmp_path: Path) -> dict[str, Path]:
     unwritable.mkdir()
     logging_config = tmp_path / "log.yaml"
     logging_config.write_text("grpc: {listen: 127.0.0.1:0}\nadmin: null\n"
-                              f"decision_log: {{path: '{unwritable}'}}\n")
+                              f"decision_log: {{path: '{unwritable}'}}\nservers: {{a: {{}}}}\n")
     huge_timeout = tmp_path / "huge.yaml"
     huge_timeout.write_text("tokens: {timeout_s: 1e12}\nservers: {a: {}}\n")
     return {"valid": valid, "latin1": latin1, "dir": tmp_path, "missing": tmp_path / "nope",
@@ -419,6 +419,18 @@ class TestSmallThings:
         assert run(*base, "--path", "/mcp/priv", "--exit-code").returncode == 1
         assert run(*base, "--path", "/mcp/pub", "--exit-code").returncode == 0
         assert run(*base, "--path", "/mcp/priv").returncode == 0
+
+    def test_a_hidden_tool_is_not_allowed(self, tmp_path: Path) -> None:
+        """A hidden tool's call goes on renamed, for the server to answer: not allowed, and
+        --exit-code says so; `renamed` says where it went."""
+        path = tmp_path / "c.yaml"
+        path.write_text("servers: {gh: {tools: {t: {available_on_public_internet: false}}}}\n")
+        call = '{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"t"}}'
+        result = run("check", "--config", str(path), "--peer", "8.8.8.8", "--path", "/mcp/gh",
+                     "--body", call, "--exit-code")
+        report = json.loads(result.stdout)
+        assert (result.returncode, report["reason"], report["allowed"], report["renamed"]) == (
+            1, "tool_hidden", False, True)
 
     def test_envoy_config_needs_no_secrets(self, tmp_path: Path) -> None:
         """Unset ${VAR}s and unreadable secret files do not stop envoy-config."""

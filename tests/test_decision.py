@@ -266,8 +266,8 @@ class TestToolRules:
         server = decide(RequestFacts("198.51.100.1", None, "/mcp/github", "gw"), NAMED)
         judged = judge_items(server, json_body(body), NAMED, can_rename=True)
         renamed = judged.decision
-        assert (renamed.reason, renamed.allowed, renamed.uses_items) == (
-            "tool_hidden", True, True)
+        assert (renamed.reason, renamed.allowed, renamed.renamed, renamed.goes_upstream,
+                renamed.uses_items) == ("tool_hidden", False, True, True, True)
         assert [(c.name, c.index) for c, hidden in zip(judged.uses, judged.hidden, strict=True)
                 if hidden] == [("delete_repo", 0), ("delete_repo", 2)]
         # The same hidden use by the same caller is the same decision: its log fields and

@@ -89,7 +89,7 @@ def request_metadata(decision: Decision, facts: RequestFacts) -> bytes:
     that an OAuth discovery document must name (see render/routes.py; a challenge's URL is
     Envoy's own work, so that both data paths name the same)."""
     server = decision.server
-    if (not decision.allowed or server is None or not server.caller_brings_token
+    if (not decision.goes_upstream or server is None or not server.caller_brings_token
             or decision.route.kind != "discovery"):
         return b""
     origin = facts.origin
@@ -107,6 +107,6 @@ def encode_check_response(decision: Decision, token: str | None, decision_id: st
     metadata = authz_entries[decision] + decision_id_entry(decision_id) + extra_metadata
     response = (_answer(decision) + b"\x22"  # dynamic_metadata = 4, LEN
                 + varint(len(metadata)) + metadata)
-    if token is not None and decision.allowed:
+    if token is not None and decision.goes_upstream:
         response += _bearer(token)
     return response

@@ -232,13 +232,13 @@ class ExternalProcessingService:
         started = self._clock()
         assert request.decision is not None
         judged = Judged(request.decision)
-        if judged.decision.allowed:
+        if judged.decision.goes_upstream:
             body = request_body(data or b"", request.method, request.headers)
             judged = judge_items(judged.decision, body, request.state.policy, can_rename=True)
         decision = judged.decision
         decision_id = self.serving.next_decision_id()
         request.judged = request.done = True
-        if decision.allowed:
+        if decision.goes_upstream:
             answers = _go_on(request, judged, decision_id, data, self.sealer)
         else:
             answers = [_refusal(decision, decision_id)]

@@ -30,6 +30,7 @@ def _fragment(decision: Decision) -> str:
         "peer": decision.peer[:64],
         "reason": decision.reason,
         "allowed": decision.allowed,
+        "renamed": decision.renamed,  # a hidden item's use went on under a fresh name
         "http_status": decision.http_status,
         "tool": decision.tool,  # a configured tool, or "": never a name a client made up
         "item": decision.item,  # a configured prompt or resource ("prompts.NAME"), or ""

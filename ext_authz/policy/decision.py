@@ -86,8 +86,20 @@ class Decision:
 
     @property
     def allowed(self) -> bool:
-        """Whether the request goes on to the server (a hidden tool's renamed call too)."""
-        return self.reason in ("allowed", "tool_hidden", "item_hidden")
+        """Whether the caller may do what it asked (a hidden tool's call is not allowed,
+        though it goes on renamed: `goes_upstream`)."""
+        return self.reason == "allowed"
+
+    @property
+    def renamed(self) -> bool:
+        """Whether the request goes on with a hidden item's use under a fresh name, for the
+        server to answer as the unknown item it then is."""
+        return self.reason in ("tool_hidden", "item_hidden")
+
+    @property
+    def goes_upstream(self) -> bool:
+        """Whether the request goes on to the server (a hidden item's renamed use too)."""
+        return self.allowed or self.renamed
 
     @property
     def grpc_code(self) -> int:
@@ -102,7 +114,7 @@ class Decision:
     @property
     def reads_body(self) -> bool:
         """Whether item rules apply: the request's body decides what is allowed (decide_items)."""
-        return (self.allowed and self.route.kind == "mcp" and self.server is not None
+        return (self.goes_upstream and self.route.kind == "mcp" and self.server is not None
                 and self.server.has_item_rules)
 
     @property
@@ -112,7 +124,7 @@ class Decision:
     @property
     def oauth2(self) -> OAuth2Settings | None:
         """The credential to inject, for an allowed request to a server that has one."""
-        if self.allowed and self.server is not None:
+        if self.goes_upstream and self.server is not None:
             return self.server.oauth2
         return None
 

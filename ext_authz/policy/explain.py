@@ -67,7 +67,7 @@ def explain(decision: Decision) -> list[str]:
         steps.append("lists: " + (", ".join(s["name"] for s in listed) or "no server"))
     elif decision.oauth2 is not None:
         steps.append(f"token for client_id {decision.oauth2.client_id!r} would be injected")
-    elif decision.allowed:
+    elif decision.goes_upstream:
         steps.append("server has no oauth2 settings: nothing injected")
     if decision.detail:
         steps.append(decision.detail)
@@ -98,7 +98,8 @@ def check_report(decision: Decision, body: Body = NO_BODY) -> dict[str, Any]:
         "tool": decision.tool or None,  # the configured tool whose rule applied
         "item": decision.item or None,  # the configured prompt or resource whose rule applied
         "rule": decision.rule or None,  # the config key that decided visibility
-        "allowed": decision.allowed,
+        "allowed": decision.allowed,  # a hidden tool's call is not, though it goes on:
+        "renamed": decision.renamed,  # under a fresh name, for the server to answer
         "http_status": decision.http_status,
         "reason": decision.reason,
         "inject_token": decision.oauth2 is not None,
