@@ -38,6 +38,11 @@ class TokenEndpointError(TokenError):
     """The token endpoint was unreachable, too slow, or answered with an error status."""
 
 
+class CredentialsRefusedError(TokenEndpointError):
+    """The token endpoint refused the client's credentials (a wrong secret, an unknown or
+    unauthorized client): retrying soon will not help, a change of config or at the IdP will."""
+
+
 class TokenResponseError(TokenError):
     """The token endpoint answered 2xx with a body that does not hold a usable bearer token."""
 

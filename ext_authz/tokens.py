@@ -24,7 +24,13 @@ from urllib.parse import quote_plus
 
 import httpx
 
-from .errors import TokenDeadlineError, TokenEndpointError, TokenError, TokenResponseError
+from .errors import (
+    CredentialsRefusedError,
+    TokenDeadlineError,
+    TokenEndpointError,
+    TokenError,
+    TokenResponseError,
+)
 from .policy.config import OAuth2Settings, TokenSettings
 
 log = logging.getLogger(__name__)
@@ -37,6 +43,9 @@ SHORT_TOKEN_USE = 0.5  # the least of a token's life used, however large expiry_
 # Matched whole (fullmatch): `$` would also match before a trailing newline.
 _HEADER_SAFE_TOKEN = re.compile(r"[\x21-\x7e]+")
 _OAUTH_ERROR_CODE = re.compile(r"^[a-z_]{1,64}$")
+# RFC 6749 5.2: what a token endpoint answers for credentials it will not take.
+_REFUSALS = frozenset(("invalid_client", "unauthorized_client", "invalid_grant",
+                       "invalid_scope", "access_denied"))
 
 FetchObserver = Callable[[str, str, float], None]
 """Called after each fetch with (server, outcome, seconds); outcome is `ok` or an error class."""
@@ -62,6 +71,7 @@ class _Entry:
     expiry: asyncio.TimerHandle | None = None  # when the token stops being usable
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
     noted: bool = False  # the cadence note (a short token) was logged
+    said: str = ""  # the last failure logged: the same one again is not (once per change)
 
 
 def _form_encode(value: str) -> str:
@@ -134,15 +144,14 @@ def parse_token_response(server: str, status: int, body: bytes) -> tuple[str, fl
     return token, expires_in
 
 
-def _error_detail(body: bytes) -> str:
+def _error_code(body: bytes) -> str:
+    """The OAuth error code of an error answer ("" if none, or not one to quote)."""
     try:
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         return ""
     code = payload.get("error") if isinstance(payload, dict) else None
-    if isinstance(code, str) and _OAUTH_ERROR_CODE.match(code):
-        return f" ({code})"
-    return ""
+    return code if isinstance(code, str) and _OAUTH_ERROR_CODE.match(code) else ""
 
 
 class TokenCache:
@@ -329,6 +338,10 @@ class TokenCache:
     def _on_expiry(self, entry: _Entry) -> None:
         # At usable_until: a fresh token since would have armed it again.
         if self._entries.get(entry.settings.cache_key) is entry:
+            log.warning("server %r: its token expired with no successor (%s): its requests"
+                        " answer 503 until a fetch succeeds", entry.server,
+                        entry.last_error or "no fetch finished in time")
+            entry.said = entry.said or "expired"
             self._changed()
 
     def _changed(self) -> None:
@@ -373,9 +386,19 @@ class TokenCache:
                 error = TokenEndpointError(entry.server, f"unexpected {type(exc).__name__}")
             entry.failures += 1
             entry.last_error = error
-            entry.retry_at = self._clock() + self._backoff(entry.failures)
-            log.warning("token fetch failed: %s; retrying in %.1fs",
-                        error, entry.retry_at - self._clock())
+            # Refused credentials stay refused until someone changes them: no quick retries.
+            entry.retry_at = self._clock() + (
+                self.settings.retry_max_s if isinstance(error, CredentialsRefusedError)
+                else self._backoff(entry.failures))
+            if str(error) != entry.said:  # once per change, not once per retry
+                entry.said = str(error)
+                pace = (f"every {self.settings.retry_max_s:g} s"
+                        if isinstance(error, CredentialsRefusedError)
+                        else f"backing off up to {self.settings.retry_max_s:g} s")
+                log.warning("token fetch failed: %s; retrying %s (said again when the failure"
+                            " changes)", error, pace)
+            else:
+                log.debug("token fetch failed again: %s", error)
             self._observe(entry.server, type(error).__name__, started)
             self._schedule(entry, entry.retry_at)
             raise error from None
@@ -387,6 +410,10 @@ class TokenCache:
         if note and not entry.noted:
             entry.noted = True  # said once per credential (at start: the first fetch)
             log.warning("%s", note)
+        if entry.said:
+            log.warning("server %r: token fetched again after %d failed fetch(es): its"
+                        " requests are served", entry.server, entry.failures)
+            entry.said = ""
         entry.token = token
         entry.fetched_at = now
         entry.usable_until = now + lifetime
@@ -435,7 +462,9 @@ class TokenCache:
                 server, f"token endpoint {url} failed: {type(exc).__name__}"
             ) from exc
         if not 200 <= status < 300:
-            raise TokenEndpointError(
-                server, f"token endpoint {url} answered HTTP {status}{_error_detail(bytes(body))}"
-            )
+            code = _error_code(bytes(body))
+            said = f"token endpoint {url} answered HTTP {status}" + (f" ({code})" if code else "")
+            if status == 401 or (400 <= status < 500 and code in _REFUSALS):
+                raise CredentialsRefusedError(server, f"credentials refused: {said}")
+            raise TokenEndpointError(server, said)
         return parse_token_response(server, status, bytes(body))

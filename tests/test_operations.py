@@ -127,8 +127,39 @@ class TestMetrics:
                 await asyncio.sleep(0.4)
                 ready = await http.get(f"{base}/readyz")
                 assert (ready.status_code, ready.json()) == (200, {"ready": True,
-                                                                   "waiting_for": {}})
+                                                                   "unavailable": {}})
                 assert (await http.get(f"{base}/nope")).status_code == 404
+        finally:
+            await sidecar.stop()
+
+    async def test_readiness_names_a_server_that_lost_its_token(
+            self, tmp_path: Path, token_endpoint: TokenEndpoint) -> None:
+        """Once serving, a token that expires with no successor does not take the sidecar
+        out of service (its other servers still answer): /readyz stays 200 and names the
+        server whose requests answer 503 now, as a Check does."""
+        token_endpoint.expires_in = 0.5
+        path = tmp_path / "c.yaml"
+        write(path, base_config(token_endpoint.url, tokens={
+            "expiry_buffer_s": 0, "min_ttl_s": 0.1, "retry_initial_s": 5, "retry_max_s": 5}))
+        sidecar = Sidecar(load_config(path), path)
+        await sidecar.start()
+        try:
+            await asyncio.wait_for(sidecar.tokens.wait_ready(), 5)
+            token_endpoint.mode, token_endpoint.status = "status", 500
+            base = f"http://127.0.0.1:{sidecar.admin_port}"
+            async with httpx.AsyncClient() as http:
+                for _ in range(100):
+                    ready = await http.get(f"{base}/readyz")
+                    if ready.json().get("unavailable"):
+                        break
+                    await asyncio.sleep(0.02)
+            assert ready.status_code == 200
+            assert ready.json()["ready"] is True
+            assert "HTTP 500" in ready.json()["unavailable"]["gh"]
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{sidecar.grpc_port}") as channel:
+                stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+                answer = await stub.Check(check_request(path="/mcp/gh"), timeout=3)
+            assert answer.denied_response.status.code == 503
         finally:
             await sidecar.stop()
 

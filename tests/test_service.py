@@ -308,11 +308,11 @@ class TestHealthAndReflection:
                 request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
                 before = await health.Check(request)
                 for _ in range(100):  # until the first fetch has failed
-                    if "HTTP 500" in sidecar.readiness().waiting_for["gh"]:
+                    if "HTTP 500" in sidecar.readiness().unavailable["gh"]:
                         break
                     await asyncio.sleep(0.02)
                 assert not sidecar.readiness().ready
-                assert "HTTP 500" in sidecar.readiness().waiting_for["gh"]
+                assert "HTTP 500" in sidecar.readiness().unavailable["gh"]
                 token_endpoint.healthy()
                 await asyncio.sleep(0.5)
                 after = await health.Check(request)

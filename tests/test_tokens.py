@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import json
 import logging
 import time
@@ -11,7 +12,12 @@ from typing import Any
 
 import pytest
 
-from ext_authz.errors import TokenDeadlineError, TokenEndpointError, TokenResponseError
+from ext_authz.errors import (
+    CredentialsRefusedError,
+    TokenDeadlineError,
+    TokenEndpointError,
+    TokenResponseError,
+)
 from ext_authz.policy.config import OAuth2Settings, TokenSettings
 from ext_authz.tokens import TokenCache, build_token_request, parse_token_response
 from tests.token_endpoint import TokenEndpoint
@@ -365,5 +371,76 @@ class TestChanges:
             await eventually(lambda: len(changes) == 2, within_s=3)
             assert changes == [token_endpoint.issued[0], None]
             assert cache.cached(settings) is None
+        finally:
+            await cache.aclose()
+
+
+class TestWhatTheOperatorIsTold:
+    """Each change in a credential's state said once: a refusal, a recovery, an expiry."""
+
+    async def test_refused_credentials_are_said_once_and_not_retried_quickly(
+            self, token_endpoint: TokenEndpoint, caplog: pytest.LogCaptureFixture) -> None:
+        token_endpoint.mode, token_endpoint.status = "status", 401
+        settings = oauth2(token_endpoint.url)
+        # A server error would be retried after 0.05-0.1 s; a refusal waits retry_max_s.
+        cache = TokenCache(fast_settings(retry_initial_s=0.1, retry_max_s=0.6))
+        try:
+            with caplog.at_level(logging.DEBUG, logger="ext_authz.tokens"):
+                cache.retain({"crm": settings})
+                await eventually(lambda: token_endpoint.count >= 3, within_s=5)
+                with pytest.raises(CredentialsRefusedError, match="credentials refused"):
+                    await cache.token(settings, "crm", 1)
+                warned = [r.message for r in caplog.records if r.levelno == logging.WARNING]
+                assert len(warned) == 1, warned
+                assert "server 'crm': credentials refused: token endpoint" in warned[0]
+                assert "retrying every 0.6 s" in warned[0]
+                assert SECRET not in caplog.text
+                times = [r.created for r in caplog.records if "failed" in r.message]
+                assert min(b - a for a, b in itertools.pairwise(times)) >= 0.55
+                # Recovered: said once.
+                token_endpoint.healthy()
+                await eventually(lambda: cache.cached(settings) is not None, within_s=3)
+            [recovered] = [r.message for r in caplog.records if "fetched again" in r.message]
+            assert recovered.startswith("server 'crm': token fetched again after")
+            assert recovered.endswith("failed fetch(es): its requests are served")
+        finally:
+            await cache.aclose()
+
+    async def test_a_changed_failure_is_said_again(
+            self, token_endpoint: TokenEndpoint, caplog: pytest.LogCaptureFixture) -> None:
+        token_endpoint.mode, token_endpoint.status = "status", 503
+        settings = oauth2(token_endpoint.url)
+        cache = TokenCache(fast_settings(retry_initial_s=0.05, retry_max_s=0.1))
+        try:
+            with caplog.at_level(logging.WARNING, logger="ext_authz.tokens"):
+                cache.retain({"crm": settings})
+                await eventually(lambda: token_endpoint.count >= 3)
+                token_endpoint.status = 401
+                count = token_endpoint.count
+                await eventually(lambda: token_endpoint.count >= count + 2)
+            said = [r.message for r in caplog.records]
+            assert len(said) == 2, said
+            assert "HTTP 503" in said[0]
+            assert "credentials refused" in said[1]
+            assert "HTTP 401" in said[1]
+        finally:
+            await cache.aclose()
+
+    async def test_an_expiry_without_a_successor_is_said(
+            self, token_endpoint: TokenEndpoint, caplog: pytest.LogCaptureFixture) -> None:
+        settings = oauth2(token_endpoint.url)
+        cache = TokenCache(fast_settings(expiry_buffer_s=0, min_ttl_s=0.1, retry_initial_s=5,
+                                         retry_max_s=5))
+        try:
+            token_endpoint.expires_in = 0.4
+            with caplog.at_level(logging.WARNING, logger="ext_authz.tokens"):
+                cache.retain({"crm": settings})
+                await eventually(lambda: cache.cached(settings) is not None)
+                token_endpoint.mode, token_endpoint.status = "status", 500
+                await eventually(lambda: "expired with no successor" in caplog.text, 3)
+            [expired] = [r.message for r in caplog.records if "expired" in r.message]
+            assert expired.startswith("server 'crm': its token expired with no successor"
+                                      " (server 'crm': token endpoint")
+            assert expired.endswith("its requests answer 503 until a fetch succeeds")
         finally:
             await cache.aclose()

@@ -23,10 +23,17 @@ _READ_TIMEOUT_S = 5.0
 
 @dataclass(frozen=True, slots=True)
 class Readiness:
-    """Whether the service may take traffic, and if not, what it waits for."""
+    """Whether the service takes traffic, and each server without a usable token (with the
+    reason): what readiness waits for before, what answers 503 after."""
 
     ready: bool
-    waiting_for: dict[str, str]
+    unavailable: dict[str, str]
+
+    def to_json(self) -> dict[str, object]:
+        # A token lost after start does not take the sidecar out of service (every other
+        # server would fail with it): it is said, by name, as what answers 503 now.
+        key = "unavailable" if self.ready else "waiting_for"
+        return {"ready": self.ready, key: self.unavailable}
 
 
 class AdminServer:
@@ -71,9 +78,7 @@ class AdminServer:
             return 200, "text/plain", b"ok\n"
         if path == "/readyz":
             readiness = self._readiness()
-            body = json.dumps(
-                {"ready": readiness.ready, "waiting_for": readiness.waiting_for}, indent=1
-            ).encode() + b"\n"
+            body = json.dumps(readiness.to_json(), indent=1).encode() + b"\n"
             return (200 if readiness.ready else 503), "application/json", body
         if path.startswith(TOKENS_PATH):
             # The native data path's watchdog: Envoy health-checks each oauth2 server's
