@@ -8,16 +8,34 @@ path does differently is an override in native.py.
 
 from __future__ import annotations
 
+from envoy_data_plane.envoy.config.accesslog.v3 import AccessLogFilter, StatusCodeFilter
+from envoy_data_plane.envoy.config.accesslog.v3 import ComparisonFilter as Comparison
+from envoy_data_plane.envoy.config.accesslog.v3 import ComparisonFilterOp as ComparisonOp
 from envoy_data_plane.envoy.config.cluster.v3 import Cluster
+from envoy_data_plane.envoy.config.core.v3 import (
+    HeaderValue,
+    HeaderValueOption,
+    HeaderValueOptionHeaderAppendAction,
+    RuntimeUInt32,
+)
 from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
     HttpFilter,
     LocalReplyConfig,
+    ResponseMapper,
 )
 from envoy_data_plane.google.protobuf import Any as AnyMessage
 from envoy_data_plane.google.protobuf import Struct
 
+from ..contract import LOCAL_REPLY_HEADER
 from ..policy.routing import RouteKind
 from .plan import Plan, ServerPlan
+
+
+def mark_local_reply() -> HeaderValueOption:
+    """The header that marks a local reply for the answers filter (LOCAL_REPLY_HEADER)."""
+    return HeaderValueOption(
+        header=HeaderValue(key=LOCAL_REPLY_HEADER, value="1"),
+        append_action=HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD)
 
 
 class BySidecar:
@@ -25,9 +43,12 @@ class BySidecar:
 
     authz_disabled = False  # ext_authz on every route
     validate_clusters: bool | None = None  # Envoy's default: every route's cluster exists
-    # A header Envoy's local replies carry for the answers filter to skip them (None: it
-    # sees them all; here every denial comes from the sidecar, after it has been asked).
-    local_reply_marker: str | None = None
+    # The mark Envoy sets on its own 404s (a local reply: here the sidecar's denial, via
+    # ext_authz), for the answers filter to let them by unheld: a hidden server's 404 on a
+    # route whose answers it reads would otherwise wait a round trip to the sidecar that the
+    # catch-all's does not (a timing tell; and by then Envoy has read the body and keeps
+    # the connection, where the catch-all's closes it).
+    local_reply_marker: str | None = LOCAL_REPLY_HEADER
 
     def route_filters(self, plan: Plan, server: str, kind: RouteKind,
                       common: dict[str, AnyMessage]) -> dict[str, AnyMessage]:
@@ -46,7 +67,14 @@ class BySidecar:
         return []
 
     def local_replies(self) -> LocalReplyConfig | None:
-        return None
+        """Envoy's own 404s (the sidecar's denials) marked, and only those: an upstream's
+        404 is no local reply."""
+        not_found = AccessLogFilter(status_code_filter=StatusCodeFilter(comparison=Comparison(
+            op=ComparisonOp.EQ,
+            value=RuntimeUInt32(default_value=404,
+                                runtime_key="mcp_ext_authz.not_found_status"))))
+        return LocalReplyConfig(mappers=[ResponseMapper(filter=not_found, headers_to_add=[
+            mark_local_reply()])])
 
     def check(self) -> None:
         """Raise a ValueError if Envoy could not take what this data path renders."""

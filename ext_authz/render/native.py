@@ -35,9 +35,6 @@ from envoy_data_plane.envoy.config.core.v3 import (
     ApiVersion,
     ConfigSource,
     DataSource,
-    HeaderValue,
-    HeaderValueOption,
-    HeaderValueOptionHeaderAppendAction,
     HealthCheck,
     HealthCheckHttpHealthCheck,
     RuntimeUInt32,
@@ -67,7 +64,6 @@ from envoy_data_plane.google.protobuf import Struct
 
 from ..contract import (
     EXT_AUTHZ_FILTER,
-    LOCAL_REPLY_HEADER,
     NODE_KEY,
     RBAC_FILTER,
     ROUTE_NAMESPACE,
@@ -78,7 +74,7 @@ from ..policy.config import Config
 from ..policy.outcomes import denial_body
 from ..policy.routing import RouteKind
 from . import clusters, data_plane
-from .enforcement import BySidecar
+from .enforcement import BySidecar, mark_local_reply
 from .filters import rbac
 from .options import DataPlane, HostPort, SidecarAddress, is_ip, watchdog_address
 from .plan import Plan, ServerPlan
@@ -101,12 +97,6 @@ class ByEnvoy(BySidecar):
     # The listener may arrive while a cluster it names still warms (its first health
     # check): not a reason to refuse the listener; such a route answers 503.
     validate_clusters = False
-    # RBAC's 404 for a hidden server is sent at once, as the catch-all's for an unknown one
-    # is (Envoy closes an HTTP/1.1 connection whose body it has not read). The answers
-    # filter on a rule route would hold it for a round trip to the sidecar, long enough to
-    # read the body and keep the connection: one request would tell the two apart.
-    local_reply_marker = LOCAL_REPLY_HEADER
-
     def __init__(self, watchdog: SidecarAddress) -> None:
         self.watchdog = watchdog
 
@@ -175,10 +165,7 @@ class ByEnvoy(BySidecar):
         return LocalReplyConfig(mappers=[
             ResponseMapper(filter=denied, status_code=404,
                            body_format_override=_json_reply("not_found"),
-                           headers_to_add=[HeaderValueOption(
-                               header=HeaderValue(key=LOCAL_REPLY_HEADER, value="1"),
-                               append_action=HeaderValueOptionHeaderAppendAction
-                               .OVERWRITE_IF_EXISTS_OR_ADD)]),
+                           headers_to_add=[mark_local_reply()]),
             *(ResponseMapper(filter=failed, status_code=503,
                              body_format_override=_json_reply("upstream_credentials_unavailable"))
               for failed in (no_token, watchdog)),

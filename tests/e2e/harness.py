@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -298,6 +299,20 @@ def start_envoy(bootstrap: dict[str, Any], workdir: Path, admin_port: int,
     return envoy
 
 
+def wait_healthy(admin_port: int, timeout: float = 10) -> None:
+    """Wait until every host Envoy health-checks is healthy: in the native data path an
+    oauth2 server's cluster turns so once the watchdog finds this Envoy holding its token, a
+    moment after Envoy is ready (until then its requests answer 503)."""
+    def healthy() -> bool:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/clusters",
+                                    timeout=2) as response:
+            flags = [line for line in response.read().decode().splitlines()
+                     if "::health_flags::" in line]
+        return all(line.endswith("::healthy") for line in flags)
+
+    until(healthy, timeout)
+
+
 def client(source: str) -> httpx.Client:
     """An HTTP client whose connections come from the given loopback address."""
     return httpx.Client(transport=httpx.HTTPTransport(local_address=source), timeout=10)
@@ -330,6 +345,7 @@ def start_gateway(servers: dict[str, Any], workdir: Path, data_path: str,
     processes.append(sidecar)
     sidecar.wait_http(f"http://127.0.0.1:{ports['admin']}/readyz")
     processes.append(start_envoy(bootstrap, workdir, ports["envoy_admin"]))
+    wait_healthy(ports["envoy_admin"])
     return f"http://127.0.0.1:{ports['envoy']}"
 
 

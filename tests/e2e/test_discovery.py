@@ -36,6 +36,7 @@ from tests.e2e.harness import (
     start_envoy,
     start_sidecar,
     start_upstream,
+    wait_healthy,
 )
 from tests.token_endpoint import ThreadedTokenEndpoint
 
@@ -125,6 +126,7 @@ def stack(request: pytest.FixtureRequest,
             sidecar.wait_http(f"http://127.0.0.1:{ports['admin']}/readyz")
             processes.append(start_envoy(bootstrap, workdir,
                                          ports["envoy_admin"]))
+            wait_healthy(ports["envoy_admin"])
             yield Stack(f"http://127.0.0.1:{ports['envoy']}", config, upstream, ports["rs"],
                         ports["as"])
         finally:
