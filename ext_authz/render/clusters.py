@@ -93,10 +93,16 @@ def sidecar(name: str, sidecars: list[SidecarAddress], sidecar_tls: SidecarTLS |
         built.typed_extension_protocol_options[PROTOCOL_OPTIONS] = AnyMessage.pack(options)
     if sidecar_tls is not None:
         built.transport_socket = tls.to_sidecar(sidecar_tls)
-    # Envoy sends no checks to a sidecar until its tokens are warm (health SERVING).
+    # A worker whose tokens are not warm (health NOT_SERVING) is passed over while at least
+    # half are healthy. A lone sidecar, or most of them, unhealthy: Envoy's panic routing
+    # asks them anyway, and each answers for itself (503 for a server without its token,
+    # the decision for the others), rather than Envoy failing every server. Checked every
+    # 2 s from the start: Envoy's default for a cluster with no traffic yet is 60 s, and a
+    # sidecar back to health was only noticed a minute later.
     built.health_checks = [HealthCheck(
         timeout=timedelta(seconds=1),
         interval=timedelta(seconds=2),
+        no_traffic_interval=timedelta(seconds=2),
         unhealthy_threshold=2,
         healthy_threshold=1,
         grpc_health_check=HealthCheckGrpcHealthCheck(service_name=AUTHZ_SERVICE),
