@@ -170,7 +170,13 @@ class TestGenerator:
             "envoy.filters.http.header_mutation", "envoy.filters.http.ext_authz",
             "envoy.filters.http.ext_proc", "mcp_ext_authz.answers", "mcp_ext_authz.challenge",
             "envoy.filters.http.router"]
-        answers = http_filter(manager, "mcp_ext_authz.answers")
+        wrapped = http_filter(manager, "mcp_ext_authz.answers")
+        # Envoy's own 404s (the sidecar's denials, marked) pass it unheld, as the
+        # catch-all's do: no round trip to tell a hidden server by.
+        [skip] = wrapped["xds_matcher"]["matcher_list"]["matchers"]
+        assert skip["predicate"]["single_predicate"]["input"]["typed_config"][
+            "header_name"] == "x-mcp-ext-authz-local-reply"
+        answers = wrapped["extension_config"]["typed_config"]
         assert answers["processing_mode"] == {  # the body's modes come by override
             "request_header_mode": "SKIP", "response_header_mode": "SEND",
             "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP"}
@@ -243,7 +249,9 @@ class TestGenerator:
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3."
                          "HeaderMutation",
                 "mutations": {"request_mutations": [
-                    {"remove_on_match": {"key_matcher": {"prefix": "x-envoy-"}}}]}}}
+                    {"remove_on_match": {"key_matcher": {"prefix": "x-envoy-"}}}],
+                    # and the mark of Envoy's own answers, from every answer
+                    "response_mutations": [{"remove": "x-mcp-ext-authz-local-reply"}]}}}
 
     def test_url_upstreams(self, tmp_path: Path) -> None:
         """https: TLS with SNI, a SAN check, the system CAs, ALPN; the URL's Host and path."""
