@@ -91,6 +91,7 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
             data_path=args.data_path,
             listener_tls=_listener_tls(args),
             node_id=args.node_id or _default_node_id(HostPort.parse(args.listen).port),
+            max_connections=args.max_connections,
         )
     except ValueError as exc:
         print(f"envoy-config: {exc}", file=sys.stderr)
@@ -139,6 +140,13 @@ def add_parser(commands: Commands) -> None:
                        help="limit on receiving a request whole and judging it, before it"
                             " goes upstream; 408 past it (default 30, or longer than"
                             " tokens.timeout_s; 0: none)")
+    from ..render.options import DEFAULT_MAX_CONNECTIONS
+
+    envoy.add_argument("--max-connections", type=count, default=DEFAULT_MAX_CONNECTIONS,
+                       metavar="N",
+                       help="downstream connections Envoy keeps open at most, across its"
+                            f" listeners (default {DEFAULT_MAX_CONNECTIONS}; Envoy's overload"
+                            " manager)")
     envoy.add_argument("--data-path", choices=("ext_authz", "native"), default="ext_authz",
                        help="ext_authz (default): the sidecar decides every request;"
                             " native: Envoy enforces visibility (RBAC) and injects tokens"

@@ -31,6 +31,11 @@ from envoy_data_plane.envoy.config.core.v3 import (
     RetryPolicy,
     SocketAddress,
 )
+from envoy_data_plane.envoy.config.overload.v3 import OverloadManager, ResourceMonitor
+from envoy_data_plane.envoy.extensions.resource_monitors.downstream_connections.v3 import (
+    DownstreamConnectionsConfig,
+)
+from envoy_data_plane.google.protobuf import Any as AnyMessage
 from envoy_data_plane.google.protobuf import Struct
 
 from ..contract import AUTHZ_CLUSTER, BODIES_CLUSTER, NODE_KEY, XDS_CLUSTER
@@ -39,6 +44,7 @@ from . import clusters, data_plane, tls
 from .enforcement import BY_SIDECAR
 from .native import ADS_SOURCE, ByEnvoy
 from .options import (
+    DEFAULT_MAX_CONNECTIONS,
     NO_TIMEOUTS,
     DataPath,
     DataPlane,
@@ -58,6 +64,17 @@ from .options import (
 XDS_RETRY_BASE, XDS_RETRY_MAX = timedelta(milliseconds=250), timedelta(seconds=2)
 
 
+def connection_limit(most: int) -> OverloadManager:
+    """At most `most` downstream connections open at once, across every listener: past it
+    Envoy accepts no more until some close."""
+    if most < 1:
+        raise ValueError(f"--max-connections {most}: give at least 1")
+    monitor = DownstreamConnectionsConfig(max_active_downstream_connections=most)
+    return OverloadManager(resource_monitors=[ResourceMonitor(
+        name="envoy.resource_monitors.global_downstream_max_connections",
+        typed_config=AnyMessage.pack(monitor))])
+
+
 def build_bootstrap(
     config: Config,
     upstreams: Mapping[str, UpstreamAddress],
@@ -72,6 +89,7 @@ def build_bootstrap(
     data_path: DataPath = "ext_authz",
     listener_tls: ListenerTLS | None = None,
     node_id: str = "mcp-ext-authz",
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
 ) -> Bootstrap:
     """Build the bootstrap: one listener, the filters, a route and a cluster per server.
 
@@ -99,7 +117,8 @@ def build_bootstrap(
         sidecar_clusters.append(clusters.sidecar(BODIES_CLUSTER, sidecars, sidecar_tls,
                                                  timeouts.receive(config)))
     bootstrap = Bootstrap(admin=Admin(address=Address(socket_address=SocketAddress(
-        address=admin.host, port_value=admin.port))))
+        address=admin.host, port_value=admin.port))),
+        overload_manager=connection_limit(max_connections))
     if not native:
         bootstrap.static_resources = BootstrapStaticResources(
             listeners=[listener], clusters=[*sidecar_clusters, *upstream_clusters])

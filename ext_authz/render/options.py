@@ -13,6 +13,10 @@ from typing import Any, Literal
 from ..contract import NODE_KEY
 from ..policy.config import Config, UpstreamAddress
 
+# Envoy's edge guidance: a limit on open downstream connections (without one, Envoy warns at
+# start, and a flood of idle connections takes all the memory there is).
+DEFAULT_MAX_CONNECTIONS = 50_000
+
 DataPath = Literal["ext_authz", "native"]
 DATA_PATHS: tuple[DataPath, ...] = ("ext_authz", "native")
 

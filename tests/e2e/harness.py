@@ -327,7 +327,8 @@ def envoy_config(config_path: Path, *argv: str) -> dict[str, Any]:
 
 
 def start_gateway(servers: dict[str, Any], workdir: Path, data_path: str,
-                  processes: list[Process], **settings: Any) -> str:
+                  processes: list[Process], envoy_flags: tuple[str, ...] = (),
+                  **settings: Any) -> str:
     """A sidecar for these servers (127.0.0.1 internal, any other `settings` beside) and an
     Envoy from `envoy-config --data-path data_path` for it, both ready; each appended to
     `processes` as it starts (the caller stops them). The gateway's base URL."""
@@ -340,7 +341,7 @@ def start_gateway(servers: dict[str, Any], workdir: Path, data_path: str,
     config_path.write_text(yaml.safe_dump(config))
     bootstrap = envoy_config(config_path, "--listen", f"127.0.0.1:{ports['envoy']}",
                              "--admin", f"127.0.0.1:{ports['envoy_admin']}",
-                             "--data-path", data_path)
+                             "--data-path", data_path, *envoy_flags)
     sidecar = start_sidecar(config_path, workdir)
     processes.append(sidecar)
     sidecar.wait_http(f"http://127.0.0.1:{ports['admin']}/readyz")
