@@ -23,12 +23,20 @@ from .contract import (
 from .edges.authz import AuthorizationService
 from .edges.ext_proc import ExternalProcessingService
 from .edges.generation import Generation, Serving
+from .edges.operator import OperatorView, ReloadRecord
 from .edges.xds import ControlPlane, Snapshots
 from .errors import ConfigError, ExtAuthzError
 from .ops.admin import AdminServer, Readiness
 from .ops.decision_log import FLUSH_INTERVAL_S, DecisionLog
 from .ops.metrics import Metrics
-from .policy.config import Config, TLSSettings, config_warnings, load_config, with_port_offset
+from .policy.config import (
+    Config,
+    TLSSettings,
+    admin_token,
+    config_warnings,
+    load_config,
+    with_port_offset,
+)
 from .tokens import TokenCache
 
 log = logging.getLogger(__name__)
@@ -97,6 +105,18 @@ class _ReloadableCertificates:
         self._pending = _certificate_configuration(tls)
 
 
+def _page_token(config: Config) -> str | None:
+    """The status page's token (the config loaded it once already: a file gone since is no
+    token at all, and the page refuses everyone rather than no one)."""
+    if config.admin is None or config.admin.auth is None:
+        return None
+    token, problems = admin_token(config.admin.auth.token_file)
+    if problems:
+        log.error("%s: the status page refuses every request", problems[0])
+        return "\x00unreadable"  # no header carries a NUL: nothing matches
+    return token
+
+
 def _open_decision_log(config: Config) -> DecisionLog | None:
     try:
         return DecisionLog.from_settings(config.decision_log)
@@ -131,6 +151,9 @@ class Sidecar:
         self.control_plane = ControlPlane(lambda: self.config, self.tokens, self.metrics,
                                           _snapshots)
         self.tokens.on_change = self.control_plane.tokens_changed
+        self.operator = OperatorView(self.serving, self.tokens,
+                                     None if config_path is None else str(config_path))
+        self._page_token: str | None = None
         self.health = health.aio.HealthServicer()
         self._receive_limit = receive_limit(config)
         self.grpc_port = 0
@@ -188,8 +211,11 @@ class Sidecar:
         await server.start()
         self._grpc = server
         if config.admin is not None:
+            self._page_token = _page_token(config)
             self._admin = AdminServer(config.admin.listen, self.metrics.registry, self.readiness,
-                                      self.token_usable)
+                                      self.token_usable,
+                                      self.operator if config.admin.page else None,
+                                      lambda: self._page_token)
             try:
                 await self._admin.start()
             except OSError as exc:
@@ -276,6 +302,7 @@ class Sidecar:
                     self._certificates.replace(config.grpc.tls)
             except (ConfigError, ExtAuthzError, OSError) as exc:
                 problems = exc.problems if isinstance(exc, ConfigError) else [str(exc)]
+                self.operator.last_reload = ReloadRecord(ok=False, problems=problems)
                 log.error("config reload rejected, still serving generation %d: %s",
                           self.serving.state.generation, "; ".join(problems))
                 self.metrics.config_reloads.labels("rejected").inc()
@@ -286,6 +313,8 @@ class Sidecar:
                 self.serving.decision_log.close()
             self.serving.decision_log = decision_log
             self.serving.state = Generation.build(config, generation)
+            self.operator.last_reload = ReloadRecord()
+            self._page_token = _page_token(config)
             self.tokens.settings = config.tokens
             self.tokens.retain(config.credentials())
             self.control_plane.changed()

@@ -242,6 +242,29 @@ class TokenCache:
                 missing[entry.server] = reason
         return missing
 
+    def states(self) -> dict[str, dict[str, Any]]:
+        """Each retained server's token as an operator sees it, never the token: `warm`
+        (held, with its age and the seconds it stays usable), `fetching` (none held yet, a
+        fetch in flight), `refreshing` (held, a fetch in flight) or `failing` (none usable:
+        the last failure's words), and the last failure while one is held."""
+        now = self._clock()
+        states = {}
+        for entry in self._entries.values():
+            usable = entry.token is not None and now < entry.usable_until
+            if usable:
+                state = "refreshing" if entry.fetch is not None else "warm"
+            else:
+                state = "failing" if entry.last_error is not None else "fetching"
+            found: dict[str, Any] = {"state": state}
+            if usable:
+                found["age_s"] = round(now - entry.fetched_at, 1)
+                found["usable_for_s"] = round(entry.usable_until - now, 1)
+            if entry.last_error is not None:
+                found["error"] = str(entry.last_error)
+                found["failures"] = entry.failures
+            states[entry.server] = found
+        return states
+
     def ages(self) -> dict[str, float]:
         """Seconds since each server's token was fetched (servers holding a token)."""
         now = self._clock()

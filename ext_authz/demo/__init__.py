@@ -359,7 +359,7 @@ def _make_certs(args: Any) -> int:
     if not args.dir.is_dir():
         print(f"certs: --dir {args.dir}: no such folder", file=sys.stderr)
         return 2
-    made = make_pair(args.dir, server, client, args.days)
+    made = make_pair(args.dir, server, client, args.days, args.admin_token)
     print(f"certs: {'made' if made else 'kept'} {args.dir / server[0]}"
           f" and {args.dir / client[0]}")
     return 0
@@ -393,6 +393,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     certs.add_argument("--client", required=True, metavar="NAME[:UID]",
                        help="the client's name; its folder DIR/NAME goes to UID")
     certs.add_argument("--days", type=int, default=365)
+    certs.add_argument("--admin-token", action="store_true",
+                       help="also a random token for the server's status page, in"
+                            " DIR/NAME/admin-token")
     args: Any = parser.parse_args(argv)
     if args.command == "certs":
         return _make_certs(args)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import secrets
 from pathlib import Path
 
 from cryptography import x509
@@ -99,10 +100,11 @@ def parse_party(text: str) -> tuple[str, int | None]:
 
 
 def make_pair(directory: Path, server: tuple[str, int | None],
-              client: tuple[str, int | None], days: int) -> bool:
+              client: tuple[str, int | None], days: int, admin_token: bool = False) -> bool:
     """A fresh CA, a server certificate naming `server` and a client one for `client`, each
     in a folder of its own with the CA (`NAME/ca.pem`, `NAME/NAME.pem`, `NAME/NAME.key`),
-    owned by the uid given: each party reads its own key and no other. False, and nothing
+    owned by the uid given: each party reads its own key and no other. With `admin_token`,
+    the server's folder also holds `admin-token` (its status page's). False, and nothing
     written, if both folders are already there (a restarted stack keeps its certificates)."""
     folders = [directory / name for name, _ in (server, client)]
     if all((folder / f"{folder.name}.key").is_file() for folder in folders):
@@ -114,6 +116,10 @@ def make_pair(directory: Path, server: tuple[str, int | None],
         folder.mkdir(mode=0o700, exist_ok=True)
         (folder / "ca.pem").write_bytes(authority.pem())
         authority.issue(name, (name,), client=is_client, directory=folder)
+        if admin_token and not is_client:
+            descriptor = os.open(folder / "admin-token", os.O_WRONLY | os.O_CREAT, 0o600)
+            with os.fdopen(descriptor, "w") as file:
+                file.write(secrets.token_hex(32) + "\n")
         if uid is not None:
             for path in (folder, *folder.iterdir()):
                 os.chown(path, uid, uid)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from ..ops.decision_log import DecisionLog
 from ..ops.metrics import Metrics, Phase
+from ..ops.recent import RecentDecisions
 from ..policy.compile import Policy
 from ..policy.config import Config
 from ..policy.decision import Decision, RequestFacts
@@ -41,6 +42,7 @@ class Serving:
         self.state = state
         self.metrics = metrics
         self.decision_log = decision_log
+        self.recent = RecentDecisions()  # for the status page: every decision, the last few
         self._prefix = os.urandom(4).hex()
         self._ids = itertools.count(1)
 
@@ -59,5 +61,6 @@ class Serving:
                 seconds, phase)
             if self.decision_log is not None and self.decision_log.wants(decision):
                 self.decision_log.write(decision, decision_id, facts, seconds, phase)
+            self.recent.add(decision, decision_id, facts, seconds, phase)
         except Exception:  # observability must never turn an answer into an RPC error
             log.exception("recording check %s failed", decision_id)

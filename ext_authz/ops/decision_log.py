@@ -38,6 +38,35 @@ def _fragment(decision: Decision) -> str:
     }, separators=(",", ":"))[1:-1]
 
 
+def stamp(at: float) -> str:
+    """A decision's time as the log writes it (UTC, to the second)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
+
+
+def decision_line(at: str, decision: Decision, decision_id: str, facts: RequestFacts,
+                  latency_s: float, phase: str, fragment: str | None = None) -> str:
+    """One decision as the log's JSON line (without its newline): the only place its fields
+    are chosen, for the log and the status page's recent decisions alike."""
+    # Capped: X-Forwarded-For and the path are whatever the client sent; the query string
+    # is dropped because it may carry credentials.
+    xff = facts.x_forwarded_for
+    path = facts.path.split("?", 1)[0][:256]
+    line = (
+        f'{{"time":"{at}","decision_id":"{decision_id}","phase":"{phase}",'
+        f"{_fragment(decision) if fragment is None else fragment},"
+        f'"x_forwarded_for":{_quote(xff[:256]) if xff else "null"},'
+        f'"path":{_quote(path)},"latency_ms":{latency_s * 1000:.3f}'
+    )
+    if decision.detail:
+        line += f',"detail":{_quote(decision.detail)}'
+    if decision.placement.matched:
+        # What placed the caller by who it is ("agents by principal spiffe://..."): a claim
+        # is named with the value that matched the rule, no other claim is logged.
+        line += f',"principal":{_quote(facts.identity.principal[:256])}'
+        line += f',"identity":{_quote("; ".join(decision.placement.matched))}'
+    return line + "}"
+
+
 class DecisionLog:
     """Write sampled decisions as JSON lines to a stream.
 
@@ -77,25 +106,9 @@ class DecisionLog:
         now = time.time()
         if int(now) != self._second:
             self._second = int(now)
-            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
-        # Capped: X-Forwarded-For and the path are whatever the client sent; the query
-        # string is dropped because it may carry credentials.
-        xff = facts.x_forwarded_for
-        path = facts.path.split("?", 1)[0][:256]
-        line = (
-            f'{{"time":"{self._stamp}","decision_id":"{decision_id}","phase":"{phase}",'
-            f"{self._fragments[decision]},"
-            f'"x_forwarded_for":{_quote(xff[:256]) if xff else "null"},'
-            f'"path":{_quote(path)},"latency_ms":{latency_s * 1000:.3f}'
-        )
-        if decision.detail:
-            line += f',"detail":{_quote(decision.detail)}'
-        if decision.placement.matched:
-            # What placed the caller by who it is ("agents by principal spiffe://..."): a
-            # claim is named with the value that matched the rule, no other claim is logged.
-            line += f',"principal":{_quote(facts.identity.principal[:256])}'
-            line += f',"identity":{_quote("; ".join(decision.placement.matched))}'
-        self._stream.write(line + "}\n")
+            self._stamp = stamp(now)
+        self._stream.write(decision_line(self._stamp, decision, decision_id, facts, latency_s,
+                                         phase, self._fragments[decision]) + "\n")
         if time.monotonic() - self._last_flush >= FLUSH_INTERVAL_S:
             self.flush()
 

@@ -36,7 +36,7 @@ from .networks import (
     NetworkDefinition,
     NetworkSettings,
 )
-from .problems import config_warnings
+from .problems import admin_token, config_warnings
 
 __all__ = [
     "CLAIM_NAME", "DEFAULT_INTERNAL_RANGES", "DEFAULT_TOOL", "EXAMPLE_CONFIG", "NETWORK_NAME",
@@ -45,6 +45,6 @@ __all__ = [
     "McpSettings", "NetworkDefinition",
     "NetworkSettings", "OAuth2Settings", "ReloadSettings", "RoutingSettings", "ServerInfo",
     "ServerSettings", "TLSSettings", "TokenSettings", "UpstreamAddress",
-    "config_warnings", "example_config", "load_config", "parse_config", "parse_yaml",
+    "admin_token", "config_warnings", "example_config", "load_config", "parse_config", "parse_yaml",
     "split_listen", "with_port_offset",
 ]

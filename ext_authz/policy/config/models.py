@@ -45,8 +45,16 @@ class GrpcSettings(FrozenModel):
     _check_listen = field_validator("listen", mode="before")(parse_listen)
 
 
+class AdminAuth(FrozenModel):
+    # The status page's token: the file's content, surrounding whitespace stripped. Scripts
+    # send it as `Authorization: Bearer ...`, a browser as HTTP Basic's password.
+    token_file: Path
+
+
 class AdminSettings(FrozenModel):
     listen: str = "127.0.0.1:9192"
+    page: StrictBool = True  # the status page at / and its JSON under /api/
+    auth: AdminAuth | None = None
 
     _check_listen = field_validator("listen", mode="before")(parse_listen)
 
@@ -329,6 +337,8 @@ class Config(FrozenModel):
         if self.grpc.tls is not None:
             tls = self.grpc.tls
             files += [f for f in (tls.cert_file, tls.key_file, tls.client_ca_file) if f]
+        if self.admin is not None and self.admin.auth is not None:
+            files.append(self.admin.auth.token_file)
         return tuple(files)
 
     @field_validator("servers")

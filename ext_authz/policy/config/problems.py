@@ -136,7 +136,21 @@ def read_files(config: Config) -> tuple[Config, list[str]]:
         servers[name] = server.model_copy(update={"oauth2": resolved})
     if config.grpc.tls is not None:
         problems += _tls_problems(config.grpc.tls)
+    if config.admin is not None and config.admin.auth is not None:
+        problems += admin_token(config.admin.auth.token_file)[1]
     return config.model_copy(update={"servers": servers}), problems
+
+
+def admin_token(path: Path) -> tuple[str, list[str]]:
+    """The status page's token from its file, or the problem with it."""
+    try:
+        token = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        return "", [f"admin.auth.token_file: cannot read {str(path)!r} ({exc})"]
+    if len(token) < 16:
+        return "", [f"admin.auth.token_file: {str(path)!r} holds {len(token)} characters;"
+                    " give at least 16 (e.g. `openssl rand -hex 32 > FILE`)"]
+    return token, []
 
 
 def _tls_problems(tls: TLSSettings) -> list[str]:
@@ -199,21 +213,34 @@ def listener_problems(config: Config) -> list[str]:
             " own port"]
 
 
-def exposure_problems(config: Config) -> list[str]:
-    """A gRPC listener that hands tokens to whoever reaches it, beyond this host."""
-    grpc = config.grpc
-    if grpc.allow_unauthenticated or grpc.listen.startswith("unix:"):
-        return []
-    if grpc.tls is not None and grpc.tls.client_ca_file is not None:
-        return []
-    host = split_listen(grpc.listen)[0].strip("[]")
+def beyond_this_host(listen: str) -> bool:
+    """Whether a listen address can be reached from other hosts (not loopback, no socket)."""
+    if listen.startswith("unix:"):
+        return False
+    host = split_listen(listen)[0].strip("[]")
     try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        return not (host == "localhost" or ipaddress.ip_address(host).is_loopback)
     except ValueError:
-        loopback = False  # a name: whatever it resolves to, not only this host
-    if loopback:
-        return []
-    return [f"grpc.listen: {grpc.listen} is reachable beyond this host, and whoever can open"
+        return True  # a name: whatever it resolves to, not only this host
+
+
+def exposure_problems(config: Config) -> list[str]:
+    """A gRPC listener that hands tokens to whoever reaches it, beyond this host; a status
+    page that shows the config to whoever reaches it."""
+    problems = []
+    grpc, admin = config.grpc, config.admin
+    if (beyond_this_host(grpc.listen) and not grpc.allow_unauthenticated
+            and (grpc.tls is None or grpc.tls.client_ca_file is None)):
+        problems.append(
+            f"grpc.listen: {grpc.listen} is reachable beyond this host, and whoever can open"
             " a stream there reads every server's token (Check answers, SDS): give grpc.tls"
             " a client_ca_file (mTLS: only Envoy's certificate gets in), or say"
-            " grpc.allow_unauthenticated: true"]
+            " grpc.allow_unauthenticated: true")
+    if admin is not None and admin.page and admin.auth is None and beyond_this_host(
+            admin.listen):
+        problems.append(
+            f"admin.listen: {admin.listen} is reachable beyond this host, and its status page"
+            " shows the config and recent callers: give admin.auth.token_file, or say"
+            " admin.page: false (/metrics, /healthz, /readyz and /tokens stay open either"
+            " way)")
+    return problems
