@@ -366,3 +366,27 @@ class TestExposure:
         # A security boolean: never "yes" coerced.
         refused = problems("grpc: {listen: '0.0.0.0:9191', allow_unauthenticated: 'yes'}")
         assert any(p.startswith("grpc.allow_unauthenticated:") for p in refused), refused
+
+
+class TestStatusPageExposure:
+    """The status page shows the config and recent callers: beyond loopback, a token."""
+
+    def test_beyond_loopback_without_a_token_is_refused_in_one_line(self) -> None:
+        [problem] = problems("admin: {listen: '0.0.0.0:9192'}")
+        assert problem.startswith("admin.listen: 0.0.0.0:9192 is reachable beyond this host")
+        assert "admin.auth.token_file" in problem
+
+    @pytest.mark.parametrize("admin", ["{listen: '127.0.0.1:9192'}",
+                                       "{listen: '0.0.0.0:9192', page: false}",
+                                       "{listen: 'unix:/run/admin.sock'}"])
+    def test_loopback_or_no_page_needs_none(self, admin: str) -> None:
+        assert parse_yaml(f"admin: {admin}\nservers: {{a: {{}}}}", env={}).admin is not None
+
+    def test_the_token_file_is_read_and_checked(self, tmp_path: Path) -> None:
+        short = tmp_path / "short"
+        short.write_text("abc\n")
+        found = problems(f"admin: {{listen: '0.0.0.0:9192', auth: {{token_file: '{short}'}}}}")
+        assert found == [f"admin.auth.token_file: '{short}' holds 3 characters; give at"
+                         " least 16 (e.g. `openssl rand -hex 32 > FILE`)"]
+        missing = problems("admin: {listen: '0.0.0.0:9192', auth: {token_file: /nope}}")
+        assert missing[0].startswith("admin.auth.token_file: cannot read '/nope'")
