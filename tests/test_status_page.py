@@ -190,8 +190,10 @@ class TestAsked:
         assert [(c["caller"], c["item"], c["after"]) for c in toggled["diff"]["changes"]] == [
             ("external", "servers.crm", "visible")]
         # The YAML to commit is the running config with the flag turned, and valid.
-        proposed = parse_yaml(toggled["yaml"], env={}, secrets=False)
+        proposed = parse_yaml(toggled["yaml"], env={"REDACTED": "x"}, secrets=False)
         assert proposed.servers["crm"].available_on_public_internet is True
+        assert "the-client-secret" not in json.dumps(toggled)  # written inline: redacted
+        assert "client_secret: ${REDACTED}" in toggled["yaml"]
         assert (tmp_path / "c.yaml").read_text() == before  # nothing written
         assert sidecar.serving.state.generation == 1  # nothing applied
         broken = (await http.post("/api/preview", json={"config": "servers: {a: {bad: 1}}"})

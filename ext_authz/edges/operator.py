@@ -9,6 +9,7 @@ Every answer is computed by what serves requests (the compiled Policy, the pipel
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -154,9 +155,12 @@ class OperatorView:
         try:
             proposed = parse_yaml(text, source="the proposed config", secrets=False)
         except ConfigError as exc:
-            return {"valid": False, "problems": exc.problems, "yaml": text}
-        return {"valid": True, "diff": diff(running.policy, Policy.from_config(proposed))
-                .to_json(), "yaml": text}
+            return {"valid": False, "problems": exc.problems}
+        found: dict[str, Any] = {"valid": True, "diff": diff(
+            running.policy, Policy.from_config(proposed)).to_json()}
+        if toggle:  # the YAML to commit (a pasted one is the operator's own already)
+            found["yaml"] = text
+        return found
 
     def _toggled(self, server: str) -> str:
         """The running config file with one server's `available_on_public_internet` turned
@@ -172,7 +176,23 @@ class OperatorView:
         if public is False:
             settings.pop("visible_to", None)  # a public server takes no visible_to
         data["servers"][server] = settings
-        return str(yaml.safe_dump(data, sort_keys=False))
+        return str(yaml.safe_dump(_without_secrets(data), sort_keys=False))
+
+
+REDACTED = "${REDACTED}"  # an inline secret of the file: put yours back before committing
+
+
+def _without_secrets(value: Any, key: str = "") -> Any:
+    """The config's data with every secret written inline replaced (a ${VAR} stays: it is a
+    name, not a secret). The page never shows a secret, even the file's own."""
+    if isinstance(value, dict):
+        return {k: _without_secrets(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_secrets(v) for v in value]
+    if "secret" in key and isinstance(value, str) and not re.fullmatch(
+            r"\$\{[A-Za-z_][A-Za-z0-9_]*(:-[^}]*)?\}", value):
+        return REDACTED
+    return value
 
 
 def matrix(policy: Policy) -> dict[str, Any]:

@@ -190,8 +190,10 @@ async function preview(asked) {
       el("p", {}, changes.length || members.length ? `${changes.length} change(s) in who sees what` +
         (result.diff.widens_external ? ", widening what external callers see" : "") : "no change in who sees what"),
       el("ul", {class: "changes"}, ...changes, ...members),
-      el("p", {}, "The YAML to commit (nothing was applied):"),
-      el("pre", {class: "yaml"}, result.yaml));
+      ...(result.yaml === undefined ? [] : [
+        el("p", {}, "The YAML to commit (nothing was applied; a secret written in the file " +
+          "shows as ${REDACTED}: put yours back):"),
+        el("pre", {class: "yaml"}, result.yaml)]));
   } catch (error) {
     fill(shown, el("p", {class: "error"}, String(error)));
   }
