@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import shutil
 import socket
 import subprocess
@@ -386,3 +387,40 @@ def rpc(method: str, params: dict[str, Any] | None = None, rpc_id: Any = 1) -> d
     if params is not None:
         message["params"] = params
     return message
+
+
+def raw_request(base: str, method: str, path: str, body: str, headers: dict[str, str],
+                source: str, late_body: bool) -> tuple[int, list[tuple[str, str]], bytes]:
+    """One HTTP/1.1 request from `source` on a connection of its own, its body sent with the
+    head (one write) or 0.3 s after it (`late_body`): whether Envoy has read the body when
+    it answers decides whether it closes the connection, and so is fixed, not a race. The
+    status, the headers but `date`, in order, and the body."""
+    host, _, port = base.removeprefix("http://").rpartition(":")
+    head = (f"{method} {path} HTTP/1.1\r\nhost: {host}:{port}\r\n"
+            + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+            + f"content-length: {len(body)}\r\n\r\n").encode()
+    with socket.create_connection((host, int(port)), timeout=10,
+                                  source_address=(source, 0)) as connection:
+        if late_body:
+            connection.sendall(head)
+            time.sleep(0.3)
+            connection.sendall(body.encode())
+        else:
+            connection.sendall(head + body.encode())
+        received = b""
+        while not _complete(received):
+            chunk = connection.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+    raw_head, _, content = received.partition(b"\r\n\r\n")
+    status_line, *lines = raw_head.decode("latin-1").split("\r\n")
+    answered = [(k.strip().lower(), v.strip()) for k, _, v in (line.partition(":")
+                                                                 for line in lines)]
+    return int(status_line.split()[1]), [h for h in answered if h[0] != "date"], content
+
+
+def _complete(received: bytes) -> bool:
+    head, found, content = received.partition(b"\r\n\r\n")
+    length = re.search(rb"content-length: *(\d+)", head.lower())
+    return bool(found) and length is not None and len(content) >= int(length.group(1))

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,7 +21,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.e2e.harness import Process, free_port, start_gateway
+from tests.e2e.harness import Process, free_port, raw_request, start_gateway
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -181,45 +179,11 @@ class TestHiddenWithToolRules:
         streams = stack.answers_streams()
         for _ in range(3):
             hidden, unknown = (raw_request(stack.base, method, f"/mcp/{server}", LIST,
-                                           late_body) for server in ("vault", "nope"))
+                                           MCP_HEADERS, EXTERNAL, late_body)
+                               for server in ("vault", "nope"))
             assert hidden == unknown
             assert hidden[0] == 404
         assert stack.answers_streams() == streams
-
-
-def raw_request(base: str, method: str, path: str, body: str, late_body: bool
-                ) -> tuple[int, list[tuple[str, str]], bytes]:
-    """One HTTP/1.1 request from EXTERNAL on a connection of its own: the status, the headers
-    but `date`, in order, and the body."""
-    host, _, port = base.removeprefix("http://").rpartition(":")
-    head = (f"{method} {path} HTTP/1.1\r\nhost: {host}:{port}\r\n"
-            + "".join(f"{k}: {v}\r\n" for k, v in MCP_HEADERS.items())
-            + f"content-length: {len(body)}\r\n\r\n").encode()
-    with socket.create_connection((host, int(port)), timeout=10,
-                                  source_address=(EXTERNAL, 0)) as connection:
-        if late_body:
-            connection.sendall(head)
-            time.sleep(0.3)
-            connection.sendall(body.encode())
-        else:
-            connection.sendall(head + body.encode())
-        received = b""
-        while not _complete(received):
-            chunk = connection.recv(65536)
-            if not chunk:
-                break
-            received += chunk
-    raw_head, _, content = received.partition(b"\r\n\r\n")
-    status_line, *lines = raw_head.decode("latin-1").split("\r\n")
-    headers = [(k.strip().lower(), v.strip()) for k, _, v in (line.partition(":")
-                                                                for line in lines)]
-    return int(status_line.split()[1]), [h for h in headers if h[0] != "date"], content
-
-
-def _complete(received: bytes) -> bool:
-    head, found, content = received.partition(b"\r\n\r\n")
-    length = re.search(rb"content-length: *(\d+)", head.lower())
-    return bool(found) and length is not None and len(content) >= int(length.group(1))
 
 
 class TestJudgedByWhatItIs:
