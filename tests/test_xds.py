@@ -314,3 +314,22 @@ class TestFleet:
             assert len(snapshots._built) == 1  # type: ignore[attr-defined]
             for stream in streams:
                 stream.call.cancel()
+
+
+async def test_each_envoy_is_said_to_connect_and_disconnect(
+        sidecar: Sidecar, caplog: pytest.LogCaptureFixture) -> None:
+    """The operator is told of each Envoy's stream by its node id, as it opens and ends."""
+    with caplog.at_level(logging.INFO, logger="ext_authz.edges.xds"):
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{sidecar.grpc_port}") as channel:
+            stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)  # type: ignore[no-untyped-call]
+            call = stub.StreamAggregatedResources()
+            stream = Stream(call)
+            await stream.ask(SECRET_TYPE, (GH,), node=NODE)
+            await stream.next()
+            assert "Envoy 'test' connected" in caplog.messages
+            call.cancel()
+        for _ in range(100):
+            if "Envoy 'test' disconnected" in caplog.messages:
+                break
+            await asyncio.sleep(0.02)
+    assert "Envoy 'test' disconnected" in caplog.messages
