@@ -655,7 +655,7 @@ class TestSidecarTLS:
 
 
 NATIVE_CONFIG = """\
-admin: {listen: "0.0.0.0:9192"}
+admin: {listen: "0.0.0.0:9192", page: false}
 network:
   internal_ranges: [10.0.0.0/8]
   trusted_proxies: [10.9.0.0/16]
@@ -824,7 +824,7 @@ class TestNativeDataPath:
         from ext_authz.render.options import DataPlane, HostPort, UnixSocket, watchdog_address
 
         plane = DataPlane(HostPort("::", 1), {}, sidecar_host="sidecar.local")
-        config = parse_config({"admin": {"listen": "0.0.0.0:9192"}}, env={})
+        config = parse_config({"admin": {"listen": "0.0.0.0:9192", "page": False}}, env={})
         assert watchdog_address(config, plane) == HostPort("sidecar.local", 9192)
         config = parse_config({"admin": {"listen": "127.0.0.5:9000"}}, env={})
         assert watchdog_address(config, plane) == HostPort("127.0.0.5", 9000)
