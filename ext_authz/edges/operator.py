@@ -170,6 +170,9 @@ class OperatorView:
                              " has no file to change")
         with open(self.config_file, encoding="utf-8") as file:
             data = yaml.safe_load(file)
+        if not isinstance(data, dict) or server not in (data.get("servers") or {}):
+            raise ValueError(f"toggle_public: {self.config_file} no longer names server"
+                             f" {server!r} (edited since it was loaded?)")
         settings = data["servers"][server] or {}
         public = self.serving.state.config.servers[server].available_on_public_internet
         settings["available_on_public_internet"] = not public
