@@ -212,6 +212,26 @@ class TestValidate:
         assert result.returncode == 0
         assert "ok, 2 servers" in result.stdout
 
+    @pytest.mark.parametrize(("text", "said"), [
+        ("", "(file): empty: a config names its MCP servers under `servers`"),
+        ("grpc: {listen: '127.0.0.1:7000'}\nadmin: {listen: '127.0.0.1:7000'}\n"
+         "servers: {a: {}}\n", "admin.listen: 127.0.0.1:7000 is where grpc.listen"),
+        ("grpc: {listen: 9191}\nservers: {a: {}}\n", "grpc.listen: give host:port"),
+        ("network: {networks: {p: 10.0.0.0/8}}\nservers: {a: {}}\n",
+         "network.networks.p: write a network as a list of CIDRs ([10.0.0.0/8])"),
+        ("servers: {a: {\n", "(yaml) line 2, column 1:"),
+    ])
+    def test_each_slip_is_one_line_of_its_own(self, tmp_path: Path, text: str,
+                                              said: str) -> None:
+        """As an operator meets them: one line under the file's name, exit 2."""
+        path = tmp_path / "c.yaml"
+        path.write_text(text)
+        result = run("validate", "--config", str(path))
+        assert result.returncode == 2
+        assert result.stderr.splitlines() == [f"invalid config {path}:",
+                                              result.stderr.splitlines()[1]]
+        assert result.stderr.splitlines()[1].strip().startswith(said)
+
     def test_invalid_names_key_path_exit_2(self, tmp_path: Path) -> None:
         """Every problem is printed with its key path; exit status 2."""
         path = tmp_path / "bad.yaml"
