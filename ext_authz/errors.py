@@ -40,7 +40,12 @@ class TokenEndpointError(TokenError):
 
 class CredentialsRefusedError(TokenEndpointError):
     """The token endpoint refused the client's credentials (a wrong secret, an unknown or
-    unauthorized client): retrying soon will not help, a change of config or at the IdP will."""
+    unauthorized client), or a grant it was shown: retrying soon will not help, a change of
+    config or at the IdP will. `code`: the OAuth error code it gave ("" if none)."""
+
+    def __init__(self, server: str, message: str, code: str = "") -> None:
+        self.code = code
+        super().__init__(server, message)
 
 
 class TokenResponseError(TokenError):

@@ -88,14 +88,7 @@ def build_token_request(settings: OAuth2Settings) -> tuple[dict[str, str], dict[
         form["audience"] = settings.audience
     if settings.resource:
         form["resource"] = settings.resource
-    headers = {"accept": "application/json", "accept-encoding": "identity"}
-    if settings.auth_method == "client_secret_basic":
-        pair = f"{_form_encode(settings.client_id)}:{_form_encode(settings.secret())}"
-        headers["authorization"] = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
-    else:
-        form["client_id"] = settings.client_id
-        form["client_secret"] = settings.secret()
-    return form, headers
+    return form, client_auth(settings, form)
 
 
 def _expires_in(value: Any) -> float | None:
@@ -152,6 +145,67 @@ def _error_code(body: bytes) -> str:
         return ""
     code = payload.get("error") if isinstance(payload, dict) else None
     return code if isinstance(code, str) and _OAUTH_ERROR_CODE.match(code) else ""
+
+
+def usable_lifetime(settings: TokenSettings, expires_in: float | None) -> float:
+    """How long a token is used, given its endpoint's expires_in: `default_ttl_s` when it
+    says none; never past expires_in."""
+    if expires_in is None:
+        return settings.default_ttl_s
+    # A token no longer than the buffer is still used for half its life: the buffer alone
+    # would leave it min_ttl_s (a 60 s token fetched every 8 s), or nothing.
+    buffered = max(expires_in - settings.expiry_buffer_s, settings.min_ttl_s,
+                   expires_in * SHORT_TOKEN_USE)
+    return min(buffered, expires_in)
+
+
+def client_auth(settings: OAuth2Settings, form: dict[str, str]) -> dict[str, str]:
+    """The headers of a token request, the client authenticated (RFC 6749 2.3.1): HTTP
+    Basic, or the id and secret added to `form`."""
+    headers = {"accept": "application/json", "accept-encoding": "identity"}
+    if settings.auth_method == "client_secret_basic":
+        pair = f"{_form_encode(settings.client_id)}:{_form_encode(settings.secret())}"
+        headers["authorization"] = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
+    else:
+        form["client_id"] = settings.client_id
+        form["client_secret"] = settings.secret()
+    return headers
+
+
+async def post_token_request(client: httpx.AsyncClient, settings: OAuth2Settings,
+                             form: dict[str, str], headers: dict[str, str], server: str,
+                             timeout_s: float) -> tuple[str, float | None]:
+    """POST a token request: (access_token, expires_in), or a TokenError that names the
+    server and the URL (never the body, the secret nor a token)."""
+    url = settings.display_url
+    try:
+        async with asyncio.timeout(timeout_s):
+            async with client.stream("POST", settings.token_url, data=form,
+                                     headers=headers) as response:
+                body = bytearray()
+                async for chunk in response.aiter_bytes():
+                    body += chunk
+                    if len(body) > MAX_RESPONSE_BYTES:
+                        raise TokenResponseError(
+                            server,
+                            f"token endpoint {url} answered HTTP {response.status_code}"
+                            f" with a body over {MAX_RESPONSE_BYTES} bytes",
+                        )
+                status = response.status_code
+    except TimeoutError:
+        raise TokenEndpointError(
+            server, f"token endpoint {url} did not answer within {timeout_s}s") from None
+    except httpx.HTTPError as exc:
+        raise TokenEndpointError(
+            server, f"token endpoint {url} failed: {type(exc).__name__}") from exc
+    if not 200 <= status < 300:
+        code = _error_code(bytes(body))
+        said = f"token endpoint {url} answered HTTP {status}" + (f" ({code})" if code else "")
+        if status == 401 or (400 <= status < 500 and code in _REFUSALS):
+            raise CredentialsRefusedError(server, f"credentials refused: {said}",
+                                          code=code)
+        raise TokenEndpointError(server, said)
+    return parse_token_response(server, status, bytes(body))
 
 
 class TokenCache:
@@ -372,13 +426,7 @@ class TokenCache:
             self.on_change()
 
     def _lifetime(self, expires_in: float | None) -> float:
-        if expires_in is None:
-            return self.settings.default_ttl_s
-        # A token no longer than the buffer is still used for half its life: the buffer
-        # alone would leave it min_ttl_s (a 60 s token fetched every 8 s), or nothing.
-        buffered = max(expires_in - self.settings.expiry_buffer_s, self.settings.min_ttl_s,
-                       expires_in * SHORT_TOKEN_USE)
-        return min(buffered, expires_in)
+        return usable_lifetime(self.settings, expires_in)
 
     def cadence_note(self, server: str, expires_in: float | None) -> str:
         """What to say of a token endpoint's expires_in against tokens.expiry_buffer_s
@@ -460,34 +508,5 @@ class TokenCache:
 
     async def _request(self, settings: OAuth2Settings, server: str) -> tuple[str, float | None]:
         form, headers = build_token_request(settings)
-        url = settings.display_url
-        try:
-            async with asyncio.timeout(self.settings.timeout_s):
-                async with self._client.stream(
-                    "POST", settings.token_url, data=form, headers=headers
-                ) as response:
-                    body = bytearray()
-                    async for chunk in response.aiter_bytes():
-                        body += chunk
-                        if len(body) > MAX_RESPONSE_BYTES:
-                            raise TokenResponseError(
-                                server,
-                                f"token endpoint {url} answered HTTP {response.status_code}"
-                                f" with a body over {MAX_RESPONSE_BYTES} bytes",
-                            )
-                    status = response.status_code
-        except TimeoutError:
-            raise TokenEndpointError(
-                server, f"token endpoint {url} did not answer within {self.settings.timeout_s}s"
-            ) from None
-        except httpx.HTTPError as exc:
-            raise TokenEndpointError(
-                server, f"token endpoint {url} failed: {type(exc).__name__}"
-            ) from exc
-        if not 200 <= status < 300:
-            code = _error_code(bytes(body))
-            said = f"token endpoint {url} answered HTTP {status}" + (f" ({code})" if code else "")
-            if status == 401 or (400 <= status < 500 and code in _REFUSALS):
-                raise CredentialsRefusedError(server, f"credentials refused: {said}")
-            raise TokenEndpointError(server, said)
-        return parse_token_response(server, status, bytes(body))
+        return await post_token_request(self._client, settings, form, headers, server,
+                                        self.settings.timeout_s)
