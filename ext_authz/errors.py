@@ -35,17 +35,18 @@ class TokenError(ExtAuthzError):
 
 
 class TokenEndpointError(TokenError):
-    """The token endpoint was unreachable, too slow, or answered with an error status."""
+    """The token endpoint was unreachable, too slow, or answered with an error status.
+    `code`: the OAuth error code it gave ("" if none)."""
+
+    def __init__(self, server: str, message: str, code: str = "") -> None:
+        self.code = code
+        super().__init__(server, message)
 
 
 class CredentialsRefusedError(TokenEndpointError):
     """The token endpoint refused the client's credentials (a wrong secret, an unknown or
     unauthorized client), or a grant it was shown: retrying soon will not help, a change of
-    config or at the IdP will. `code`: the OAuth error code it gave ("" if none)."""
-
-    def __init__(self, server: str, message: str, code: str = "") -> None:
-        self.code = code
-        super().__init__(server, message)
+    config or at the IdP will."""
 
 
 class TokenResponseError(TokenError):

@@ -204,7 +204,7 @@ async def post_token_request(client: httpx.AsyncClient, settings: OAuth2Settings
         if status == 401 or (400 <= status < 500 and code in _REFUSALS):
             raise CredentialsRefusedError(server, f"credentials refused: {said}",
                                           code=code)
-        raise TokenEndpointError(server, said)
+        raise TokenEndpointError(server, said, code=code)
     return parse_token_response(server, status, bytes(body))
 
 

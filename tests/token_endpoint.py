@@ -16,6 +16,7 @@ from urllib.parse import parse_qs, unquote_plus
 
 from tests.loop_thread import LoopThread
 
+EXCHANGE_GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
 MODES = (
     "ok", "status", "garbage", "list", "no_token", "wrong_type", "huge", "close", "html",
     "drip", "unsafe_token",
@@ -39,6 +40,7 @@ class TokenEndpoint:
     omit_expires_in: bool = False
     requests: list[TokenRequest] = field(default_factory=list)
     issued: list[str] = field(default_factory=list)
+    exchanges: dict[str, int] = field(default_factory=dict)  # RFC 8693: per subject
     # When each token was issued (time.monotonic()) and for how long: token -> (at, expires_in)
     lifetimes: dict[str, tuple[float, Any]] = field(default_factory=dict)
     port: int = 0
@@ -101,6 +103,28 @@ class TokenEndpoint:
         self.requests.append(request)
         return request
 
+    def _exchange(self, request: TokenRequest) -> tuple[int, bytes]:
+        """RFC 8693, as an IdP that trusts the subject token's own claims would answer (the
+        signature is Envoy's to check, before the sidecar sees the token): a token naming
+        the subject, or 400 invalid_grant for an expired or unreadable one."""
+        try:
+            payload = json.loads(base64.urlsafe_b64decode(
+                request.form["subject_token"].split(".")[1] + "=="))
+            subject, expires = str(payload["sub"]), float(payload["exp"])
+        except (KeyError, ValueError, IndexError):
+            return 400, b'{"error": "invalid_request"}'
+        if expires <= time.time():
+            return 400, b'{"error": "invalid_grant"}'
+        self.exchanges[subject] = self.exchanges.get(subject, 0) + 1
+        token = f"tx-{subject}-{request.form.get('audience', '')}-{len(self.requests)}"
+        self.issued.append(token)
+        self.lifetimes[token] = (time.monotonic(), self.expires_in)
+        payload = {"access_token": token, "token_type": "Bearer",
+                   "issued_token_type": "urn:ietf:params:oauth:token-type:access_token"}
+        if not self.omit_expires_in:
+            payload["expires_in"] = self.expires_in
+        return 200, json.dumps(payload).encode()
+
     async def _respond(
         self, headers: dict[str, str], body: bytes, writer: asyncio.StreamWriter
     ) -> bool:
@@ -111,7 +135,10 @@ class TokenEndpoint:
         if mode == "close":
             return False
         status, content_type = 200, "application/json"
-        if mode == "ok" or mode == "wrong_type" or mode == "unsafe_token":
+        exchange = request.form.get("grant_type") == EXCHANGE_GRANT
+        if exchange and mode == "ok":
+            status, data = self._exchange(request)
+        elif mode == "ok" or mode == "wrong_type" or mode == "unsafe_token":
             token = f"tok-{request.client_id}-{len(self.requests)}".replace(" ", "_")
             if mode == "unsafe_token":
                 token = "tok\r\nx-injected: 1"

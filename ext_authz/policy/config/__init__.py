@@ -8,6 +8,7 @@ from .base import UpstreamAddress, split_listen
 from .example import EXAMPLE_CONFIG, example_config
 from .load import load_config, parse_config, parse_yaml
 from .models import (
+    ACCESS_TOKEN_TYPE,
     DEFAULT_TOOL,
     SERVER_NAME,
     TOOL_NAME,
@@ -25,6 +26,7 @@ from .models import (
     ServerInfo,
     ServerSettings,
     TLSSettings,
+    TokenExchangeSettings,
     TokenSettings,
     with_port_offset,
 )
@@ -39,12 +41,13 @@ from .networks import (
 from .problems import admin_token, config_warnings
 
 __all__ = [
-    "CLAIM_NAME", "DEFAULT_INTERNAL_RANGES", "DEFAULT_TOOL", "EXAMPLE_CONFIG", "NETWORK_NAME",
+    "ACCESS_TOKEN_TYPE", "CLAIM_NAME", "DEFAULT_INTERNAL_RANGES", "DEFAULT_TOOL",
+    "EXAMPLE_CONFIG", "NETWORK_NAME",
     "SERVER_NAME", "TOOL_NAME", "AdminSettings", "Config", "DecisionLogSettings",
     "DefaultSettings", "GrpcSettings", "ItemKind", "ItemSettings", "JwtSettings",
     "McpSettings", "NetworkDefinition",
     "NetworkSettings", "OAuth2Settings", "ReloadSettings", "RoutingSettings", "ServerInfo",
-    "ServerSettings", "TLSSettings", "TokenSettings", "UpstreamAddress",
+    "ServerSettings", "TLSSettings", "TokenExchangeSettings", "TokenSettings", "UpstreamAddress",
     "admin_token", "config_warnings", "example_config", "load_config", "parse_config", "parse_yaml",
     "split_listen", "with_port_offset",
 ]

@@ -176,6 +176,28 @@ class OAuth2Settings(FrozenModel):
         )
 
 
+ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
+
+
+class TokenExchangeSettings(OAuth2Settings):
+    """RFC 8693 token exchange: the caller's own token (as Envoy verified it) exchanged for
+    one to send upstream, per subject. The client authenticates as for client credentials;
+    audience, resource and scopes go as RFC 8693's `audience`, `resource` and `scope`."""
+
+    # Where the subject token comes from: the caller's bearer, as the `jwt` settings have
+    # Envoy verify it (jwt_authn). A token Envoy did not verify is never exchanged.
+    subject_token: Literal["jwt"] = "jwt"
+    # Send the gateway's own client-credentials token as the actor (delegation).
+    actor_token: StrictBool = False
+    requested_token_type: str = ACCESS_TOKEN_TYPE
+
+    @cached_property
+    def exchange_parts(self) -> tuple[str, ...]:
+        """What, with the subject, names an exchanged token: the client (its secret by
+        digest), the endpoint, what is asked for. A change to any is a new token."""
+        return (*self.cache_key, self.requested_token_type, str(self.actor_token))
+
+
 class ItemSettings(FrozenModel):
     """The rule of a tool, prompt or resource of a server: who sees it listed and may use it."""
 
