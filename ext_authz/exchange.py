@@ -87,6 +87,8 @@ class _Entry:
     refresh_at: float = 0.0
     fetch: asyncio.Task[None] | None = None
     last_error: TokenError | None = None
+    failures: int = 0  # in a row, the IdP's or the network's (not the subject's)
+    retry_at: float = 0.0  # till then a request gets last_error at once
 
 
 class ExchangeCache:
@@ -129,6 +131,10 @@ class ExchangeCache:
         if entry is None:
             entry = self._entries[key] = _Entry()
             self._bound()
+        if entry.fetch is None and entry.last_error is not None and now < entry.retry_at:
+            # The IdP failed just now: each of this user's requests would ask it again.
+            self._count(server, "failure")
+            raise entry.last_error
         task = entry.fetch or self._start(key, entry, settings, server, subject, actor)
         try:
             await asyncio.wait_for(asyncio.shield(task), budget_s)
@@ -196,9 +202,16 @@ class ExchangeCache:
                 entry.token = token
                 entry.usable_until = now + lifetime
                 entry.refresh_at = now + lifetime * REFRESH_AT_FRACTION
-                entry.last_error = None
+                entry.last_error, entry.failures = None, 0
+        except SubjectRefusedError as exc:
+            entry.last_error, entry.retry_at = exc, 0.0  # a new subject token may do
+            raise
         except TokenError as exc:
             entry.last_error = exc
+            entry.failures += 1
+            entry.retry_at = self._clock() + min(
+                self.settings.retry_max_s,
+                self.settings.retry_initial_s * 2 ** (entry.failures - 1))
             raise
         finally:
             entry.fetch = None

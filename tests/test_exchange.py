@@ -276,3 +276,24 @@ def test_never_served_past_either_exp(idp: TokenEndpoint, issued: float,
             await cache.aclose()
 
     asyncio.run(run())
+
+
+async def test_the_idp_down_is_asked_again_only_after_a_backoff(
+        token_endpoint: TokenEndpoint) -> None:
+    """One user's requests while the IdP fails: the first asks it, the next get the same
+    error at once until the backoff is over; then it is asked again and recovers."""
+    cache = ExchangeCache(TokenSettings.model_validate(
+        {"timeout_s": 2, "retry_initial_s": 0.3, "retry_max_s": 0.3}))
+    try:
+        token_endpoint.mode, token_endpoint.status = "status", 503
+        settings, who = exchange(token_endpoint.url), subject()
+        for _ in range(5):
+            with pytest.raises(TokenEndpointError, match="HTTP 503"):
+                await cache.token(settings, "crm", who, 2)
+        assert token_endpoint.count == 1
+        token_endpoint.healthy()
+        await asyncio.sleep(0.35)
+        assert (await cache.token(settings, "crm", who, 2)).startswith("tx-alice-")
+        assert token_endpoint.count == 2
+    finally:
+        await cache.aclose()
