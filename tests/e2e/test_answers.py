@@ -177,12 +177,11 @@ class TestHiddenWithToolRules:
         case fixes that for both (sent as a client pleases, it is a race, which the two run
         alike)."""
         streams = stack.answers_streams()
-        for _ in range(3):
-            hidden, unknown = (raw_request(stack.base, method, f"/mcp/{server}", LIST,
-                                           MCP_HEADERS, EXTERNAL, late_body)
-                               for server in ("vault", "nope"))
-            assert hidden == unknown
-            assert hidden[0] == 404
+        hidden, unknown = (raw_request(stack.base, method, f"/mcp/{server}", LIST,
+                                       MCP_HEADERS, EXTERNAL, late_body)
+                           for server in ("vault", "nope"))
+        assert hidden == unknown
+        assert hidden[0] == 404
         assert stack.answers_streams() == streams
 
 
