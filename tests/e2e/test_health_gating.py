@@ -10,7 +10,6 @@ import os
 import signal
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from tests.e2e.harness import (
     client,
     envoy_config,
     free_port,
+    health_flags,
     start_envoy,
     start_upstream,
     until,
@@ -50,11 +50,7 @@ class Gateway:
 
     def sidecar_hosts(self) -> list[str]:
         """The health flags of each sidecar endpoint, as Envoy's admin lists them."""
-        url = f"http://127.0.0.1:{self.envoy_admin}/clusters"
-        with urllib.request.urlopen(url, timeout=5) as response:
-            lines = response.read().decode().splitlines()
-        return [line.rpartition("::")[2] for line in lines
-                if line.startswith("mcp_ext_authz::") and "::health_flags::" in line]
+        return health_flags(f"127.0.0.1:{self.envoy_admin}", "mcp_ext_authz::")
 
 
 @pytest.fixture

@@ -22,7 +22,6 @@ import re
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,8 +31,10 @@ import pytest
 import yaml
 
 from ext_authz.demo.mcp_server import redact_authorization
+from tests.e2e.harness import health_flags
+from tests.raw_http import RawResponse, http_request
 from tests.topology.compose import Service
-from tests.topology.stack import TOOL_SERVERS, RawResponse, Stack, http_request
+from tests.topology.stack import TOOL_SERVERS, Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
@@ -264,10 +265,8 @@ def start_gateway(stack: Stack, name: str, sidecar_config: Path | None,
 
 def _until_every_host_is_healthy(stack: Stack, host: str, port: int) -> None:
     def healthy() -> bool:
-        with urllib.request.urlopen(f"http://{host}:{port}/clusters", timeout=2) as response:
-            flags = [line for line in response.read().decode().splitlines()
-                     if "::health_flags::" in line]
-        return bool(flags) and all(line.endswith("::healthy") for line in flags)
+        flags = health_flags(f"{host}:{port}")
+        return bool(flags) and all(flag == "healthy" for flag in flags)
 
     deadline = time.monotonic() + 10
     while not stack.in_namespace("envoy", healthy):

@@ -21,9 +21,10 @@ import pytest
 from mcp.client.client import Client
 from mcp.shared.exceptions import MCPError
 
+from tests.raw_http import http_request
 from tests.topology.compose import ROOT
 from tests.topology.netns import netns_exec
-from tests.topology.stack import Stack, http_request
+from tests.topology.stack import Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
