@@ -26,7 +26,8 @@ import httpx
 
 from .errors import TokenEndpointError, TokenError, TokenResponseError
 from .policy.config import ACCESS_TOKEN_TYPE, TokenExchangeSettings, TokenSettings
-from .tokens import REFRESH_AT_FRACTION, client_auth, post_token_request, usable_lifetime
+from .token_requests import client_auth, post_token_request
+from .tokens import REFRESH_AT_FRACTION, usable_lifetime
 
 GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
 JWT_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:jwt"

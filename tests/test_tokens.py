@@ -19,7 +19,8 @@ from ext_authz.errors import (
     TokenResponseError,
 )
 from ext_authz.policy.config import OAuth2Settings, TokenSettings
-from ext_authz.tokens import TokenCache, build_token_request, parse_token_response
+from ext_authz.token_requests import build_token_request, parse_token_response
+from ext_authz.tokens import TokenCache
 from tests.token_endpoint import TokenEndpoint
 
 SECRET = "s3cr3t:with spaces&symbols+/"
