@@ -32,7 +32,6 @@ from .ops.metrics import Metrics
 from .policy.config import (
     Config,
     TLSSettings,
-    admin_token,
     config_warnings,
     load_config,
     with_port_offset,
@@ -105,18 +104,6 @@ class _ReloadableCertificates:
         self._pending = _certificate_configuration(tls)
 
 
-def _page_token(config: Config) -> str | None:
-    """The status page's token (the config loaded it once already: a file gone since is no
-    token at all, and the page refuses everyone rather than no one)."""
-    if config.admin is None or config.admin.auth is None:
-        return None
-    token, problems = admin_token(config.admin.auth.token_file)
-    if problems:
-        log.error("%s: the status page refuses every request", problems[0])
-        return "\x00unreadable"  # no header carries a NUL: nothing matches
-    return token
-
-
 def _open_decision_log(config: Config) -> DecisionLog | None:
     try:
         return DecisionLog.from_settings(config.decision_log)
@@ -153,7 +140,6 @@ class Sidecar:
         self.tokens.on_change = self.control_plane.tokens_changed
         self.operator = OperatorView(self.serving, self.tokens,
                                      None if config_path is None else str(config_path))
-        self._page_token: str | None = None
         self.health = health.aio.HealthServicer()
         self._receive_limit = receive_limit(config)
         self.grpc_port = 0
@@ -211,11 +197,10 @@ class Sidecar:
         await server.start()
         self._grpc = server
         if config.admin is not None:
-            self._page_token = _page_token(config)
             self._admin = AdminServer(config.admin.listen, self.metrics.registry, self.readiness,
                                       self.token_usable,
                                       self.operator if config.admin.page else None,
-                                      lambda: self._page_token)
+                                      self.page_token)
             try:
                 await self._admin.start()
             except OSError as exc:
@@ -258,6 +243,15 @@ class Sidecar:
         if settings is None or self.tokens.cached(settings) is None:
             return False
         return node is None or self.control_plane.serves(node, token_secret_name(server))
+
+    def page_token(self) -> str | None:
+        """The status page's token, as the config being served read it (None: no auth)."""
+        auth = self.config.admin.auth if self.config.admin is not None else None
+        if auth is None:
+            return None
+        if auth.token is None:  # a config loaded without its files: the page takes no one
+            return "\x00unread"  # no header carries a NUL: nothing matches
+        return auth.token.get_secret_value()
 
     def readiness(self) -> Readiness:
         return Readiness(self._ready, self.tokens.unready())
@@ -314,7 +308,6 @@ class Sidecar:
             self.serving.decision_log = decision_log
             self.serving.state = Generation.build(config, generation)
             self.operator.last_reload = ReloadRecord()
-            self._page_token = _page_token(config)
             self.tokens.settings = config.tokens
             self.tokens.retain(config.credentials())
             self.control_plane.changed()

@@ -390,3 +390,16 @@ class TestStatusPageExposure:
                          " least 16 (e.g. `openssl rand -hex 32 > FILE`)"]
         missing = problems("admin: {listen: '0.0.0.0:9192', auth: {token_file: /nope}}")
         assert missing[0].startswith("admin.auth.token_file: cannot read '/nope'")
+
+    def test_the_token_is_read_from_its_file_only(self, tmp_path: Path) -> None:
+        path = tmp_path / "token"
+        path.write_text("  0123456789abcdef0123\n")
+        config = parse_yaml(f"admin: {{auth: {{token_file: '{path}'}}}}\nservers: {{a: {{}}}}",
+                            env={})
+        assert config.admin is not None
+        assert config.admin.auth is not None
+        assert config.admin.auth.token is not None
+        assert config.admin.auth.token.get_secret_value() == "0123456789abcdef0123"
+        assert "0123456789abcdef0123" not in repr(config)
+        [problem] = problems(f"admin: {{auth: {{token_file: '{path}', token: x}}}}")
+        assert problem.startswith("admin.auth: give the token in a file, as token_file")

@@ -38,7 +38,7 @@ from .networks import (
     NetworkDefinition,
     NetworkSettings,
 )
-from .problems import admin_token, config_warnings
+from .problems import config_warnings
 
 __all__ = [
     "ACCESS_TOKEN_TYPE", "CLAIM_NAME", "DEFAULT_INTERNAL_RANGES", "DEFAULT_TOOL",
@@ -48,6 +48,6 @@ __all__ = [
     "McpSettings", "NetworkDefinition",
     "NetworkSettings", "OAuth2Settings", "ReloadSettings", "RoutingSettings", "ServerInfo",
     "ServerSettings", "TLSSettings", "TokenExchangeSettings", "TokenSettings", "UpstreamAddress",
-    "admin_token", "config_warnings", "example_config", "load_config", "parse_config", "parse_yaml",
+    "config_warnings", "example_config", "load_config", "parse_config", "parse_yaml",
     "split_listen", "with_port_offset",
 ]

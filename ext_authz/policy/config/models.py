@@ -49,6 +49,15 @@ class AdminAuth(FrozenModel):
     # The status page's token: the file's content, surrounding whitespace stripped. Scripts
     # send it as `Authorization: Bearer ...`, a browser as HTTP Basic's password.
     token_file: Path
+    # What load_config read there (never written in the config itself: a file only).
+    token: SecretStr | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _file_only(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "token" in data:
+            raise ValueError("give the token in a file, as token_file")
+        return data
 
 
 class AdminSettings(FrozenModel):

@@ -136,12 +136,16 @@ def read_files(config: Config) -> tuple[Config, list[str]]:
         servers[name] = server.model_copy(update={"oauth2": resolved})
     if config.grpc.tls is not None:
         problems += _tls_problems(config.grpc.tls)
-    if config.admin is not None and config.admin.auth is not None:
-        problems += admin_token(config.admin.auth.token_file)[1]
-    return config.model_copy(update={"servers": servers}), problems
+    admin = config.admin
+    if admin is not None and admin.auth is not None:
+        token, found = _admin_token(admin.auth.token_file)
+        problems += found
+        admin = admin.model_copy(update={"auth": admin.auth.model_copy(
+            update={"token": SecretStr(token) if token else None})})
+    return config.model_copy(update={"servers": servers, "admin": admin}), problems
 
 
-def admin_token(path: Path) -> tuple[str, list[str]]:
+def _admin_token(path: Path) -> tuple[str, list[str]]:
     """The status page's token from its file, or the problem with it."""
     try:
         token = path.read_text().strip()
