@@ -130,6 +130,8 @@ def config_keys(model: type[BaseModel], prefix: str = "") -> dict[str, Any]:
     """Every leaf key of a settings model (NAME for a map's keys), with its plain default."""
     keys: dict[str, Any] = {}
     for name, field in model.model_fields.items():
+        if field.exclude:  # filled in by load_config (admin.auth.token), not a config key
+            continue
         path = f"{prefix}{name}"
         annotation = field.annotation
         if typing.get_origin(annotation) is dict:

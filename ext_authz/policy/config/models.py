@@ -49,8 +49,9 @@ class AdminAuth(FrozenModel):
     # The status page's token: the file's content, surrounding whitespace stripped. Scripts
     # send it as `Authorization: Bearer ...`, a browser as HTTP Basic's password.
     token_file: Path
-    # What load_config read there (never written in the config itself: a file only).
-    token: SecretStr | None = None
+    # What load_config read there: not a key of the config (a token is given in a file
+    # only), and never dumped.
+    token: SecretStr | None = Field(default=None, exclude=True)
 
     @model_validator(mode="before")
     @classmethod
