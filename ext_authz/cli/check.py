@@ -17,7 +17,7 @@ from ..policy.compile import Policy
 from ..policy.config import Config, OAuth2Settings
 from ..policy.decision import Decision, RequestFacts
 from ..policy.explain import check_report
-from ..policy.network import Identity, identity_from_claims
+from ..policy.network import Identity, claims_payload, identity_from_claims
 from .common import CONFIG_HELP, EXIT_FAILED, EXIT_OK, Commands, UsageError, load
 
 
@@ -92,14 +92,10 @@ def _read_body(args: argparse.Namespace) -> bytes:
 def _identity(principal: str, claims_json: str | None, policy: Policy) -> Identity:
     """What Envoy would vouch for: --principal (the mTLS peer's URI SAN) and --jwt-claims
     (a verified JWT's payload), read as the live path reads them."""
-    payload = None
-    if claims_json is not None:
-        try:
-            payload = json.loads(claims_json)
-        except ValueError as exc:
-            raise UsageError(f"--jwt-claims: not JSON ({exc})") from None
-        if not isinstance(payload, dict):
-            raise UsageError("--jwt-claims: give a JSON object, the JWT's payload")
+    try:
+        payload = claims_payload(claims_json)
+    except ValueError as exc:
+        raise UsageError(f"--jwt-claims: {exc}") from None
     return identity_from_claims(principal, payload, policy.networks.claim_names)
 
 

@@ -8,7 +8,6 @@ Every answer is computed by what serves requests (the compiled Policy, the pipel
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from dataclasses import dataclass, field
@@ -21,10 +20,10 @@ from ..mcp.jsonrpc import body_headers, request_body
 from ..ops.decision_log import stamp
 from ..policy.compile import Policy
 from ..policy.config import Config, config_warnings, parse_yaml
-from ..policy.decision import RequestFacts
+from ..policy.decision import RequestFacts, client_placement
 from ..policy.diff import callers, cell, diff, items, placement
 from ..policy.explain import check_report
-from ..policy.network import identity_from_claims, resolve_client_ip
+from ..policy.network import NO_IDENTITY, claims_payload, identity_from_claims
 from ..tokens import TokenCache
 from .generation import Serving
 from .pipeline import judge
@@ -111,13 +110,13 @@ class OperatorView:
         No token is fetched."""
         policy = self.serving.state.policy
         claims = asked.get("claims") or None
-        if isinstance(claims, str):
-            try:
-                claims = json.loads(claims) if claims.strip() else None
-            except ValueError as exc:
-                raise ValueError(f"claims: not JSON ({exc})") from None
-        if claims is not None and not isinstance(claims, dict):
-            raise ValueError("claims: give a JSON object, the JWT's payload")
+        try:
+            if isinstance(claims, str):  # as the page's form sends it
+                claims = claims_payload(claims) if claims.strip() else None
+            elif claims is not None and not isinstance(claims, dict):
+                raise ValueError("give a JSON object, the JWT's payload")
+        except ValueError as exc:
+            raise ValueError(f"claims: {exc}") from None
         data = str(asked.get("body") or "").encode()
         if len(data) > MAX_TRY_BODY:
             raise ValueError(f"body: over {MAX_TRY_BODY} bytes")
@@ -227,10 +226,7 @@ def _networks(config: Config) -> dict[str, Any]:
 def _caller(policy: Policy, peer: str, x_forwarded_for: str | None) -> dict[str, Any]:
     """The page's own request, read as a request to the gateway is: its address (through
     trusted proxies) and the networks that holds. From the sidecar, never a third party."""
-    client = resolve_client_ip(peer, x_forwarded_for, policy.trusted_proxies,
-                               max_entries=policy.max_xff_entries,
-                               max_bytes=policy.max_xff_bytes)
-    where = policy.networks.place(client.address)
+    client, where = client_placement(peer, x_forwarded_for, NO_IDENTITY, policy)
     return {"peer": peer, "x_forwarded_for": x_forwarded_for,
             "client_ip": None if client.address is None else str(client.address),
             "source": client.source, "network": where.name, "networks": sorted(where.members)}

@@ -158,15 +158,19 @@ def decide(facts: RequestFacts, policy: Policy) -> Decision:
     return decision
 
 
+def client_placement(peer: str, x_forwarded_for: str | None, identity: Identity,
+                     policy: Policy) -> tuple[ClientIP, Placement]:
+    """Who the caller is and where it sits: its address through the trusted proxies (within
+    the policy's bounds on X-Forwarded-For), and the networks that hold it."""
+    client = resolve_client_ip(peer, x_forwarded_for, policy.trusted_proxies,
+                               max_entries=policy.max_xff_entries,
+                               max_bytes=policy.max_xff_bytes)
+    return client, policy.networks.place(client.address, identity)
+
+
 def _decide(facts: RequestFacts, policy: Policy) -> Decision:
-    client = resolve_client_ip(
-        facts.peer,
-        facts.x_forwarded_for,
-        policy.trusted_proxies,
-        max_entries=policy.max_xff_entries,
-        max_bytes=policy.max_xff_bytes,
-    )
-    placement = policy.networks.place(client.address, facts.identity)
+    client, placement = client_placement(facts.peer, facts.x_forwarded_for, facts.identity,
+                                          policy)
     target = route(policy.routing, facts.context_extensions, facts.path, facts.authority)
     peer = facts.peer
     if target.kind == "registry":

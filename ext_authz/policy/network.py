@@ -12,6 +12,7 @@ principal, a verified JWT's claims) is only what Envoy itself vouches for.
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 from bisect import bisect_right
 from collections.abc import Iterable, Mapping
@@ -196,6 +197,20 @@ class Identity:
 
 
 NO_IDENTITY = Identity()
+
+
+def claims_payload(text: str | None) -> dict[str, object] | None:
+    """A JWT payload given as JSON text (for `check` and the status page's try), or a
+    ValueError saying what is wrong with it."""
+    if text is None:
+        return None
+    try:
+        payload = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"not JSON ({exc})") from None
+    if not isinstance(payload, dict):
+        raise ValueError("give a JSON object, the JWT's payload")
+    return payload
 
 
 def identity_from_claims(principal: str, payload: Mapping[str, object] | None,
