@@ -90,8 +90,7 @@ class OperatorView:
                 "public": visibility.public,
                 "visible_to": list(visibility.audience),
                 "upstream": settings.upstream,
-                "route": (address.path if address is not None and address.path is not None
-                          else address.host if address is not None else None),
+                "route": None if address is None else address.path or address.host,
                 "rules": {"tools": len(settings.tools), "prompts": len(settings.prompts),
                           "resources": len(settings.resources)},
                 "token": (tokens.get(name, {"state": "fetching"}) if server.oauth2 is not None

@@ -253,11 +253,8 @@ class TestEveryPart:
         """Everything the browser fetched while these tests ran: this origin, nothing else."""
         page.open()
         time.sleep(2.5)  # a refresh or two
-        urls = set()
-        for entry in page.driver.get_log("performance"):
-            message = json.loads(entry["message"])["message"]
-            if message["method"] == "Network.requestWillBeSent":
-                urls.add(message["params"]["request"]["url"])
+        urls = {params["request"]["url"]
+                for params in _network(page.driver, "Network.requestWillBeSent")}
         assert urls
         assert {url for url in urls if not url.startswith(page.origin + "/")} == set()
 
@@ -301,10 +298,14 @@ def test_beyond_loopback_the_page_takes_the_token(browser: Any, tmp_path: Path) 
 
 def _statuses(browser: Any, url: str) -> list[int]:
     """The HTTP statuses the browser got for `url` since its log was last read."""
-    found = []
-    for entry in browser.get_log("performance"):
-        message = json.loads(entry["message"])["message"]
-        if (message["method"] == "Network.responseReceived"
-                and message["params"]["response"]["url"] == url):
-            found.append(int(message["params"]["response"]["status"]))
-    return found
+    return [int(params["response"]["status"])
+            for params in _network(browser, "Network.responseReceived")
+            if params["response"]["url"] == url]
+
+
+def _network(browser: Any, method: str) -> list[dict[str, Any]]:
+    """The parameters of each DevTools event `method` in the browser's performance log since
+    it was last read (reading empties it)."""
+    messages = [json.loads(entry["message"])["message"]
+                for entry in browser.get_log("performance")]
+    return [message["params"] for message in messages if message["method"] == method]
