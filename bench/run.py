@@ -37,7 +37,6 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import statistics
 import struct
 import subprocess
@@ -60,31 +59,13 @@ from ext_authz._proto.envoy.service.ext_proc.v3.external_processor_pb2 import ( 
 )
 from ext_authz.contract import XDS_CLUSTER  # noqa: E402
 from ext_authz.demo import ProcessGroup, envoy_binary  # noqa: E402
+from ext_authz.demo.ports import free_port  # noqa: E402
 from ext_authz.policy.config import UpstreamAddress, load_config  # noqa: E402
 from ext_authz.render.bootstrap import build_bootstrap, render  # noqa: E402
 from ext_authz.render.native import snapshot as data_plane_resources  # noqa: E402
 from ext_authz.render.options import DataPlane, HostPort  # noqa: E402
 
 PY = sys.executable
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def free_port_pair() -> int:
-    """A port p with p+1 free too (for two workers)."""
-    for _ in range(50):
-        port = free_port()
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no two consecutive free ports")
 
 
 def ensure_tools() -> None:
@@ -177,8 +158,8 @@ class Ports:
     tools: int = field(default_factory=free_port)
     grpc: int = field(default_factory=free_port)
     grpc_admin: int = field(default_factory=free_port)
-    workers: int = field(default_factory=free_port_pair)
-    workers_admin: int = field(default_factory=free_port_pair)
+    workers: int = field(default_factory=lambda: free_port(span=2))
+    workers_admin: int = field(default_factory=lambda: free_port(span=2))
     noop_grpc: int = field(default_factory=free_port)
     tokens: int = field(default_factory=free_port)
     generated: int = field(default_factory=free_port)

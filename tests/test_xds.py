@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from ext_authz._proto.envoy.service.discovery.v3 import ads_pb2_grpc
 from ext_authz._proto.envoy.service.discovery.v3 import discovery_pb2 as pb
 from ext_authz._proto.envoy.service.secret.v3 import sds_pb2_grpc
 from ext_authz.contract import NODE_KEY, token_secret_name
+from ext_authz.demo.ports import free_port
 from ext_authz.edges.xds import CLUSTER_TYPE, LISTENER_TYPE, SECRET_TYPE
 from ext_authz.policy.config import load_config
 from ext_authz.render.options import DataPlane, HostPort
@@ -33,12 +33,6 @@ from ext_authz.server import Sidecar
 from tests.token_endpoint import TokenEndpoint
 
 GH, NOPE = token_secret_name("gh"), token_secret_name("nope")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 ADMIN = free_port()  # a real port: the watchdog's health checks are rendered to reach it

