@@ -68,6 +68,7 @@ REASON = "reason"
 TOOL = "tool"
 REWRITE = "rewrite"  # "resource": the answer is a discovery document to rewrite
 RESOURCE = "resource"  # the gateway URL that document must name
+EXCHANGED = "exchanged"  # the cache key of the exchanged token sent upstream
 CHALLENGE_ORIGIN = "origin"  # the challenge filter's own: the origin the caller used
 CHALLENGE_METADATA_PATH = "metadata_path"  # route metadata: a server's discovery path
 

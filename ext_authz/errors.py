@@ -49,6 +49,11 @@ class CredentialsRefusedError(TokenEndpointError):
     config or at the IdP will."""
 
 
+class SubjectRefusedError(TokenError):
+    """A caller's token cannot be exchanged (RFC 8693): it has expired, or the IdP refused
+    it. The caller's to fix (a 401), where any other TokenError is the IdP's (a 503)."""
+
+
 class TokenResponseError(TokenError):
     """The token endpoint answered 2xx with a body that does not hold a usable bearer token."""
 

@@ -16,16 +16,16 @@ it: the caller's to fix, a 401) or another TokenError (the IdP or the network: a
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import httpx
 
-from .errors import TokenEndpointError, TokenError, TokenResponseError
+from .errors import SubjectRefusedError, TokenEndpointError, TokenError, TokenResponseError
 from .policy.config import ACCESS_TOKEN_TYPE, TokenExchangeSettings, TokenSettings
+from .policy.subject import Subject, exchange_key
 from .token_requests import client_auth, post_token_request
 from .tokens import REFRESH_AT_FRACTION, usable_lifetime
 
@@ -39,28 +39,6 @@ _SUBJECT_REFUSALS = frozenset(("invalid_request", "invalid_grant"))
 
 Outcome = Callable[[str, str], None]
 """Called per request with (server, outcome): `hit`, `miss` or `failure`: never a subject."""
-
-
-class SubjectRefusedError(TokenError):
-    """The subject token cannot be exchanged: it has expired, or the IdP refused it."""
-
-
-@dataclass(frozen=True, slots=True)
-class Subject:
-    """The caller, as Envoy's jwt_authn vouched for it: its bearer token, and the verified
-    payload's `iss`, `sub` and `exp` (seconds since the epoch)."""
-
-    token: str = field(repr=False)
-    issuer: str
-    subject: str
-    expires_at: float
-
-
-def exchange_key(settings: TokenExchangeSettings, subject: Subject) -> str:
-    """The cache key of a subject's exchanged token: a digest of who (iss, sub) and of every
-    setting that shapes the token. Neither token nor secret is in it, or recoverable."""
-    parts = (subject.issuer, subject.subject, *settings.exchange_parts)
-    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
 
 
 def build_exchange_request(settings: TokenExchangeSettings, subject: Subject,
@@ -153,7 +131,11 @@ class ExchangeCache:
 
     def evict(self, settings: TokenExchangeSettings, subject: Subject) -> bool:
         """Forget a subject's token (the upstream refused it): the next request exchanges."""
-        return self._entries.pop(exchange_key(settings, subject), None) is not None
+        return self.evict_key(exchange_key(settings, subject))
+
+    def evict_key(self, key: str) -> bool:
+        """Forget the token of this cache key (exchange_key's), if held."""
+        return self._entries.pop(key, None) is not None
 
     def clear(self) -> None:
         """Forget every token (a reload whose settings changed makes new keys anyway)."""

@@ -26,6 +26,7 @@ from .edges.generation import Generation, Serving
 from .edges.operator import OperatorView, ReloadRecord
 from .edges.xds import ControlPlane, Snapshots
 from .errors import ConfigError, ExtAuthzError
+from .exchange import ExchangeCache
 from .ops.admin import AdminServer, Readiness
 from .ops.decision_log import FLUSH_INTERVAL_S, DecisionLog
 from .ops.metrics import Metrics
@@ -132,8 +133,10 @@ class Sidecar:
         self.metrics.watch_token_ages(self.tokens.ages)
         self.serving = Serving(Generation.build(config, 1), self.metrics,
                                _open_decision_log(config))
-        self.service = AuthorizationService(self.serving, self.tokens)
-        self.ext_proc = ExternalProcessingService(self.serving)
+        self.exchanges = ExchangeCache(config.tokens,
+                                       on_outcome=self.metrics.count_token_exchange)
+        self.service = AuthorizationService(self.serving, self.tokens, self.exchanges)
+        self.ext_proc = ExternalProcessingService(self.serving, refused=self.exchanges.evict_key)
         # The native data path's control plane: told of every reload and token change.
         self.control_plane = ControlPlane(lambda: self.config, self.tokens, self.metrics,
                                           _snapshots)
@@ -306,10 +309,14 @@ class Sidecar:
             if decision_log is not self.serving.decision_log and self.serving.decision_log:
                 self.serving.decision_log.close()
             self.serving.decision_log = decision_log
+            exchanges_changed = config.exchanges() != self.config.exchanges()
             self.serving.state = Generation.build(config, generation)
             self.operator.last_reload = ReloadRecord()
             self.tokens.settings = config.tokens
             self.tokens.retain(config.credentials())
+            self.exchanges.settings = config.tokens
+            if exchanges_changed:
+                self.exchanges.clear()  # a server's exchange changed or went: its users' too
             self.control_plane.changed()
             self._stamps = self._current_stamps()
             self.metrics.config_generation.set(generation)
@@ -355,6 +362,7 @@ class Sidecar:
         if self._admin is not None:
             await self._admin.close()
         await self.tokens.aclose()
+        await self.exchanges.aclose()
         if self.serving.decision_log is not None:
             self.serving.decision_log.close()
         log.info("stopped")

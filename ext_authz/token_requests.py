@@ -15,6 +15,7 @@ from urllib.parse import quote_plus
 
 import httpx
 
+from .client_assertion import ASSERTION_TYPE, client_assertion
 from .errors import CredentialsRefusedError, TokenEndpointError, TokenResponseError
 from .policy.config import OAuth2Settings
 
@@ -104,9 +105,15 @@ def _error_code(body: bytes) -> str:
 
 def client_auth(settings: OAuth2Settings, form: dict[str, str]) -> dict[str, str]:
     """The headers of a token request, the client authenticated (RFC 6749 2.3.1): HTTP
-    Basic, or the id and secret added to `form`."""
+    Basic, or the id and secret added to `form`, or (RFC 7523) a signed assertion added."""
     headers = {"accept": "application/json", "accept-encoding": "identity"}
-    if settings.auth_method == "client_secret_basic":
+    if settings.auth_method == "private_key_jwt":
+        form["client_id"] = settings.client_id
+        form["client_assertion_type"] = ASSERTION_TYPE
+        # The audience is the token endpoint (RFC 7523 3): its URL as configured.
+        form["client_assertion"] = client_assertion(settings.secret(), settings.client_id,
+                                                    settings.token_url, settings.key_id)
+    elif settings.auth_method == "client_secret_basic":
         pair = f"{_form_encode(settings.client_id)}:{_form_encode(settings.secret())}"
         headers["authorization"] = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
     else:

@@ -130,7 +130,31 @@ class TestErrors:
             ("servers: {a: {oauth2: {token_url: 'https://x/t', client_id: c}}}",
              "servers.a.oauth2: set exactly one of client_secret"),
             ("servers: {a: {oauth2: {token_url: 'https://x/t', client_id: c, client_secret: s,"
-             " auth_method: private_key_jwt}}}", "servers.a.oauth2.auth_method:"),
+             " auth_method: client_secret_jwt}}}", "servers.a.oauth2.auth_method:"),
+            ("servers: {a: {oauth2: {token_url: 'https://x/t', client_id: c, client_secret: s,"
+             " auth_method: private_key_jwt}}}",
+             "servers.a.oauth2: auth_method private_key_jwt needs private_key_file"),
+            ("servers: {a: {oauth2: {token_url: 'https://x/t', client_id: c, client_secret: s,"
+             " auth_method: private_key_jwt, private_key_file: /k.pem}}}",
+             "servers.a.oauth2: auth_method private_key_jwt signs with private_key_file"),
+            ("servers: {a: {oauth2: {token_url: 'https://x/t', client_id: c, client_secret: s,"
+             " private_key_file: /k.pem}}}",
+             "servers.a.oauth2: private_key_file and key_id are for auth_method private_key_jwt"),
+            ("servers: {a: {oauth2: {token_url: 'https://x/t', client_id: c,"
+             " auth_method: private_key_jwt, private_key: PEM}}}",
+             "servers.a.oauth2: give the private key in a file"),
+            ("servers: {a: {oauth2: {token_url: 'https://x/t', client_id: c, client_secret: s},"
+             " token_exchange: {token_url: 'https://x/t', client_id: c, client_secret: s}}}",
+             "servers.a: set oauth2 (the gateway's own token) or token_exchange"),
+            ("servers: {a: {token_exchange: {token_url: 'https://x/t', client_id: c,"
+             " client_secret: s}}}", "servers.a.token_exchange: needs `jwt`"),
+            ("jwt: {issuer: i, jwks_file: /j, header: x-token}\n"
+             "servers: {a: {token_exchange: {token_url: 'https://x/t', client_id: c,"
+             " client_secret: s}}}",
+             "servers.a.token_exchange.subject_token: the caller's token is exchanged from"),
+            ("servers: {a: {token_exchange: {token_url: 'https://x/t', client_id: c,"
+             " client_secret: s, subject_token: header}}}",
+             "servers.a.token_exchange.subject_token:"),
             ("servers: {a: {oauth2: {token_url: 'https://x/t', client_id: c, client_secret: s,"
              " scopes: ['a b']}}}", "servers.a.oauth2.scopes:"),
             ("servers: {a: {visible: true}}", "servers.a.visible: is not a setting here"),

@@ -77,7 +77,8 @@ def test_status_table() -> None:
         "upstream_credentials_unavailable": (14, 503), "bad_request": (3, 400),
         "internal_error": (13, 500), "tool_not_found": (7, 200), "batch_refused": (7, 400),
         "bad_mcp_request": (3, 400), "body_too_large": (3, 413), "registry": (7, 200),
-        "item_hidden": (0, 200), "item_not_found": (7, 200),
+        "item_hidden": (0, 200), "item_not_found": (7, 200), "resource_metadata": (7, 200),
+        "subject_token_refused": (16, 401),
     }
 
 

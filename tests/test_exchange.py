@@ -16,16 +16,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ext_authz.errors import TokenEndpointError, TokenError
-from ext_authz.exchange import (
-    GRANT_TYPE,
-    ExchangeCache,
-    Subject,
-    SubjectRefusedError,
-    build_exchange_request,
-    exchange_key,
-)
+from ext_authz.errors import SubjectRefusedError, TokenEndpointError, TokenError
+from ext_authz.exchange import GRANT_TYPE, ExchangeCache, build_exchange_request
 from ext_authz.policy.config import TokenExchangeSettings, TokenSettings
+from ext_authz.policy.subject import Subject, exchange_key
 from tests.token_endpoint import ThreadedTokenEndpoint, TokenEndpoint
 
 SECRET = "exchange-client-secret"

@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ext_authz"
-BASE = {"contract", "errors"}
+BASE = {"contract", "errors", "client_assertion"}
 # Each layer -> the layers it may import (besides itself).
 ALLOWED: dict[str, set[str]] = {
     "contract": set(),
     "errors": set(),
+    "client_assertion": set(),
     "mcp": BASE,
     "policy": BASE | {"mcp"},
     "render": BASE | {"mcp", "policy"},

@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import binascii
 import json
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..edges.pipeline import judge
+from ..edges.pipeline import Exchange, judge
+from ..edges.subject import NoSubject, subject_of
 from ..errors import TokenError
 from ..mcp.jsonrpc import Body, body_headers, request_body
 from ..policy.compile import Policy
-from ..policy.config import Config, OAuth2Settings
+from ..policy.config import Config, OAuth2Settings, TokenExchangeSettings
 from ..policy.decision import Decision, RequestFacts
 from ..policy.explain import check_report
 from ..policy.network import Identity, claims_payload, identity_from_claims
+from ..policy.subject import Subject
 from .common import CONFIG_HELP, EXIT_FAILED, EXIT_OK, Commands, UsageError, load
 
 
@@ -32,38 +37,88 @@ def _context_extensions(pairs: Sequence[str]) -> dict[str, str]:
 
 
 async def _judge(config: Config, policy: Policy, facts: RequestFacts, body: Body,
-                 fetch_token: bool) -> tuple[Decision, dict[str, Any] | None]:
+                 fetch_token: bool, subject_token: str | None
+                 ) -> tuple[Decision, dict[str, Any] | None]:
     """The live path's steps, as envoy-config's config takes them: the server from the
-    headers (ext_authz), the token, then the tool rules from the body (ext_proc, which can
-    send a hidden tool's call on under a fresh name for the server to answer). The decision,
-    and a report of the token fetch (with --fetch-token)."""
+    headers (ext_authz), the token (fetched, or the caller's exchanged), then the tool rules
+    from the body (ext_proc, which can send a hidden tool's call on under a fresh name for
+    the server to answer). The decision, and a report of the token's steps (with
+    --fetch-token): lengths and lifetimes, never a token."""
     if not fetch_token:
-        decision, _ = await judge(facts, policy, body=lambda: body, can_rename=True, fetch=None)
-        return decision, None
-    from ..tokens import TokenCache  # httpx: only for the command that fetches
+        return (await judge(facts, policy, body=lambda: body, can_rename=True,
+                            fetch=None)).decision, None
+    from ..exchange import ExchangeCache  # httpx: only for the command that fetches
+    from ..tokens import TokenCache
 
     report: dict[str, Any] = {"fetched": False, "why": "no token would be injected"}
+    steps: list[dict[str, Any]] = []
     cache = TokenCache(config.tokens)
+    exchanges = ExchangeCache(config.tokens)
 
     async def fetch(oauth2: OAuth2Settings, server: str) -> str:
         try:
             token, lifetime, note = await cache.fetch_now(oauth2, server)
         except TokenError as exc:
-            report.clear()
-            report.update({"fetched": False, "error": str(exc)})
+            steps.append({"step": "client_credentials", "error": str(exc)})
             raise
-        report.clear()
-        report.update({"fetched": True, "length": len(token), "cache_lifetime_s": lifetime})
+        step = {"step": "client_credentials", "fetched": True, "length": len(token),
+                "cache_lifetime_s": lifetime}
         if note:
-            report["cadence"] = note
+            step["cadence"] = note
+        steps.append(step)
+        return token
+
+    def subject() -> Subject:
+        if subject_token is None:
+            raise NoSubject("no --subject-token given (the caller's token to exchange)")
+        found = subject_of(f"Bearer {subject_token}", _payload_of(subject_token))
+        steps.append({"step": "subject", "issuer": found.issuer, "sub": found.subject,
+                      "expires_in_s": round(found.expires_at - time.time(), 1)})
+        return found
+
+    async def exchanged(settings: TokenExchangeSettings, server: str, who: Subject,
+                        actor: str | None) -> str:
+        try:
+            token = await exchanges.token(settings, server, who, config.tokens.timeout_s,
+                                          actor)
+        except TokenError as exc:
+            steps.append({"step": "token_exchange", "error": str(exc)})
+            raise
+        steps.append({"step": "token_exchange", "fetched": True, "length": len(token),
+                      "actor_token": actor is not None})
         return token
 
     try:
-        decision, _ = await judge(facts, policy, body=lambda: body, can_rename=True,
-                                  fetch=fetch)
+        judged = await judge(facts, policy, body=lambda: body, can_rename=True, fetch=fetch,
+                             exchange=Exchange(subject, exchanged,
+                                               token_given=subject_token is not None))
     finally:
         await cache.aclose()
-    return decision, report
+        await exchanges.aclose()
+    if steps:
+        last = steps[-1]
+        report = {"fetched": "error" not in last, **({"error": last["error"]}
+                                                      if "error" in last else {})}
+        if len(steps) == 1 and last["step"] == "client_credentials":
+            report.update({k: v for k, v in last.items() if k != "step"})
+        else:
+            report["steps"] = steps
+    elif judged.decision.reason == "subject_token_refused":
+        report = {"fetched": False, "error": judged.decision.detail}
+    return judged.decision, report
+
+
+def _payload_of(token: str) -> dict[str, object] | None:
+    """The payload of a JWT as `check` takes it: Envoy's jwt_authn would have verified its
+    signature, issuer and audience; `check` reads it as if it had."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        return None
+    return payload if isinstance(payload, dict) else None
 
 
 def _headers(lines: Sequence[str], body: bool) -> list[tuple[str, str]]:
@@ -87,6 +142,18 @@ def _read_body(args: argparse.Namespace) -> bytes:
         return Path(args.body_file).read_bytes()
     except OSError as exc:
         raise UsageError(f"--body-file {args.body_file}: cannot read ({exc.strerror})") from None
+
+
+def _read_subject_token(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        token = Path(path).read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--subject-token {path}: cannot read ({exc})") from None
+    if not token:
+        raise UsageError(f"--subject-token {path}: the file is empty")
+    return token
 
 
 def _identity(principal: str, claims_json: str | None, policy: Policy) -> Identity:
@@ -121,13 +188,17 @@ def cmd_check(args: argparse.Namespace) -> int:
         forwarded_proto=proto,
         scheme="http",
     )
-    decision, token = asyncio.run(_judge(config, policy, facts, body, args.fetch_token))
+    subject_token = _read_subject_token(args.subject_token)
+    if subject_token is not None and not args.fetch_token:
+        raise UsageError("--subject-token is exchanged only with --fetch-token")
+    decision, token = asyncio.run(_judge(config, policy, facts, body, args.fetch_token,
+                                         subject_token))
     report = check_report(decision, body)
     if token is not None:
         report["token"] = token
     print(json.dumps(report, indent=2))
     if token is not None and token.get("error"):
-        print(f"check: token fetch failed: {token['error']}", file=sys.stderr)
+        print(f"check: token step failed: {token['error']}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_FAILED if args.exit_code and not decision.allowed else EXIT_OK
 
@@ -160,6 +231,10 @@ def add_parser(commands: Commands) -> None:
     check.add_argument("--fetch-token", action="store_true",
                        help="really fetch the token (its length and lifetime are printed,"
                             " never the token); exit 1 if the fetch fails")
+    check.add_argument("--subject-token", default=None, metavar="FILE",
+                       help="with --fetch-token: the caller's JWT, in FILE, to exchange for a"
+                            " token_exchange server (read as Envoy's jwt_authn would pass it;"
+                            " its signature is not checked here). Neither token is printed")
     check.add_argument("--exit-code", action="store_true",
                        help="exit 1 when the request would be denied (for scripts)")
     check.set_defaults(func=cmd_check)

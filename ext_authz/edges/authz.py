@@ -15,12 +15,21 @@ import grpc
 
 from .._proto.envoy.service.auth.v3 import external_auth_pb2
 from ..contract import AUTHZ_SERVICE, TOOL_RULES_BY_EXT_PROC, TOOL_RULES_EXTENSION
+from ..exchange import ExchangeCache
 from ..policy.decision import Decision
 from ..tokens import TokenCache
-from .check_request import NO_FACTS, extract_body, extract_facts, parse_check_request
+from .check_request import (
+    NO_FACTS,
+    authorization,
+    extract_body,
+    extract_facts,
+    extract_subject,
+    parse_check_request,
+)
 from .check_response import encode_check_response, request_metadata
 from .generation import Generation, Serving
-from .pipeline import judge
+from .metadata import exchange_entry
+from .pipeline import Exchange, judge
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +41,11 @@ DEADLINE_MARGIN_S = 0.02
 class AuthorizationService:
     """The grpc.aio servicer for envoy.service.auth.v3.Authorization."""
 
-    def __init__(self, serving: Serving, tokens: TokenCache,
+    def __init__(self, serving: Serving, tokens: TokenCache, exchanges: ExchangeCache,
                  clock: Callable[[], float] = time.perf_counter) -> None:
         self.serving = serving
         self.tokens = tokens
+        self.exchanges = exchanges
         self._clock = clock
 
     @property
@@ -67,25 +77,36 @@ class AuthorizationService:
         state = serving.state  # a check finishes on the config it started with
         decision_id = serving.next_decision_id()
         facts = NO_FACTS
+        subject = ""
         try:
             facts = extract_facts(request, state.policy)
             # The body is read here only where no ext_proc filter reads it (Istio).
             by_ext_proc = facts.context_extensions.get(
                 TOOL_RULES_EXTENSION) == TOOL_RULES_BY_EXT_PROC
-            decision, token = await judge(
+            budget = self._fetch_budget(state, context)
+            judged = await judge(
                 facts, state.policy,
                 body=None if by_ext_proc else lambda: extract_body(request),
                 can_rename=False, cached=self.tokens.cached,
-                fetch=lambda oauth2, server: self.tokens.token(
-                    oauth2, server, self._fetch_budget(state, context)))
-            response = encode_check_response(decision, token, decision_id,
-                                             request_metadata(decision, facts))
+                fetch=lambda oauth2, server: self.tokens.token(oauth2, server, budget),
+                exchange=Exchange(
+                    lambda: extract_subject(request, state.policy),
+                    lambda settings, server, who, actor: self.exchanges.token(
+                        settings, server, who, budget, actor),
+                    token_given=authorization(request) is not None))
+            decision = judged.decision
+            metadata = request_metadata(decision, facts)
+            if judged.exchanged:
+                metadata += exchange_entry(judged.exchanged)
+            response = encode_check_response(decision, judged.token, decision_id, metadata)
+            if state.config.decision_log.include_subject:
+                subject = judged.subject
         except Exception:
             log.exception("check %s failed; denying", decision_id)
             decision = Decision("internal_error", detail="internal error (see the service log)",
                                 peer=facts.peer)
             response = encode_check_response(decision, None, decision_id)
-        serving.record(decision, decision_id, facts, self._clock() - started)
+        serving.record(decision, decision_id, facts, self._clock() - started, subject=subject)
         return response
 
     def _fetch_budget(

@@ -14,6 +14,8 @@ from ..mcp.jsonrpc import NO_BODY, Body, Received, body_headers, request_body
 from ..policy.compile import Policy
 from ..policy.decision import RequestFacts
 from ..policy.network import NO_IDENTITY, Identity
+from ..policy.subject import Subject
+from .subject import subject_of
 
 _XFF = "x-forwarded-for"
 _PARTIAL_BODY = "x-envoy-auth-partial-body"
@@ -54,6 +56,28 @@ def extract_identity(attributes: attribute_context_pb2.AttributeContext,
     serialized = verified.SerializeToString(deterministic=True) if verified is not None else b""
     return policy.identity(attributes.source.principal, serialized,
                            lambda: _payload(verified, policy.claims_key))
+
+
+def authorization(request: external_auth_pb2.CheckRequest | None) -> str | None:
+    """The request's Authorization header as Envoy passes it (repeated ones joined by ",")."""
+    if request is None:
+        return None
+    http = request.attributes.request.http
+    if http.headers:
+        return http.headers.get("authorization")
+    found = [value for key, value in _header_pairs(http) if key.lower() == "authorization"]
+    return ",".join(found) if found else None
+
+
+def extract_subject(request: external_auth_pb2.CheckRequest | None, policy: Policy) -> Subject:
+    """The caller whose token a token exchange takes: its bearer, only if it is the token
+    jwt_authn verified (subject.py). NoSubject otherwise."""
+    verified = None
+    if request is not None and policy.claims_key is not None:
+        metadata = request.attributes.metadata_context.filter_metadata
+        if JWT_FILTER in metadata:
+            verified = _payload(metadata[JWT_FILTER], policy.claims_key)
+    return subject_of(authorization(request), verified)
 
 
 def extract_facts(request: external_auth_pb2.CheckRequest | None,

@@ -64,7 +64,8 @@ def _bearer(token: str) -> bytes:
 
 
 def _answer(decision: Decision) -> bytes:
-    if decision.reason not in ("tool_not_found", "item_not_found") and not decision.reply:
+    if (decision.reason not in ("tool_not_found", "item_not_found") and not decision.reply
+            and not decision.challenge):
         return _TEMPLATE_BYTES[decision.reason]
     if decision.reason == "registry":
         return _REGISTRY_ANSWERS[decision]
@@ -72,12 +73,18 @@ def _answer(decision: Decision) -> bytes:
 
 
 def _with_reply(decision: Decision) -> bytes:
-    # A per-request answer (a JSON-RPC reply naming the request's id): the slow path.
+    # A per-request answer (a JSON-RPC reply naming the request's id, a document naming
+    # the gateway's URL, a 401's challenge): the slow path.
     response = external_auth_pb2.CheckResponse()
     response.CopyFrom(_TEMPLATES[decision.reason])
     denied = response.denied_response
     denied.status.code = decision.http_status  # type: ignore[assignment]
-    denied.body = decision.reply.decode()
+    if decision.reply:
+        denied.body = decision.reply.decode()
+    if decision.challenge:
+        denied.headers.append(base_pb2.HeaderValueOption(
+            header=base_pb2.HeaderValue(key="www-authenticate", value=decision.challenge),
+            append_action=_OVERWRITE))
     return response.SerializeToString()
 
 # A registry decision is remembered per caller (decide's cache), and so is its answer.

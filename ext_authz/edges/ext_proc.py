@@ -112,10 +112,13 @@ class ExternalProcessingService:
 
     def __init__(self, serving: Serving,
                  clock: Callable[[], float] = time.perf_counter,
-                 sealer: Sealer | None = None) -> None:
+                 sealer: Sealer | None = None,
+                 refused: Callable[[str], object] | None = None) -> None:
         self.serving = serving
         self._clock = clock
         self.sealer = sealer if sealer is not None else process_sealer()
+        # Told the cache key of an exchanged token the upstream answered 401 to.
+        self._refused = refused
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The generic handler to register on a grpc.aio server."""
@@ -170,6 +173,12 @@ class ExternalProcessingService:
         if kind == "response_headers":
             request.judged = True  # headers answered now or with the body; never unanswered
             verdict = AuthzVerdict.read(message)
+            if verdict.exchanged and self._refused is not None and any(
+                    header.key == ":status" and (header.raw_value or header.value.encode())
+                    == b"401" for header in message.response_headers.headers.headers):
+                # The upstream refused the caller's exchanged token (revoked, or its rights
+                # changed): the next request exchanges anew, never this token again.
+                self._refused(verdict.exchanged)
             reply, request.answer = answers_filter.on_headers(
                 message, verdict, request.state.policy.mcp.max_answer_bytes,
                 lambda: self._resumed(request, verdict), self.sealer)

@@ -52,15 +52,16 @@ class Serving:
 
     def record(
         self, decision: Decision, decision_id: str, facts: RequestFacts, seconds: float,
-        phase: Phase = "check",
+        phase: Phase = "check", *, subject: str = "",
     ) -> None:
-        """Count a decision in the metrics and write it to the decision log (if sampled)."""
+        """Count a decision in the metrics and write it to the decision log (if sampled);
+        `subject`: the `sub` of the caller whose token was exchanged, where the log names it."""
         try:
             self.metrics.count_check(
                 decision.server_name or "", decision.network, decision.reason, decision.tool,
                 seconds, phase)
             if self.decision_log is not None and self.decision_log.wants(decision):
-                self.decision_log.write(decision, decision_id, facts, seconds, phase)
-            self.recent.add(decision, decision_id, facts, seconds, phase)
+                self.decision_log.write(decision, decision_id, facts, seconds, phase, subject)
+            self.recent.add(decision, decision_id, facts, seconds, phase, subject)
         except Exception:  # observability must never turn an answer into an RPC error
             log.exception("recording check %s failed", decision_id)

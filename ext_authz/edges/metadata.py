@@ -14,6 +14,7 @@ from .._proto.envoy.service.ext_proc.v3 import external_processor_pb2 as ext_pro
 from ..contract import (
     CLIENT_IP,
     DECISION_ID,
+    EXCHANGED,
     EXT_AUTHZ_FILTER,
     EXT_PROC_FILTER,
     NETWORK,
@@ -64,6 +65,12 @@ def discovery_entries(resource: str) -> bytes:
     return struct_entry(REWRITE, _REWRITE_RESOURCE) + struct_entry(RESOURCE, resource)
 
 
+def exchange_entry(key: str) -> bytes:
+    """The cache key of the exchanged token sent upstream (a digest: neither token nor
+    subject), for the answers filter to evict on the upstream's 401."""
+    return struct_entry(EXCHANGED, key)
+
+
 def _strings(request: ext_proc_pb2.ProcessingRequest, namespace: str) -> dict[str, str]:
     found = request.metadata_context.filter_metadata.get(namespace)
     if found is None:
@@ -81,6 +88,7 @@ class AuthzVerdict:
     networks: str  # comma-joined
     client_ip: str
     resource: str  # a discovery document's answer must name this ("" : not one)
+    exchanged: str = ""  # the exchanged token's cache key ("": none was)
 
     @classmethod
     def read(cls, request: ext_proc_pb2.ProcessingRequest) -> AuthzVerdict:
@@ -88,7 +96,7 @@ class AuthzVerdict:
         rewrites = said.get(REWRITE) == _REWRITE_RESOURCE
         return cls(said.get(REASON, ""), said.get(SERVER), said.get(NETWORK, ""),
                    said.get(NETWORKS, ""), said.get(CLIENT_IP, ""),
-                   said.get(RESOURCE, "") if rewrites else "")
+                   said.get(RESOURCE, "") if rewrites else "", said.get(EXCHANGED, ""))
 
 
 def ext_proc_response(decision: Decision, decision_id: str) -> ext_proc_pb2.ProcessingResponse:

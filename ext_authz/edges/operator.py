@@ -132,9 +132,8 @@ class OperatorView:
                                           policy.networks.claim_names),
             scheme="http",
         )
-        decision, _ = await judge(facts, policy, body=lambda: body, can_rename=True,
-                                  fetch=None)
-        return check_report(decision, body)
+        judged = await judge(facts, policy, body=lambda: body, can_rename=True, fetch=None)
+        return check_report(judged.decision, body)
 
     def preview(self, asked: dict[str, Any]) -> dict[str, Any]:
         """`diff` of the running config against a proposed one: pasted YAML, or the running

@@ -1,5 +1,5 @@
 """The subject of a token exchange: the caller's bearer token, only if it is the very token
-Envoy's jwt_authn verified (#27; not yet wired to requests).
+Envoy's jwt_authn verified.
 
 Envoy leaves the verified payload in dynamic metadata, where no header reaches; the token
 itself comes in the Authorization header, which a caller writes. So the token is exchanged
@@ -15,7 +15,7 @@ import json
 import math
 from collections.abc import Mapping
 
-from ..exchange import Subject
+from ..policy.subject import Subject
 
 
 class NoSubject(ValueError):

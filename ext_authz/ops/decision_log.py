@@ -44,7 +44,8 @@ def stamp(at: float) -> str:
 
 
 def decision_line(at: str, decision: Decision, decision_id: str, facts: RequestFacts,
-                  latency_s: float, phase: str, fragment: str | None = None) -> str:
+                  latency_s: float, phase: str, fragment: str | None = None,
+                  subject: str = "") -> str:
     """One decision as the log's JSON line (without its newline): the only place its fields
     are chosen, for the log and the status page's recent decisions alike."""
     # Capped: X-Forwarded-For and the path are whatever the client sent; the query string
@@ -64,6 +65,8 @@ def decision_line(at: str, decision: Decision, decision_id: str, facts: RequestF
         # is named with the value that matched the rule, no other claim is logged.
         line += f',"principal":{_quote(facts.identity.principal[:256])}'
         line += f',"identity":{_quote("; ".join(decision.placement.matched))}'
+    if subject:  # the exchanged token's user, where decision_log.include_subject says so
+        line += f',"sub":{_quote(subject[:256])}'
     return line + "}"
 
 
@@ -101,14 +104,14 @@ class DecisionLog:
 
     def write(
         self, decision: Decision, decision_id: str, facts: RequestFacts, latency_s: float,
-        phase: str = "check",
+        phase: str = "check", subject: str = "",
     ) -> None:
         now = time.time()
         if int(now) != self._second:
             self._second = int(now)
             self._stamp = stamp(now)
         self._stream.write(decision_line(self._stamp, decision, decision_id, facts, latency_s,
-                                         phase, self._fragments[decision]) + "\n")
+                                         phase, self._fragments[decision], subject) + "\n")
         if time.monotonic() - self._last_flush >= FLUSH_INTERVAL_S:
             self.flush()
 

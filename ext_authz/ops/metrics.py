@@ -95,6 +95,13 @@ class Metrics:
             ["server"],
             registry=self.registry,
         )
+        self.token_exchanges = Counter(
+            "mcp_ext_authz_token_exchanges",
+            "Requests for an exchanged (per-user) token, by server and outcome: hit (held),"
+            " miss (exchanged now) or failure. Never by user.",
+            ["server", "outcome"],
+            registry=self.registry,
+        )
         self.config_generation = Gauge(
             "mcp_ext_authz_config_generation",
             "Generation of the config being served; 1 at start, +1 per successful reload.",
@@ -141,6 +148,9 @@ class Metrics:
     def count_token_fetch(self, server: str, outcome: str, seconds: float) -> None:
         self.token_fetches.labels(server, outcome).inc()
         self.token_fetch_duration.labels(server).observe(seconds)
+
+    def count_token_exchange(self, server: str, outcome: str) -> None:
+        self.token_exchanges.labels(server, outcome).inc()
 
     def watch_token_ages(self, ages: Callable[[], dict[str, float]]) -> None:
         self.registry.register(_TokenAges(ages))

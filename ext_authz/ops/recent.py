@@ -23,20 +23,22 @@ class RecentDecisions:
     """The last `size` decisions, newest last."""
 
     def __init__(self, size: int = RECENT_DECISIONS) -> None:
-        self._entries: deque[tuple[float, Decision, str, RequestFacts, float, str]] = deque(
+        self._entries: deque[tuple[float, Decision, str, RequestFacts, float, str, str]] = deque(
             maxlen=size)
 
     def add(self, decision: Decision, decision_id: str, facts: RequestFacts,
-            latency_s: float, phase: str) -> None:
-        self._entries.append((time.time(), decision, decision_id, facts, latency_s, phase))
+            latency_s: float, phase: str, subject: str = "") -> None:
+        self._entries.append((time.time(), decision, decision_id, facts, latency_s, phase,
+                              subject))
 
     def records(self, **wanted: str) -> list[dict[str, Any]]:
         """The decisions as log records, newest first, those whose `server`, `network` and
         `reason` equal the values given (an empty value matches any)."""
         found = []
-        for at, decision, decision_id, facts, latency_s, phase in reversed(self._entries):
+        for at, decision, decision_id, facts, latency_s, phase, subject in reversed(
+                self._entries):
             record = json.loads(decision_line(stamp(at), decision, decision_id, facts,
-                                              latency_s, phase))
+                                              latency_s, phase, subject=subject))
             if all(not value or str(record.get(key) or "") == value
                    for key, value in wanted.items() if key in FILTERS):
                 found.append(record)

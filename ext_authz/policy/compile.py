@@ -7,7 +7,14 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from ..mcp.jsonrpc import UnknownToolAnswer
-from .config import Config, ItemKind, McpSettings, OAuth2Settings, RoutingSettings
+from .config import (
+    Config,
+    ItemKind,
+    McpSettings,
+    OAuth2Settings,
+    RoutingSettings,
+    TokenExchangeSettings,
+)
 from .memo import Memo, PerDecision
 from .network import Identity, NetworkMap, NetworkSet, Placement, identity_from_claims
 from .registry import entry, registry_body
@@ -35,6 +42,8 @@ class ServerPolicy:
     server_info: tuple[str, str] = ("", "")  # the name and version the MCP server reports
     listed: Mapping[str, str] = field(default_factory=dict)  # its registry entry
     address: ServerAddress | None = None  # where callers reach it at the gateway
+    # The caller's own token exchanged for the upstream's, per user (RFC 8693).
+    exchange: TokenExchangeSettings | None = None
 
     @property
     def public(self) -> bool:
@@ -48,9 +57,10 @@ class ServerPolicy:
 
     @property
     def caller_brings_token(self) -> bool:
-        """Whether callers bring their own token (no oauth2: the gateway injects none, and
-        OAuth discovery and the upstream's challenges are passed on, naming the gateway)."""
-        return self.oauth2 is None
+        """Whether callers bring their own token (no oauth2 nor token exchange: the gateway
+        injects none, and OAuth discovery and the upstream's challenges are passed on,
+        naming the gateway)."""
+        return self.oauth2 is None and self.exchange is None
 
     def rules(self, kind: ItemKind) -> ItemRules:
         return self.tools if kind == "tool" else (
@@ -74,7 +84,7 @@ class ServerPolicy:
                    server.oauth2, tools, prompts, resources,
                    server.unknown_tool_reply,
                    (info.name, info.version) if info is not None else (name, ""),
-                   entry(name, server, address), address)
+                   entry(name, server, address), address, server.token_exchange)
 
 # Decisions are remembered per (peer, X-Forwarded-For, route inputs): the same few callers
 # ask about the same few servers again and again, and a Policy never changes (a reload
@@ -95,8 +105,12 @@ class Policy:
     max_xff_entries: int
     max_xff_bytes: int
     mcp: McpSettings = field(default_factory=McpSettings)
-    # Where Envoy's jwt_authn leaves the verified payload (None: no claim rules).
+    # Where Envoy's jwt_authn leaves the verified payload (None: neither a claim rule nor a
+    # token exchange reads it).
     claims_key: str | None = None
+    # The issuer of the callers' tokens a token exchange takes (its servers' RFC 9728
+    # metadata names it as their authorization server).
+    subject_issuer: str | None = None
     # Per configured tool, prompt and resource (kind, key): a server decision -> the same
     # decision naming the item, remembered so that an allowed use keeps the identity
     # PerDecision looks values up by.
@@ -156,8 +170,10 @@ class Policy:
     def from_config(cls, config: Config) -> Policy:
         return cls(
             networks=NetworkMap(config.network.named(), config.network.identities()),
-            claims_key=(config.jwt.payload_in_metadata
-                        if config.jwt is not None and config.network.uses_claims else None),
+            claims_key=(config.jwt.payload_in_metadata if config.jwt is not None and (
+                config.network.uses_claims or config.exchanges()) else None),
+            subject_issuer=(config.jwt.issuer if config.jwt is not None and config.exchanges()
+                            else None),
             trusted_proxies=NetworkSet(config.network.trusted_proxies),
             routing=config.routing,
             servers={name: ServerPolicy.from_config(name, config) for name in config.servers},

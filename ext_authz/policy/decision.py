@@ -15,7 +15,7 @@ from ..mcp.jsonrpc import (
 )
 from ..mcp.replies import error_reply, refusal_reply, unknown_item_reply, unknown_tool_reply
 from .compile import DECISION_CACHE_MAX_INPUT, Policy, ServerPolicy
-from .config import OAuth2Settings
+from .config import OAuth2Settings, TokenExchangeSettings
 from .network import (
     NO_IDENTITY,
     NOWHERE,
@@ -26,6 +26,7 @@ from .network import (
     resolve_client_ip,
 )
 from .outcomes import OUTCOMES, Reason
+from .protected_resource import metadata_body
 from .routing import Route, origin, route
 from .visibility import hidden_detail, naming
 
@@ -74,6 +75,7 @@ class Decision:
     # The configured prompt or resource it uses ("prompts.NAME", "resources.URI"): likewise.
     item: str = ""
     reply: bytes = b""  # the body of a per-request answer (JSON-RPC), when not the reason's
+    challenge: str = ""  # a 401's WWW-Authenticate
     # The body lists tools, prompts, resources or templates: its answer is filtered.
     lists_items: bool = False
     # The body uses items (tools/call, prompts/get...): an answer that may name a hidden one.
@@ -128,9 +130,17 @@ class Decision:
             return self.server.oauth2
         return None
 
-    def deny(self, reason: Reason, detail: str = "") -> Decision:
+    @property
+    def token_exchange(self) -> TokenExchangeSettings | None:
+        """The exchange of the caller's token for the upstream's, for a request that goes on
+        to a server that has one."""
+        if self.goes_upstream and self.server is not None:
+            return self.server.exchange
+        return None
+
+    def deny(self, reason: Reason, detail: str = "", challenge: str = "") -> Decision:
         """Turn this decision into a denial, keeping the facts (e.g. a token fetch failed)."""
-        return replace(self, reason=reason, detail=detail)
+        return replace(self, reason=reason, detail=detail, challenge=challenge)
 
 
 def decide(facts: RequestFacts, policy: Policy) -> Decision:
@@ -186,7 +196,7 @@ def _decide(facts: RequestFacts, policy: Policy) -> Decision:
     if not visible:
         # Same reason, status and body as an unknown server: a hidden server does not leak.
         return Decision("not_found", client, placement, target, server, peer=peer, rule=rule)
-    if target.kind == "discovery" and not server.caller_brings_token:
+    if target.kind == "discovery" and server.oauth2 is not None:
         # The gateway brings this server's credential: a client has nothing to discover,
         # and gets what an unknown server's metadata path gets.
         return Decision("not_found", client, placement, target, server, peer=peer,
@@ -197,6 +207,13 @@ def _decide(facts: RequestFacts, policy: Policy) -> Decision:
         # cannot be echoed): the upstream's own, with its internal URLs, is never shown.
         return Decision("not_found", client, placement, target, server, peer=peer, rule=rule,
                         detail="the gateway URL the caller used cannot be said: no discovery")
+    if target.kind == "discovery" and server.exchange is not None and facts.origin is not None:
+        # The caller's token is for the gateway, which exchanges it: the gateway's document,
+        # never the upstream's (which names the upstream's own IdP).
+        assert policy.subject_issuer is not None
+        return Decision("resource_metadata", client, placement, target, server, peer=peer,
+                        rule=f"servers.{server.name}.token_exchange",
+                        reply=metadata_body(facts.origin, server, policy.subject_issuer))
     return Decision("allowed", client, placement, target, server, peer=peer, rule=rule)
 
 

@@ -50,7 +50,10 @@ def explain(decision: Decision) -> list[str]:
         steps.append("the route names no server (Envoy's catch-all route)")
     else:
         steps.append(f"server {target.name!r} named by {target.source.replace('_', ' ')}")
-    if target.kind == "discovery":
+    if target.kind == "discovery" and decision.reason == "resource_metadata":
+        steps.append("OAuth protected-resource metadata (RFC 9728) of that server, answered"
+                     " by the gateway: callers' tokens are the `jwt` issuer's, and exchanged")
+    elif target.kind == "discovery":
         steps.append("OAuth protected-resource metadata (RFC 9728) of that server: its"
                      " `resource` is rewritten to the gateway's URL")
     server = decision.server
@@ -67,8 +70,15 @@ def explain(decision: Decision) -> list[str]:
         steps.append("lists: " + (", ".join(s["name"] for s in listed) or "no server"))
     elif decision.oauth2 is not None:
         steps.append(f"token for client_id {decision.oauth2.client_id!r} would be injected")
+    elif decision.token_exchange is not None:
+        exchange = decision.token_exchange
+        steps.append(f"the caller's token, as Envoy verified it, would be exchanged (RFC 8693,"
+                     f" client_id {exchange.client_id!r}) and the exchanged one injected in"
+                     " its place" + (", with the gateway's own as the actor"
+                                     if exchange.actor_token else ""))
     elif decision.goes_upstream:
-        steps.append("server has no oauth2 settings: nothing injected")
+        steps.append("server has no oauth2 nor token_exchange settings: the caller's own"
+                     " token goes on")
     if decision.detail:
         steps.append(decision.detail)
     if decision.reason in ("tool_hidden", "item_hidden"):
@@ -102,7 +112,7 @@ def check_report(decision: Decision, body: Body = NO_BODY) -> dict[str, Any]:
         "renamed": decision.renamed,  # under a fresh name, for the server to answer
         "http_status": decision.http_status,
         "reason": decision.reason,
-        "inject_token": decision.oauth2 is not None,
+        "inject_token": decision.oauth2 is not None or decision.token_exchange is not None,
         "reply": decision.reply.decode() if decision.reply else None,
         "steps": explain(decision),
     }

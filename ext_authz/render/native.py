@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from envoy_data_plane.envoy.config.accesslog.v3 import (
     AccessLogFilter,
+    AndFilter,
     ResponseFlagFilter,
     StatusCodeFilter,
 )
@@ -118,9 +119,11 @@ class ByEnvoy(BySidecar):
                 per_filter[RBAC_FILTER] = rules
         per_filter.update(common)
         known = plan.server(server)
-        if kind == "mcp" and not (known is not None and known.has_item_rules):
+        if kind == "mcp" and not (known is not None and (known.has_item_rules
+                                                         or known.exchanges)):
             # Envoy alone: RBAC above, the token from the upstream cluster's injector. The
-            # sidecar is asked only where it must read a body, or answer for the caller (the
+            # sidecar is asked only where it must read a body, exchange a caller's token
+            # (per user: no static secret can hold it), or answer for the caller (the
             # registry, a discovery document naming the gateway).
             del per_filter[EXT_AUTHZ_FILTER]
         return per_filter
@@ -162,7 +165,12 @@ class ByEnvoy(BySidecar):
                                 runtime_key="mcp_ext_authz.no_token_status"))))
         # Only the oauth2 servers' endpoints are health-checked (the watchdog).
         watchdog = AccessLogFilter(response_flag_filter=ResponseFlagFilter(flags=["UH"]))
+        # A 401 of the sidecar's (ext_authz, flag UAEX: a caller's token that cannot be
+        # exchanged) stays one, with its challenge: the first mapper that matches is the one.
+        refused = AccessLogFilter(and_filter=AndFilter(filters=[
+            no_token, AccessLogFilter(response_flag_filter=ResponseFlagFilter(flags=["UAEX"]))]))
         return LocalReplyConfig(mappers=[
+            ResponseMapper(filter=refused),
             ResponseMapper(filter=denied, status_code=404,
                            body_format_override=_json_reply("not_found"),
                            headers_to_add=[mark_local_reply()]),
@@ -181,8 +189,8 @@ class ByEnvoy(BySidecar):
         health-checked at the sidecar's admin listener (the watchdog): unhealthy, no
         request is sent at all (503).
         """
-        if server.caller_brings_token:
-            return cluster
+        if server.caller_brings_token or server.exchanges:
+            return cluster  # no token of the gateway's own: the caller's, or the sidecar's
         assert server.upstream is not None
         options = clusters.protocol("alpn" if server.upstream.tls else "h1")
         injector = CredentialInjector(

@@ -41,6 +41,12 @@ class ServerPlan:
     def caller_brings_token(self) -> bool:
         return self.policy.caller_brings_token
 
+    @property
+    def exchanges(self) -> bool:
+        """Whether its callers' tokens are exchanged for its own (per user: only the
+        sidecar can set them, on every request)."""
+        return self.policy.exchange is not None
+
 
 @dataclass(frozen=True, slots=True)
 class Plan:
@@ -73,11 +79,12 @@ class Plan:
 
     @property
     def discovers(self) -> bool:
-        """Whether any server's callers bring their own token (and may need OAuth
-        discovery, and the challenge rewritten)."""
-        return any(server.caller_brings_token for server in self.servers)
+        """Whether any server's callers bring a token, their own or one to exchange (and
+        may need OAuth discovery)."""
+        return any(server.caller_brings_token or server.exchanges for server in self.servers)
 
     @property
     def jwt(self) -> JwtSettings | None:
-        """The JWT provider Envoy verifies with: only where a network rule names claims."""
+        """The JWT provider Envoy verifies with: only where a network rule names claims, or
+        a server exchanges its callers' tokens."""
         return self.config.jwt if self.policy.claims_key is not None else None

@@ -49,6 +49,10 @@ def per_route(plan: Plan, server: str, kind: RouteKind, by: BySidecar) -> dict[s
         per_filter[ANSWERS_FILTER] = ext_proc.ENABLED  # names the gateway in the document
     elif kind == "mcp" and known is not None and known.caller_brings_token:
         per_filter[CHALLENGE_FILTER] = challenge.per_route()
+    elif kind == "mcp" and known is not None and known.exchanges:
+        # The upstream's 401 to an exchanged token evicts it (the answers filter sees the
+        # answer's headers; the sidecar's metadata names the token's cache key).
+        per_filter[ANSWERS_FILTER] = ext_proc.ENABLED
     if kind == "mcp" and known is not None and known.has_item_rules:
         # ext_authz decides the server from the headers alone, before any body is buffered
         # (a hidden server then answers exactly as an unknown one, whatever the body); the
@@ -110,7 +114,22 @@ def _server_routes(plan: Plan, server: ServerPlan, timeouts: Timeouts,
               for match, rewrite in matches]
     if server.caller_brings_token:
         routes.insert(0, _discovery_route(plan, server, action, by))
+    elif server.exchanges:
+        routes.insert(0, _gateway_discovery_route(plan, server, by))
     return routes
+
+
+def _gateway_discovery_route(plan: Plan, server: ServerPlan, by: BySidecar) -> Route:
+    """RFC 9728 metadata of a server whose callers' tokens the gateway exchanges: the
+    sidecar's own document (its callers' tokens are for the gateway), never the upstream's.
+    Envoy's 404 stands only where the sidecar let it by, as for the catch-all."""
+    gateway_path = server.address.path
+    match = (RouteMatch(path=f"{PROTECTED_RESOURCE}{gateway_path}") if gateway_path is not None
+             else RouteMatch(prefix=PROTECTED_RESOURCE))
+    marks = by.route_metadata(server.name)
+    return Route(match=match, direct_response=DirectResponseAction(status=404),
+                 metadata=Metadata(filter_metadata=marks) if marks else None,
+                 typed_per_filter_config=per_route(plan, server.name, "discovery", by))
 
 
 def _discovery_route(plan: Plan, server: ServerPlan,

@@ -9,7 +9,6 @@ a header) and bad tokens (expired, another audience, another key) change nothing
 
 from __future__ import annotations
 
-import base64
 import json
 import ssl
 import time
@@ -21,8 +20,6 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from ext_authz.demo.certs import Authority
 from ext_authz.render.options import DATA_PATHS
@@ -35,6 +32,7 @@ from tests.e2e.harness import (
     start_sidecar,
     start_upstream,
 )
+from tests.jwt_issuer import Issuer, b64
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -44,35 +42,6 @@ AGENT = f"{TRUST_DOMAIN}/ns/ai/sa/bot"
 WEB = f"{TRUST_DOMAIN}/ns/web/sa/front"
 DEEPER = f"{TRUST_DOMAIN}/ns/ai/sa/bot/extra"  # the wildcard is one segment, not a subtree
 ISSUER, AUDIENCE = "https://idp.test.local", "mcp-gateway"
-
-
-def b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-class Issuer:
-    """An RS256 JWT issuer: its key, its JWKS, tokens signed on demand."""
-
-    def __init__(self, kid: str) -> None:
-        self.kid = kid
-        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-    def jwks(self) -> dict[str, Any]:
-        numbers = self.key.public_key().public_numbers()
-        return {"keys": [{
-            "kty": "RSA", "alg": "RS256", "use": "sig", "kid": self.kid,
-            "n": b64(numbers.n.to_bytes((numbers.n.bit_length() + 7) // 8, "big")),
-            "e": b64(numbers.e.to_bytes(3, "big"))}]}
-
-    def token(self, **claims: Any) -> str:
-        now = int(time.time())
-        payload = {"iss": ISSUER, "aud": AUDIENCE, "sub": "someone", "iat": now,
-                   "exp": now + 600, **claims}
-        head = b64(json.dumps({"alg": "RS256", "typ": "JWT", "kid": self.kid}).encode())
-        body = b64(json.dumps(payload).encode())
-        signature = self.key.sign(f"{head}.{body}".encode(), padding.PKCS1v15(),
-                                  hashes.SHA256())
-        return f"{head}.{body}.{b64(signature)}"
 
 
 @dataclass
@@ -115,7 +84,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     server = authority.issue("gateway", ("127.0.0.1", "localhost"), client=False)
     clients = {who: authority.issue(who, (spiffe,), client=True)
                for who, spiffe in (("agent", AGENT), ("web", WEB), ("deeper", DEEPER))}
-    issuer, stranger = Issuer("test-key"), Issuer("test-key")
+    issuer, stranger = (Issuer("test-key", ISSUER, AUDIENCE),
+                        Issuer("test-key", ISSUER, AUDIENCE))
     jwks = workdir / "jwks.json"
     jwks.write_text(json.dumps(issuer.jwks()))
     at = f"127.0.0.1:{ports['upstream']}"

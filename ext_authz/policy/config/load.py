@@ -17,6 +17,7 @@ from ...errors import ConfigError
 from .models import Config
 from .problems import (
     describe_error,
+    exchange_problems,
     exposure_problems,
     key_path,
     listener_problems,
@@ -126,7 +127,7 @@ def parse_config(data: Any, env: Mapping[str, str] | None = None,
                      for problem in (describe_error(error),)]
         raise ConfigError(problems, source) from None
     problems += (visibility_problems(config) + exposure_problems(config)
-                 + listener_problems(config))
+                 + listener_problems(config) + exchange_problems(config))
     if config.network.uses_claims and config.jwt is None:
         problems += [f"network.networks.{name}.jwt_claims: needs `jwt`, the provider whose"
                      " tokens Envoy verifies (issuer, jwks_uri or jwks_file)"

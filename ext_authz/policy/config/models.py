@@ -130,10 +130,24 @@ class OAuth2Settings(FrozenModel):
     client_id: str = Field(min_length=1)
     client_secret: SecretStr | None = None
     client_secret_file: Path | None = None
+    # RFC 7523 client authentication (auth_method private_key_jwt): a JWT assertion signed
+    # with this key (PEM; RSA signs RS256, EC P-256 ES256), never a secret on the wire.
+    private_key_file: Path | None = None
+    key_id: Annotated[str, Field(min_length=1, max_length=256)] | None = None  # its `kid`
+    # What load_config read in private_key_file: not a key of the config, never dumped.
+    private_key: SecretStr | None = Field(default=None, exclude=True)
     scopes: tuple[str, ...] = ()
     audience: str | None = None
     resource: str | None = None
-    auth_method: Literal["client_secret_basic", "client_secret_post"] = "client_secret_basic"
+    auth_method: Literal["client_secret_basic", "client_secret_post", "private_key_jwt"] = (
+        "client_secret_basic")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _key_in_file(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "private_key" in data:
+            raise ValueError("give the private key in a file, as private_key_file")
+        return data
 
     @field_validator("token_url")
     @classmethod
@@ -160,16 +174,34 @@ class OAuth2Settings(FrozenModel):
 
     @model_validator(mode="after")
     def _one_secret(self) -> OAuth2Settings:
+        has_secret = self.client_secret is not None or self.client_secret_file is not None
+        if self.auth_method == "private_key_jwt":
+            if self.private_key_file is None:
+                raise ValueError("auth_method private_key_jwt needs private_key_file")
+            if has_secret:
+                raise ValueError("auth_method private_key_jwt signs with private_key_file:"
+                                 " set no client_secret nor client_secret_file")
+            return self
+        if self.private_key_file is not None or self.key_id is not None:
+            raise ValueError("private_key_file and key_id are for auth_method"
+                             " private_key_jwt")
         if (self.client_secret is None) == (self.client_secret_file is None):
             raise ValueError("set exactly one of client_secret and client_secret_file")
         if self.client_secret is not None and not self.client_secret.get_secret_value():
             raise ValueError("client_secret is empty")
         return self
 
+    @property
+    def credential_file(self) -> Path | None:
+        """The file load_config reads the credential from (a secret, or a private key)."""
+        return self.private_key_file or self.client_secret_file
+
     def secret(self) -> str:
-        """Return the client secret (a `client_secret_file` has been read at load time)."""
-        assert self.client_secret is not None, "load_config reads client_secret_file"
-        return self.client_secret.get_secret_value()
+        """Return the client secret, or the private key's PEM for private_key_jwt (the file
+        has been read at load time)."""
+        held = self.private_key if self.auth_method == "private_key_jwt" else self.client_secret
+        assert held is not None, "load_config reads client_secret_file and private_key_file"
+        return held.get_secret_value()
 
     @cached_property
     def cache_key(self) -> tuple[str, ...]:
@@ -180,6 +212,7 @@ class OAuth2Settings(FrozenModel):
             self.client_id,
             digest,
             self.auth_method,
+            self.key_id or "",
             " ".join(self.scopes),
             self.audience or "",
             self.resource or "",
@@ -197,7 +230,8 @@ class TokenExchangeSettings(OAuth2Settings):
     # Where the subject token comes from: the caller's bearer, as the `jwt` settings have
     # Envoy verify it (jwt_authn). A token Envoy did not verify is never exchanged.
     subject_token: Literal["jwt"] = "jwt"
-    # Send the gateway's own client-credentials token as the actor (delegation).
+    # Send the gateway's own client-credentials token (this client's, with no scope,
+    # audience nor resource) as the actor: delegation, where the IdP wants to know who acts.
     actor_token: StrictBool = False
     requested_token_type: str = ACCESS_TOKEN_TYPE
 
@@ -206,6 +240,15 @@ class TokenExchangeSettings(OAuth2Settings):
         """What, with the subject, names an exchanged token: the client (its secret by
         digest), the endpoint, what is asked for. A change to any is a new token."""
         return (*self.cache_key, self.requested_token_type, str(self.actor_token))
+
+    @cached_property
+    def actor(self) -> OAuth2Settings | None:
+        """The client-credentials settings of the actor token (None without actor_token)."""
+        if not self.actor_token:
+            return None
+        return OAuth2Settings.model_validate(self.model_dump(
+            include=set(OAuth2Settings.model_fields) - {"scopes", "audience", "resource"},
+        )).model_copy(update={"private_key": self.private_key})
 
 
 class ItemSettings(FrozenModel):
@@ -229,7 +272,11 @@ class ServerSettings(FrozenModel):
     description: Annotated[str, Field(min_length=1, max_length=2000)] | None = None
     # Networks (names from network.networks) that see an internal-only server too.
     visible_to: tuple[str, ...] = ()
+    # The credential the gateway sends upstream: its own (client credentials), or the
+    # caller's exchanged for one per user (RFC 8693). At most one; neither, and callers
+    # bring their own token, passed on.
     oauth2: OAuth2Settings | None = None
+    token_exchange: TokenExchangeSettings | None = None
     # Where `envoy-config` sends this server's requests (`--upstream` overrides it).
     upstream: str | None = None
     tools: dict[str, ItemSettings] = Field(default_factory=dict)
@@ -247,6 +294,21 @@ class ServerSettings(FrozenModel):
     # The name and version the MCP server reports (results of MCP 2026-07-28 carry them, so a
     # hidden tool's answer must too). Unset: the configured name and an empty version.
     server_info: ServerInfo | None = None
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> ServerSettings:
+        if self.oauth2 is not None and self.token_exchange is not None:
+            raise ValueError("set oauth2 (the gateway's own token) or token_exchange (the"
+                             " caller's, exchanged), not both")
+        return self
+
+    @property
+    def token_settings(self) -> tuple[tuple[str, OAuth2Settings], ...]:
+        """Its token endpoint settings by key (`oauth2`, `token_exchange`): what load_config
+        reads the credential files of."""
+        return tuple((key, settings) for key, settings in (
+            ("oauth2", self.oauth2), ("token_exchange", self.token_exchange))
+            if settings is not None)
 
     def item_rules(self) -> tuple[tuple[ItemKind, dict[str, ItemSettings]], ...]:
         """Its rules by kind of item: tools, prompts, resources."""
@@ -304,6 +366,9 @@ class DecisionLogSettings(FrozenModel):
     path: Path | None = None  # None: stdout
     # Denials are always written; allowed checks with this probability.
     sample_allowed: Annotated[float, Field(ge=0, le=1)] = 1.0
+    # Name the `sub` of a caller whose token was exchanged (token_exchange servers). Off,
+    # the log names no user; it never holds a token.
+    include_subject: StrictBool = False
 
 
 class ReloadSettings(FrozenModel):
@@ -357,15 +422,27 @@ class Config(FrozenModel):
         return {**data, "servers": servers}
 
     def credentials(self) -> dict[str, OAuth2Settings]:
-        """The client-credentials settings of every server that has them."""
-        return {n: s.oauth2 for n, s in self.servers.items() if s.oauth2 is not None}
+        """The client-credentials settings of every server that has them: its oauth2, or
+        its token exchange's actor (the gateway's own token, sent as the actor)."""
+        found = {}
+        for name, server in self.servers.items():
+            settings = server.oauth2 or (server.token_exchange.actor
+                                         if server.token_exchange is not None else None)
+            if settings is not None:
+                found[name] = settings
+        return found
+
+    def exchanges(self) -> dict[str, TokenExchangeSettings]:
+        """The token exchange settings of every server that exchanges its callers' tokens."""
+        return {n: s.token_exchange for n, s in self.servers.items()
+                if s.token_exchange is not None}
 
     def watched_files(self) -> tuple[Path, ...]:
         """Files besides the config itself whose change should trigger a reload."""
         files: list[Path] = []
         for server in self.servers.values():
-            if server.oauth2 is not None and server.oauth2.client_secret_file is not None:
-                files.append(server.oauth2.client_secret_file)
+            files += [settings.credential_file for _, settings in server.token_settings
+                      if settings.credential_file is not None]
         if self.grpc.tls is not None:
             tls = self.grpc.tls
             files += [f for f in (tls.cert_file, tls.key_file, tls.client_ca_file) if f]

@@ -10,6 +10,7 @@ from typing import Any
 
 from pydantic import SecretStr
 
+from ...client_assertion import KeyProblem, signing_key
 from ..network import INTERNAL
 from .base import split_listen
 from .models import Config, TLSSettings
@@ -75,6 +76,20 @@ def describe_error(error: Any) -> str:
     return f"{path}: {message}"
 
 
+def exchange_problems(config: Config) -> list[str]:
+    """A token exchange needs the caller's token verified by Envoy, from Authorization."""
+    problems = []
+    for name in config.exchanges():
+        key = f"servers.{name}.token_exchange"
+        if config.jwt is None:
+            problems.append(f"{key}: needs `jwt`, the provider whose tokens Envoy verifies:"
+                            " only a caller's token Envoy verified is exchanged")
+        elif config.jwt.header != "authorization":
+            problems.append(f"{key}.subject_token: the caller's token is exchanged from its"
+                            f" Authorization header, but jwt.header is {config.jwt.header!r}")
+    return problems
+
+
 def visibility_problems(config: Config) -> list[str]:
     """Check every visible_to against the named networks, and that tools, prompts and
     resources only narrow their server."""
@@ -116,24 +131,36 @@ def visibility_problems(config: Config) -> list[str]:
 
 
 def read_files(config: Config) -> tuple[Config, list[str]]:
-    """Read every `client_secret_file` into `client_secret`; check the TLS files load."""
+    """Read every `client_secret_file` into `client_secret` and `private_key_file` into
+    `private_key` (a key that cannot sign is said so now); check the TLS files load."""
     problems = []
     servers = dict(config.servers)
     for name, server in config.servers.items():
-        oauth2 = server.oauth2
-        if oauth2 is None or oauth2.client_secret_file is None:
-            continue
-        key = f"servers.{name}.oauth2.client_secret_file"
-        try:
-            secret = oauth2.client_secret_file.read_text().rstrip("\r\n")
-        except (OSError, UnicodeDecodeError) as exc:
-            problems.append(f"{key}: cannot read {str(oauth2.client_secret_file)!r} ({exc})")
-            continue
-        if not secret:
-            problems.append(f"{key}: {str(oauth2.client_secret_file)!r} is empty")
-            continue
-        resolved = oauth2.model_copy(update={"client_secret": SecretStr(secret)})
-        servers[name] = server.model_copy(update={"oauth2": resolved})
+        update = {}
+        for section, settings in server.token_settings:
+            path = settings.credential_file
+            if path is None:
+                continue
+            field = ("private_key" if settings.auth_method == "private_key_jwt"
+                     else "client_secret")
+            key = f"servers.{name}.{section}.{field}_file"
+            try:
+                secret = path.read_text().rstrip("\r\n")
+            except (OSError, UnicodeDecodeError) as exc:
+                problems.append(f"{key}: cannot read {str(path)!r} ({exc})")
+                continue
+            if not secret:
+                problems.append(f"{key}: {str(path)!r} is empty")
+                continue
+            if field == "private_key":
+                try:
+                    signing_key(secret)
+                except KeyProblem as exc:
+                    problems.append(f"{key}: {str(path)!r}: {exc}")
+                    continue
+            update[section] = settings.model_copy(update={field: SecretStr(secret)})
+        if update:
+            servers[name] = server.model_copy(update=update)
     if config.grpc.tls is not None:
         problems += _tls_problems(config.grpc.tls)
     admin = config.admin
