@@ -328,8 +328,9 @@ def post_script(workdir: Path, body: str) -> Path:
     return path
 
 
-def wrk(url: str, connections: int, duration: float, script: Path | None = None) -> Result:
-    threads = min(2, connections)
+def wrk(url: str, connections: int, duration: float, script: Path | None = None,
+        threads: int = 2) -> Result:
+    threads = min(threads, connections)
     out = subprocess.run(
         ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{max(duration, 1):.0f}s",
          "--timeout", "5s", "--latency", *(["-s", str(script)] if script else []), url],

@@ -20,6 +20,8 @@ SDS_SERVICE = "envoy.service.secret.v3.SecretDiscoveryService"
 EXT_AUTHZ_FILTER = "envoy.filters.http.ext_authz"
 EXT_PROC_FILTER = "envoy.filters.http.ext_proc"  # the request's body (tool rules)
 ANSWERS_FILTER = "mcp_ext_authz.answers"  # a second ext_proc filter, for the answers
+# A third, on token-exchange routes: an upstream's 401 (and only that) evicts the token.
+REFUSALS_FILTER = "mcp_ext_authz.refusals"
 CHALLENGE_FILTER = "mcp_ext_authz.challenge"  # Lua: an upstream's 401 names the gateway
 JWT_FILTER = "envoy.filters.http.jwt_authn"  # also the namespace of its verified payloads
 RBAC_FILTER = "envoy.filters.http.rbac"

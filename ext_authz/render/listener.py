@@ -117,6 +117,8 @@ def _http_filters(plan: Plan, by: BySidecar) -> list[HttpFilter]:
         filters.append(ext_proc.bodies())
     if plan.reads_bodies or plan.discovers:
         filters.append(ext_proc.answers(skip_marked=by.local_reply_marker))
+    if plan.exchanges:
+        filters.append(ext_proc.refusals())
     if plan.discovers:
         filters.append(challenge.http_filter())
     # No x-envoy-upstream-service-time on upstream answers: an answer the sidecar makes (a

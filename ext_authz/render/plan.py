@@ -84,6 +84,11 @@ class Plan:
         return any(server.caller_brings_token or server.exchanges for server in self.servers)
 
     @property
+    def exchanges(self) -> bool:
+        """Whether any server exchanges its callers' tokens."""
+        return any(server.exchanges for server in self.servers)
+
+    @property
     def jwt(self) -> JwtSettings | None:
         """The JWT provider Envoy verifies with: only where a network rule names claims, or
         a server exchanges its callers' tokens."""

@@ -26,6 +26,7 @@ from ..contract import (
     KIND_EXTENSION,
     NO_SERVER,
     PROTECTED_RESOURCE,
+    REFUSALS_FILTER,
     TOOL_RULES_BY_EXT_PROC,
     TOOL_RULES_EXTENSION,
 )
@@ -49,10 +50,10 @@ def per_route(plan: Plan, server: str, kind: RouteKind, by: BySidecar) -> dict[s
         per_filter[ANSWERS_FILTER] = ext_proc.ENABLED  # names the gateway in the document
     elif kind == "mcp" and known is not None and known.caller_brings_token:
         per_filter[CHALLENGE_FILTER] = challenge.per_route()
-    elif kind == "mcp" and known is not None and known.exchanges:
-        # The upstream's 401 to an exchanged token evicts it (the answers filter sees the
-        # answer's headers; the sidecar's metadata names the token's cache key).
-        per_filter[ANSWERS_FILTER] = ext_proc.ENABLED
+    elif kind == "mcp" and known is not None and known.exchanges and not known.has_item_rules:
+        # The upstream's 401 to an exchanged token evicts it (the sidecar's metadata names
+        # the token's cache key). Where item rules turn the answers filter on, it does.
+        per_filter[REFUSALS_FILTER] = ext_proc.ENABLED
     if kind == "mcp" and known is not None and known.has_item_rules:
         # ext_authz decides the server from the headers alone, before any body is buffered
         # (a hidden server then answers exactly as an unknown one, whatever the body); the

@@ -1,4 +1,5 @@
-"""The two ext_proc filters: one reads a request's body (tool rules), one its answer."""
+"""The ext_proc filters: one reads a request's body (tool rules), one its answer, one an
+upstream's 401 to an exchanged token."""
 
 from __future__ import annotations
 
@@ -21,7 +22,10 @@ from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
 from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
     HttpFilter,
 )
-from envoy_data_plane.envoy.type.matcher.v3 import HttpResponseHeaderMatchInput
+from envoy_data_plane.envoy.type.matcher.v3 import (
+    HttpResponseHeaderMatchInput,
+    HttpResponseStatusCodeMatchInput,
+)
 from envoy_data_plane.google.protobuf import Any as AnyMessage
 from envoy_data_plane.xds.core.v3 import TypedExtensionConfig
 from envoy_data_plane.xds.type.matcher.v3 import (
@@ -40,6 +44,7 @@ from ...contract import (
     BODIES_CLUSTER,
     EXT_AUTHZ_FILTER,
     EXT_PROC_FILTER,
+    REFUSALS_FILTER,
 )
 
 # Reading a body of mcp.max_body_bytes takes milliseconds; past this the sidecar is in trouble
@@ -82,6 +87,45 @@ def bodies() -> HttpFilter:
                       typed_config=AnyMessage.pack(processor))
 
 
+def _skip_when(predicate: MatcherMatcherListPredicate) -> Matcher:
+    return Matcher(matcher_list=MatcherMatcherList(matchers=[MatcherMatcherListFieldMatcher(
+        predicate=predicate,
+        on_match=MatcherOnMatch(action=TypedExtensionConfig(
+            name="skip", typed_config=AnyMessage.pack(SkipFilter()))))]))
+
+
+def refusals() -> HttpFilter:
+    """An upstream's 401 on a token-exchange route, for the sidecar to evict the exchanged
+    token it refused; off unless a route turns it on. Any other answer skips it before a
+    stream is opened: a request pays nothing for it."""
+    processor = ExternalProcessor(
+        grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=AUTHZ_CLUSTER)),
+        failure_mode_allow=False,
+        processing_mode=ProcessingMode(
+            request_header_mode=ProcessingModeHeaderSendMode.SKIP,
+            response_header_mode=ProcessingModeHeaderSendMode.SEND,
+            request_body_mode=ProcessingModeBodySendMode.NONE,
+            response_body_mode=ProcessingModeBodySendMode.NONE,
+            request_trailer_mode=ProcessingModeHeaderSendMode.SKIP,
+            response_trailer_mode=ProcessingModeHeaderSendMode.SKIP,
+        ),
+        message_timeout=EXT_PROC_TIMEOUT,
+        # ext_authz's answer names the exchanged token's cache key.
+        metadata_options=MetadataOptions(forwarding_namespaces=MetadataOptionsMetadataNamespaces(
+            untyped=[EXT_AUTHZ_FILTER])),
+    )
+    unauthorized = MatcherMatcherListPredicateSinglePredicate(
+        input=TypedExtensionConfig(name="status", typed_config=AnyMessage.pack(
+            HttpResponseStatusCodeMatchInput())),
+        value_match=StringMatcher(exact="401"))
+    wrapped = ExtensionWithMatcher(
+        xds_matcher=_skip_when(MatcherMatcherListPredicate(
+            not_matcher=MatcherMatcherListPredicate(single_predicate=unauthorized))),
+        extension_config=CoreTypedExtensionConfig(name=REFUSALS_FILTER,
+                                                  typed_config=AnyMessage.pack(processor)))
+    return HttpFilter(name=REFUSALS_FILTER, disabled=True, typed_config=AnyMessage.pack(wrapped))
+
+
 def answers(skip_marked: str | None = None) -> HttpFilter:
     """The answers to tools/call and tools/list (and discovery documents); off unless a
     route turns it on. `skip_marked`: a response header that marks Envoy's own answers,
@@ -113,10 +157,7 @@ def answers(skip_marked: str | None = None) -> HttpFilter:
         input=TypedExtensionConfig(name="response-header", typed_config=AnyMessage.pack(
             HttpResponseHeaderMatchInput(header_name=skip_marked))),
         value_match=StringMatcher(exact="1"))
-    skip = Matcher(matcher_list=MatcherMatcherList(matchers=[MatcherMatcherListFieldMatcher(
-        predicate=MatcherMatcherListPredicate(single_predicate=marked),
-        on_match=MatcherOnMatch(action=TypedExtensionConfig(
-            name="skip", typed_config=AnyMessage.pack(SkipFilter()))))]))
+    skip = _skip_when(MatcherMatcherListPredicate(single_predicate=marked))
     wrapped = ExtensionWithMatcher(
         xds_matcher=skip,
         extension_config=CoreTypedExtensionConfig(name=ANSWERS_FILTER,
