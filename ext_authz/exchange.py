@@ -61,6 +61,7 @@ def build_exchange_request(settings: TokenExchangeSettings, subject: Subject,
 
 @dataclass(slots=True)
 class _Entry:
+    server: str
     token: str | None = None
     usable_until: float = 0.0
     refresh_at: float = 0.0
@@ -108,7 +109,7 @@ class ExchangeCache:
             return entry.token
         self._count(server, "miss")
         if entry is None:
-            entry = self._entries[key] = _Entry()
+            entry = self._entries[key] = _Entry(server)
             self._bound()
         if entry.fetch is None and entry.last_error is not None and now < entry.retry_at:
             # The IdP failed just now: each of this user's requests would ask it again.
@@ -128,6 +129,14 @@ class ExchangeCache:
             self._count(server, "failure")
             raise entry.last_error or TokenResponseError(server, "no usable token issued")
         return entry.token
+
+    def held(self) -> dict[str, int]:
+        """How many users' tokens are held, by server (usable now): never who."""
+        now, counts = self._clock(), dict[str, int]()
+        for entry in self._entries.values():
+            if entry.token is not None and now < entry.usable_until:
+                counts[entry.server] = counts.get(entry.server, 0) + 1
+        return counts
 
     def evict(self, settings: TokenExchangeSettings, subject: Subject) -> bool:
         """Forget a subject's token (the upstream refused it): the next request exchanges."""

@@ -142,7 +142,8 @@ class Sidecar:
                                           _snapshots)
         self.tokens.on_change = self.control_plane.tokens_changed
         self.operator = OperatorView(self.serving, self.tokens,
-                                     None if config_path is None else str(config_path))
+                                     None if config_path is None else str(config_path),
+                                     self.exchanges)
         self.health = health.aio.HealthServicer()
         self._receive_limit = receive_limit(config)
         self.grpc_port = 0

@@ -16,9 +16,10 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
+from ..exchange import ExchangeCache
 from ..mcp.jsonrpc import body_headers, request_body
 from ..ops.decision_log import stamp
-from ..policy.compile import Policy
+from ..policy.compile import Policy, ServerPolicy
 from ..policy.config import Config, config_warnings, parse_yaml
 from ..policy.decision import RequestFacts, client_placement
 from ..policy.diff import callers, cell, diff, items, placement
@@ -46,9 +47,11 @@ class ReloadRecord:
 class OperatorView:
     """The status page's data, from the sidecar's own state."""
 
-    def __init__(self, serving: Serving, tokens: TokenCache, config_file: str | None) -> None:
+    def __init__(self, serving: Serving, tokens: TokenCache, config_file: str | None,
+                 exchanges: ExchangeCache | None = None) -> None:
         self.serving = serving
         self.tokens = tokens
+        self.exchanges = exchanges
         self.config_file = config_file
         self.last_reload: ReloadRecord | None = None  # None: no reload since start
         self.started = time.time()
@@ -72,6 +75,7 @@ class OperatorView:
 
     def _servers(self, config: Config, policy: Policy) -> list[dict[str, Any]]:
         tokens = self.tokens.states()
+        held = self.exchanges.held() if self.exchanges is not None else {}
         found = []
         for name, server in policy.servers.items():
             settings = config.servers[name]
@@ -93,10 +97,23 @@ class OperatorView:
                 "route": None if address is None else address.path or address.host,
                 "rules": {"tools": len(settings.tools), "prompts": len(settings.prompts),
                           "resources": len(settings.resources)},
-                "token": (tokens.get(name, {"state": "fetching"}) if server.oauth2 is not None
-                          else {"state": "none"}),
+                "token": self._token(name, server, tokens, held),
             })
         return found
+
+    @staticmethod
+    def _token(name: str, server: ServerPolicy, tokens: dict[str, dict[str, Any]],
+               held: dict[str, int]) -> dict[str, Any]:
+        """A server's token state: its own token's, or for a token exchange how many users'
+        are held (and its actor token's state): never a token, never a user."""
+        if server.exchange is not None:
+            state: dict[str, Any] = {"state": "per_user", "users": held.get(name, 0)}
+            if server.exchange.actor_token:
+                state["actor"] = tokens.get(name, {"state": "fetching"})
+            return state
+        if server.oauth2 is not None:
+            return tokens.get(name, {"state": "fetching"})
+        return {"state": "none"}
 
     def decisions(self, **wanted: str) -> dict[str, Any]:
         return {"decisions": self.serving.recent.records(**wanted)}

@@ -44,12 +44,14 @@ function badge(server) {
 function token(state) {
   const words = {
     none: "none (callers bring their own)", warm: "warm", fetching: "fetching",
-    refreshing: "refreshing", failing: "failing",
+    refreshing: "refreshing", failing: "failing", per_user: "per user (token exchange)",
   }[state.state] || state.state;
   const cell = el("span", {class: state.state}, words);
   const details = [];
   if (state.age_s !== undefined) details.push(`age ${state.age_s} s, usable ${state.usable_for_s} s more`);
   if (state.error) details.push(`${state.state === "failing" ? "" : "last refresh failed: "}${state.error}`);
+  if (state.users !== undefined) details.push(`${state.users} user(s) held`);
+  if (state.actor) details.push(`actor token ${state.actor.state}`);
   return el("span", {}, cell, details.length ? el("div", {class: "detail"}, details.join("; ")) : "");
 }
 
