@@ -8,6 +8,7 @@ from envoy_data_plane.envoy.config.core.v3 import DataSource, HttpUri
 from envoy_data_plane.envoy.config.route.v3 import RouteMatch
 from envoy_data_plane.envoy.extensions.filters.http.jwt_authn.v3 import (
     JwtAuthentication,
+    JwtCacheConfig,
     JwtHeader,
     JwtProvider,
     JwtRequirement,
@@ -24,6 +25,8 @@ from envoy_data_plane.google.protobuf import Empty
 from ...contract import JWKS_CLUSTER, JWT_FILTER, JWT_PROVIDER
 from ...policy.config import JwtSettings
 
+JWT_CACHE_SIZE = 1000  # tokens per Envoy worker
+
 
 def http_filter(jwt: JwtSettings) -> HttpFilter:
     """Verify a caller's JWT (signature, issuer, audience, expiry) for the claims in rules.
@@ -33,7 +36,10 @@ def http_filter(jwt: JwtSettings) -> HttpFilter:
     server whose callers bring their own) still reaches it (`forward`).
     """
     provider = JwtProvider(issuer=jwt.issuer, audiences=list(jwt.audiences), forward=True,
-                           payload_in_metadata=jwt.payload_in_metadata)
+                           payload_in_metadata=jwt.payload_in_metadata,
+                           # A caller sends the same token again and again: its signature is
+                           # checked once (Envoy still checks its expiry on every request).
+                           jwt_cache_config=JwtCacheConfig(jwt_cache_size=JWT_CACHE_SIZE))
     if jwt.jwks_file is not None:
         provider.local_jwks = DataSource(filename=jwt.jwks_file)
     else:
