@@ -278,6 +278,46 @@ class TestCheckSecrets:
         assert "CHECK_TEST_UNSET_SECRET" in fetch.stderr
 
 
+class TestCheckExchange:
+    CONFIG = ("jwt: {issuer: https://login, audiences: [gw], jwks_file: /j}\n"
+              "servers: {crm: {token_exchange: {token_url: 'http://127.0.0.1:9/t',"
+              " client_id: c, client_secret: s, actor_token: true}}}\n")
+
+    def test_a_dry_run_says_the_token_would_be_exchanged(
+            self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        path = tmp_path / "c.yaml"
+        path.write_text(self.CONFIG)
+        report = check(capsys, "--config", str(path), "--peer", "8.8.8.8", "--path",
+                       "/mcp/crm")
+        assert report["inject_token"] is True
+        assert any("would be exchanged" in step and "as the actor" in step
+                   for step in report["steps"])
+
+    def test_a_subject_token_is_exchanged_only_with_fetch_token(
+            self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        path = tmp_path / "c.yaml"
+        path.write_text(self.CONFIG)
+        token = tmp_path / "jwt"
+        token.write_text("a.b.c")
+        assert main(["check", "--config", str(path), "--peer", "8.8.8.8", "--path",
+                     "/mcp/crm", "--subject-token", str(token)]) == 2
+        assert "--subject-token is exchanged only with --fetch-token" in (
+            capsys.readouterr().err)
+
+    def test_a_subject_that_will_not_do_fails_the_check(
+            self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """No token endpoint is asked (its port refuses): the subject is refused first."""
+        path = tmp_path / "c.yaml"
+        path.write_text(self.CONFIG.replace(", actor_token: true", ""))
+        token = tmp_path / "jwt"
+        token.write_text("not-a-jwt")
+        assert main(["check", "--config", str(path), "--peer", "8.8.8.8", "--path",
+                     "/mcp/crm", "--subject-token", str(token), "--fetch-token"]) == 1
+        out, err = capsys.readouterr()
+        assert json.loads(out)["reason"] == "subject_token_refused"
+        assert "--subject-token: not a JWT whose payload decodes" in err
+
+
 @pytest.mark.slow  # a real Envoy or Python process per test
 class TestServeErrors:
     def test_port_in_use_is_a_clear_error(self, tmp_path: Path) -> None:

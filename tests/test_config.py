@@ -260,6 +260,16 @@ class TestErrors:
             "network.trusted_proxies[0]", "network.internal_ranges[1]"]
         assert config_warnings(example_config()) == []
 
+    def test_an_exchange_of_any_audience_is_warned_of(self) -> None:
+        """A token exchange with no jwt.audiences would take the issuer's tokens for any
+        other service too: valid, but warned of; naming the audience silences it."""
+        text = ("jwt: {issuer: https://login, jwks_file: /j%s}\n"
+                "servers: {a: {token_exchange: {token_url: 'https://x/t', client_id: c,"
+                " client_secret: s}}}")
+        assert [w.split(":", 1)[0] for w in config_warnings(parse_yaml(text % ""))] == [
+            "jwt.audiences"]
+        assert config_warnings(parse_yaml(text % ", audiences: [gw]")) == []
+
     def test_not_utf8_is_one_line(self, tmp_path: Path) -> None:
         """A config file that is not UTF-8 is a ConfigError naming the byte."""
         path = tmp_path / "c.yaml"

@@ -45,7 +45,7 @@ def test_the_verified_token_is_the_subject() -> None:
     (f"Basic {token(CLAIMS)}", CLAIMS, "does not carry a bearer"),
     ("Bearer ", CLAIMS, "does not carry a bearer"),
     ("Bearer opaque-token", CLAIMS, "not a JWT"),
-    ("Bearer a.%%%.c", CLAIMS, "does not decode"),
+    ("Bearer a.%%%.c", CLAIMS, "not a JWT whose payload decodes"),
     (f"Bearer {token({**CLAIMS, 'sub': 'mallory'})}", CLAIMS, "not the one Envoy verified"),
     (f"Bearer {token({k: v for k, v in CLAIMS.items() if k != 'sub'})}",
      {k: v for k, v in CLAIMS.items() if k != "sub"}, "no issuer or no subject"),

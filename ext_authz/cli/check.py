@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import binascii
 import json
 import sys
 import time
@@ -14,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..edges.pipeline import Exchange, judge
-from ..edges.subject import NoSubject, subject_of
+from ..edges.subject import NoSubject, subject_of, token_payload
 from ..errors import TokenError
 from ..mcp.jsonrpc import Body, body_headers, request_body
 from ..policy.compile import Policy
@@ -71,7 +69,10 @@ async def _judge(config: Config, policy: Policy, facts: RequestFacts, body: Body
     def subject() -> Subject:
         if subject_token is None:
             raise NoSubject("no --subject-token given (the caller's token to exchange)")
-        found = subject_of(f"Bearer {subject_token}", _payload_of(subject_token))
+        payload = token_payload(subject_token)
+        if payload is None:
+            raise NoSubject("--subject-token: not a JWT whose payload decodes")
+        found = subject_of(f"Bearer {subject_token}", payload)
         steps.append({"step": "subject", "issuer": found.issuer, "sub": found.subject,
                       "expires_in_s": round(found.expires_at - time.time(), 1)})
         return found
@@ -106,19 +107,6 @@ async def _judge(config: Config, policy: Policy, facts: RequestFacts, body: Body
     elif judged.decision.reason == "subject_token_refused":
         report = {"fetched": False, "error": judged.decision.detail}
     return judged.decision, report
-
-
-def _payload_of(token: str) -> dict[str, object] | None:
-    """The payload of a JWT as `check` takes it: Envoy's jwt_authn would have verified its
-    signature, issuer and audience; `check` reads it as if it had."""
-    parts = token.split(".")
-    if len(parts) != 3:
-        return None
-    try:
-        payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        return None
-    return payload if isinstance(payload, dict) else None
 
 
 def _headers(lines: Sequence[str], body: bool) -> list[tuple[str, str]]:

@@ -33,14 +33,10 @@ def subject_of(authorization: str | None, verified: Mapping[str, object] | None)
     token = token.strip()
     if scheme.lower() != "bearer" or not token or " " in token:
         raise NoSubject("the Authorization header does not carry a bearer token")
-    parts = token.split(".")
-    if len(parts) != 3:
-        raise NoSubject("the bearer token is not a JWT")
-    try:
-        payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise NoSubject("the bearer token's payload does not decode") from None
-    if not isinstance(payload, dict) or not _same(payload, verified):
+    payload = token_payload(token)
+    if payload is None:
+        raise NoSubject("the bearer token is not a JWT whose payload decodes")
+    if not _same(payload, verified):
         raise NoSubject("the bearer token is not the one Envoy verified")
     issuer, subject, expires = payload.get("iss"), payload.get("sub"), payload.get("exp")
     if not isinstance(issuer, str) or not issuer or not isinstance(subject, str) or not subject:
@@ -49,6 +45,18 @@ def subject_of(authorization: str | None, verified: Mapping[str, object] | None)
             expires):
         raise NoSubject("the verified token has no expiry")
     return Subject(token, issuer, subject, float(expires))
+
+
+def token_payload(token: str) -> dict[str, object] | None:
+    """A JWT's payload as JSON (its signature unchecked: that is Envoy's), or None."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        return None
+    return payload if isinstance(payload, dict) else None
 
 
 def _same(token: object, verified: object) -> bool:

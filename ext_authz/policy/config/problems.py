@@ -223,6 +223,10 @@ def config_warnings(config: Config) -> list[str]:
                            if key == "network.trusted_proxies" else
                            "every caller, the whole internet, is then in it")
                 warnings.append(f"{key}[{index}]: {network} holds every address: {meaning}")
+    if config.exchanges() and config.jwt is not None and not config.jwt.audiences:
+        warnings.append("jwt.audiences: empty, and a server exchanges its callers' tokens: a"
+                        " token the issuer minted for any other service would be exchanged"
+                        " too; name the gateway's audience")
     return warnings
 
 
