@@ -40,6 +40,29 @@ ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
 ISSUER = "https://idp.test.local"
 
 
+class _Served:
+    """An HTTP server on a loopback port of its own, on a thread; stop() closes the port."""
+
+    port = 0
+    _http: ThreadingHTTPServer | None = None
+
+    def serve(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        self._http = ThreadingHTTPServer(("127.0.0.1", self.port), handler)
+        self.port = self._http.server_address[1]
+        threading.Thread(target=self._http.serve_forever, daemon=True).start()
+
+    @property
+    def up(self) -> bool:
+        return self._http is not None
+
+    def stop(self) -> None:
+        """Down: the port refuses connections until served again."""
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
+
 @dataclass
 class Client(ClientMixin):  # type: ignore[misc]
     client_id: str
@@ -166,7 +189,7 @@ class _TokenExchange(BaseGrant, TokenEndpointMixin):  # type: ignore[misc]
         return 200, token, self.TOKEN_RESPONSE_HEADER
 
 
-class IdP(AuthorizationServer):  # type: ignore[misc]
+class IdP(AuthorizationServer, _Served):  # type: ignore[misc]
     """The authorization server: Authlib does the client authentication, the grants'
     checks, the error answers; this class is the HTTP edge and the bookkeeping."""
 
@@ -191,8 +214,6 @@ class IdP(AuthorizationServer):  # type: ignore[misc]
         self.register_grant(_TokenExchange)
         self.register_token_generator("default", BearerTokenGenerator(
             self._access_token, expires_generator=lambda client, grant: self.lifetime_s))
-        self._http: ThreadingHTTPServer | None = None
-        self.port = 0
 
     # -- Authlib's integration points --------------------------------------------------
 
@@ -258,29 +279,18 @@ class IdP(AuthorizationServer):  # type: ignore[misc]
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self._http = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self.port = self._http.server_address[1]
+        self.serve(Handler)
         self.token_url = f"{self.url}/token"
-        threading.Thread(target=self._http.serve_forever, daemon=True).start()
         return self
-
-    def stop(self) -> None:
-        """Down: the port refuses connections until start() again."""
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-            self._http = None
 
 
 @dataclass
-class ResourceServer:
+class ResourceServer(_Served):
     """An upstream that takes the IdP's tokens: 200 with the token's claims, 401 with its
     own challenge for a token revoked or not the IdP's. `seen`: every Authorization."""
 
     idp: IdP
     seen: list[str] = field(default_factory=list)
-    port: int = 0
-    _http: ThreadingHTTPServer | None = None
 
     def start(self) -> ResourceServer:
         upstream = self
@@ -314,12 +324,5 @@ class ResourceServer:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self._http = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self.port = self._http.server_address[1]
-        threading.Thread(target=self._http.serve_forever, daemon=True).start()
+        self.serve(Handler)
         return self
-
-    def stop(self) -> None:
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()

@@ -148,7 +148,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 @pytest.fixture
 def idp_up(stack: Stack) -> Generator[None, None, None]:
     yield
-    if stack.idp._http is None:
+    if not stack.idp.up:
         stack.idp.start()
 
 

@@ -87,6 +87,27 @@ def bodies() -> HttpFilter:
                       typed_config=AnyMessage.pack(processor))
 
 
+def _answer_headers(forwarded: list[str], *, mode_override: bool) -> ExternalProcessor:
+    """The sidecar sees an answer's headers (and, `mode_override`, may ask for its body),
+    with what the filters before it left in these metadata namespaces."""
+    return ExternalProcessor(
+        grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=AUTHZ_CLUSTER)),
+        failure_mode_allow=False,  # an answer the sidecar did not see never reaches a caller
+        processing_mode=ProcessingMode(
+            request_header_mode=ProcessingModeHeaderSendMode.SKIP,
+            response_header_mode=ProcessingModeHeaderSendMode.SEND,
+            request_body_mode=ProcessingModeBodySendMode.NONE,
+            response_body_mode=ProcessingModeBodySendMode.NONE,
+            request_trailer_mode=ProcessingModeHeaderSendMode.SKIP,
+            response_trailer_mode=ProcessingModeHeaderSendMode.SKIP,
+        ),
+        allow_mode_override=mode_override,
+        message_timeout=EXT_PROC_TIMEOUT,
+        metadata_options=MetadataOptions(forwarding_namespaces=MetadataOptionsMetadataNamespaces(
+            untyped=forwarded)),
+    )
+
+
 def _skip_when(predicate: MatcherMatcherListPredicate) -> Matcher:
     return Matcher(matcher_list=MatcherMatcherList(matchers=[MatcherMatcherListFieldMatcher(
         predicate=predicate,
@@ -98,22 +119,8 @@ def refusals() -> HttpFilter:
     """An upstream's 401 on a token-exchange route, for the sidecar to evict the exchanged
     token it refused; off unless a route turns it on. Any other answer skips it before a
     stream is opened: a request pays nothing for it."""
-    processor = ExternalProcessor(
-        grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=AUTHZ_CLUSTER)),
-        failure_mode_allow=False,
-        processing_mode=ProcessingMode(
-            request_header_mode=ProcessingModeHeaderSendMode.SKIP,
-            response_header_mode=ProcessingModeHeaderSendMode.SEND,
-            request_body_mode=ProcessingModeBodySendMode.NONE,
-            response_body_mode=ProcessingModeBodySendMode.NONE,
-            request_trailer_mode=ProcessingModeHeaderSendMode.SKIP,
-            response_trailer_mode=ProcessingModeHeaderSendMode.SKIP,
-        ),
-        message_timeout=EXT_PROC_TIMEOUT,
-        # ext_authz's answer names the exchanged token's cache key.
-        metadata_options=MetadataOptions(forwarding_namespaces=MetadataOptionsMetadataNamespaces(
-            untyped=[EXT_AUTHZ_FILTER])),
-    )
+    # ext_authz's answer names the exchanged token's cache key.
+    processor = _answer_headers([EXT_AUTHZ_FILTER], mode_override=False)
     unauthorized = MatcherMatcherListPredicateSinglePredicate(
         input=TypedExtensionConfig(name="status", typed_config=AnyMessage.pack(
             HttpResponseStatusCodeMatchInput())),
@@ -134,22 +141,7 @@ def answers(skip_marked: str | None = None) -> HttpFilter:
     # (mode_override: BUFFERED for JSON, STREAMED for SSE) from what the request's stream
     # left in the metadata. A second filter because Envoy 1.40 ignores mode_override on a
     # FULL_DUPLEX_STREAMED filter.
-    processor = ExternalProcessor(
-        grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=AUTHZ_CLUSTER)),
-        failure_mode_allow=False,  # an answer the sidecar did not see never reaches a caller
-        processing_mode=ProcessingMode(
-            request_header_mode=ProcessingModeHeaderSendMode.SKIP,
-            response_header_mode=ProcessingModeHeaderSendMode.SEND,
-            request_body_mode=ProcessingModeBodySendMode.NONE,
-            response_body_mode=ProcessingModeBodySendMode.NONE,
-            request_trailer_mode=ProcessingModeHeaderSendMode.SKIP,
-            response_trailer_mode=ProcessingModeHeaderSendMode.SKIP,
-        ),
-        allow_mode_override=True,
-        message_timeout=EXT_PROC_TIMEOUT,
-        metadata_options=MetadataOptions(forwarding_namespaces=MetadataOptionsMetadataNamespaces(
-            untyped=[EXT_AUTHZ_FILTER, EXT_PROC_FILTER])),
-    )
+    processor = _answer_headers([EXT_AUTHZ_FILTER, EXT_PROC_FILTER], mode_override=True)
     if skip_marked is None:
         return HttpFilter(name=ANSWERS_FILTER, disabled=True,
                           typed_config=AnyMessage.pack(processor))
