@@ -186,7 +186,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         report["token"] = token
     print(json.dumps(report, indent=2))
     if token is not None and token.get("error"):
-        print(f"check: token step failed: {token['error']}", file=sys.stderr)
+        print(f"check: token fetch failed: {token['error']}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_FAILED if args.exit_code and not decision.allowed else EXIT_OK
 

@@ -93,7 +93,8 @@ class AuthorizationService:
                     lambda: extract_subject(request, state.policy),
                     lambda settings, server, who, actor: self.exchanges.token(
                         settings, server, who, budget, actor),
-                    token_given=authorization(request) is not None))
+                    token_given=authorization(request) is not None,
+                ) if state.policy.exchanges_tokens else None)
             decision = judged.decision
             metadata = request_metadata(decision, facts)
             if judged.exchanged:

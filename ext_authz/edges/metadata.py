@@ -67,7 +67,7 @@ def discovery_entries(resource: str) -> bytes:
 
 def exchange_entry(key: str) -> bytes:
     """The cache key of the exchanged token sent upstream (a digest: neither token nor
-    subject), for the answers filter to evict on the upstream's 401."""
+    subject), for the ext_proc stream that sees the upstream's 401 to evict."""
     return struct_entry(EXCHANGED, key)
 
 

@@ -144,6 +144,12 @@ class Policy:
         default_factory=lambda: PerDecision(lambda d: replace(d, lists_items=True),
                                             DECISION_CACHE_SIZE), compare=False, repr=False)
 
+    @property
+    def exchanges_tokens(self) -> bool:
+        """Whether any server exchanges its callers' tokens (the edges then read who the
+        caller is)."""
+        return self.subject_issuer is not None
+
     def registry(self, placement: Placement) -> bytes:
         """The registry a caller so placed gets: the servers it may see, and only those."""
         body = self.registries.get(placement.members)

@@ -35,6 +35,14 @@ servers:
   #       client_secret: ${GITHUB_MCP_SECRET}         # or client_secret_file: /run/secrets/x
   #     tools:
   #       delete_repo: {available_on_public_internet: false}
+  # One that acts for each caller (RFC 8693: the caller's token, as Envoy verified it with
+  # the top-level `jwt` settings, exchanged for its own; docs/token-exchange.md):
+  #   crm:
+  #     token_exchange:
+  #       token_url: https://idp.example.com/oauth2/token
+  #       client_id: mcp-gateway
+  #       client_secret_file: /run/secrets/mcp-gateway
+  #       audience: crm
 """
 
 
