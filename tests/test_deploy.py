@@ -778,11 +778,17 @@ class TestNativeDataPath:
         manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
         mappers = manager["local_reply_config"]["mappers"]
         unavailable = '{"error": "upstream_credentials_unavailable"}'
+        # ext_authz's own 401 (a caller's token that cannot be exchanged) first, kept as it
+        # is; then RBAC's 403, the injector's 401, the watchdog's "no healthy upstream".
+        kept, *mapped = mappers
+        assert kept == {"filter": {"and_filter": {"filters": [
+            {"status_code_filter": {"comparison": {"value": {
+                "default_value": 401, "runtime_key": "mcp_ext_authz.no_token_status"}}}},
+            {"response_flag_filter": {"flags": ["UAEX"]}}]}}}
         assert [(m["status_code"], m["body_format_override"]["text_format_source"]
-                 ["inline_string"]) for m in mappers] == [
+                 ["inline_string"]) for m in mapped] == [
             (404, '{"error": "not_found"}'), (503, unavailable), (503, unavailable)]
-        # RBAC's 403, the injector's 401, the watchdog's "no healthy upstream".
-        assert [m["filter"] for m in mappers] == [
+        assert [m["filter"] for m in mapped] == [
             {"status_code_filter": {"comparison": {"value": {  # op EQ: the default
                 "default_value": 403, "runtime_key": "mcp_ext_authz.denied_status"}}}},
             {"status_code_filter": {"comparison": {"value": {  # op EQ: the default

@@ -35,6 +35,7 @@ from tests.e2e.harness import (
     envoy_config,
     free_port,
     mcp_client,
+    raw_request,
     start_envoy,
     start_sidecar,
     start_upstream,
@@ -46,6 +47,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
 EXTERNAL = "127.0.0.2"
 LOGIN, AUDIENCE = "https://login.test.local", "mcp-gateway"
+PRM = "/.well-known/oauth-protected-resource"
 
 
 def claims_of(token: str) -> dict[str, Any]:
@@ -111,6 +113,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 "auth_method": "private_key_jwt",
                 "private_key_file": str(workdir / "gateway-key.pem"),
                 "resource": "https://files.internal", "actor_token": True}},
+            # Hidden from every caller of these tests (they come from 127.0.0.2).
+            "vault": {"upstream": f"127.0.0.1:{files.port}",
+                      "available_on_public_internet": False, "token_exchange": {
+                          "token_url": idp.token_url, "client_id": "gateway",
+                          "client_secret_file": str(workdir / "secret")}},
         },
     }
     config_path = workdir / "sidecar.yaml"
@@ -268,6 +275,24 @@ class TestPerUser:
         for _ in range(3):
             assert stack.get(mode, "/mcp/files/report", token).status_code == 200
         assert stack.idp.exchanges[name] == 2
+
+    @pytest.mark.parametrize("late_body", [False, True], ids=["whole", "body-late"])
+    @pytest.mark.parametrize("template", ["/mcp/{server}", f"{PRM}/mcp/{{server}}"])
+    def test_a_hidden_exchange_server_answers_as_an_unknown_one(
+            self, stack: Stack, mode: str, template: str, late_body: bool) -> None:
+        """With a good token, a bad one or none: byte for byte the unknown server's 404,
+        and the IdP never asked."""
+        before = sum(stack.idp.exchanges.values())
+        for token in (stack.user(f"kim-{mode}"), "a.b.c", None):
+            headers = {"content-type": "application/json",
+                       **({"authorization": f"Bearer {token}"} if token else {})}
+            hidden, unknown = (raw_request(stack.bases[mode], "POST",
+                                           template.format(server=server), "{}", headers,
+                                           EXTERNAL, late_body)
+                               for server in ("vault", "nope"))
+            assert hidden == unknown
+            assert hidden[0] == 404
+        assert sum(stack.idp.exchanges.values()) == before
 
     def test_private_key_jwt_and_the_gateways_actor_token(self, stack: Stack,
                                                           mode: str) -> None:
