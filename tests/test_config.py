@@ -6,10 +6,12 @@ import ipaddress
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
 
 from ext_authz.errors import ConfigError
 from ext_authz.policy.config import (
     DEFAULT_INTERNAL_RANGES,
+    TokenExchangeSettings,
     config_warnings,
     example_config,
     load_config,
@@ -259,6 +261,19 @@ class TestErrors:
         assert [w.split(":", 1)[0] for w in config_warnings(config)] == [
             "network.trusted_proxies[0]", "network.internal_ranges[1]"]
         assert config_warnings(example_config()) == []
+
+    def test_a_copy_derives_nothing_from_the_secret_before_it(self) -> None:
+        """load_config reads a secret file into a copy of the settings: a cache key or an
+        actor worked out before must not carry over (pydantic copies cached properties)."""
+        settings = TokenExchangeSettings(token_url="https://x/t", client_id="c",
+                                         client_secret="old", actor_token=True)
+        key, actor = settings.cache_key, settings.actor
+        assert actor is not None
+        copied = settings.model_copy(update={"client_secret": SecretStr("new")})
+        assert copied.cache_key != key
+        assert copied.actor is not None
+        assert copied.actor.secret() == "new"
+        assert settings.actor is actor  # the original keeps its own
 
     def test_an_exchange_of_any_audience_is_warned_of(self) -> None:
         """A token exchange with no jwt.audiences would take the issuer's tokens for any

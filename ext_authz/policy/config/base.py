@@ -2,16 +2,34 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import urllib.parse
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict
 
 
 class FrozenModel(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None,
+                   deep: bool = False) -> Self:
+        """A copy, with nothing derived from the old values: pydantic copies the instance's
+        dict, cached properties included, so a secret read into a copy (load_config's
+        files) would otherwise keep the cache key and actor of the secret before it."""
+        copied = super().model_copy(update=update, deep=deep)
+        for name in _cached(type(self)):
+            copied.__dict__.pop(name, None)
+        return copied
+
+
+@functools.cache
+def _cached(model: type) -> tuple[str, ...]:
+    return tuple(name for klass in model.__mro__ for name, value in vars(klass).items()
+                 if isinstance(value, functools.cached_property))
 
 
 def split_listen(listen: str) -> tuple[str, int]:
