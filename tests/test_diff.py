@@ -221,6 +221,27 @@ def test_cells_are_what_requests_get(servers: dict[str, Any]) -> None:
     assert not diff(compiled, compiled)
 
 
+CLIENT = {"token_url": "https://idp.example/t", "client_id": "gw", "client_secret": "s"}
+JWT = {"issuer": "https://login.example", "audiences": ["gw"], "jwks_file": "/jwks.json"}
+
+
+def test_a_change_of_what_the_upstream_gets_is_listed_and_widens_nothing() -> None:
+    """oauth2 -> token_exchange -> neither: whose token the upstream holds, per server."""
+    gateway = changed(BASE, set_path("servers.crm.oauth2", CLIENT))
+    exchanged = changed(BASE, lambda data: data.update(jwt=JWT) or data["servers"]["crm"]
+                        .update(token_exchange=CLIENT))
+    found = diff(policy(gateway), policy(exchanged))
+    assert [(c.server, c.before, c.after, c.passes_callers_on) for c in found.credentials] == [
+        ("crm", "gateway", "exchanged", False)]
+    assert found
+    assert not found.changes
+    assert not found.widens_external
+    onward = diff(policy(exchanged), policy(BASE)).credentials
+    assert [(c.before, c.after, c.passes_callers_on) for c in onward] == [
+        ("exchanged", "caller", True)]
+    assert not diff(policy(gateway), policy(gateway)).credentials
+
+
 class TestCommand:
     def run(self, *argv: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "ext_authz", "diff", *argv],
@@ -256,6 +277,18 @@ class TestCommand:
         assert result.returncode == 0
         assert "! " not in result.stdout
         assert "external  loses  servers.pub" in result.stdout
+
+    def test_a_credential_change_is_said(self, tmp_path: Path) -> None:
+        old = self.write(tmp_path, "old.yaml", changed(BASE, set_path("servers.crm.oauth2",
+                                                                      CLIENT)))
+        new = self.write(tmp_path, "new.yaml", BASE)
+        result = self.run(old, new, "--fail-on-widening")
+        assert result.returncode == 0  # not a widening of who sees what
+        assert result.stdout.splitlines() == [
+            "0 change(s) in who sees what, 0 in who belongs where; 0 widen(s) what external"
+            " callers see; 1 in what upstreams get",
+            "  servers.crm upstream Authorization: the gateway's own token (oauth2) -> each"
+            " caller's own, passed on"]
 
     def test_no_change_is_one_line(self, tmp_path: Path) -> None:
         old = self.write(tmp_path, "old.yaml", BASE)

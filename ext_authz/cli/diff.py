@@ -12,6 +12,9 @@ from .common import EXIT_FAILED, EXIT_OK, Commands, load
 
 ARROW = {("hidden", "visible"): "gains", ("absent", "visible"): "gains",
          ("visible", "hidden"): "loses", ("visible", "absent"): "loses"}
+CREDENTIAL = {"gateway": "the gateway's own token (oauth2)",
+              "exchanged": "each caller's, exchanged (token_exchange)",
+              "caller": "each caller's own, passed on"}
 
 
 def report(found: PolicyDiff) -> str:
@@ -22,7 +25,9 @@ def report(found: PolicyDiff) -> str:
         m.widens_external for m in found.memberships)
     lines = [f"{len(found.changes)} change(s) in who sees what,"
              f" {len(found.memberships)} in who belongs where;"
-             f" {widening} widen(s) what external callers see"]
+             f" {widening} widen(s) what external callers see"
+             + (f"; {len(found.credentials)} in what upstreams get" if found.credentials
+                else "")]
     width = max((len(c.caller) for c in found.changes), default=0)
     for change in found.changes:
         before, after = change.before, change.after
@@ -35,6 +40,9 @@ def report(found: PolicyDiff) -> str:
         said += [f"removes {', '.join(member.removed)}"] if member.removed else []
         lines.append(f"{'!' if member.widens_external else ' '} {member.key} {member.what}:"
                      f" {'; '.join(said)}")
+    for credential in found.credentials:
+        lines.append(f"  servers.{credential.server} upstream Authorization:"
+                     f" {CREDENTIAL[credential.before]} -> {CREDENTIAL[credential.after]}")
     return "\n".join(lines) + "\n"
 
 

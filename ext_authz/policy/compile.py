@@ -62,6 +62,14 @@ class ServerPolicy:
         naming the gateway)."""
         return self.oauth2 is None and self.exchange is None
 
+    @property
+    def credential(self) -> str:
+        """What goes upstream as its Authorization: `gateway` (oauth2), `exchanged`
+        (token_exchange: each caller's, exchanged) or `caller` (the caller's own)."""
+        if self.oauth2 is not None:
+            return "gateway"
+        return "exchanged" if self.exchange is not None else "caller"
+
     def rules(self, kind: ItemKind) -> ItemRules:
         return self.tools if kind == "tool" else (
             self.prompts if kind == "prompt" else self.resources)

@@ -93,12 +93,32 @@ class MembershipChange:
 
 
 @dataclass(frozen=True, slots=True)
+class CredentialChange:
+    """What a server's upstream gets as its Authorization, changed (ServerPolicy.credential):
+    not who sees what, but whose token the upstream holds."""
+
+    server: str
+    before: str
+    after: str
+
+    @property
+    def passes_callers_on(self) -> bool:
+        """The callers' own tokens now reach the upstream."""
+        return self.after == "caller"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"server": self.server, "key": f"servers.{self.server}", "before": self.before,
+                "after": self.after, "passes_callers_on": self.passes_callers_on}
+
+
+@dataclass(frozen=True, slots=True)
 class PolicyDiff:
     changes: tuple[Change, ...]  # those that widen access for external callers first
     memberships: tuple[MembershipChange, ...]
+    credentials: tuple[CredentialChange, ...] = ()
 
     def __bool__(self) -> bool:
-        return bool(self.changes or self.memberships)
+        return bool(self.changes or self.memberships or self.credentials)
 
     @property
     def widens_external(self) -> bool:
@@ -108,7 +128,8 @@ class PolicyDiff:
     def to_json(self) -> dict[str, Any]:
         return {"widens_external": self.widens_external,
                 "changes": [c.to_json() for c in self.changes],
-                "memberships": [m.to_json() for m in self.memberships]}
+                "memberships": [m.to_json() for m in self.memberships],
+                "credentials": [c.to_json() for c in self.credentials]}
 
 
 def callers(*policies: Policy) -> list[str]:
@@ -175,7 +196,11 @@ def diff(old: Policy, new: Policy) -> PolicyDiff:
             if (before.seen == "visible") != (after.seen == "visible"):
                 changes.append(Change(caller, item, before, after))
     changes.sort(key=lambda c: (not c.widens_external, not c.widens))
-    return PolicyDiff(tuple(changes), tuple(_memberships(old, new)))
+    credentials = tuple(
+        CredentialChange(name, old.servers[name].credential, new.servers[name].credential)
+        for name in new.servers
+        if name in old.servers and old.servers[name].credential != new.servers[name].credential)
+    return PolicyDiff(tuple(changes), tuple(_memberships(old, new)), credentials)
 
 
 def _sees_more_than_external(policy: Policy, network: str) -> bool:

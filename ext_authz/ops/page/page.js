@@ -188,10 +188,12 @@ async function preview(asked) {
       `${m.widens_external ? "! " : ""}${m.key} ${m.what}: ` +
       [m.added.length ? `adds ${m.added.join(", ")}` : "", m.removed.length ? `removes ${m.removed.join(", ")}` : ""]
         .filter(Boolean).join("; ")));
+    const credentials = result.diff.credentials.map((c) => el("li", {},
+      `servers.${c.server} upstream Authorization: ${c.before} → ${c.after}`));
     fill(shown,
       el("p", {}, changes.length || members.length ? `${changes.length} change(s) in who sees what` +
         (result.diff.widens_external ? ", widening what external callers see" : "") : "no change in who sees what"),
-      el("ul", {class: "changes"}, ...changes, ...members),
+      el("ul", {class: "changes"}, ...changes, ...members, ...credentials),
       ...(result.yaml === undefined ? [] : [
         el("p", {}, "The YAML to commit (nothing was applied; a secret written in the file " +
           "shows as ${REDACTED}: put yours back):"),
