@@ -27,7 +27,7 @@ from .errors import SubjectRefusedError, TokenEndpointError, TokenError, TokenRe
 from .policy.config import ACCESS_TOKEN_TYPE, TokenExchangeSettings, TokenSettings
 from .policy.subject import Subject, exchange_key
 from .token_requests import client_auth, post_token_request
-from .tokens import REFRESH_AT_FRACTION, usable_lifetime
+from .tokens import REFRESH_AT_FRACTION, backoff, usable_lifetime
 
 GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
 JWT_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:jwt"
@@ -201,9 +201,7 @@ class ExchangeCache:
         except TokenError as exc:
             entry.last_error = exc
             entry.failures += 1
-            entry.retry_at = self._clock() + min(
-                self.settings.retry_max_s,
-                self.settings.retry_initial_s * 2 ** (entry.failures - 1))
+            entry.retry_at = self._clock() + backoff(self.settings, entry.failures)
             raise
         finally:
             entry.fetch = None

@@ -73,6 +73,12 @@ def usable_lifetime(settings: TokenSettings, expires_in: float | None) -> float:
     return min(buffered, expires_in)
 
 
+def backoff(settings: TokenSettings, failures: int) -> float:
+    """The wait after this many failures in a row: `retry_initial_s` doubling, at most
+    `retry_max_s`."""
+    return min(settings.retry_max_s, settings.retry_initial_s * 2.0 ** (failures - 1))
+
+
 class TokenCache:
     """Client-credentials tokens per credential, fetched once and refreshed ahead of expiry."""
 
@@ -202,7 +208,8 @@ class TokenCache:
         """Fetch a token bypassing the cache (for `check --fetch-token`): (token, lifetime,
         the cadence note)."""
         token, expires_in = await self._request(settings, server)
-        return token, self._lifetime(expires_in), self.cadence_note(server, expires_in)
+        return (token, usable_lifetime(self.settings, expires_in),
+                self.cadence_note(server, expires_in))
 
     async def aclose(self) -> None:
         """Cancel timers and fetches and close the HTTP client."""
@@ -290,15 +297,12 @@ class TokenCache:
         if self.on_change is not None and not self._closed:
             self.on_change()
 
-    def _lifetime(self, expires_in: float | None) -> float:
-        return usable_lifetime(self.settings, expires_in)
-
     def cadence_note(self, server: str, expires_in: float | None) -> str:
         """What to say of a token endpoint's expires_in against tokens.expiry_buffer_s
         ("" when it is longer)."""
         if expires_in is None or expires_in > self.settings.expiry_buffer_s:
             return ""
-        lifetime = self._lifetime(expires_in)
+        lifetime = usable_lifetime(self.settings, expires_in)
         return (f"server {server!r}: the token endpoint's expires_in ({expires_in:g} s) is not"
                 f" longer than tokens.expiry_buffer_s ({self.settings.expiry_buffer_s:g} s):"
                 f" each token is used for {lifetime:g} s and refreshed after"
@@ -306,8 +310,8 @@ class TokenCache:
                 " of it)")
 
     def _backoff(self, failures: int) -> float:
-        initial, ceiling = self.settings.retry_initial_s, self.settings.retry_max_s
-        ceiling = min(ceiling, initial * 2 ** (failures - 1))
+        # Jittered: credentials that fail together retry apart.
+        ceiling = backoff(self.settings, failures)
         return random.uniform(ceiling / 2, ceiling)
 
     async def _fetch(self, entry: _Entry) -> None:
@@ -341,7 +345,7 @@ class TokenCache:
         finally:
             entry.fetch = None
         now = self._clock()
-        lifetime = self._lifetime(expires_in)
+        lifetime = usable_lifetime(self.settings, expires_in)
         note = self.cadence_note(entry.server, expires_in)
         if note and not entry.noted:
             entry.noted = True  # said once per credential (at start: the first fetch)

@@ -60,7 +60,7 @@ class ServerPolicy:
         """Whether callers bring their own token (no oauth2 nor token exchange: the gateway
         injects none, and OAuth discovery and the upstream's challenges are passed on,
         naming the gateway)."""
-        return self.oauth2 is None and self.exchange is None
+        return self.credential == "caller"
 
     @property
     def credential(self) -> str:
