@@ -1,14 +1,19 @@
 """Typed, immutable configuration: YAML loading, `${VAR}` and `*_file` secrets, key-path errors.
 
-The package's public names, from its modules: models (the settings), networks, base
-(addresses), load, problems and example.
+The package's public names, from its modules: models (the settings), credentials (tokens,
+oauth2, token_exchange), networks, base (addresses), load, problems and example.
 """
 
 from .base import UpstreamAddress, split_listen
+from .credentials import (
+    ACCESS_TOKEN_TYPE,
+    OAuth2Settings,
+    TokenExchangeSettings,
+    TokenSettings,
+)
 from .example import EXAMPLE_CONFIG, example_config
 from .load import load_config, parse_config, parse_yaml
 from .models import (
-    ACCESS_TOKEN_TYPE,
     DEFAULT_TOOL,
     SERVER_NAME,
     TOOL_NAME,
@@ -20,14 +25,11 @@ from .models import (
     ItemKind,
     ItemSettings,
     McpSettings,
-    OAuth2Settings,
     ReloadSettings,
     RoutingSettings,
     ServerInfo,
     ServerSettings,
     TLSSettings,
-    TokenExchangeSettings,
-    TokenSettings,
     with_port_offset,
 )
 from .networks import (

@@ -5,11 +5,14 @@ from __future__ import annotations
 import functools
 import ipaddress
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
+
+# Upper bounds say what is sane, and keep every derived Envoy timeout one Envoy accepts.
+PositiveSeconds = Annotated[float, Field(gt=0, le=86400)]
 
 
 class FrozenModel(BaseModel):
@@ -30,6 +33,16 @@ class FrozenModel(BaseModel):
 def _cached(model: type) -> tuple[str, ...]:
     return tuple(name for klass in model.__mro__ for name, value in vars(klass).items()
                  if isinstance(value, functools.cached_property))
+
+
+def in_file_only(key: str, what: str) -> Callable[[type, Any], Any]:
+    """A before-validator refusing `key` written in the config: `what` is given in a file
+    (`KEY_file`), which load_config reads into it."""
+    def refuse(cls: type, data: Any) -> Any:
+        if isinstance(data, dict) and key in data:
+            raise ValueError(f"give {what} in a file, as {key}_file")
+        return data
+    return classmethod(refuse)  # type: ignore[return-value]
 
 
 def split_listen(listen: str) -> tuple[str, int]:
