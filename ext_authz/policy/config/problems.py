@@ -133,7 +133,7 @@ def visibility_problems(config: Config) -> list[str]:
 def read_files(config: Config) -> tuple[Config, list[str]]:
     """Read every `client_secret_file` into `client_secret` and `private_key_file` into
     `private_key` (a key that cannot sign is said so now); check the TLS files load."""
-    problems = []
+    problems: list[str] = []
     servers = dict(config.servers)
     for name, server in config.servers.items():
         update = {}
@@ -144,11 +144,10 @@ def read_files(config: Config) -> tuple[Config, list[str]]:
             field = ("private_key" if settings.auth_method == "private_key_jwt"
                      else "client_secret")
             key = f"servers.{name}.{section}.{field}_file"
-            try:
-                secret = path.read_text().rstrip("\r\n")
-            except (OSError, UnicodeDecodeError) as exc:
-                problems.append(f"{key}: cannot read {str(path)!r} ({exc})")
+            text = _read(key, path, problems)
+            if text is None:
                 continue
+            secret = text.rstrip("\r\n")
             if not secret:
                 problems.append(f"{key}: {str(path)!r} is empty")
                 continue
@@ -165,23 +164,33 @@ def read_files(config: Config) -> tuple[Config, list[str]]:
         problems += _tls_problems(config.grpc.tls)
     admin = config.admin
     if admin is not None and admin.auth is not None:
-        token, found = _admin_token(admin.auth.token_file)
-        problems += found
+        token = _admin_token(admin.auth.token_file, problems)
         admin = admin.model_copy(update={"auth": admin.auth.model_copy(
             update={"token": SecretStr(token) if token else None})})
     return config.model_copy(update={"servers": servers, "admin": admin}), problems
 
 
-def _admin_token(path: Path) -> tuple[str, list[str]]:
-    """The status page's token from its file, or the problem with it."""
+def _read(key: str, path: Path, problems: list[str]) -> str | None:
+    """A secret file's text, or None with the problem said under `key`."""
     try:
-        token = path.read_text().strip()
+        return path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
-        return "", [f"admin.auth.token_file: cannot read {str(path)!r} ({exc})"]
+        problems.append(f"{key}: cannot read {str(path)!r} ({exc})")
+        return None
+
+
+def _admin_token(path: Path, problems: list[str]) -> str | None:
+    """The status page's token from its file, or None with the problem said."""
+    key = "admin.auth.token_file"
+    text = _read(key, path, problems)
+    if text is None:
+        return None
+    token = text.strip()
     if len(token) < 16:
-        return "", [f"admin.auth.token_file: {str(path)!r} holds {len(token)} characters;"
-                    " give at least 16 (e.g. `openssl rand -hex 32 > FILE`)"]
-    return token, []
+        problems.append(f"{key}: {str(path)!r} holds {len(token)} characters; give at least"
+                        " 16 (e.g. `openssl rand -hex 32 > FILE`)")
+        return None
+    return token
 
 
 def _tls_problems(tls: TLSSettings) -> list[str]:
