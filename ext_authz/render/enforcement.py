@@ -31,6 +31,14 @@ from ..policy.routing import RouteKind
 from .plan import Plan, ServerPlan
 
 
+def status_is(code: int, name: str) -> AccessLogFilter:
+    """A local-reply (or access-log) filter: the response status is `code` (a runtime key
+    `mcp_ext_authz.NAME_status` may say another)."""
+    return AccessLogFilter(status_code_filter=StatusCodeFilter(comparison=Comparison(
+        op=ComparisonOp.EQ,
+        value=RuntimeUInt32(default_value=code, runtime_key=f"mcp_ext_authz.{name}_status"))))
+
+
 def mark_local_reply() -> HeaderValueOption:
     """The header that marks a local reply for the answers filter (LOCAL_REPLY_HEADER)."""
     return HeaderValueOption(
@@ -69,12 +77,8 @@ class BySidecar:
     def local_replies(self) -> LocalReplyConfig | None:
         """Envoy's own 404s (the sidecar's denials) marked, and only those: an upstream's
         404 is no local reply."""
-        not_found = AccessLogFilter(status_code_filter=StatusCodeFilter(comparison=Comparison(
-            op=ComparisonOp.EQ,
-            value=RuntimeUInt32(default_value=404,
-                                runtime_key="mcp_ext_authz.not_found_status"))))
-        return LocalReplyConfig(mappers=[ResponseMapper(filter=not_found, headers_to_add=[
-            mark_local_reply()])])
+        return LocalReplyConfig(mappers=[ResponseMapper(
+            filter=status_is(404, "not_found"), headers_to_add=[mark_local_reply()])])
 
     def check(self) -> None:
         """Raise a ValueError if Envoy could not take what this data path renders."""

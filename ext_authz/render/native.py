@@ -22,13 +22,6 @@ from envoy_data_plane.envoy.config.accesslog.v3 import (
     AccessLogFilter,
     AndFilter,
     ResponseFlagFilter,
-    StatusCodeFilter,
-)
-from envoy_data_plane.envoy.config.accesslog.v3 import (
-    ComparisonFilter as Comparison,
-)
-from envoy_data_plane.envoy.config.accesslog.v3 import (
-    ComparisonFilterOp as ComparisonOp,
 )
 from envoy_data_plane.envoy.config.cluster.v3 import Cluster, ClusterCommonLbConfig
 from envoy_data_plane.envoy.config.core.v3 import (
@@ -38,7 +31,6 @@ from envoy_data_plane.envoy.config.core.v3 import (
     DataSource,
     HealthCheck,
     HealthCheckHttpHealthCheck,
-    RuntimeUInt32,
     SubstitutionFormatString,
     TypedExtensionConfig,
 )
@@ -75,7 +67,7 @@ from ..policy.config import Config
 from ..policy.outcomes import denial_body
 from ..policy.routing import RouteKind
 from . import clusters, data_plane
-from .enforcement import BySidecar, mark_local_reply
+from .enforcement import BySidecar, mark_local_reply, status_is
 from .filters import rbac
 from .options import DataPlane, HostPort, SidecarAddress, is_ip, watchdog_address
 from .plan import Plan, ServerPlan
@@ -156,13 +148,7 @@ class ByEnvoy(BySidecar):
         # Keyed on the status: RBAC's dynamic metadata is set only after its local reply has
         # been sent (and mapped), and its response flag is not one a filter may name. No
         # other local reply of this listener is a 403 (ext_authz's failures are 503s).
-        denied = AccessLogFilter(status_code_filter=StatusCodeFilter(comparison=Comparison(
-            op=ComparisonOp.EQ,
-            value=RuntimeUInt32(default_value=403, runtime_key="mcp_ext_authz.denied_status"))))
-        no_token = AccessLogFilter(status_code_filter=StatusCodeFilter(comparison=Comparison(
-            op=ComparisonOp.EQ,
-            value=RuntimeUInt32(default_value=401,
-                                runtime_key="mcp_ext_authz.no_token_status"))))
+        denied, no_token = status_is(403, "denied"), status_is(401, "no_token")
         # Only the oauth2 servers' endpoints are health-checked (the watchdog).
         watchdog = AccessLogFilter(response_flag_filter=ResponseFlagFilter(flags=["UH"]))
         # A 401 of the sidecar's (ext_authz, flag UAEX: a caller's token that cannot be
