@@ -83,16 +83,17 @@ class AuthorizationService:
             # The body is read here only where no ext_proc filter reads it (Istio).
             by_ext_proc = facts.context_extensions.get(
                 TOOL_RULES_EXTENSION) == TOOL_RULES_BY_EXT_PROC
-            budget = self._fetch_budget(state, context)
+            # The budget is read only where a token is fetched or exchanged: not per check.
             judged = await judge(
                 facts, state.policy,
                 body=None if by_ext_proc else lambda: extract_body(request),
                 can_rename=False, cached=self.tokens.cached,
-                fetch=lambda oauth2, server: self.tokens.token(oauth2, server, budget),
+                fetch=lambda oauth2, server: self.tokens.token(
+                    oauth2, server, self._fetch_budget(state, context)),
                 exchange=Exchange(
                     lambda: extract_subject(request, state.policy),
                     lambda settings, server, who, actor: self.exchanges.token(
-                        settings, server, who, budget, actor),
+                        settings, server, who, self._fetch_budget(state, context), actor),
                     token_given=authorization(request) is not None,
                 ) if state.policy.exchanges_tokens else None)
             decision = judged.decision
