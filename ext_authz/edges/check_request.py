@@ -38,6 +38,15 @@ def _payload(verified: struct_pb2.Struct | None, key: str | None
     return json_format.MessageToDict(payload.struct_value)
 
 
+def _verified(attributes: attribute_context_pb2.AttributeContext, policy: Policy
+              ) -> struct_pb2.Struct | None:
+    """jwt_authn's metadata (holding the verified payload), where the policy reads it."""
+    metadata = attributes.metadata_context.filter_metadata
+    if policy.claims_key is None or JWT_FILTER not in metadata:
+        return None
+    return metadata[JWT_FILTER]
+
+
 def extract_identity(attributes: attribute_context_pb2.AttributeContext,
                      policy: Policy) -> Identity:
     """Who the caller is, from what Envoy alone sets (only when a network rule asks).
@@ -49,10 +58,7 @@ def extract_identity(attributes: attribute_context_pb2.AttributeContext,
     """
     if not policy.networks.uses_identities:
         return NO_IDENTITY
-    metadata = attributes.metadata_context.filter_metadata
-    verified = None
-    if policy.claims_key is not None and JWT_FILTER in metadata:
-        verified = metadata[JWT_FILTER]
+    verified = _verified(attributes, policy)
     serialized = verified.SerializeToString(deterministic=True) if verified is not None else b""
     return policy.identity(attributes.source.principal, serialized,
                            lambda: _payload(verified, policy.claims_key))
@@ -72,11 +78,8 @@ def authorization(request: external_auth_pb2.CheckRequest | None) -> str | None:
 def extract_subject(request: external_auth_pb2.CheckRequest | None, policy: Policy) -> Subject:
     """The caller whose token a token exchange takes: its bearer, only if it is the token
     jwt_authn verified (subject.py). NoSubject otherwise."""
-    verified = None
-    if request is not None and policy.claims_key is not None:
-        metadata = request.attributes.metadata_context.filter_metadata
-        if JWT_FILTER in metadata:
-            verified = _payload(metadata[JWT_FILTER], policy.claims_key)
+    verified = None if request is None else _payload(_verified(request.attributes, policy),
+                                                      policy.claims_key)
     return subject_of(authorization(request), verified)
 
 
